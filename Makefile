@@ -1,0 +1,31 @@
+# mink-ssl: two commands on a fresh machine, `make demo` and `make test` (both set up first).
+# Variables for `make setup` (TORCH_SPEC, TORCH_INDEX_URL, ME_CUDA, TORCH_CUDA_ARCH_LIST,
+# MINK_SSL_CACHE) are documented in scripts/setup.sh and the README.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mink-ssl-setup
+export VENV
+
+.PHONY: setup test demo bench clean
+
+# Always runs the (idempotent) setup script; a second run takes seconds.
+setup:
+	bash scripts/setup.sh
+	@touch $(STAMP)
+
+# Set up only when the venv is missing or the setup inputs changed.
+$(STAMP): setup.py scripts/setup.sh scripts/build_minkowski.py
+	bash scripts/setup.sh
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m mink_ssl.cli.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_backbone.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache

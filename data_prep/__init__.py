@@ -1,0 +1,1 @@
+"""Turn raw datasets into the files and manifests that :mod:`mink_ssl.data` reads."""

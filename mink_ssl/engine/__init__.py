@@ -1,0 +1,1 @@
+"""Training engine: trainer core, hooks, distributed helpers, profiling."""

@@ -1,0 +1,50 @@
+"""Small file helpers shared by data prep and training: atomic writes and version facts."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds.
+
+    A crash or exception leaves any previous ``path`` untouched and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a checkpoint depends on (plain strings)."""
+    import torch
+
+    import mink_ssl
+
+    versions = {"torch": torch.__version__, "mink_ssl": mink_ssl.__version__}
+    try:
+        import MinkowskiEngine as ME
+
+        versions["MinkowskiEngine"] = ME.__version__
+    except ImportError:  # pragma: no cover - ME is a hard dependency of the models
+        versions["MinkowskiEngine"] = "missing"
+    return versions

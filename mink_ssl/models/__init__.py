@@ -1,0 +1,56 @@
+"""Models: the Res16UNet family (one definition for every task) and model checkpoints.
+
+    from mink_ssl.models import build_model
+    net = build_model("Res16UNet34C", in_channels=3, out_channels=32)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mink_ssl.models.registry import MODELS
+from mink_ssl.models import res16unet  # noqa: F401  (registers the family)
+from mink_ssl.models.res16unet import Res16UNetBase
+
+MODEL_FORMAT = "mink_ssl.model/1"
+
+
+def build_model(name: str, **kwargs) -> Res16UNetBase:
+    """Instantiate a registered network by name; unknown names list the valid ones."""
+    return MODELS.get(name)(**kwargs)
+
+
+def model_state(model: Res16UNetBase) -> dict:
+    """A self-describing, plain-container snapshot of a model (loads with weights_only=True)."""
+    from mink_ssl.io import library_versions
+
+    return {"format": MODEL_FORMAT, "model": model.config(), "versions": library_versions(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def save_model(model: Res16UNetBase, path: str | os.PathLike) -> Path:
+    """Write ``model_state(model)`` atomically to ``path``."""
+    from mink_ssl.io import atomic_torch_save
+
+    return atomic_torch_save(model_state(model), path)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Res16UNetBase:
+    """Rebuild a model saved by :func:`save_model` (architecture from the file, strict keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a mink-ssl model file (format {found!r}, expected "
+                         f"{MODEL_FORMAT!r})")
+    cfg = dict(state["model"])
+    model = build_model(cfg.pop("name"), **cfg)
+    model.load_state_dict(state["state_dict"], strict=True)
+    return model
+
+
+__all__ = ["MODELS", "build_model", "model_state", "save_model", "load_model", "Res16UNetBase"]

@@ -1,0 +1,334 @@
+"""The Res16UNet family of sparse residual UNets (the SR-UNet of PointContrast), one definition.
+
+A network is declared by class attributes, as in MinkowskiEngine's examples:
+
+    BLOCK     residual block class (BasicBlock or Bottleneck)
+    LAYERS    blocks per stage, 8 stages: 4 encoder (tensor stride 2, 4, 8, 16 after the stage's
+              strided conv) and 4 decoder (tensor stride 8, 4, 2, 1 after the stage's upsampling)
+    PLANES    output channels of each stage's blocks
+    INIT_DIM  channels of the stem (stride 1)
+
+Layers are named by the tensor stride they read and write (``conv<k>p<in>s<stride>``) and the
+names are those of the original PointContrast / MinkowskiEngine code, so its checkpoints load
+unchanged. State-dict keys, stable across versions (checkpoints depend on them):
+
+    conv0p1s1.kernel                    stem convolution (stride 1)
+    bn0.bn.{weight,bias,running_mean,running_var,num_batches_tracked}
+    conv{1,2,3,4}p{1,2,4,8}s2.kernel    encoder downsampling convolutions, bn{1..4}.bn.*
+    block{1..8}.<i>.conv{1,2}.kernel    residual blocks (Bottleneck also conv3), norm{1,2,3}.bn.*
+    block{k}.<i>.downsample.{0.kernel,1.bn.*}   1x1 projection where channels change
+    convtr{4,5,6,7}p{16,8,4,2}s2.kernel decoder upsampling (transposed) convolutions, bntr{4..7}.bn.*
+    final.{kernel,bias}                 1x1 output convolution
+
+Forward (N voxels in, the same N voxels out, in the input's order):
+
+    x (N, in_channels) @ stride 1
+      stem -> p1 (INIT_DIM)
+      conv1 s2 -> block1 -> b1 @ 2 ; conv2 -> block2 -> b2 @ 4 ; conv3 -> block3 -> b3 @ 8
+      conv4 -> block4 @ 16
+      convtr4 -> cat(b3) -> block5 @ 8 ; convtr5 -> cat(b2) -> block6 @ 4
+      convtr6 -> cat(b1) -> block7 @ 2 ; convtr7 -> cat(p1) -> block8 @ 1
+      final -> (N, out_channels), optionally L2-normalised per row
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+from mink_ssl.models.registry import MODELS
+
+
+def _me():
+    import MinkowskiEngine as ME
+
+    return ME
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3x3 convolutions with batch norm and a residual connection (expansion 1)."""
+
+    expansion: ClassVar[int] = 1
+
+    def __init__(self, inplanes: int, planes: int, bn_momentum: float, dimension: int,
+                 stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        ME = _me()
+        self.conv1 = ME.MinkowskiConvolution(inplanes, planes, kernel_size=3, stride=stride,
+                                             dilation=dilation, bias=False, dimension=dimension)
+        self.norm1 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
+        self.conv2 = ME.MinkowskiConvolution(planes, planes, kernel_size=3, stride=1,
+                                             dilation=dilation, bias=False, dimension=dimension)
+        self.norm2 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
+        self.relu = ME.MinkowskiReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.relu(out + residual)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3x3, 1x1 expand (expansion 4), with a residual connection."""
+
+    expansion: ClassVar[int] = 4
+
+    def __init__(self, inplanes: int, planes: int, bn_momentum: float, dimension: int,
+                 stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        ME = _me()
+        out = planes * self.expansion
+        self.conv1 = ME.MinkowskiConvolution(inplanes, planes, kernel_size=1, bias=False,
+                                             dimension=dimension)
+        self.norm1 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
+        self.conv2 = ME.MinkowskiConvolution(planes, planes, kernel_size=3, stride=stride,
+                                             dilation=dilation, bias=False, dimension=dimension)
+        self.norm2 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
+        self.conv3 = ME.MinkowskiConvolution(planes, out, kernel_size=1, bias=False,
+                                             dimension=dimension)
+        self.norm3 = ME.MinkowskiBatchNorm(out, momentum=bn_momentum)
+        self.relu = ME.MinkowskiReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.relu(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        return self.relu(out + residual)
+
+
+class Res16UNetBase(nn.Module):
+    """Base of the family; subclasses set ``BLOCK``, ``LAYERS``, ``PLANES`` (and ``INIT_DIM``).
+
+    Args:
+        in_channels: input feature channels (3 for RGB, 1 for constant ones).
+        out_channels: output feature channels (32 for pretraining, the class count downstream).
+        stem_kernel_size: kernel of the stride-1 stem convolution; 3 as in PointContrast's
+            pretraining, 5 as in the MinkowskiEngine model zoo.
+        bn_momentum: momentum of every batch norm, including those inside residual blocks.
+        normalize_output: L2-normalise each output row (used by the contrastive objectives).
+        dimension: spatial dimension of the sparse tensors (3).
+    """
+
+    BLOCK: ClassVar[type | None] = None
+    LAYERS: ClassVar[tuple[int, ...]] = (2,) * 8
+    PLANES: ClassVar[tuple[int, ...]] = (32, 64, 128, 256, 256, 256, 256, 256)
+    INIT_DIM: ClassVar[int] = 32
+    #: the coarsest tensor stride; coordinates shifted by a multiple of it give shifted outputs
+    TOTAL_STRIDE: ClassVar[int] = 16
+
+    def __init__(self, in_channels: int, out_channels: int, *, stem_kernel_size: int = 3,
+                 bn_momentum: float = 0.1, normalize_output: bool = False, dimension: int = 3):
+        super().__init__()
+        if self.BLOCK is None:
+            raise TypeError(f"{type(self).__name__} is abstract: use a concrete network such as "
+                            f"{', '.join(MODELS.names())}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if stem_kernel_size not in (1, 3, 5, 7):
+            raise ValueError(f"stem_kernel_size must be 1, 3, 5 or 7, got {stem_kernel_size!r}")
+        if not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
+        if len(self.LAYERS) != 8 or len(self.PLANES) != 8:
+            raise TypeError(f"{type(self).__name__}: LAYERS and PLANES need 8 entries each")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.stem_kernel_size, self.bn_momentum = stem_kernel_size, bn_momentum
+        self.normalize_output, self.dimension = normalize_output, dimension
+
+        ME = _me()
+        block, P, L, D = self.BLOCK, self.PLANES, self.LAYERS, dimension
+        exp = block.expansion
+
+        def conv(cin, cout, k, s):
+            return ME.MinkowskiConvolution(cin, cout, kernel_size=k, stride=s, bias=False,
+                                           dimension=D)
+
+        def up(cin, cout):
+            return ME.MinkowskiConvolutionTranspose(cin, cout, kernel_size=2, stride=2,
+                                                    bias=False, dimension=D)
+
+        def bn(c):
+            return ME.MinkowskiBatchNorm(c, momentum=bn_momentum)
+
+        self.inplanes = self.INIT_DIM
+        self.conv0p1s1 = conv(in_channels, self.inplanes, stem_kernel_size, 1)
+        self.bn0 = bn(self.inplanes)
+        # encoder: strided 2x2x2 conv then blocks, tensor stride 2, 4, 8, 16
+        self.conv1p1s2, self.bn1 = conv(self.inplanes, self.inplanes, 2, 2), bn(self.inplanes)
+        self.block1 = self._make_layer(P[0], L[0])
+        self.conv2p2s2, self.bn2 = conv(self.inplanes, self.inplanes, 2, 2), bn(self.inplanes)
+        self.block2 = self._make_layer(P[1], L[1])
+        self.conv3p4s2, self.bn3 = conv(self.inplanes, self.inplanes, 2, 2), bn(self.inplanes)
+        self.block3 = self._make_layer(P[2], L[2])
+        self.conv4p8s2, self.bn4 = conv(self.inplanes, self.inplanes, 2, 2), bn(self.inplanes)
+        self.block4 = self._make_layer(P[3], L[3])
+        # decoder: transposed conv, concatenate the skip of the same stride, blocks
+        self.convtr4p16s2, self.bntr4 = up(self.inplanes, P[4]), bn(P[4])
+        self.inplanes = P[4] + P[2] * exp
+        self.block5 = self._make_layer(P[4], L[4])
+        self.convtr5p8s2, self.bntr5 = up(self.inplanes, P[5]), bn(P[5])
+        self.inplanes = P[5] + P[1] * exp
+        self.block6 = self._make_layer(P[5], L[5])
+        self.convtr6p4s2, self.bntr6 = up(self.inplanes, P[6]), bn(P[6])
+        self.inplanes = P[6] + P[0] * exp
+        self.block7 = self._make_layer(P[6], L[6])
+        self.convtr7p2s2, self.bntr7 = up(self.inplanes, P[7]), bn(P[7])
+        self.inplanes = P[7] + self.INIT_DIM
+        self.block8 = self._make_layer(P[7], L[7])
+        self.final = ME.MinkowskiConvolution(P[7] * exp, out_channels, kernel_size=1, bias=True,
+                                             dimension=D)
+        self.relu = ME.MinkowskiReLU(inplace=True)
+        self._init_weights()
+
+    def _make_layer(self, planes: int, blocks: int) -> nn.Sequential:
+        ME = _me()
+        block, exp = self.BLOCK, self.BLOCK.expansion
+        downsample = None
+        if self.inplanes != planes * exp:
+            downsample = nn.Sequential(
+                ME.MinkowskiConvolution(self.inplanes, planes * exp, kernel_size=1, bias=False,
+                                        dimension=self.dimension),
+                ME.MinkowskiBatchNorm(planes * exp, momentum=self.bn_momentum),
+            )
+        layers = [block(self.inplanes, planes, self.bn_momentum, self.dimension,
+                        downsample=downsample)]
+        self.inplanes = planes * exp
+        layers += [block(self.inplanes, planes, self.bn_momentum, self.dimension)
+                   for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        ME = _me()
+        for m in self.modules():
+            if isinstance(m, ME.MinkowskiConvolution | ME.MinkowskiConvolutionTranspose):
+                nn.init.kaiming_normal_(m.kernel, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, ME.MinkowskiBatchNorm):
+                nn.init.constant_(m.bn.weight, 1.0)
+                nn.init.constant_(m.bn.bias, 0.0)
+
+    def config(self) -> dict:
+        """Constructor arguments as plain data (stored in checkpoints, see ``build_model``)."""
+        return {
+            "name": type(self).__name__, "in_channels": self.in_channels,
+            "out_channels": self.out_channels, "stem_kernel_size": self.stem_kernel_size,
+            "bn_momentum": self.bn_momentum, "normalize_output": self.normalize_output,
+            "dimension": self.dimension,
+        }
+
+    def _check_input(self, x) -> None:
+        ME = _me()
+        if not isinstance(x, ME.SparseTensor):
+            raise ValueError(f"{type(self).__name__} takes an ME.SparseTensor, got "
+                             f"{type(x).__name__}; build one with mink_ssl.sparse.sparse_tensor")
+        if x.F.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} was built for in_channels="
+                             f"{self.in_channels} but got features of shape {tuple(x.F.shape)}")
+        if x.D != self.dimension:
+            raise ValueError(f"expected a {self.dimension}-D sparse tensor, got dimension {x.D}")
+        stride = x.tensor_stride[0] if isinstance(x.tensor_stride, Sequence) else x.tensor_stride
+        if stride != 1:
+            raise ValueError(f"input must have tensor stride 1, got {x.tensor_stride}")
+
+    def forward(self, x):
+        """(N, in_channels) at stride 1 -> (N, out_channels) on the same coordinates."""
+        self._check_input(x)
+        ME = _me()
+        out = self.relu(self.bn0(self.conv0p1s1(x)))
+        out_p1 = out
+        out = self.relu(self.bn1(self.conv1p1s2(out_p1)))
+        out_b1p2 = self.block1(out)
+        out = self.relu(self.bn2(self.conv2p2s2(out_b1p2)))
+        out_b2p4 = self.block2(out)
+        out = self.relu(self.bn3(self.conv3p4s2(out_b2p4)))
+        out_b3p8 = self.block3(out)
+        out = self.relu(self.bn4(self.conv4p8s2(out_b3p8)))
+        out = self.block4(out)  # stride 16
+
+        out = self.relu(self.bntr4(self.convtr4p16s2(out)))
+        out = self.block5(ME.cat(out, out_b3p8))  # stride 8
+        out = self.relu(self.bntr5(self.convtr5p8s2(out)))
+        out = self.block6(ME.cat(out, out_b2p4))  # stride 4
+        out = self.relu(self.bntr6(self.convtr6p4s2(out)))
+        out = self.block7(ME.cat(out, out_b1p2))  # stride 2
+        out = self.relu(self.bntr7(self.convtr7p2s2(out)))
+        out = self.block8(ME.cat(out, out_p1))  # stride 1
+        out = self.final(out)
+        if self.normalize_output:
+            feats = torch.nn.functional.normalize(out.F, p=2, dim=1)  # (N, out_channels)
+            out = ME.SparseTensor(feats, coordinate_map_key=out.coordinate_map_key,
+                                  coordinate_manager=out.coordinate_manager)
+        return out
+
+
+# The family. Letters vary the decoder widths; 14/18/34 the depth (BasicBlock), 50/101 use
+# Bottleneck. Res16UNet34C is the backbone of PointContrast.
+
+
+@MODELS.register()
+class Res16UNet14(Res16UNetBase):
+    BLOCK = BasicBlock
+    LAYERS = (1, 1, 1, 1, 1, 1, 1, 1)
+
+
+@MODELS.register()
+class Res16UNet14A(Res16UNet14):
+    PLANES = (32, 64, 128, 256, 128, 128, 96, 96)
+
+
+@MODELS.register()
+class Res16UNet14B(Res16UNet14):
+    PLANES = (32, 64, 128, 256, 128, 128, 128, 128)
+
+
+@MODELS.register()
+class Res16UNet18(Res16UNetBase):
+    BLOCK = BasicBlock
+    LAYERS = (2, 2, 2, 2, 2, 2, 2, 2)
+
+
+@MODELS.register()
+class Res16UNet18A(Res16UNet18):
+    PLANES = (32, 64, 128, 256, 128, 128, 96, 96)
+
+
+@MODELS.register()
+class Res16UNet18B(Res16UNet18):
+    PLANES = (32, 64, 128, 256, 128, 128, 128, 128)
+
+
+@MODELS.register()
+class Res16UNet34(Res16UNetBase):
+    BLOCK = BasicBlock
+    LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
+
+
+@MODELS.register()
+class Res16UNet34A(Res16UNet34):
+    PLANES = (32, 64, 128, 256, 256, 128, 64, 64)
+
+
+@MODELS.register()
+class Res16UNet34B(Res16UNet34):
+    PLANES = (32, 64, 128, 256, 256, 128, 64, 32)
+
+
+@MODELS.register()
+class Res16UNet34C(Res16UNet34):
+    PLANES = (32, 64, 128, 256, 256, 128, 96, 96)
+
+
+@MODELS.register()
+class Res16UNet50(Res16UNetBase):
+    BLOCK = Bottleneck
+    LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
+
+
+@MODELS.register()
+class Res16UNet101(Res16UNetBase):
+    BLOCK = Bottleneck
+    LAYERS = (2, 3, 4, 23, 2, 2, 2, 2)

@@ -1,0 +1,42 @@
+"""mink-ssl: self-supervised pretraining of sparse-voxel networks on 3D indoor scenes.
+
+Install with ``make setup`` (it installs torch and builds MinkowskiEngine first; see README).
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mink_ssl" / "__init__.py").read_text())[1]
+
+setup(
+    name="mink-ssl",
+    version=VERSION,
+    description="Self-supervised pretraining of sparse-voxel networks (MinkowskiEngine) on 3D scenes",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mink_ssl", "mink_ssl.*", "data_prep", "data_prep.*"]),
+    install_requires=[
+        # torch and MinkowskiEngine are installed by `make setup` before this package (torch
+        # pinned per machine, ME built from source); these ranges only check what is there.
+        "torch>=2.0",
+        "MinkowskiEngine==0.5.4",
+        "numpy>=1.24,<3",
+        "scipy>=1.10,<2",
+        "open3d>=0.18,<0.21",
+        "plyfile>=1.0,<2",
+        "hydra-core>=1.3,<1.4",
+        "tqdm>=4.60,<5",
+        "tensorboard>=2.12,<3",
+    ],
+    extras_require={
+        "dev": ["pytest>=7,<10", "dockerfile-parse>=2,<3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mink-ssl-demo=mink_ssl.cli.demo:main",
+        ],
+    },
+)
