@@ -27,6 +27,7 @@ setup(
         "scipy>=1.10,<2",
         "open3d>=0.18,<0.21",
         "plyfile>=1.0,<2",
+        "pillow>=10,<14",  # JPEG/PNG frames of .sens files and exports
         "hydra-core>=1.3,<1.4",
         "tqdm>=4.60,<5",
         "tensorboard>=2.12,<3",

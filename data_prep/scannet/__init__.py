@@ -1,0 +1,1 @@
+"""ScanNet: ``.sens`` and exported-frame IO, fragments, overlap and view pairs."""
