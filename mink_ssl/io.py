@@ -40,11 +40,11 @@ def library_versions() -> dict[str, str]:
 
     import mink_ssl
 
-    versions = {"torch": torch.__version__, "mink_ssl": mink_ssl.__version__}
+    versions = {"torch": str(torch.__version__), "mink_ssl": str(mink_ssl.__version__)}
     try:
         import MinkowskiEngine as ME
 
-        versions["MinkowskiEngine"] = ME.__version__
+        versions["MinkowskiEngine"] = str(ME.__version__)
     except ImportError:  # pragma: no cover - ME is a hard dependency of the models
         versions["MinkowskiEngine"] = "missing"
     return versions

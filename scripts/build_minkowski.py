@@ -40,7 +40,7 @@ SDIST_URL = (
 )
 SDIST_SHA256 = "b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94"
 # Bump when PATCHES change, so cached wheels built with older patches are not reused.
-PATCH_REVISION = 1
+PATCH_REVISION = 2
 # Architectures for a CUDA build when no GPU is visible (V100, A100, H100).
 DEFAULT_ARCH_LIST = "7.0;8.0;9.0"
 
@@ -89,26 +89,36 @@ def patch_sources(src: Path) -> list[str]:
         py.write_text(text)
         done.append(f"collections.abc in {py.relative_to(src)}")
 
+    # 2. ME instantiates its autograd Functions and calls ``instance.apply``; torch deprecates
+    #    instantiating them ("will raise an error in a future version"). ``apply`` is a
+    #    classmethod, so keep the class itself. Every such use in ME calls ``.apply``.
+    for py in sorted((src / "MinkowskiEngine").rglob("*.py")):
+        text = py.read_text()
+        new_text, n = re.subn(r"\b(Minkowski\w+Function)\(\)", r"\1", text)
+        if n:
+            py.write_text(new_text)
+            done.append(f"autograd Function classes, not instances, in {py.relative_to(src)} ({n})")
+
     setup_py = src / "setup.py"
-    # 2. setup.py runs ``pip uninstall MinkowskiEngine`` with whichever pip is first on PATH
+    # 3. setup.py runs ``pip uninstall MinkowskiEngine`` with whichever pip is first on PATH
     #    (possibly another environment's) and ``rm -rf build``; we manage installs ourselves.
     _replace(setup_py, 'run_command("rm", "-rf", "build")\n', "", 1)
     _replace(setup_py, 'run_command("pip", "uninstall", "MinkowskiEngine", "-y")\n', "", 1)
     done.append("setup.py: no pip uninstall / rm -rf at import")
-    # 3. BLAS discovery used numpy.distutils (removed in numpy 2 / Python 3.12). Look for the
+    # 4. BLAS discovery used numpy.distutils (removed in numpy 2 / Python 3.12). Look for the
     #    shared libraries with ctypes instead, in the same preference order.
     _replace(
         setup_py,
         "    import numpy.distutils.system_info as sysinfo\n",
         "    import ctypes.util\n"
-        "    class sysinfo:  # numpy.distutils-free stand-in (mink-ssl patch)\n"
+        "    class sysinfo:  # ctypes stand-in (mink-ssl patch)\n"
         "        @staticmethod\n"
         "        def get_info(name):\n"
         "            return {'libraries': [name]} if ctypes.util.find_library(name) else {}\n",
         1,
     )
     done.append("setup.py: BLAS discovery without numpy.distutils")
-    # 4. CUDA 12+: thrust needs explicit includes (no effect on CPU builds). gpu.cuh is
+    # 5. CUDA 12+: thrust needs explicit includes (no effect on CPU builds). gpu.cuh is
     #    included by every .cu file; the hash map header is included on its own too.
     for header, anchor in (("src/gpu.cuh", "#include <cuda_runtime.h>\n"),
                            ("src/3rdparty/concurrent_unordered_map.cuh",

@@ -1,6 +1,7 @@
 """The MinkowskiEngine patch step (scripts/build_minkowski.py), run on the real 0.5.4 sdist."""
 import importlib.util
 import py_compile
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -33,7 +34,9 @@ def test_patches_apply_and_leave_valid_python(sdist_src):
         assert "from collections import Sequence" not in py.read_text(), py
         py_compile.compile(str(py), doraise=True)
     setup = (sdist_src / "setup.py").read_text()
-    assert "numpy.distutils" not in setup
+    assert "import numpy.distutils" not in setup
+    for py in (sdist_src / "MinkowskiEngine").rglob("*.py"):
+        assert not re.search(r"Minkowski\w+Function\(\)", py.read_text()), py
     assert 'run_command("pip", "uninstall"' not in setup
     py_compile.compile(str(sdist_src / "setup.py"), doraise=True)
     assert "#include <thrust/execution_policy.h>" in (sdist_src / "src" / "gpu.cuh").read_text()
