@@ -38,6 +38,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mink-ssl-demo=mink_ssl.cli.demo:main",
+            "mink-ssl-prep=data_prep.cli:main",
         ],
     },
 )

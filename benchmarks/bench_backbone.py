@@ -29,7 +29,7 @@ def load_frame(voxel_size: float) -> tuple[torch.Tensor, torch.Tensor, str]:
     if (KITCHEN / "depth" / "0.png").exists():
         import open3d as o3d
 
-        from data_prep.geometry import backproject
+        from mink_ssl.geometry import backproject
 
         depth = np.asarray(o3d.io.read_image(str(KITCHEN / "depth" / "0.png")))
         color = np.asarray(o3d.io.read_image(str(KITCHEN / "color" / "0.jpg")))

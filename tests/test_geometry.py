@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_prep.geometry import backproject
+from mink_ssl.geometry import backproject
 
 
 def test_backproject_matches_open3d_on_a_real_kinect_frame(kitchen_frame):

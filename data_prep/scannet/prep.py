@@ -1,0 +1,274 @@
+"""ScanNet pair prep: scenes -> fragments every ``frame_skip`` frames -> overlap -> pair lists.
+
+Output layout (``out/``)::
+
+    <scene>/fragments.{npz,bin}   the scene's fragments (see mink_ssl.data.fragments)
+    <scene>/overlap.txt           every pair of the scene: ``frag_a frag_b overlap``
+    <scene>/scene.json            what was done: fragments, skipped frames with reasons, counts
+    pairs.txt                     kept pairs (overlap >= min_overlap) of all scenes, same format
+    manifest.json                 schema, parameters, counts, code version, skipped scenes
+
+A scene is prepared in ``out/.tmp-<scene>/`` and renamed into place when complete, so a scene
+directory either is whole or does not exist; a rerun skips complete scenes and redoes the rest,
+and ``pairs.txt`` / ``manifest.json`` are rebuilt (atomically) from the scene directories.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from data_prep.scannet.overlap import RADIUS_FACTOR, VOXEL_SIZE, overlap_matrix, voxel_downsample
+
+SCHEMA = "mink_ssl.scannet_pairs/1"
+SCENE_FILE = "scene.json"
+
+
+class SceneSkipped(Exception):
+    """A scene that cannot be prepared; the message is the reason reported in the manifest."""
+
+
+@dataclass(frozen=True)
+class PrepParams:
+    frame_skip: int = 25  # take frames whose index in the sequence is a multiple of this
+    min_overlap: float = 0.3  # pairs at or above this ratio are kept
+    voxel_size: float = VOXEL_SIZE  # m, downsampling for the overlap test
+    radius_factor: float = RADIUS_FACTOR  # neighbour radius in voxels
+    max_depth: float | None = None  # m; None keeps every valid depth (the original pipeline)
+    min_points: int = 1000  # a frame with fewer valid depth points is skipped as empty
+    jpeg_quality: int = 90
+
+    def __post_init__(self):
+        checks = [("frame_skip", self.frame_skip >= 1, "an integer >= 1"),
+                  ("min_overlap", 0.0 <= self.min_overlap <= 1.0, "in [0, 1]"),
+                  ("voxel_size", self.voxel_size > 0, "positive (metres)"),
+                  ("radius_factor", self.radius_factor > 0, "positive"),
+                  ("max_depth", self.max_depth is None or self.max_depth > 0, "positive or None"),
+                  ("min_points", self.min_points >= 1, "an integer >= 1"),
+                  ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "in 1..100")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class SceneReport:
+    scene: str
+    status: str  # "done" | "already done" | "skipped"
+    reason: str = ""
+    fragments: int = 0
+    pairs: int = 0
+    pairs_kept: int = 0
+    skipped_frames: dict[str, list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def open_scene(scene_dir: Path):
+    """A frame reader for a scene folder: ``<scene>.sens`` or an exported-frames layout."""
+    from data_prep.scannet.exported import ExportedFrames
+    from data_prep.scannet.sens import SensReader
+
+    sens = scene_dir / f"{scene_dir.name}.sens"
+    if sens.is_file():
+        reader = SensReader(sens)
+        reader.check()  # walk the frame headers: a truncated file fails here, before any work
+        return reader
+    if (scene_dir / "depth").is_dir():
+        return ExportedFrames(scene_dir)
+    raise SceneSkipped(f"{scene_dir} has neither {sens.name} nor an exported-frames layout "
+                       "(color/, depth/, pose/, intrinsic/)")
+
+
+def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]):
+    """Yield the 5 cm overlap cloud of each usable sampled frame, writing it to ``writer``."""
+    from mink_ssl.data.fragments import encode_color, encode_depth
+    from mink_ssl.geometry import backproject
+
+    h = reader.header
+    ids = list(getattr(reader, "frame_ids", range(len(reader))))
+    for fid in (i for i in ids if i % params.frame_skip == 0):
+        frame = reader.frame(fid)
+        pose = frame.camera_to_world
+        if not np.isfinite(pose).all():
+            skipped.setdefault("non-finite pose", []).append(fid)
+            continue
+        depth = frame.depth(h)  # (H, W) uint16
+        pts, _ = backproject(depth, h.intrinsic_depth, h.depth_shift, pose,
+                             max_depth=params.max_depth)
+        if len(pts) < params.min_points:
+            skipped.setdefault(f"fewer than {params.min_points} valid depth points", []).append(fid)
+            continue
+        same_size = (h.color_height, h.color_width) == depth.shape
+        color_bytes = (frame.color_bytes if same_size and h.color_compression == "jpeg"
+                       else encode_color(frame.color(h), depth.shape, params.jpeg_quality))
+        depth_bytes = (frame.depth_bytes if h.depth_compression == "zlib_ushort"
+                       else encode_depth(depth))
+        writer.add(fid, pose, depth_bytes, color_bytes)
+        yield voxel_downsample(pts, params.voxel_size)
+
+
+def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport:
+    """Prepare one scene atomically; returns its report (never raises for bad input data)."""
+    from mink_ssl.data.fragments import FragmentWriter, fragment_name
+
+    scene, t0 = scene_dir.name, time.perf_counter()
+    final = out / scene
+    if (final / SCENE_FILE).is_file():
+        return SceneReport(scene, "already done", **_counts(final))
+    tmp = out / f".tmp-{scene}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    skipped: dict[str, list[int]] = {}
+    try:
+        reader = open_scene(scene_dir)
+        h = reader.header
+        with FragmentWriter(tmp, h.intrinsic_depth, h.depth_shift,
+                            (h.depth_height, h.depth_width)) as writer:
+            clouds = list(_fragments(reader, params, writer, skipped))
+            frames = writer.frames
+        if len(clouds) < 2:
+            raise SceneSkipped(f"fewer than 2 usable fragments ({len(clouds)}; skipped frames: "
+                               f"{ {k: len(v) for k, v in skipped.items()} })")
+        ov = overlap_matrix(clouds, params.voxel_size * params.radius_factor).overlap
+        names = [fragment_name(scene, f) for f in frames]
+        iu, ju = np.triu_indices(len(names), k=1)
+        with open(tmp / "overlap.txt", "w") as f:
+            f.writelines(f"{names[i]} {names[j]} {ov[i, j]:.6f}\n" for i, j in zip(iu, ju))
+        report = SceneReport(scene, "done", fragments=len(names), pairs=len(iu),
+                             pairs_kept=int((ov[iu, ju] >= params.min_overlap).sum()),
+                             skipped_frames=skipped, seconds=round(time.perf_counter() - t0, 3))
+        with open(tmp / SCENE_FILE, "w") as f:
+            json.dump({**asdict(report), "params": asdict(params)}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)  # a leftover without scene.json is incomplete
+        os.rename(tmp, final)
+        return report
+    except (SceneSkipped, OSError, ValueError, EOFError) as e:
+        # bad input data (SensFormatError is a ValueError): report, skip, leave nothing behind;
+        # anything else is a bug and propagates
+        shutil.rmtree(tmp, ignore_errors=True)
+        return SceneReport(scene, "skipped", reason=str(e), skipped_frames=skipped,
+                           seconds=round(time.perf_counter() - t0, 3))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _counts(scene_out: Path) -> dict:
+    with open(scene_out / SCENE_FILE) as f:
+        d = json.load(f)
+    return {k: d[k] for k in ("fragments", "pairs", "pairs_kept", "skipped_frames")}
+
+
+def _check_params(out: Path, params: PrepParams) -> None:
+    """Refuse to mix parameters in one output directory (pairs would silently disagree)."""
+    path = out / "params.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in asdict(params).items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{out} was prepared with other parameters "
+                             f"{ {k: a for k, (a, b) in diff.items()} }, now "
+                             f"{ {k: b for k, (a, b) in diff.items()} }; use a new --out "
+                             "directory or the same parameters")
+    else:
+        from mink_ssl.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(asdict(params), indent=1))
+
+
+def list_scenes(raw: Path, scenes: Sequence[str] | None = None) -> list[Path]:
+    if not raw.is_dir():
+        raise FileNotFoundError(f"--raw {raw} is not a directory; pass ScanNet's scans/ folder "
+                                "(one sub-folder per scene)")
+    found = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if scenes:
+        names = {p.name for p in found}
+        missing = [s for s in scenes if s not in names]
+        if missing:
+            raise FileNotFoundError(f"scenes {missing} not found in {raw} "
+                                    f"(it has {len(found)} scene folders)")
+        found = [p for p in found if p.name in set(scenes)]
+    if not found:
+        raise FileNotFoundError(f"no scene folders in {raw}")
+    return found
+
+
+def run(raw: Path, out: Path, params: PrepParams, workers: int = 1,
+        scenes: Sequence[str] | None = None, progress: bool = True,
+        log: Callable[[str], None] = print) -> dict:
+    """Prepare every scene of ``raw`` into ``out``; returns the manifest (also written)."""
+    import mink_ssl
+    from mink_ssl.io import atomic_path
+
+    raw, out = Path(raw), Path(out)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    scene_dirs = list_scenes(raw, scenes)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_params(out, params)
+    for stale in out.glob(".tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+
+    t0 = time.perf_counter()
+    reports = _map(scene_dirs, out, params, workers, progress)
+    reports.sort(key=lambda r: r.scene)
+
+    done = [r for r in reports if r.status != "skipped"]
+    with atomic_path(out / "pairs.txt") as tmp, open(tmp, "w") as f:
+        for r in done:
+            for line in open(out / r.scene / "overlap.txt"):
+                if float(line.rsplit(" ", 1)[1]) >= params.min_overlap:
+                    f.write(line)
+    manifest = {
+        "schema": SCHEMA, "mink_ssl_version": mink_ssl.__version__,
+        "params": asdict(params), "raw": str(raw.resolve()),
+        "fragment_format": "mink_ssl.fragments/1", "pairs_file": "pairs.txt",
+        "counts": {"scenes": len(reports), "scenes_done": len(done),
+                   "scenes_skipped": len(reports) - len(done),
+                   "fragments": sum(r.fragments for r in done),
+                   "pairs": sum(r.pairs for r in done),
+                   "pairs_kept": sum(r.pairs_kept for r in done),
+                   "frames_skipped": sum(len(v) for r in done for v in r.skipped_frames.values())},
+        "scenes": {r.scene: {"fragments": r.fragments, "pairs_kept": r.pairs_kept,
+                             "skipped_frames": r.skipped_frames} for r in done},
+        "skipped_scenes": {r.scene: r.reason for r in reports if r.status == "skipped"},
+    }
+    with atomic_path(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    c = manifest["counts"]
+    log(f"prep: {c['scenes_done']}/{c['scenes']} scenes done "
+        f"({sum(r.status == 'already done' for r in reports)} already done), "
+        f"{c['fragments']} fragments, {c['pairs_kept']}/{c['pairs']} pairs >= "
+        f"{params.min_overlap}, {c['frames_skipped']} frames skipped, "
+        f"{time.perf_counter() - t0:.1f} s")
+    for scene, reason in manifest["skipped_scenes"].items():
+        log(f"  skipped {scene}: {reason}")
+    return manifest
+
+
+def _map(scene_dirs: list[Path], out: Path, params: PrepParams, workers: int,
+         progress: bool) -> list[SceneReport]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(scene_dirs), desc="scenes", unit="scene", disable=not progress)
+    reports = []
+    if workers == 1:
+        for d in scene_dirs:
+            reports.append(prepare_scene(d, out, params))
+            bar.update()
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(prepare_scene, d, out, params) for d in scene_dirs]
+            for fut in as_completed(futures):
+                reports.append(fut.result())
+                bar.update()
+    bar.close()
+    return reports

@@ -1,0 +1,1 @@
+"""Datasets, transforms, collate functions and batch dataclasses."""

@@ -1,0 +1,191 @@
+"""The fragment store: the compact on-disk form of a scene's RGB-D fragments.
+
+A *fragment* is the point cloud of one sampled RGB-D frame in world coordinates. Instead of
+float64 point arrays (6-17 MB per frame in the original pipeline) we keep what the point cloud
+is computed from, losslessly: the depth image (zlib-compressed uint16, as in ``.sens`` files),
+the colour image resized to the depth resolution (JPEG), the camera-to-world pose, the depth
+intrinsics and the depth shift. Back-projection at load time costs a few milliseconds and keeps
+every measured point, so 100% of the occupied voxels at any resolution are preserved, and the
+pose and intrinsics are there for objectives that render or reproject.
+
+A scene directory holds two files::
+
+    fragments.bin   the payloads, concatenated (depth zlib, colour JPEG, fragment after fragment)
+    fragments.npz   the index: frames (F,) int64 frame index in the sequence, poses (F, 4, 4)
+                    float32 camera-to-world, intrinsics (4, 4) float32 depth camera,
+                    depth_shift () float64 units per metre, image_size (2,) int64 (H, W),
+                    depth_offsets / color_offsets (F, 2) int64 (byte offset, length) into .bin,
+                    schema () str
+
+Fragment names are ``<scene>/<frame index, 6 digits>``, e.g. ``scene0000_00/000025``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = "mink_ssl.fragments/1"
+INDEX_FILE, PAYLOAD_FILE = "fragments.npz", "fragments.bin"
+
+
+def fragment_name(scene: str, frame: int) -> str:
+    return f"{scene}/{frame:06d}"
+
+
+def encode_depth(depth: np.ndarray, level: int = 6) -> bytes:
+    """(H, W) uint16 -> zlib of little-endian uint16 (ScanNet's ``zlib_ushort``)."""
+    if depth.dtype != np.uint16 or depth.ndim != 2:
+        raise ValueError(f"depth must be a (H, W) uint16 image, got {depth.dtype} {depth.shape}")
+    return zlib.compress(depth.astype("<u2").tobytes(), level)
+
+
+def encode_color(color: np.ndarray, size_hw: tuple[int, int], quality: int = 90) -> bytes:
+    """(h, w, 3) uint8 RGB -> JPEG at ``size_hw`` (resized bilinearly when it differs)."""
+    from PIL import Image
+
+    if color.dtype != np.uint8 or color.ndim != 3 or color.shape[2] != 3:
+        raise ValueError(f"color must be (H, W, 3) uint8, got {color.dtype} {color.shape}")
+    img = Image.fromarray(color)
+    if color.shape[:2] != tuple(size_hw):
+        img = img.resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@dataclass
+class Fragment:
+    """One decoded fragment. Images are at the depth camera's resolution."""
+
+    name: str
+    frame: int
+    pose: np.ndarray  # (4, 4) float32 camera-to-world
+    intrinsics: np.ndarray  # (4, 4) float32 depth camera
+    depth_shift: float  # depth units per metre
+    depth: np.ndarray  # (H, W) uint16, 0 = missing
+    color: np.ndarray  # (H, W, 3) uint8 RGB
+
+    def points(self, max_depth: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """World points (N, 3) float32 and their colours (N, 3) uint8, one per valid pixel."""
+        from mink_ssl.geometry import backproject
+
+        pts, pixel = backproject(self.depth, self.intrinsics, self.depth_shift, self.pose,
+                                 max_depth=max_depth)
+        return pts, self.color.reshape(-1, 3)[pixel]
+
+
+class FragmentWriter:
+    """Appends fragments of one scene to ``<dir>/fragments.bin``; ``close()`` writes the index.
+
+    The caller makes the scene directory atomic (data prep writes into a temporary directory
+    and renames it when the scene is complete).
+    """
+
+    def __init__(self, directory: Path, intrinsics: np.ndarray, depth_shift: float,
+                 image_size: tuple[int, int]):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.intrinsics = np.asarray(intrinsics, np.float32).reshape(4, 4)
+        self.depth_shift, self.image_size = float(depth_shift), tuple(image_size)
+        self._bin = open(self.dir / PAYLOAD_FILE, "wb")
+        self._frames, self._poses, self._depth, self._color = [], [], [], []
+
+    def add(self, frame: int, pose: np.ndarray, depth_bytes: bytes, color_bytes: bytes) -> None:
+        """Add a fragment from already-encoded payloads (see ``encode_depth``/``encode_color``)."""
+        for payload, spans in ((depth_bytes, self._depth), (color_bytes, self._color)):
+            spans.append((self._bin.tell(), len(payload)))
+            self._bin.write(payload)
+        self._frames.append(int(frame))
+        self._poses.append(np.asarray(pose, np.float32).reshape(4, 4))
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def frames(self) -> list[int]:
+        """Frame indices added so far, in order."""
+        return list(self._frames)
+
+    def close(self) -> None:
+        self._bin.close()
+        np.savez(self.dir / INDEX_FILE, schema=np.array(SCHEMA),
+                 frames=np.array(self._frames, np.int64),
+                 poses=np.array(self._poses, np.float32).reshape(-1, 4, 4),
+                 intrinsics=self.intrinsics, depth_shift=np.float64(self.depth_shift),
+                 image_size=np.array(self.image_size, np.int64),
+                 depth_offsets=np.array(self._depth, np.int64).reshape(-1, 2),
+                 color_offsets=np.array(self._color, np.int64).reshape(-1, 2))
+
+    def __enter__(self) -> "FragmentWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._bin.close()
+
+
+class FragmentStore:
+    """Read access to one scene's fragments: ``store[k]`` or ``store.by_frame(frame)``."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.scene = self.dir.name
+        index = self.dir / INDEX_FILE
+        if not index.is_file() or not (self.dir / PAYLOAD_FILE).is_file():
+            raise FileNotFoundError(f"{self.dir} is not a fragment directory ({INDEX_FILE} and "
+                                    f"{PAYLOAD_FILE} expected); run `mink-ssl-prep scannet` first")
+        with np.load(index) as z:
+            schema = str(z["schema"])
+            if schema != SCHEMA:
+                raise ValueError(f"{index} has fragment schema {schema!r}; this version of "
+                                 f"mink-ssl reads {SCHEMA!r}: rerun data prep")
+            self.frames = z["frames"]
+            self.poses = z["poses"]
+            self.intrinsics = z["intrinsics"]
+            self.depth_shift = float(z["depth_shift"])
+            self.image_size = tuple(int(v) for v in z["image_size"])
+            self._depth, self._color = z["depth_offsets"], z["color_offsets"]
+        self._row = {int(f): k for k, f in enumerate(self.frames)}
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def names(self) -> list[str]:
+        return [fragment_name(self.scene, int(f)) for f in self.frames]
+
+    def _read(self, span) -> bytes:
+        offset, length = (int(v) for v in span)
+        fd = os.open(self.dir / PAYLOAD_FILE, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise ValueError(f"{self.dir / PAYLOAD_FILE} is truncated at byte {offset + len(data)}"
+                             f" (expected {length} bytes at {offset}); rerun data prep for "
+                             f"{self.scene}")
+        return data
+
+    def __getitem__(self, k: int) -> Fragment:
+        from PIL import Image
+
+        H, W = self.image_size
+        raw = zlib.decompress(self._read(self._depth[k]))
+        depth = np.frombuffer(raw, "<u2").astype(np.uint16).reshape(H, W)
+        color = np.array(Image.open(io.BytesIO(self._read(self._color[k]))).convert("RGB"))
+        frame = int(self.frames[k])
+        return Fragment(fragment_name(self.scene, frame), frame, self.poses[k], self.intrinsics,
+                        self.depth_shift, depth, color)
+
+    def by_frame(self, frame: int) -> Fragment:
+        if frame not in self._row:
+            raise KeyError(f"{self.scene} has no fragment for frame {frame}; it has "
+                           f"{len(self)} fragments (frames {self.frames[:5].tolist()}...)")
+        return self[self._row[frame]]
