@@ -26,6 +26,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_backbone.py
+	$(PY) benchmarks/bench_storage.py
+	$(PY) benchmarks/bench_overlap.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

@@ -6,6 +6,8 @@ units per metre (1000 for millimetres), 0 marks a missing measurement; intrinsic
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -44,20 +46,30 @@ def backproject(depth: np.ndarray, intrinsics: np.ndarray, depth_shift: float,
         raise ValueError(f"depth_shift must be positive (units per metre), got {depth_shift!r}")
     K = _intrinsic_3x3(intrinsics)
     H, W = depth.shape
-    v, u = np.mgrid[0:H:stride, 0:W:stride]  # (h, w) pixel rows, columns
-    z = depth[::stride, ::stride].astype(np.float64) / float(depth_shift)  # (h, w) metres
-    valid = z > 0
-    if max_depth is not None:
-        valid &= z <= max_depth
-    z, u, v = z[valid], u[valid], v[valid]  # (M,)
-    x = (u - K[0, 2]) * z / K[0, 0]
-    y = (v - K[1, 2]) * z / K[1, 1]
-    points = np.stack([x, y, z], axis=1)  # (M, 3) camera frame
     if pose is not None:
         pose = np.asarray(pose, dtype=np.float64)
         if pose.shape != (4, 4) or not np.isfinite(pose).all():
             raise ValueError(f"pose must be a finite 4x4 matrix, got shape {pose.shape} "
                              f"(ScanNet marks invalid poses with -inf: skip such frames)")
-        points = points @ pose[:3, :3].T + pose[:3, 3]
-    pixel = (v * W + u).astype(np.int64)
-    return points.astype(np.float32), pixel
+    d = depth[::stride, ::stride]
+    rays = _rays(H, W, stride, K[0, 0], K[1, 1], K[0, 2], K[1, 2])  # (h*w, 3), z = 1
+    pixel = np.flatnonzero(d) if max_depth is None else np.flatnonzero(
+        (d > 0) & (d <= max_depth * depth_shift))  # (M,) flat indices into the strided image
+    z = d.reshape(-1)[pixel].astype(np.float32) * np.float32(1.0 / depth_shift)  # (M,) metres
+    points = rays[pixel] * z[:, None]  # (M, 3) camera frame
+    if pose is not None:
+        points = points @ pose[:3, :3].T.astype(np.float32) + pose[:3, 3].astype(np.float32)
+    if stride != 1:  # back to flat indices of the full-resolution image
+        w = (W + stride - 1) // stride
+        pixel = (pixel // w) * stride * W + (pixel % w) * stride
+    return points.astype(np.float32, copy=False), pixel.astype(np.int64, copy=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _rays(H: int, W: int, stride: int, fx: float, fy: float, cx: float, cy: float) -> np.ndarray:
+    """Camera-frame ray of each (strided) pixel with z = 1: ((u - cx) / fx, (v - cy) / fy, 1)."""
+    v, u = np.mgrid[0:H:stride, 0:W:stride]  # (h, w) rows, columns
+    rays = np.stack([(u - cx) / fx, (v - cy) / fy, np.ones(u.shape)], axis=-1)
+    rays = rays.reshape(-1, 3).astype(np.float32)
+    rays.flags.writeable = False  # shared by every caller
+    return rays

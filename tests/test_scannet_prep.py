@@ -50,17 +50,19 @@ def kitchen_prepped(kitchen_raw, tmp_path_factory):
     return out, manifest
 
 
-def test_voxel_downsample_matches_open3d(kitchen_frame):
-    import open3d as o3d
-
+def test_voxel_downsample_is_the_centroid_definition(kitchen_frame):
+    """Centroid per 5 cm voxel of a grid anchored half a voxel below the cloud's minimum."""
     depth, K, pose = kitchen_frame
-    pts, _ = backproject(depth, K, 1000.0, pose)
+    pts = backproject(depth, K, 1000.0, pose)[0].astype(np.float64)
+    origin = pts.min(axis=0) - 0.025
+    cells = np.floor((pts - origin) / 0.05).astype(np.int64)
+    _, inverse, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    expected = np.stack([np.bincount(inverse, pts[:, d]) for d in range(3)], 1) / counts[:, None]
     ours = voxel_downsample(pts, 0.05)
-    ref = np.asarray(o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts.astype(np.float64)))
-                     .voxel_down_sample(0.05).points)
-    assert ours.shape == ref.shape
-    np.testing.assert_allclose(np.unique(ours.round(5), axis=0), np.unique(ref.round(5), axis=0),
-                               atol=2e-5)
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours[np.lexsort(ours.T)], expected[np.lexsort(expected.T)],
+                               atol=1e-9)
 
 
 def test_overlap_matrix_equals_brute_force_on_random_clouds():
@@ -242,3 +244,23 @@ def test_cli_bad_arguments(tmp_path, capsys):
     assert prep_main(["scannet", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "o"),
                       "--min-overlap", "1.5"]) == 2
     assert "min_overlap must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_prep_on_synthetic_scenes_without_shared_data(tmp_path):
+    """The embedded default: generated .sens scenes, one with lost-tracking (-inf) frames."""
+    from data_prep.synthetic import generate_scene
+
+    raw = tmp_path / "raw"
+    generate_scene(raw, "scene0000_00", 0, n_frames=101, invalid_pose_frames=(25, 26))
+    generate_scene(raw, "scene0001_00", 1, n_frames=76)
+    m = run(raw, tmp_path / "out", PrepParams(), progress=False)
+    assert m["scenes"]["scene0000_00"]["skipped_frames"] == {"non-finite pose": [25]}
+    assert FragmentStore(tmp_path / "out" / "scene0000_00").frames.tolist() == [0, 50, 75, 100]
+    assert m["scenes"]["scene0001_00"]["fragments"] == 4 and m["counts"]["pairs"] == 12
+    # the overlaps agree with the brute-force definition
+    store = FragmentStore(tmp_path / "out" / "scene0001_00")
+    lines = (tmp_path / "out" / "scene0001_00" / "overlap.txt").read_text().split("\n")
+    a, b, value = lines[0].split()
+    assert (a, b) == ("scene0001_00/000000", "scene0001_00/000025")
+    expected = brute_force_overlap(store[0].points()[0], store[1].points()[0])
+    assert float(value) == pytest.approx(expected, abs=2e-6)

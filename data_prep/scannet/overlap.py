@@ -14,9 +14,12 @@ cloud, in Python: O(F^2 N) interpreted queries. Here the cost follows the pairs 
 2. for a candidate pair, only points whose coarse neighbourhood holds the other cloud can
    match (hash lookups, vectorised);
 3. of those, a point matches for sure when the other cloud occupies a *fine cell* (edge
-   ``radius / 3``) of its "sure" stencil: the 19 cells (its own, 6 face and 12 edge
-   neighbours) whose every point is closer than ``radius`` to every point of its own cell;
+   ``radius / 4``) of its "sure" stencil: the 57 cells whose every point is within ``radius``
+   of every point of its own cell;
 4. the rest are answered exactly by one batched KD-tree query per fragment.
+
+Membership tests use a bitmap over the target fragment's bounding box, and all candidate
+partners of a fragment are processed in one vectorised batch.
 """
 from __future__ import annotations
 
@@ -31,52 +34,66 @@ RADIUS_FACTOR = 1.5  # neighbour radius in voxels (7.5 cm)
 
 
 def voxel_downsample(points: np.ndarray, voxel_size: float = VOXEL_SIZE) -> np.ndarray:
-    """Centroid per occupied voxel, (M, 3) float64; the grid as open3d's voxel_down_sample."""
+    """Centroid per occupied voxel, (M, 3) float64: open3d's ``voxel_down_sample``, which *is*
+    the definition the original pair lists were computed with (grid anchored half a voxel
+    below the cloud's minimum)."""
+    import open3d as o3d
+
     p = np.asarray(points, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 3:
         raise ValueError(f"points must have shape (N, 3), got {p.shape}")
     if len(p) == 0:
         return p.reshape(0, 3)
-    origin = p.min(axis=0) - voxel_size / 2
-    idx = np.floor((p - origin) / voxel_size).astype(np.int64)  # (N, 3), >= 0
-    extent = idx.max(axis=0) + 1
-    keys = (idx[:, 0] * extent[1] + idx[:, 1]) * extent[2] + idx[:, 2]
-    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    sums = np.stack([np.bincount(inverse, weights=p[:, d], minlength=len(counts))
-                     for d in range(3)], axis=1)  # (M, 3)
-    return sums / counts[:, None]
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(p))
+    return np.asarray(pcd.voxel_down_sample(voxel_size).points)
 
 
-_OFFSETS = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
-# fine cells of edge r/3 at these offsets lie entirely within r of any point of the centre cell:
-# max distance = (r/3) * sqrt(sum((|d| + 1)^2)) <= r  <=>  at most two non-zero components
-_SURE = _OFFSETS[(np.abs(_OFFSETS) > 0).sum(axis=1) <= 2]  # (19, 3)
+def _stencil(k: int) -> np.ndarray:
+    """Offsets d of the cells (edge r/k) lying entirely within r of every point of cell 0:
+    max distance between the two cells = (r/k) * ||(|d| + 1)|| <= r."""
+    g = np.arange(-k, k + 1)
+    d = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    return d[((np.abs(d) + 1) ** 2).sum(axis=1) <= k * k]
 
 
-class _Grid:
-    """Integer cell keys of edge ``cell`` over a shared origin; packable with one extent."""
-
-    def __init__(self, clouds: list[np.ndarray], cell: float):
-        allp = np.concatenate(clouds)
-        self.cell = cell
-        self.lo = np.floor(allp.min(axis=0) / cell).astype(np.int64) - 1  # room for dilation
-        self.ext = np.floor(allp.max(axis=0) / cell).astype(np.int64) - self.lo + 2
-
-    def cells(self, p: np.ndarray) -> np.ndarray:
-        return np.floor(p / self.cell).astype(np.int64) - self.lo  # (N, 3)
-
-    def key(self, c: np.ndarray) -> np.ndarray:
-        return (c[..., 0] * self.ext[1] + c[..., 1]) * self.ext[2] + c[..., 2]
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.ext))
+_NEAR = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+FINE_DIVISIONS = 4  # fine cells of edge r/4; the sure stencil has 57 cells
+_SURE = _stencil(FINE_DIVISIONS)
+_MAX_DENSE_CELLS = 1 << 26  # above this a cell set is a sorted key array instead of a bitmap
 
 
-def _isin_sorted(query: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    pos = np.searchsorted(sorted_keys, query)
-    pos[pos == len(sorted_keys)] = 0
-    return sorted_keys[pos] == query if len(sorted_keys) else np.zeros(len(query), bool)
+class _CellSet:
+    """The cells ``occupied + stencil`` as a membership test for integer cell coordinates.
+
+    A dense bitmap over the bounding box when it is small (the usual case: one camera
+    frustum), else sorted packed keys (a frustum stretched by far outliers).
+    """
+
+    def __init__(self, occupied: np.ndarray, stencil: np.ndarray):
+        self.lo = occupied.min(axis=0) + stencil.min(axis=0)  # (3,)
+        self.dims = occupied.max(axis=0) + stencil.max(axis=0) - self.lo + 1  # (3,)
+        flat = self._flat(occupied[:, None, :] + stencil).ravel()  # duplicates are harmless
+        if int(np.prod(self.dims.astype(np.float64))) <= _MAX_DENSE_CELLS:
+            self.bitmap = np.zeros(int(np.prod(self.dims)), bool)
+            self.bitmap[flat] = True
+        else:
+            self.bitmap, self.keys = None, np.unique(flat)
+
+    def _flat(self, cells: np.ndarray) -> np.ndarray:
+        c = cells - self.lo
+        return (c[..., 0] * self.dims[1] + c[..., 1]) * self.dims[2] + c[..., 2]
+
+    def contains(self, cells: np.ndarray) -> np.ndarray:
+        c = cells - self.lo
+        inside = ((c >= 0) & (c < self.dims)).all(axis=1)
+        flat = self._flat(cells[inside])
+        out = np.zeros(len(cells), bool)
+        if self.bitmap is not None:
+            out[inside] = self.bitmap[flat]
+        elif len(flat):
+            pos = np.minimum(np.searchsorted(self.keys, flat), len(self.keys) - 1)
+            out[inside] = self.keys[pos] == flat
+        return out
 
 
 @dataclass
@@ -100,53 +117,57 @@ def overlap_matrix(clouds: list[np.ndarray], radius: float = VOXEL_SIZE * RADIUS
     """Directional overlap of every pair of (already downsampled) clouds."""
     F = len(clouds)
     clouds = [np.asarray(c, np.float64).reshape(-1, 3) for c in clouds]
+    sizes = np.array([len(c) for c in clouds])
     directional = np.zeros((F, F))
-    nonempty = [c for c in clouds if len(c)]
-    if F < 2 or len(nonempty) < 2:
+    if (sizes > 0).sum() < 2:
         return OverlapResult(directional, F * (F - 1) // 2, 0, 0, 0)
-    coarse, fine = _Grid(nonempty, radius), _Grid(nonempty, radius / 3 * (1 - 1e-9))
+    points = np.concatenate(clouds)  # (P, 3) all clouds
+    owner = np.repeat(np.arange(F), sizes)  # (P,) cloud of each point
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    coarse = np.floor(points / radius).astype(np.int64)  # (P, 3) cells of edge r
+    fine = np.floor(points / (radius / FINE_DIVISIONS * (1 - 1e-9))).astype(np.int32)
 
-    # per cloud: coarse cell key of each point, its occupied coarse cells dilated by 1 cell,
-    # the fine cell key of each point, and its occupied fine cells dilated by the sure stencil
-    point_cells = [coarse.cells(c) for c in clouds]
-    point_keys = [coarse.key(c) for c in point_cells]
-    dilated = [np.unique(coarse.key(np.unique(c, axis=0)[:, None, :] + _OFFSETS)) for c in point_cells]
-    fine_cells = [fine.cells(c) for c in clouds]
-    fine_keys = [fine.key(c) for c in fine_cells]
-    fine_sure = [np.unique(fine.key(np.unique(c, axis=0)[:, None, :] + _SURE)) for c in fine_cells]
-
-    # candidate pairs: some cell of i inside the dilated occupancy of j (a symmetric relation)
-    occ = sparse.csr_matrix((np.ones(sum(len(np.unique(k)) for k in point_keys)),
-                             (np.repeat(np.arange(F), [len(np.unique(k)) for k in point_keys]),
-                              np.concatenate([np.unique(k) for k in point_keys]))),
-                            shape=(F, coarse.size))
-    dil = sparse.csr_matrix((np.ones(sum(len(d) for d in dilated)),
-                             (np.repeat(np.arange(F), [len(d) for d in dilated]),
-                              np.concatenate(dilated))), shape=(F, coarse.size))
-    shared = (occ @ dil.T).tocoo()
-    cand = shared.row != shared.col
-    rows, cols = shared.row[cand], shared.col[cand]  # both directions of each candidate pair
+    # Coarse cells packed into one key over the scene's grid (margins make room for dilation).
+    lo = coarse.min(axis=0) - 1
+    ext = coarse.max(axis=0) - lo + 2
+    n_cells = int(np.prod(ext))
+    ckey = ((coarse[:, 0] - lo[0]) * ext[1] + coarse[:, 1] - lo[1]) * ext[2] + coarse[:, 2] - lo[2]
+    shift = (_NEAR[:, 0] * ext[1] + _NEAR[:, 1]) * ext[2] + _NEAR[:, 2]  # (27,) neighbour offsets
+    # occupied (cloud, cell) and its 27-dilation, as packed int64 and as sparse matrices:
+    # (occupied) x (dilated)^T counts, for each pair of clouds, cells of one near the other
+    occ = np.unique(owner * n_cells + ckey)  # (K,)
+    dil = np.unique((occ[:, None] + shift).ravel())  # (K',), stays in its cloud's block
+    A = sparse.csr_matrix((np.ones(len(occ)), (occ // n_cells, occ % n_cells)), shape=(F, n_cells))
+    B = sparse.csr_matrix((np.ones(len(dil)), (dil // n_cells, dil % n_cells)), shape=(F, n_cells))
+    shared = (A @ B.T).tocoo()
+    keep = shared.row != shared.col
+    rows_i, cols_j = shared.row[keep], shared.col[keep]  # both directions of each candidate
+    dil_bounds = np.searchsorted(dil, np.arange(F + 1) * n_cells)  # dilated cells per cloud
+    near_map = np.zeros(n_cells, bool) if n_cells <= _MAX_DENSE_CELLS else None
 
     n_sure = n_kd = 0
-    for j in range(F):  # one batched KD query against cloud j for all its candidate partners
-        partners = rows[cols == j]
-        if len(partners) == 0:
-            continue
-        pending_pts, pending_owner = [], []
-        for i in partners:
-            near = _isin_sorted(point_keys[i], dilated[j])  # can match at all
-            sure = near & _isin_sorted(fine_keys[i], fine_sure[j])
-            directional[i, j] = sure.sum()
-            rest = near & ~sure
-            pending_pts.append(clouds[i][rest])
-            pending_owner.append(np.full(int(rest.sum()), i))
-            n_sure += int(sure.sum())
-        pts = np.concatenate(pending_pts)
-        if len(pts):
-            dist, _ = cKDTree(clouds[j]).query(pts, k=1, distance_upper_bound=radius)
-            hits = np.bincount(np.concatenate(pending_owner)[dist <= radius], minlength=F)
-            directional[partners, j] += hits[partners]
-            n_kd += len(pts)
-    sizes = np.array([max(len(c), 1) for c in clouds], np.float64)
-    directional /= sizes[:, None]
-    return OverlapResult(directional, F * (F - 1) // 2, len(rows) // 2, n_kd, n_sure)
+    for j in np.unique(cols_j):  # all candidate partners of cloud j in one batch
+        partners = np.sort(rows_i[cols_j == j])
+        rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in partners])
+        # 1. can match at all: in the 27-neighbourhood of a cell of j
+        j_cells = dil[dil_bounds[j]:dil_bounds[j + 1]] - j * n_cells
+        if near_map is not None:
+            near_map[j_cells] = True
+            rows = rows[near_map[ckey[rows]]]
+            near_map[j_cells] = False  # reset only what was set: no O(n_cells) clearing
+        else:
+            pos = np.minimum(np.searchsorted(j_cells, ckey[rows]), len(j_cells) - 1)
+            rows = rows[j_cells[pos] == ckey[rows]]
+        # 2. matches for sure: a fine cell of j in the sure stencil of the point's fine cell
+        own = slice(starts[j], starts[j + 1])
+        sure = _CellSet(fine[own], _SURE).contains(fine[rows])
+        directional[:, j] += np.bincount(owner[rows[sure]], minlength=F)
+        # 3. exact answer for the rest
+        rest = rows[~sure]
+        if len(rest):
+            dist, _ = cKDTree(points[own]).query(points[rest], k=1, distance_upper_bound=radius)
+            directional[:, j] += np.bincount(owner[rest[dist <= radius]], minlength=F)
+        n_sure += int(sure.sum())
+        n_kd += len(rest)
+    directional /= np.maximum(sizes, 1)[:, None]
+    return OverlapResult(directional, F * (F - 1) // 2, len(rows_i) // 2, n_kd, n_sure)
