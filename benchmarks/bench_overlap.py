@@ -77,7 +77,7 @@ def our_clouds(scene: Path, frames: list[int] | None = None, shift: np.ndarray |
 
     store = FragmentStore(scene)
     frames = store.frames.tolist() if frames is None else frames
-    clouds = [voxel_downsample(store.by_frame(f).points()[0]) for f in frames]
+    clouds = [voxel_downsample(store.by_frame(f, color=False).points()[0]) for f in frames]
     return clouds if shift is None else [c + shift for c in clouds]
 
 

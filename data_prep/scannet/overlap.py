@@ -65,28 +65,34 @@ _MAX_DENSE_CELLS = 1 << 26  # above this a cell set is a sorted key array instea
 class _CellSet:
     """The cells ``occupied + stencil`` as a membership test for integer cell coordinates.
 
-    A dense bitmap over the bounding box when it is small (the usual case: one camera
-    frustum), else sorted packed keys (a frustum stretched by far outliers).
+    A bitmap over the bounding box when it is small (the usual case: one camera frustum), in
+    ``buffer`` if given (it must be all False; ``release()`` makes it so again, resetting only
+    the cells that were set), else sorted packed keys (a frustum stretched by far outliers).
     """
 
-    def __init__(self, occupied: np.ndarray, stencil: np.ndarray):
-        self.lo = occupied.min(axis=0) + stencil.min(axis=0)  # (3,)
+    def __init__(self, occupied: np.ndarray, stencil: np.ndarray,
+                 buffer: np.ndarray | None = None):
+        self.lo = (occupied.min(axis=0) + stencil.min(axis=0)).astype(np.int64)  # (3,)
         self.dims = occupied.max(axis=0) + stencil.max(axis=0) - self.lo + 1  # (3,)
-        flat = self._flat(occupied[:, None, :] + stencil).ravel()  # duplicates are harmless
-        if int(np.prod(self.dims.astype(np.float64))) <= _MAX_DENSE_CELLS:
-            self.bitmap = np.zeros(int(np.prod(self.dims)), bool)
-            self.bitmap[flat] = True
+        self.flat = self._flat(occupied[:, None, :] + stencil).ravel()  # duplicates harmless
+        size = int(np.prod(self.dims.astype(np.float64)))
+        if size <= _MAX_DENSE_CELLS:
+            self.bitmap = (buffer[:size] if buffer is not None and len(buffer) >= size
+                           else np.zeros(size, bool))
+            self.bitmap[self.flat] = True
         else:
-            self.bitmap, self.keys = None, np.unique(flat)
+            self.bitmap, self.keys = None, np.unique(self.flat)
 
     def _flat(self, cells: np.ndarray) -> np.ndarray:
-        c = cells - self.lo
+        c = cells.astype(np.int64) - self.lo
         return (c[..., 0] * self.dims[1] + c[..., 1]) * self.dims[2] + c[..., 2]
 
     def contains(self, cells: np.ndarray) -> np.ndarray:
-        c = cells - self.lo
-        inside = ((c >= 0) & (c < self.dims)).all(axis=1)
-        flat = self._flat(cells[inside])
+        c = [cells[:, d].astype(np.int64) - self.lo[d] for d in range(3)]  # 3 x (n,)
+        # one unsigned comparison per axis: negatives wrap to huge values
+        inside = ((c[0].view(np.uint64) < self.dims[0]) & (c[1].view(np.uint64) < self.dims[1])
+                  & (c[2].view(np.uint64) < self.dims[2]))
+        flat = ((c[0] * self.dims[1] + c[1]) * self.dims[2] + c[2])[inside]
         out = np.zeros(len(cells), bool)
         if self.bitmap is not None:
             out[inside] = self.bitmap[flat]
@@ -94,6 +100,10 @@ class _CellSet:
             pos = np.minimum(np.searchsorted(self.keys, flat), len(self.keys) - 1)
             out[inside] = self.keys[pos] == flat
         return out
+
+    def release(self) -> None:
+        if self.bitmap is not None:
+            self.bitmap[self.flat] = False
 
 
 @dataclass
@@ -144,6 +154,7 @@ def overlap_matrix(clouds: list[np.ndarray], radius: float = VOXEL_SIZE * RADIUS
     rows_i, cols_j = shared.row[keep], shared.col[keep]  # both directions of each candidate
     dil_bounds = np.searchsorted(dil, np.arange(F + 1) * n_cells)  # dilated cells per cloud
     near_map = np.zeros(n_cells, bool) if n_cells <= _MAX_DENSE_CELLS else None
+    buffer = np.zeros(0, bool)  # reused bitmap of the fine cell sets, grown on demand
 
     n_sure = n_kd = 0
     for j in np.unique(cols_j):  # all candidate partners of cloud j in one batch
@@ -160,7 +171,11 @@ def overlap_matrix(clouds: list[np.ndarray], radius: float = VOXEL_SIZE * RADIUS
             rows = rows[j_cells[pos] == ckey[rows]]
         # 2. matches for sure: a fine cell of j in the sure stencil of the point's fine cell
         own = slice(starts[j], starts[j + 1])
-        sure = _CellSet(fine[own], _SURE).contains(fine[rows])
+        sure_set = _CellSet(fine[own], _SURE, buffer)
+        if sure_set.bitmap is not None and sure_set.bitmap.base is not buffer:
+            buffer = np.zeros(max(2 * len(buffer), len(sure_set.bitmap)), bool)
+        sure = sure_set.contains(fine[rows])
+        sure_set.release()
         directional[:, j] += np.bincount(owner[rows[sure]], minlength=F)
         # 3. exact answer for the rest
         rest = rows[~sure]

@@ -68,15 +68,16 @@ class Fragment:
     intrinsics: np.ndarray  # (4, 4) float32 depth camera
     depth_shift: float  # depth units per metre
     depth: np.ndarray  # (H, W) uint16, 0 = missing
-    color: np.ndarray  # (H, W, 3) uint8 RGB
+    color: np.ndarray | None  # (H, W, 3) uint8 RGB; None when read with color=False
 
-    def points(self, max_depth: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """World points (N, 3) float32 and their colours (N, 3) uint8, one per valid pixel."""
+    def points(self, max_depth: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """World points (N, 3) float32 and their colours (N, 3) uint8 (None without colour),
+        one per valid pixel."""
         from mink_ssl.geometry import backproject
 
         pts, pixel = backproject(self.depth, self.intrinsics, self.depth_shift, self.pose,
                                  max_depth=max_depth)
-        return pts, self.color.reshape(-1, 3)[pixel]
+        return pts, None if self.color is None else self.color.reshape(-1, 3)[pixel]
 
 
 class FragmentWriter:
@@ -174,18 +175,27 @@ class FragmentStore:
         return data
 
     def __getitem__(self, k: int) -> Fragment:
+        return self.get(k)
+
+    def get(self, k: int, color: bool = True) -> Fragment:
+        """Fragment ``k`` decoded (colour only if ``color``)."""
         from PIL import Image
 
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"fragment {k} out of range: {self.scene} has {len(self)}")
         H, W = self.image_size
         raw = zlib.decompress(self._read(self._depth[k]))
         depth = np.frombuffer(raw, "<u2").astype(np.uint16).reshape(H, W)
-        color = np.array(Image.open(io.BytesIO(self._read(self._color[k]))).convert("RGB"))
+        if color:
+            color = np.array(Image.open(io.BytesIO(self._read(self._color[k]))).convert("RGB"))
+        else:
+            color = None
         frame = int(self.frames[k])
         return Fragment(fragment_name(self.scene, frame), frame, self.poses[k], self.intrinsics,
                         self.depth_shift, depth, color)
 
-    def by_frame(self, frame: int) -> Fragment:
+    def by_frame(self, frame: int, color: bool = True) -> Fragment:
         if frame not in self._row:
             raise KeyError(f"{self.scene} has no fragment for frame {frame}; it has "
                            f"{len(self)} fragments (frames {self.frames[:5].tolist()}...)")
-        return self[self._row[frame]]
+        return self.get(self._row[frame], color)
