@@ -18,8 +18,8 @@ cloud, in Python: O(F^2 N) interpreted queries. Here the cost follows the pairs 
    of every point of its own cell;
 4. the rest are answered exactly by one batched KD-tree query per fragment.
 
-Membership tests use a bitmap over the target fragment's bounding box, and all candidate
-partners of a fragment are processed in one vectorised batch.
+Membership tests are gathers from a reusable bitmap over the scene's cell grid, and all
+candidate partners of a fragment are processed in one vectorised batch.
 """
 from __future__ import annotations
 
@@ -62,48 +62,41 @@ _SURE = _stencil(FINE_DIVISIONS)
 _MAX_DENSE_CELLS = 1 << 26  # above this a cell set is a sorted key array instead of a bitmap
 
 
-class _CellSet:
-    """The cells ``occupied + stencil`` as a membership test for integer cell coordinates.
+class _Grid:
+    """Integer cells of one edge length over all clouds, packed into int64 keys, with a
+    membership set that is a reusable bitmap (reset cell by cell, never cleared wholesale)
+    when the grid is small enough, else a sorted key array."""
 
-    A bitmap over the bounding box when it is small (the usual case: one camera frustum), in
-    ``buffer`` if given (it must be all False; ``release()`` makes it so again, resetting only
-    the cells that were set), else sorted packed keys (a frustum stretched by far outliers).
-    """
+    def __init__(self, points: np.ndarray, edge: float, reach: int):
+        cells = np.floor(points / edge).astype(np.int64)  # (P, 3)
+        lo = cells.min(axis=0) - reach  # margins: a stencil of this reach stays inside
+        self.ext = cells.max(axis=0) - lo + reach + 1
+        c = cells - lo
+        self.keys = (c[:, 0] * self.ext[1] + c[:, 1]) * self.ext[2] + c[:, 2]  # (P,)
+        self.size = int(np.prod(self.ext.astype(np.float64)))
+        self._bitmap = np.zeros(self.size, bool) if self.size <= _MAX_DENSE_CELLS else None
+        self._set = np.zeros(0, np.int64)
 
-    def __init__(self, occupied: np.ndarray, stencil: np.ndarray,
-                 buffer: np.ndarray | None = None):
-        self.lo = (occupied.min(axis=0) + stencil.min(axis=0)).astype(np.int64)  # (3,)
-        self.dims = occupied.max(axis=0) + stencil.max(axis=0) - self.lo + 1  # (3,)
-        self.flat = self._flat(occupied[:, None, :] + stencil).ravel()  # duplicates harmless
-        size = int(np.prod(self.dims.astype(np.float64)))
-        if size <= _MAX_DENSE_CELLS:
-            self.bitmap = (buffer[:size] if buffer is not None and len(buffer) >= size
-                           else np.zeros(size, bool))
-            self.bitmap[self.flat] = True
-        else:
-            self.bitmap, self.keys = None, np.unique(self.flat)
+    def offsets(self, stencil: np.ndarray) -> np.ndarray:
+        """(S,) key offsets of a stencil of cell offsets (S, 3)."""
+        return (stencil[:, 0] * self.ext[1] + stencil[:, 1]) * self.ext[2] + stencil[:, 2]
 
-    def _flat(self, cells: np.ndarray) -> np.ndarray:
-        c = cells.astype(np.int64) - self.lo
-        return (c[..., 0] * self.dims[1] + c[..., 1]) * self.dims[2] + c[..., 2]
+    def fill(self, keys: np.ndarray) -> None:
+        if self._bitmap is not None:
+            self._bitmap[keys] = True
+        self._set = keys
 
-    def contains(self, cells: np.ndarray) -> np.ndarray:
-        c = [cells[:, d].astype(np.int64) - self.lo[d] for d in range(3)]  # 3 x (n,)
-        # one unsigned comparison per axis: negatives wrap to huge values
-        inside = ((c[0].view(np.uint64) < self.dims[0]) & (c[1].view(np.uint64) < self.dims[1])
-                  & (c[2].view(np.uint64) < self.dims[2]))
-        flat = ((c[0] * self.dims[1] + c[1]) * self.dims[2] + c[2])[inside]
-        out = np.zeros(len(cells), bool)
-        if self.bitmap is not None:
-            out[inside] = self.bitmap[flat]
-        elif len(flat):
-            pos = np.minimum(np.searchsorted(self.keys, flat), len(self.keys) - 1)
-            out[inside] = self.keys[pos] == flat
-        return out
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        if self._bitmap is not None:
+            return self._bitmap[keys]
+        s = np.unique(self._set)
+        pos = np.minimum(np.searchsorted(s, keys), len(s) - 1)
+        return s[pos] == keys
 
-    def release(self) -> None:
-        if self.bitmap is not None:
-            self.bitmap[self.flat] = False
+    def clear(self) -> None:
+        if self._bitmap is not None:
+            self._bitmap[self._set] = False
+        self._set = np.zeros(0, np.int64)
 
 
 @dataclass
@@ -134,48 +127,35 @@ def overlap_matrix(clouds: list[np.ndarray], radius: float = VOXEL_SIZE * RADIUS
     points = np.concatenate(clouds)  # (P, 3) all clouds
     owner = np.repeat(np.arange(F), sizes)  # (P,) cloud of each point
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    coarse = np.floor(points / radius).astype(np.int64)  # (P, 3) cells of edge r
-    fine = np.floor(points / (radius / FINE_DIVISIONS * (1 - 1e-9))).astype(np.int32)
+    coarse = _Grid(points, radius, reach=1)  # cells of edge r: matches lie in the 27-neighbourhood
+    fine = _Grid(points, radius / FINE_DIVISIONS * (1 - 1e-9), reach=FINE_DIVISIONS)
+    near_shift, sure_shift = coarse.offsets(_NEAR), fine.offsets(_SURE)
 
-    # Coarse cells packed into one key over the scene's grid (margins make room for dilation).
-    lo = coarse.min(axis=0) - 1
-    ext = coarse.max(axis=0) - lo + 2
-    n_cells = int(np.prod(ext))
-    ckey = ((coarse[:, 0] - lo[0]) * ext[1] + coarse[:, 1] - lo[1]) * ext[2] + coarse[:, 2] - lo[2]
-    shift = (_NEAR[:, 0] * ext[1] + _NEAR[:, 1]) * ext[2] + _NEAR[:, 2]  # (27,) neighbour offsets
-    # occupied (cloud, cell) and its 27-dilation, as packed int64 and as sparse matrices:
-    # (occupied) x (dilated)^T counts, for each pair of clouds, cells of one near the other
-    occ = np.unique(owner * n_cells + ckey)  # (K,)
-    dil = np.unique((occ[:, None] + shift).ravel())  # (K',), stays in its cloud's block
-    A = sparse.csr_matrix((np.ones(len(occ)), (occ // n_cells, occ % n_cells)), shape=(F, n_cells))
-    B = sparse.csr_matrix((np.ones(len(dil)), (dil // n_cells, dil % n_cells)), shape=(F, n_cells))
+    # candidate pairs: clouds with a coarse cell of one in the 27-neighbourhood of the other's.
+    # (cloud, cell) occupancy and its dilation as sparse matrices; A B^T counts shared cells.
+    occ = np.unique(owner * coarse.size + coarse.keys)  # (K,) packed (cloud, cell)
+    dil = np.unique((occ[:, None] + near_shift).ravel())  # stays in its cloud's block
+    n = coarse.size
+    A = sparse.csr_matrix((np.ones(len(occ)), (occ // n, occ % n)), shape=(F, n))
+    B = sparse.csr_matrix((np.ones(len(dil)), (dil // n, dil % n)), shape=(F, n))
     shared = (A @ B.T).tocoo()
     keep = shared.row != shared.col
     rows_i, cols_j = shared.row[keep], shared.col[keep]  # both directions of each candidate
-    dil_bounds = np.searchsorted(dil, np.arange(F + 1) * n_cells)  # dilated cells per cloud
-    near_map = np.zeros(n_cells, bool) if n_cells <= _MAX_DENSE_CELLS else None
-    buffer = np.zeros(0, bool)  # reused bitmap of the fine cell sets, grown on demand
+    dil_bounds = np.searchsorted(dil, np.arange(F + 1) * n)  # each cloud's dilated cells
 
     n_sure = n_kd = 0
     for j in np.unique(cols_j):  # all candidate partners of cloud j in one batch
         partners = np.sort(rows_i[cols_j == j])
         rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in partners])
-        # 1. can match at all: in the 27-neighbourhood of a cell of j
-        j_cells = dil[dil_bounds[j]:dil_bounds[j + 1]] - j * n_cells
-        if near_map is not None:
-            near_map[j_cells] = True
-            rows = rows[near_map[ckey[rows]]]
-            near_map[j_cells] = False  # reset only what was set: no O(n_cells) clearing
-        else:
-            pos = np.minimum(np.searchsorted(j_cells, ckey[rows]), len(j_cells) - 1)
-            rows = rows[j_cells[pos] == ckey[rows]]
-        # 2. matches for sure: a fine cell of j in the sure stencil of the point's fine cell
         own = slice(starts[j], starts[j + 1])
-        sure_set = _CellSet(fine[own], _SURE, buffer)
-        if sure_set.bitmap is not None and sure_set.bitmap.base is not buffer:
-            buffer = np.zeros(max(2 * len(buffer), len(sure_set.bitmap)), bool)
-        sure = sure_set.contains(fine[rows])
-        sure_set.release()
+        # 1. can match at all: in the 27-neighbourhood of a cell of j
+        coarse.fill(dil[dil_bounds[j]:dil_bounds[j + 1]] - j * n)
+        rows = rows[coarse.contains(coarse.keys[rows])]
+        coarse.clear()
+        # 2. matches for sure: a fine cell of j in the sure stencil of the point's fine cell
+        fine.fill((fine.keys[own][:, None] + sure_shift).ravel())
+        sure = fine.contains(fine.keys[rows])
+        fine.clear()
         directional[:, j] += np.bincount(owner[rows[sure]], minlength=F)
         # 3. exact answer for the rest
         rest = rows[~sure]

@@ -42,12 +42,17 @@ class PairBatch:
              row ``matches[m, 1]`` (voxels within 1.5 voxels in world coordinates); both rows
              belong to the same scene of the batch
     names:   the pair of each scene, e.g. ("scene0000_00/000025", "scene0000_00/000050")
+    skipped: pairs dropped from this batch for having too few matches
     """
 
     views: tuple[View, View]
     matches: torch.Tensor
     names: list[tuple[str, str]] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.names)
 
     def to(self, device) -> "PairBatch":
         return PairBatch((self.views[0].to(device), self.views[1].to(device)),
-                         self.matches.to(device), self.names)
+                         self.matches.to(device), self.names, self.skipped)

@@ -1,0 +1,201 @@
+"""The pair dataset: two overlapping fragments of a scene as independently transformed,
+voxelised views with their voxel correspondences.
+
+It reads what ``mink-ssl-prep scannet`` wrote (``manifest.json``, ``pairs.txt`` and the
+fragment stores) and refuses a manifest schema it does not know. Each item is a pure function
+of ``(seed, epoch, index)``, so augmentation does not depend on the number of loader workers
+and a resumed run sees the same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from mink_ssl.data.batch import PairBatch, View
+from mink_ssl.data.correspondence import find_matches, random_rigid_transform, to_tensor
+
+KNOWN_SCHEMAS = ("mink_ssl.scannet_pairs/1",)
+FEATURES = ("ones", "rgb")
+
+
+@dataclass
+class PairSample:
+    """One pair before collation (per view: coords (N, 3) int32, feats (N, C), world (N, 3))."""
+
+    views: tuple[View, View]
+    matches: torch.Tensor  # (M, 2) int64
+    names: tuple[str, str]
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point data.root at the --out directory of "
+                                "`mink-ssl-prep scannet`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema") not in KNOWN_SCHEMAS:
+        raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
+                         f"{KNOWN_SCHEMAS}: rerun data prep with this version")
+    return manifest
+
+
+class PairDataset(Dataset):
+    """Pairs of ``root/pairs.txt`` as :class:`PairSample` (None when too few matches).
+
+    Args:
+        root: output directory of ScanNet pair prep.
+        voxel_size: metres (2.5 cm for pretraining).
+        rotation_deg: each view is rotated by up to this angle (360: any) ...
+        rotation_axis: ... about a random axis ('random', the original) or gravity ('z').
+        scale: uniform scale range per view ((1, 1): none, the original).
+        translation: uniform translation range per view, metres.
+        features: 'ones' (1 channel) or 'rgb' (3 channels, in [-0.5, 0.5]).
+        match_radius: correspondence radius in voxels (1.5).
+        max_matches: cap on matches per pair (random subset), None for all.
+        min_matches: a pair with fewer matches is skipped (returned as None) and counted.
+        max_depth: ignore depth beyond this many metres when loading fragments.
+        seed: base seed of the augmentation.
+    """
+
+    def __init__(self, root: str | Path, *, voxel_size: float = 0.025, rotation_deg: float = 360.0,
+                 rotation_axis: str = "random", scale: Sequence[float] = (1.0, 1.0),
+                 translation: float = 0.0, features: str = "rgb", match_radius: float = 1.5,
+                 max_matches: int | None = None, min_matches: int = 32,
+                 max_depth: float | None = None, seed: int = 0):
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        if voxel_size <= 0 or match_radius <= 0:
+            raise ValueError(f"voxel_size and match_radius must be positive, got {voxel_size}, "
+                             f"{match_radius}")
+        if rotation_axis not in ("random", "z"):
+            raise ValueError(f"rotation_axis must be 'random' or 'z', got {rotation_axis!r}")
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be a range (lo, hi) with 0 < lo <= hi, got {scale}")
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.voxel_size, self.rotation_deg, self.rotation_axis = voxel_size, rotation_deg, rotation_axis
+        self.scale, self.translation, self.features = tuple(scale), translation, features
+        self.match_radius, self.max_matches, self.min_matches = match_radius, max_matches, min_matches
+        self.max_depth, self.seed = max_depth, seed
+        self.pairs = self._read_pairs(self.root / self.manifest.get("pairs_file", "pairs.txt"))
+        self._stores: dict = {}
+
+    @staticmethod
+    def _read_pairs(path: Path) -> list[tuple[str, int, int]]:
+        pairs = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            parts = line.split()
+            try:
+                (sa, fa), (sb, fb) = (p.rsplit("/", 1) for p in parts[:2])
+                if sa != sb or len(parts) != 3:
+                    raise ValueError
+                pairs.append((sa, int(fa), int(fb)))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: expected 'scene/frame scene/frame overlap' with "
+                                 f"one scene, got {line!r}") from None
+        if not pairs:
+            raise ValueError(f"{path} lists no pairs: lower --min-overlap or add scenes")
+        return pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.features == "ones" else 3
+
+    def _store(self, scene: str):
+        from mink_ssl.data.fragments import FragmentStore
+
+        if scene not in self._stores:
+            self._stores[scene] = FragmentStore(self.root / scene)
+        return self._stores[scene]
+
+    def _view(self, scene: str, frame: int, rng: np.random.Generator) -> View:
+        from mink_ssl.sparse import quantize
+
+        frag = self._store(scene).by_frame(frame, color=self.features == "rgb")
+        points, colors = frag.points(self.max_depth)  # (P, 3) world, (P, 3) uint8
+        T = random_rigid_transform(rng, self.rotation_deg, self.rotation_axis, self.scale,
+                                   self.translation)
+        centred = points - points.mean(axis=0)
+        moved = centred @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32)
+        q = quantize(moved, self.voxel_size)
+        index = q.index.numpy()  # (N,) a point of each voxel
+        feats = (torch.ones(len(index), 1) if colors is None
+                 else to_tensor(colors[index], torch.float32) / 255.0 - 0.5)
+        return View(coords=q.coords, feats=feats, world=to_tensor(points[index], torch.float32))
+
+    def __getitem__(self, key) -> PairSample | None:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        scene, fa, fb = self.pairs[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        v0, v1 = self._view(scene, fa, rng), self._view(scene, fb, rng)
+        matches = find_matches(v0.world.numpy(), v1.world.numpy(),
+                               self.match_radius * self.voxel_size, self.max_matches, rng)
+        if len(matches) < self.min_matches:
+            return None
+        return PairSample((v0, v1), torch.from_numpy(matches),
+                          (f"{scene}/{fa:06d}", f"{scene}/{fb:06d}"))
+
+
+def collate_pairs(samples: list[PairSample | None]) -> PairBatch | None:
+    """Batch samples: coordinates get their batch index, matches their row offsets.
+
+    Skipped samples (None) are dropped and counted in ``batch.skipped``; an all-skipped batch
+    is None.
+    """
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        return None
+    views = []
+    for v in range(2):
+        parts = [s.views[v] for s in kept]
+        n = torch.tensor([len(p.coords) for p in parts])
+        batch = torch.repeat_interleave(torch.arange(len(parts)), n)[:, None].to(torch.int32)
+        views.append(View(coords=torch.cat([batch, torch.cat([p.coords for p in parts])], 1),
+                          feats=torch.cat([p.feats for p in parts]),
+                          world=torch.cat([p.world for p in parts])))
+    offsets = torch.stack([torch.tensor([0] + [len(s.views[v].coords) for s in kept[:-1]])
+                           .cumsum(0) for v in range(2)], 1)  # (B, 2) row offsets per view
+    matches = torch.cat([s.matches + offsets[k] for k, s in enumerate(kept)])  # (M, 2)
+    return PairBatch((views[0], views[1]), matches, [s.names for s in kept],
+                     skipped=len(samples) - len(kept))
+
+
+class ResumableSampler(Sampler):
+    """Endless (epoch, index) keys: a fresh permutation per epoch, split across ranks.
+
+    Rank r of w takes ``perm[r::w]`` (truncated to equal lengths), so w ranks with batch b see
+    together what one process with batch w*b sees. ``start`` skips that many keys of this rank:
+    a resumed run passes the number of samples it already consumed.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, start: int = 0):
+        if n < world_size:
+            raise ValueError(f"{n} pairs cannot be split across {world_size} ranks")
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.per_rank = n // world_size
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                else np.arange(self.n))
+        return perm[self.rank::self.world_size][: self.per_rank]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, pos = divmod(self.start, self.per_rank)
+        while True:
+            for index in self._epoch(epoch)[pos:]:
+                yield epoch, int(index)
+            epoch, pos = epoch + 1, 0
+
+    def __len__(self) -> int:  # one epoch of this rank (the iterator itself is endless)
+        return self.per_rank

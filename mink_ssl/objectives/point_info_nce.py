@@ -1,0 +1,175 @@
+"""PointInfoNCE (PointContrast, Xie et al. ECCV 2020, Sec. 3.3), and the match-sampling helpers
+the other point-level contrastive objectives share.
+
+For a set P of matched voxel pairs (i, j) between view 0 and view 1, the query is the view-0
+feature q_i = f0_i and its positive key the view-1 feature k_j = f1_j; the keys of the *other*
+sampled matches are the negatives (no unmatched points are used). PointContrast's equation:
+
+    L = - 1/|P| sum_{(i,j) in P} log( exp(f0_i . f1_j / tau)
+                                     / sum_{(., k) in P} exp(f0_i . f1_k / tau) )
+
+i.e. a cross-entropy over the (M, M) logits ``q k^T / tau`` with labels ``arange(M)``. Features
+are L2-normalised here (so ``q . k`` is a cosine), whether or not the backbone already does it.
+
+Defaults and their source:
+
+- ``num_matches = 4096``: "we sample a subset of 4096 matched pairs from P" (paper, Sec. 3.3);
+- ``temperature = 0.4``: the paper gives no value; 0.4 is ``misc.nceT`` in the PointContrast and
+  Contrastive Scene Contexts pretraining scripts.
+
+Sampling: the released code keeps one random match per view-0 voxel before sampling, so no query
+appears twice. We also keep one per view-1 voxel, so no negative key is a copy of the positive
+(with matches "within 1.5 voxels" a view-1 voxel can match several view-0 voxels).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.objectives.registry import OBJECTIVES
+
+
+# --- helpers shared by the point-level contrastive objectives -------------------------------
+
+class SeededGenerator:
+    """A ``torch.Generator`` on the features' device, created on first use and seeded once.
+
+    ``seed=None`` returns ``None`` (torch's global RNG, which ``torch.manual_seed`` controls).
+    The generator lives on across steps, so successive steps draw different samples.
+    """
+
+    def __init__(self, seed: int | None):
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        device = torch.device(device)
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+
+def random_subset(n: int, k: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    """``min(n, k)`` distinct indices of ``range(n)`` in random order, (min(n, k),) int64."""
+    return torch.randperm(n, generator=generator, device=device)[:k]
+
+
+def check_matches(matches: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
+    """``matches`` as (M, 2) int64; ``ValueError`` naming the bad shape or out-of-range rows."""
+    if matches.ndim != 2 or matches.shape[1] != 2:
+        raise ValueError(f"matches must have shape (M, 2), got {tuple(matches.shape)}")
+    if matches.is_floating_point() or matches.dtype == torch.bool:
+        raise ValueError(f"matches must be integer row indices, got dtype {matches.dtype}")
+    matches = matches.long()
+    if len(matches):
+        lo, hi = matches.min(dim=0).values.tolist(), matches.max(dim=0).values.tolist()
+        if min(lo) < 0 or hi[0] >= n0 or hi[1] >= n1:
+            raise ValueError(f"matches index rows out of range: column 0 spans [{lo[0]}, {hi[0]}] "
+                             f"for {n0} view-0 rows, column 1 spans [{lo[1]}, {hi[1]}] for {n1} "
+                             "view-1 rows")
+    return matches
+
+
+def _first_per_value(values: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each distinct value of ``values`` (N,)."""
+    order = torch.sort(values, stable=True).indices  # (N,)
+    sorted_values = values[order]
+    first = torch.ones_like(sorted_values, dtype=torch.bool)
+    first[1:] = sorted_values[1:] != sorted_values[:-1]
+    return order[first]
+
+
+def one_to_one_matches(matches: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A random subset of ``matches`` (M, 2) in which every view-0 and view-1 row appears once.
+
+    Shuffle, keep the first match of each view-0 row, then the first of each view-1 row; the
+    stable sort makes each kept match a uniform pick among its row's matches. Fully vectorised.
+    """
+    shuffled = matches[torch.randperm(len(matches), generator=generator, device=matches.device)]
+    per_row0 = shuffled[_first_per_value(shuffled[:, 0])]
+    return per_row0[_first_per_value(per_row0[:, 1])]
+
+
+def sample_matches(matches: torch.Tensor, num: int,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Up to ``num`` one-to-one matches (K, 2), K = min(num, #one-to-one matches)."""
+    unique = one_to_one_matches(matches, generator)
+    return unique[random_subset(len(unique), num, generator, matches.device)]
+
+
+def zero_loss(*features: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 connected to ``features`` (gradient zero), for steps with nothing to contrast."""
+    total = features[0][:0].sum()
+    for f in features[1:]:
+        total = total + f[:0].sum()
+    return total
+
+
+# --- PointInfoNCE --------------------------------------------------------------------------
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor,
+                  temperature: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of queries ``q`` (M, C) against keys ``k`` (M, C); row m of ``k`` is the positive.
+
+    Returns (loss, top-1 accuracy of the logits). Rows are L2-normalised here. M must be >= 1.
+    """
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = q @ k.t() / temperature  # (M, M)
+    labels = torch.arange(len(q), device=q.device)  # (M,)
+    loss = F.cross_entropy(logits, labels)
+    accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+    return loss, accuracy
+
+
+def point_info_nce_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.Tensor, *,
+                        num_matches: int = 4096, temperature: float = 0.4,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """PointInfoNCE on backbone features ``f0`` (N0, C), ``f1`` (N1, C) and ``matches`` (M, 2).
+
+    Returns ``loss_point_info_nce``, ``stat_accuracy`` and ``stat_num_matches`` (matches used;
+    0 means nothing to contrast and the loss is a zero connected to the features).
+    """
+    matches = check_matches(matches.to(f0.device), len(f0), len(f1))
+    sample = sample_matches(matches, num_matches, generator)  # (K, 2)
+    n = torch.tensor(float(len(sample)), device=f0.device)
+    if len(sample) == 0:
+        zero = zero_loss(f0, f1)
+        return {"loss_point_info_nce": zero, "stat_accuracy": zero.detach(), "stat_num_matches": n}
+    loss, accuracy = info_nce_loss(f0[sample[:, 0]], f1[sample[:, 1]], temperature)
+    return {"loss_point_info_nce": loss, "stat_accuracy": accuracy, "stat_num_matches": n}
+
+
+@OBJECTIVES.register("point_info_nce")
+class PointInfoNCE(Objective):
+    """PointInfoNCE between the two views of a :class:`~mink_ssl.data.batch.PairBatch`.
+
+    Args:
+        num_matches: matched pairs sampled per step (over the whole batch); all when fewer.
+        temperature: tau of the softmax.
+        seed: seed of the sampling generator; ``None`` uses torch's global RNG.
+    """
+
+    def __init__(self, num_matches: int = 4096, temperature: float = 0.4,
+                 seed: int | None = None):
+        super().__init__()
+        if num_matches < 1:
+            raise ValueError(f"num_matches must be >= 1, got {num_matches}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.num_matches, self.temperature = num_matches, temperature
+        self.generator = SeededGenerator(seed)
+
+    def forward(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        f0, f1 = ctx.features(0), ctx.features(1)
+        return point_info_nce_loss(f0, f1, ctx.batch.matches, num_matches=self.num_matches,
+                                   temperature=self.temperature,
+                                   generator=self.generator(f0.device))
+
+    def extra_repr(self) -> str:
+        return (f"num_matches={self.num_matches}, temperature={self.temperature}, "
+                f"seed={self.generator.seed}")

@@ -1,0 +1,124 @@
+"""Pair dataset and correspondences, on real data (3DMatch pair, 7-Scenes fragments)."""
+import numpy as np
+import pytest
+import torch
+
+from data_prep.scannet.prep import PrepParams, run
+from mink_ssl.data.correspondence import find_matches, random_rigid_transform
+from mink_ssl.data.pairs import PairDataset, ResumableSampler, collate_pairs
+from mink_ssl.sparse import quantize
+
+
+def brute_force_matches(w0, w1, radius):
+    out = []
+    for start in range(0, len(w0), 512):  # chunks of a dense distance matrix
+        d = np.linalg.norm(w0[start:start + 512, None, :] - w1[None, :, :], axis=2)
+        a, b = np.nonzero(d <= radius)
+        out.append(np.stack([a + start, b], 1))
+    m = np.concatenate(out)
+    return m[np.lexsort((m[:, 1], m[:, 0]))]
+
+
+def test_matches_on_the_real_3dmatch_pair(realdata):
+    root = realdata / "3dmatch_pair_geotransformer" / "data" / "demo"
+    src, ref, gt = (np.load(root / f) for f in ("src.npy", "ref.npy", "gt.npy"))
+    src_world = src @ gt[:3, :3].T + gt[:3, 3]  # both clouds in the ref frame
+    voxel = 0.025
+    w0 = src_world[quantize(src_world.astype(np.float32), voxel).index.numpy()]
+    w1 = ref[quantize(ref.astype(np.float32), voxel).index.numpy()]
+    matches = find_matches(w0, w1, 1.5 * voxel)
+    np.testing.assert_array_equal(matches, brute_force_matches(w0, w1, 1.5 * voxel))
+    assert len(np.unique(matches[:, 0])) > 0.2 * len(w0)  # the pair overlaps by about 40%
+    capped = find_matches(w0, w1, 1.5 * voxel, max_matches=100, rng=np.random.default_rng(0))
+    assert len(capped) == 100 and {tuple(r) for r in capped} <= {tuple(r) for r in matches}
+
+
+def test_random_rigid_transform_is_a_rotation():
+    rng = np.random.default_rng(0)
+    for axis in ("random", "z"):
+        T = random_rigid_transform(rng, 360.0, axis, translation=0.5)
+        R = T[:3, :3]
+        np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(R) == pytest.approx(1.0)
+        if axis == "z":
+            np.testing.assert_allclose(R[2], [0, 0, 1], atol=1e-12)
+    with pytest.raises(ValueError, match="'random' or 'z'"):
+        random_rigid_transform(rng, 10, "x")
+
+
+@pytest.fixture(scope="module")
+def kitchen_pairs(kitchen, tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    (raw / "redkitchen").symlink_to(kitchen)
+    out = tmp_path_factory.mktemp("pairs")
+    run(raw, out, PrepParams(frame_skip=50), progress=False)
+    return out
+
+
+def test_dataset_views_and_matches_on_real_fragments(kitchen_pairs):
+    ds = PairDataset(kitchen_pairs, voxel_size=0.025, seed=3)
+    assert len(ds) > 0 and ds.in_channels == 3
+    s = ds[(0, 0)]
+    v0, v1 = s.views
+    assert v0.coords.dtype == torch.int32 and v0.coords.shape[1] == 3
+    assert v0.feats.shape == (len(v0.coords), 3) and v0.feats.abs().max() <= 0.5
+    assert 20_000 < len(v0.coords) < 60_000  # a real frame at 2.5 cm
+    # the correspondences are exactly the voxel pairs within 1.5 voxels in world space
+    np.testing.assert_array_equal(s.matches.numpy(), brute_force_matches(
+        v0.world.numpy().astype(np.float64), v1.world.numpy().astype(np.float64), 0.0375))
+    # the views were transformed independently: voxel grids differ from the world frame
+    assert not torch.allclose(v0.coords.float() * 0.025, v0.world, atol=0.5)
+    # deterministic in (seed, epoch, index), different across epochs
+    again = ds[(0, 0)]
+    assert torch.equal(again.views[0].coords, v0.coords) and torch.equal(again.matches, s.matches)
+    assert not torch.equal(ds[(1, 0)].views[0].coords, v0.coords)
+
+
+def test_collate_offsets_and_skips(kitchen_pairs):
+    ds = PairDataset(kitchen_pairs, features="ones", max_matches=500, seed=0)
+    a, b = ds[(0, 0)], ds[(0, 1)]
+    batch = collate_pairs([a, None, b])
+    assert batch.skipped == 1 and len(batch) == 2
+    n0 = len(a.views[0].coords)
+    assert batch.views[0].coords.shape == (n0 + len(b.views[0].coords), 4)
+    assert batch.views[0].coords[:, 0].tolist() == [0] * n0 + [1] * len(b.views[0].coords)
+    assert batch.views[0].feats.shape[1] == 1
+    m = batch.matches
+    assert len(m) == 1000
+    torch.testing.assert_close(batch.views[0].world[m[:, 0]], batch.views[1].world[m[:, 1]],
+                               atol=0.0375 * 1.01, rtol=0)
+    assert collate_pairs([None, None]) is None
+
+
+def test_too_few_matches_is_skipped_not_a_crash(kitchen_pairs):
+    ds = PairDataset(kitchen_pairs, min_matches=10**9)
+    assert ds[(0, 0)] is None
+
+
+def test_dataset_refuses_unknown_schema_and_bad_arguments(kitchen_pairs, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "pairs"
+    shutil.copytree(kitchen_pairs, copy, symlinks=True)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["schema"] = "mink_ssl.scannet_pairs/99"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="scannet_pairs/99"):
+        PairDataset(copy)
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        PairDataset(tmp_path)
+    with pytest.raises(ValueError, match="features must be one of"):
+        PairDataset(kitchen_pairs, features="normals")
+
+
+def test_sampler_splits_ranks_and_resumes():
+    one = ResumableSampler(10, seed=1)
+    it = iter(one)
+    first = [next(it) for _ in range(25)]  # crosses two epoch boundaries
+    assert sorted(i for e, i in first[:10]) == list(range(10)) and first[10][0] == 1
+    ranks = [iter(ResumableSampler(10, seed=1, rank=r, world_size=2)) for r in range(2)]
+    two = [next(ranks[r]) for _ in range(5) for r in range(2)]
+    assert sorted(two) == sorted(first[:10])  # together the ranks see the same epoch
+    resumed = iter(ResumableSampler(10, seed=1, start=13))
+    assert [next(resumed) for _ in range(12)] == first[13:]
