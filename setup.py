@@ -39,6 +39,7 @@ setup(
         "console_scripts": [
             "mink-ssl-demo=mink_ssl.cli.demo:main",
             "mink-ssl-prep=data_prep.cli:main",
+            "mink-ssl-pretrain=mink_ssl.cli.pretrain:main",
         ],
     },
 )

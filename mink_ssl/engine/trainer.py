@@ -99,14 +99,14 @@ class Trainer:
         out = self.module(batch, self.state.iteration, self.max_iterations)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            terms = {k: float(v) for k, v in out.items() if k.startswith("loss")}
+            terms = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss")}
             raise FloatingPointError(f"non-finite loss at iteration {self.state.iteration}: "
                                      f"{terms}; lower the learning rate or check the inputs")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        metrics = {k: float(v) for k, v in out.items()}
+        metrics = {k: float(v.detach()) for k, v in out.items()}
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["matches"] = float(len(batch.matches))
         return metrics

@@ -1,0 +1,69 @@
+"""Typed schemas of the pretraining config (Hydra validates every key against them).
+
+Components never see these objects: ``pretrain()`` unpacks them into explicit arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "Res16UNet34C"
+    out_channels: int = 32
+    stem_kernel_size: int = 3
+    bn_momentum: float = 0.05
+    normalize_output: bool = True
+
+
+@dataclass
+class DataConfig:
+    root: str = "???"  # output directory of `mink-ssl-prep scannet`
+    voxel_size: float = 0.025
+    rotation_deg: float = 360.0
+    rotation_axis: str = "random"
+    scale: list = field(default_factory=lambda: [1.0, 1.0])
+    translation: float = 0.0
+    features: str = "rgb"
+    match_radius: float = 1.5
+    max_matches: Optional[int] = None
+    min_matches: int = 32
+    max_depth: Optional[float] = None
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.8
+    weight_decay: float = 1e-4
+    lr_step: int = 250  # lr x lr_gamma every lr_step iterations
+    lr_gamma: float = 0.99
+    scale_lr_with_world_size: bool = False  # lr x world_size (linear scaling rule)
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    sync_bn: bool = False  # CUDA only: SyncBatchNorm over all ranks
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # objective name -> {weight: float, **constructor arguments}
+    objectives: dict[str, Any] = field(default_factory=lambda: {"hardest_contrastive": {}})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    seed: int = 0
+    max_iterations: int = 60000
+    batch_size: int = 8  # pairs per process (the global batch is batch_size x world size)
+    device: str = "auto"
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    progress: bool = True
+    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir

@@ -1,0 +1,87 @@
+"""Trainer hooks: checkpointing, TensorBoard scalars and a progress bar (rank 0 only)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mink_ssl.engine.trainer import Hook
+
+
+class CheckpointHook(Hook):
+    """``checkpoint_<iteration>.pth`` every ``every`` iterations and at the end, keeping the last
+    ``keep``; the backbone alone (heads dropped) is exported to ``backbone.pth`` at the end."""
+
+    def __init__(self, out_dir: Path, every: int, config: dict, keep: int = 2,
+                 enabled: bool = True):
+        self.out_dir, self.every, self.config = Path(out_dir), every, config
+        self.keep, self.enabled = keep, enabled
+
+    def _save(self, trainer) -> None:
+        from mink_ssl.engine.checkpoint import save_checkpoint
+
+        it = trainer.state.iteration
+        save_checkpoint(self.out_dir / f"checkpoint_{it}.pth", trainer, self.config)
+        old = sorted(self.out_dir.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+        for p in old[: -self.keep]:
+            p.unlink()
+
+    def after_step(self, trainer) -> None:
+        if self.enabled and self.every and trainer.state.iteration % self.every == 0:
+            self._save(trainer)
+
+    def after_train(self, trainer) -> None:
+        if not self.enabled:
+            return
+        if not (self.out_dir / f"checkpoint_{trainer.state.iteration}.pth").exists():
+            self._save(trainer)
+        from mink_ssl.engine.checkpoint import _unwrap
+        from mink_ssl.models import save_model
+
+        save_model(_unwrap(trainer.module).backbone, self.out_dir / "backbone.pth")
+
+
+class LoggingHook(Hook):
+    """TensorBoard scalars every ``every`` iterations, a tqdm bar, a final summary line."""
+
+    def __init__(self, out_dir: Path, every: int = 10, enabled: bool = True,
+                 progress: bool = True, print_fn=print):
+        self.out_dir, self.every, self.enabled = Path(out_dir), every, enabled
+        self.progress, self.print_fn = progress and enabled, print_fn
+        self.writer = self.bar = None
+
+    def before_train(self, trainer) -> None:
+        if not self.enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # pragma: no cover - tensorboard is a dependency
+            raise ImportError("TensorBoard logging needs `pip install tensorboard`") from e
+        self.writer = SummaryWriter(str(self.out_dir / "tb"))
+        if self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.max_iterations, initial=trainer.state.iteration,
+                            desc="pretrain", unit="it", dynamic_ncols=True)
+
+    def after_step(self, trainer) -> None:
+        if not self.enabled:
+            return
+        it, m = trainer.state.iteration, trainer.state.last_metrics
+        if self.every and it % self.every == 0:
+            for k, v in m.items():
+                group = "loss" if k.startswith("loss") else "stat"
+                self.writer.add_scalar(f"{group}/{k}", v, it)
+            self.writer.add_scalar("stat/skipped_pairs", trainer.state.skipped_pairs, it)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.3g}")
+
+    def after_train(self, trainer) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        s = trainer.state
+        self.print_fn(f"pretrain: {s.iteration} iterations, final loss "
+                      f"{s.last_metrics.get('loss', float('nan')):.4f}, "
+                      f"{s.skipped_pairs} pairs skipped (too few matches)")

@@ -1,0 +1,143 @@
+"""Pretraining, end to end: build the pieces from a :class:`PretrainConfig`, train, export.
+
+    from mink_ssl.engine.pretrain import pretrain
+    pretrain(config, out_dir=Path("runs/pt"))     # what `mink-ssl-pretrain` calls
+
+One build function per plug-in point; each takes explicit arguments.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
+
+
+def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    from mink_ssl.models import build_model
+
+    return build_model(cfg.name, in_channels=in_channels, out_channels=cfg.out_channels,
+                       stem_kernel_size=cfg.stem_kernel_size, bn_momentum=cfg.bn_momentum,
+                       normalize_output=cfg.normalize_output)
+
+
+def build_objectives(spec: dict) -> tuple[dict, dict]:
+    """``{name: {weight, **kwargs}}`` -> (objectives, weights); unknown names or arguments
+    are errors that list the valid choices."""
+    import mink_ssl.objectives  # noqa: F401  (registers the objectives)
+    from mink_ssl.objectives import OBJECTIVES
+
+    if not spec:
+        raise ValueError(f"no objective configured; choose from {OBJECTIVES.names()}")
+    objectives, weights = {}, {}
+    for name, args in spec.items():
+        cls = OBJECTIVES.get(name)
+        args = dict(args or {})
+        weights[name] = float(args.pop("weight", 1.0))
+        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            raise ValueError(f"objective {name!r} has no argument(s) {unknown}; valid: "
+                             f"{['weight'] + params}")
+        objectives[name] = cls(**args)
+    return objectives, weights
+
+
+def build_dataset(cfg: DataConfig, seed: int):
+    from mink_ssl.data.pairs import PairDataset
+
+    if cfg.root in ("???", "", None):
+        raise ValueError("data.root is not set: pass data.root=<output of mink-ssl-prep scannet>")
+    return PairDataset(cfg.root, voxel_size=cfg.voxel_size, rotation_deg=cfg.rotation_deg,
+                       rotation_axis=cfg.rotation_axis, scale=tuple(cfg.scale),
+                       translation=cfg.translation, features=cfg.features,
+                       match_radius=cfg.match_radius, max_matches=cfg.max_matches,
+                       min_matches=cfg.min_matches, max_depth=cfg.max_depth, seed=seed)
+
+
+def build_optimizer(cfg: OptimConfig, params, world_size: int = 1):
+    lr = cfg.lr * (world_size if cfg.scale_lr_with_world_size else 1)
+    if cfg.name == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; valid choices: adam, sgd")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    return opt, sched
+
+
+def build_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int,
+                 world_size: int, start: int):
+    from torch.utils.data import DataLoader
+
+    from mink_ssl.data.pairs import ResumableSampler, collate_pairs
+
+    sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
+                               start=start)
+    # its own generator: creating the iterator must not draw from the global RNG, which the
+    # objectives sample from and a checkpoint restores
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_pairs, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
+    """Train as ``cfg`` says, writing into ``out_dir``; returns the exported backbone's path."""
+    from mink_ssl.engine import checkpoint as ck
+    from mink_ssl.engine.distributed import cleanup, init_distributed
+    from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
+    from mink_ssl.engine.trainer import PretrainModule, Trainer
+
+    out_dir = Path(out_dir)
+    info, device = init_distributed(cfg.device, cfg.distributed.backend)
+    try:
+        plain = asdict(cfg)
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(plain, indent=1))
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+        dataset = build_dataset(cfg.data, cfg.seed)
+        backbone = build_backbone(cfg.model, dataset.in_channels)
+        objectives, weights = build_objectives(cfg.objectives)
+        module = PretrainModule(backbone, objectives, weights).to(device)
+        if info.enabled:
+            if cfg.distributed.sync_bn and device.type == "cuda":
+                import MinkowskiEngine as ME
+
+                module = ME.MinkowskiSyncBatchNorm.convert_sync_batchnorm(module)
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.distributed.find_unused_parameters)
+        optimizer, scheduler = build_optimizer(cfg.optim, module.parameters(), info.world_size)
+        if info.is_main:
+            print_fn(f"pretrain: {len(dataset)} pairs, {cfg.model.name}, objectives "
+                     f"{weights}, batch {cfg.batch_size} x {info.world_size} ranks, lr "
+                     f"{optimizer.param_groups[0]['lr']:g}, device {device}, out {out_dir}")
+
+        resume = cfg.resume
+        if resume == "auto":
+            resume = ck.latest_checkpoint(out_dir)
+        trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
+                          cfg.batch_size, device)
+        if resume:
+            ck.restore(ck.load_checkpoint(Path(resume)), trainer)
+            if info.is_main:
+                print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
+        loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, info.rank,
+                              info.world_size, trainer.state.samples)
+        trainer.batches = iter(loader)
+        trainer.hooks = [LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn),
+                         CheckpointHook(out_dir, cfg.checkpoint_every, plain,
+                                        enabled=info.is_main)]
+        trainer.train()
+        return out_dir / "backbone.pth"
+    finally:
+        cleanup(info)
