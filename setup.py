@@ -40,6 +40,7 @@ setup(
             "mink-ssl-demo=mink_ssl.cli.demo:main",
             "mink-ssl-prep=data_prep.cli:main",
             "mink-ssl-pretrain=mink_ssl.cli.pretrain:main",
+            "mink-ssl-viz=mink_ssl.cli.viz:main",
         ],
     },
 )
