@@ -6,7 +6,9 @@ from mink_ssl.cli.demo import main, run_demo
 def test_demo_runs_prep_and_backbone_end_to_end(tmp_path):
     lines = []
     res = run_demo(tmp_path, n_scenes=2, n_frames=60, model_name="Res16UNet14A",
-                   voxel_size=0.05, repeats=1, device="cpu", print_fn=lines.append)
+                   voxel_size=0.05, repeats=1, device="cpu", pretrain_iterations=2,
+                   print_fn=lines.append)
+    assert res["pretrained"].is_file() and (tmp_path / "pretrain" / "config.json").is_file()
     assert res["prep"]["scenes_done"] == 2 and res["prep"]["fragments"] == 2 * 3
     assert res["prep"]["pairs"] == 2 * 3 and res["prep"]["pairs_kept"] > 0
     assert (tmp_path / "pairs" / "pairs.txt").read_text().count("\n") == res["prep"]["pairs_kept"]
@@ -17,7 +19,7 @@ def test_demo_runs_prep_and_backbone_end_to_end(tmp_path):
     # a rerun reuses the generated scenes and the prepared pairs
     lines.clear()
     run_demo(tmp_path, n_scenes=2, n_frames=60, model_name="Res16UNet14A", voxel_size=0.05,
-             repeats=1, device="cpu", print_fn=lines.append)
+             repeats=1, device="cpu", pretrain_iterations=0, print_fn=lines.append)
     text = "\n".join(lines)
     assert "generated" not in text and "(2 already done)" in text
 

@@ -4,8 +4,9 @@ Steps so far (later stages are added here as they land):
 
 1. generate a few synthetic ScanNet-format scenes (``.sens`` + labelled mesh) by ray casting;
 2. run ScanNet pair prep on them (fragments every 25 frames, overlaps, pair list, manifest);
-3. voxelise one prepared fragment at 2.5 cm and run the pretraining backbone (Res16UNet34C)
-   forward and forward+backward on it, printing timings.
+3. pretrain the backbone briefly on those pairs (hardest-contrastive, a few iterations);
+4. voxelise one prepared fragment at 2.5 cm and time the backbone (Res16UNet34C) forward and
+   forward+backward on it.
 
 Everything is written under ``--out`` (default ``runs/demo``); rerunning reuses what is there.
 """
@@ -73,7 +74,7 @@ def run_backbone_demo(coords: torch.Tensor, feats: torch.Tensor, model_name: str
 
 def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
              model_name: str = "Res16UNet34C", voxel_size: float = 0.025, repeats: int = 3,
-             device: str = "auto", print_fn=print) -> dict:
+             device: str = "auto", pretrain_iterations: int = 10, print_fn=print) -> dict:
     from data_prep.scannet.prep import PrepParams, run as run_prep
     from mink_ssl.data.fragments import FragmentStore
     from mink_ssl.sparse import quantize
@@ -91,15 +92,30 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     if not manifest["scenes"]:
         raise RuntimeError(f"prep produced no scenes: {manifest['skipped_scenes']}")
 
+    print_fn(f"== 3. pretraining {model_name} for {pretrain_iterations} iterations -> "
+             f"{out / 'pretrain'}")
+    backbone_path = None
+    if pretrain_iterations > 0:
+        from mink_ssl.engine.config import DataConfig, ModelConfig, PretrainConfig
+        from mink_ssl.engine.pretrain import pretrain
+
+        cfg = PretrainConfig(
+            model=ModelConfig(name=model_name), data=DataConfig(
+                root=str(out / "pairs"), voxel_size=voxel_size, num_workers=1),
+            objectives={"hardest_contrastive": {}}, max_iterations=pretrain_iterations,
+            batch_size=2, device=device, checkpoint_every=0, log_every=1, progress=False,
+            seed=seed)
+        backbone_path = pretrain(cfg, out / "pretrain", print_fn=print_fn)
+
     first = sorted(manifest["scenes"])[0]
     frag = FragmentStore(out / "pairs" / first)[0]
     points, colors = frag.points()
     q = quantize(points, voxel_size)
     feats = torch.from_numpy(colors[q.index.numpy()]).float() / 255.0 - 0.5  # (M, 3)
-    print_fn(f"== 3. backbone on fragment {frag.name}: {len(points):,} points -> "
+    print_fn(f"== 4. backbone on fragment {frag.name}: {len(points):,} points -> "
              f"{len(q.coords):,} voxels at {voxel_size * 100:g} cm")
     result = run_backbone_demo(q.coords, feats, model_name, repeats, device, print_fn)
-    return {"prep": manifest["counts"], "backbone": result}
+    return {"prep": manifest["counts"], "pretrained": backbone_path, "backbone": result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voxel-size", type=float, default=0.025, help="voxel edge in metres")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--pretrain-iterations", type=int, default=10,
+                   help="pretraining iterations on the prepared pairs (0 skips the step)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         run_demo(args.out, args.scenes, args.frames, args.seed, args.model, args.voxel_size,
-                 args.repeats, args.device)
+                 args.repeats, args.device, args.pretrain_iterations)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mink-ssl-demo: error: {e}", file=sys.stderr)
         return 2
