@@ -23,7 +23,7 @@ def _unwrap(module):
 
 
 def _seeded_generators(module) -> dict:
-    from mink_ssl.objectives.point_info_nce import SeededGenerator
+    from mink_ssl.objectives.sampling import SeededGenerator
 
     found = {}
     for name, sub in module.named_modules():

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
-from mink_ssl.objectives.point_info_nce import (SeededGenerator, check_matches, random_subset,
-                                                zero_loss)
 from mink_ssl.objectives.registry import OBJECTIVES
+from mink_ssl.objectives.sampling import SeededGenerator, check_matches, random_subset, zero_loss
 
 _EPS = 1e-7
 

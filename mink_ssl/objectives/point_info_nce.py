@@ -28,89 +28,10 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
+from mink_ssl.objectives.sampling import SeededGenerator, check_matches, sample_matches, zero_loss
 
 
 # --- helpers shared by the point-level contrastive objectives -------------------------------
-
-class SeededGenerator:
-    """A ``torch.Generator`` on the features' device, created on first use and seeded once.
-
-    ``seed=None`` returns ``None`` (torch's global RNG, which ``torch.manual_seed`` controls).
-    The generator lives on across steps, so successive steps draw different samples.
-    """
-
-    def __init__(self, seed: int | None):
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-
-    def __call__(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        device = torch.device(device)
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-        return self._generator
-
-
-def random_subset(n: int, k: int, generator: torch.Generator | None,
-                  device: torch.device) -> torch.Tensor:
-    """``min(n, k)`` distinct indices of ``range(n)`` in random order, (min(n, k),) int64."""
-    return torch.randperm(n, generator=generator, device=device)[:k]
-
-
-def check_matches(matches: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
-    """``matches`` as (M, 2) int64; ``ValueError`` naming the bad shape or out-of-range rows."""
-    if matches.ndim != 2 or matches.shape[1] != 2:
-        raise ValueError(f"matches must have shape (M, 2), got {tuple(matches.shape)}")
-    if matches.is_floating_point() or matches.dtype == torch.bool:
-        raise ValueError(f"matches must be integer row indices, got dtype {matches.dtype}")
-    matches = matches.long()
-    if len(matches):
-        lo, hi = matches.min(dim=0).values.tolist(), matches.max(dim=0).values.tolist()
-        if min(lo) < 0 or hi[0] >= n0 or hi[1] >= n1:
-            raise ValueError(f"matches index rows out of range: column 0 spans [{lo[0]}, {hi[0]}] "
-                             f"for {n0} view-0 rows, column 1 spans [{lo[1]}, {hi[1]}] for {n1} "
-                             "view-1 rows")
-    return matches
-
-
-def _first_per_value(values: torch.Tensor) -> torch.Tensor:
-    """Positions of the first occurrence of each distinct value of ``values`` (N,)."""
-    order = torch.sort(values, stable=True).indices  # (N,)
-    sorted_values = values[order]
-    first = torch.ones_like(sorted_values, dtype=torch.bool)
-    first[1:] = sorted_values[1:] != sorted_values[:-1]
-    return order[first]
-
-
-def one_to_one_matches(matches: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A random subset of ``matches`` (M, 2) in which every view-0 and view-1 row appears once.
-
-    Shuffle, keep the first match of each view-0 row, then the first of each view-1 row; the
-    stable sort makes each kept match a uniform pick among its row's matches. Fully vectorised.
-    """
-    shuffled = matches[torch.randperm(len(matches), generator=generator, device=matches.device)]
-    per_row0 = shuffled[_first_per_value(shuffled[:, 0])]
-    return per_row0[_first_per_value(per_row0[:, 1])]
-
-
-def sample_matches(matches: torch.Tensor, num: int,
-                   generator: torch.Generator | None) -> torch.Tensor:
-    """Up to ``num`` one-to-one matches (K, 2), K = min(num, #one-to-one matches)."""
-    unique = one_to_one_matches(matches, generator)
-    return unique[random_subset(len(unique), num, generator, matches.device)]
-
-
-def zero_loss(*features: torch.Tensor) -> torch.Tensor:
-    """A scalar 0 connected to ``features`` (gradient zero), for steps with nothing to contrast."""
-    total = features[0][:0].sum()
-    for f in features[1:]:
-        total = total + f[:0].sum()
-    return total
-
-
-# --- PointInfoNCE --------------------------------------------------------------------------
 
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor,
                   temperature: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:

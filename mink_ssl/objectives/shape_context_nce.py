@@ -54,9 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
-from mink_ssl.objectives.point_info_nce import (SeededGenerator, check_matches, sample_matches,
-                                                zero_loss)
 from mink_ssl.objectives.registry import OBJECTIVES
+from mink_ssl.objectives.sampling import SeededGenerator, check_matches, sample_matches, zero_loss
 
 
 def radial_edges(n_radial: int, inner_radius: float, outer_radius: float,
