@@ -1,7 +1,9 @@
 """Forward and forward+backward time and peak memory of Res16UNet34C on a realistic frame.
 
-The frame is a real Kinect depth image from ../shared/realdata (7-Scenes RedKitchen) voxelised
-at 2.5 cm (20-40K voxels), or a synthetic room view of the same size where that data is absent.
+The frame is a synthetic ScanNet-like 640x480 depth frame (a room seen from 1.4 m, ray cast
+with Kinect noise) voxelised at 2.5 cm: about 21K voxels, within the 20-40K of real ScanNet
+frames. ``--real`` uses the densest real Kinect frame of 7-Scenes RedKitchen from
+../shared/realdata instead (close range: about 18K voxels).
 Each network runs in its own process so that CPU peak memory (max RSS) is its own. The baseline,
 measured in the same run, is the smallest family member (Res16UNet14A) on the same frame; the
 ratios say how much the pretraining backbone costs relative to it.
@@ -16,43 +18,47 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 KITCHEN = REPO.parent / "shared" / "realdata" / "7scenes-redkitchen-a"
 
 
-def load_frame(voxel_size: float) -> tuple[torch.Tensor, torch.Tensor, str]:
+def load_frame(voxel_size: float, real: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    from mink_ssl.geometry import backproject
     from mink_ssl.sparse import batched_coordinates, quantize
 
-    if (KITCHEN / "depth" / "0.png").exists():
-        import open3d as o3d
+    if real:
+        from data_prep.scannet.exported import ExportedFrames
 
-        from mink_ssl.geometry import backproject
-
-        depth = np.asarray(o3d.io.read_image(str(KITCHEN / "depth" / "0.png")))
-        color = np.asarray(o3d.io.read_image(str(KITCHEN / "color" / "0.jpg")))
-        K = np.loadtxt(KITCHEN / "intrinsic" / "intrinsic_depth.txt")
-        pts, pixel = backproject(depth, K, 1000.0, np.loadtxt(KITCHEN / "pose" / "0.txt"))
-        rgb, source = color.reshape(-1, 3)[pixel], "7-Scenes RedKitchen frame 0 (real Kinect)"
+        src = ExportedFrames(KITCHEN)
+        frame, source = src.frame(475), "7-Scenes RedKitchen frame 475 (real Kinect)"
     else:
-        from data_prep.synthetic import make_room, sample_room_points
+        import tempfile
 
-        pts, rgb, _, _ = sample_room_points(make_room(0), 150_000, seed=0)
-        source = "synthetic room (../shared/realdata absent)"
+        from data_prep.scannet.sens import SensReader
+        from data_prep.synthetic import generate_scene
+
+        with tempfile.TemporaryDirectory() as tmp:
+            scene = generate_scene(tmp, "scene0000_00", 0, n_frames=1, image_size=(640, 480))
+            src = SensReader(scene / "scene0000_00.sens")
+            frame, source = src.frame(0), "synthetic ScanNet-like frame (640x480)"
+    h = src.header
+    pts, pixel = backproject(frame.depth(h), h.intrinsic_depth, h.depth_shift,
+                             frame.camera_to_world)
+    rgb = frame.color(h).reshape(-1, 3)[pixel]
     q = quantize(pts, voxel_size)
     feats = torch.from_numpy(rgb[q.index.numpy()]).float() / 255 - 0.5
     return batched_coordinates([q.coords]), feats, source
 
 
-def child(model_name: str, device: str, repeats: int, voxel_size: float) -> dict:
+def child(model_name: str, device: str, repeats: int, voxel_size: float, real: bool) -> dict:
     from mink_ssl.engine.profiling import measure
     from mink_ssl.models import build_model
     from mink_ssl.sparse import sparse_tensor
 
     dev = torch.device(device)
-    coords, feats, source = load_frame(voxel_size)
+    coords, feats, source = load_frame(voxel_size, real)
     torch.manual_seed(0)
     model = build_model(model_name, in_channels=3, out_channels=32).to(dev)
 
@@ -79,15 +85,17 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--voxel-size", type=float, default=0.025)
+    p.add_argument("--real", action="store_true", help="a real 7-Scenes frame instead")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.device, args.repeats, args.voxel_size)))
+        print(json.dumps(child(args.child, args.device, args.repeats, args.voxel_size, args.real)))
         return 0
     rows = {}
     for name in ("Res16UNet14A", "Res16UNet34C"):
         out = subprocess.run([sys.executable, __file__, "--child", name, "--device", args.device,
-                              "--repeats", str(args.repeats), "--voxel-size", str(args.voxel_size)],
+                              "--repeats", str(args.repeats), "--voxel-size", str(args.voxel_size)]
+                             + (["--real"] if args.real else []),
                              capture_output=True, text=True, cwd=REPO)
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
