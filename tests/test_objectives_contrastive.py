@@ -430,3 +430,16 @@ def test_bad_matches_are_reported():
         hardest_contrastive_loss(f, f, torch.tensor([0, 1, 2]))
     with pytest.raises(KeyError, match="valid choices: .*point_info_nce"):
         OBJECTIVES.get("point_infonce")
+
+
+def test_match_mask_equals_brute_force_with_repeated_anchor_rows():
+    from mink_ssl.objectives.hardest_contrastive import match_mask
+
+    g = torch.Generator().manual_seed(0)
+    matches = torch.randint(0, 50, (400, 2), generator=g)
+    anchors = torch.randint(0, 50, (64,), generator=g)  # rows repeat
+    cands = torch.randperm(50, generator=g)[:20]  # distinct
+    expected = torch.tensor([[any((int(a), int(c)) == (int(x), int(y)) for x, y in matches)
+                              for c in cands] for a in anchors])
+    got = match_mask(anchors, cands, matches[:, 0], matches[:, 1], 50)
+    assert torch.equal(got, expected) and expected.any()

@@ -42,21 +42,43 @@ def feature_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(d2.clamp(min=0) + _EPS)
 
 
+def match_mask(anchor_rows: torch.Tensor, cand_rows: torch.Tensor, match_anchor: torch.Tensor,
+               match_cand: torch.Tensor, n_cand: int) -> torch.Tensor:
+    """(A, K) bool: is (anchor_rows[a], cand_rows[k]) one of the matches?
+
+    ``match_anchor``/``match_cand`` (M,) are the matches' rows in the anchors' and the
+    candidates' views; candidate rows are distinct (sampled without replacement), anchor rows
+    may repeat. Cost O(M + A + K + hits): only matches that land on a candidate are expanded.
+    """
+    A, K, dev = len(anchor_rows), len(cand_rows), anchor_rows.device
+    slot = torch.full((n_cand,), -1, dtype=torch.long, device=dev)
+    slot[cand_rows] = torch.arange(K, device=dev)
+    k = slot[match_cand]  # (M,) candidate slot of each match, -1 if not a candidate
+    keep = k >= 0
+    rows, k = match_anchor[keep], k[keep]
+    order = torch.argsort(anchor_rows)
+    sorted_rows = anchor_rows[order]
+    lo = torch.searchsorted(sorted_rows, rows)
+    count = torch.searchsorted(sorted_rows, rows, right=True) - lo  # anchors with that row
+    which = torch.repeat_interleave(torch.arange(len(rows), device=dev), count)
+    first = torch.cumsum(count, 0) - count  # start of each match's run in `which`
+    a = order[lo[which] + torch.arange(len(which), device=dev) - first[which]]
+    mask = torch.zeros(A, K, dtype=torch.bool, device=dev)
+    mask[a, k[which]] = True
+    return mask
+
+
 def hardest_negative_distance(anchor_feats: torch.Tensor, anchor_rows: torch.Tensor,
                               cand_feats: torch.Tensor, cand_rows: torch.Tensor,
-                              match_keys: torch.Tensor, n1: int,
-                              anchor_is_view0: bool) -> torch.Tensor:
+                              match_anchor: torch.Tensor, match_cand: torch.Tensor,
+                              n_cand: int) -> torch.Tensor:
     """Distance (A,) from each anchor to its closest candidate that is not one of its matches.
 
-    ``match_keys`` holds ``row0 * n1 + row1`` of every match; an anchor whose candidates are all
-    its matches gets ``inf``.
+    ``match_anchor``/``match_cand`` are the rows of every match in the anchors' and the
+    candidates' views; an anchor whose candidates are all its matches gets ``inf``.
     """
     dist = feature_distance(anchor_feats, cand_feats)  # (A, K)
-    if anchor_is_view0:
-        keys = anchor_rows[:, None] * n1 + cand_rows[None, :]  # (A, K) as (row0, row1)
-    else:
-        keys = cand_rows[None, :] * n1 + anchor_rows[:, None]  # (A, K) as (row0, row1)
-    is_match = torch.isin(keys, match_keys)  # (A, K)
+    is_match = match_mask(anchor_rows, cand_rows, match_anchor, match_cand, n_cand)  # (A, K)
     return dist.masked_fill(is_match, float("inf")).min(dim=1).values  # (A,)
 
 
@@ -93,9 +115,9 @@ def hardest_contrastive_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.
     pos_loss = F.relu(pos_dist - pos_margin).pow(2).mean()
 
     # negatives: hardest non-matching candidate of the other view, each direction
-    match_keys = matches[:, 0] * n1 + matches[:, 1]  # (M,)
-    hard01 = hardest_negative_distance(f0[i], i, f1[cand1], cand1, match_keys, n1, True)  # (P,)
-    hard10 = hardest_negative_distance(f1[j], j, f0[cand0], cand0, match_keys, n1, False)  # (P,)
+    m0, m1 = matches[:, 0], matches[:, 1]
+    hard01 = hardest_negative_distance(f0[i], i, f1[cand1], cand1, m0, m1, len(f1))  # (P,)
+    hard10 = hardest_negative_distance(f1[j], j, f0[cand0], cand0, m1, m0, len(f0))  # (P,)
     neg_terms = []
     for hard in (hard01, hard10):
         valid = torch.isfinite(hard)  # (P,) anchors that have a non-matching candidate
