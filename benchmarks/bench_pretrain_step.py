@@ -86,17 +86,17 @@ def main() -> int:
                           max_iterations=10**9, batch_size=args.batch, device=dev)
         module.train()
         trainer.run_step()  # warm-up: workers start, first allocations
-        full, batches = [], []
+        # alternate a full step and a bare step (on a batch taken from the same loader), so
+        # that drift of the machine's speed affects both alike
+        full, bare, batches = [], [], []
         for _ in range(args.steps):
             _sync(dev)
             t0 = time.perf_counter()
             trainer.run_step()
             _sync(dev)
             full.append(time.perf_counter() - t0)
-            batches.append(trainer._next_batch())  # keep a batch for the bare measurement
-
-        bare = []
-        for batch in batches:
+            batch = trainer._next_batch()
+            batches.append(batch)
             _sync(dev)
             t0 = time.perf_counter()
             v0, v1 = batch.views
@@ -114,7 +114,7 @@ def main() -> int:
     print(f"device: {dev_name} | data: {source}, {len(dataset)} pairs | {args.model}, batch "
           f"{args.batch} pairs (~{voxels:,.0f} voxels), {args.objective}, {args.workers} workers")
     print(f"  full step (loader + matching + forward + loss + backward + optimizer): "
-          f"{med(full) * 1e3:9.1f} ms (median of {len(full)})")
+          f"{med(full) * 1e3:9.1f} ms (median of {len(full)}, alternated)")
     print(f"  bare forward+backward on the same batches:                           "
           f"{med(bare) * 1e3:9.1f} ms")
     print(f"  ratio full / bare: {med(full) / med(bare):.3f} (target <= 1.15)")
