@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_backbone.py
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_overlap.py
+	$(PY) benchmarks/bench_pretrain_step.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

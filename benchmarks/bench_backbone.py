@@ -25,6 +25,7 @@ KITCHEN = REPO.parent / "shared" / "realdata" / "7scenes-redkitchen-a"
 
 
 def load_frame(voxel_size: float, real: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    from mink_ssl.data.features import input_features
     from mink_ssl.geometry import backproject
     from mink_ssl.sparse import batched_coordinates, quantize
 
@@ -48,7 +49,7 @@ def load_frame(voxel_size: float, real: bool) -> tuple[torch.Tensor, torch.Tenso
                              frame.camera_to_world)
     rgb = frame.color(h).reshape(-1, 3)[pixel]
     q = quantize(pts, voxel_size)
-    feats = torch.from_numpy(rgb[q.index.numpy()]).float() / 255 - 0.5
+    feats = input_features(rgb[q.index.numpy()], 3)
     return batched_coordinates([q.coords]), feats, source
 
 

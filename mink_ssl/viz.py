@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mink_ssl.data.features import input_features
+
 VIEW_TINTS = np.array([[255, 140, 0], [0, 120, 255]], np.float32)  # view 0 orange, view 1 blue
 
 
@@ -380,16 +382,6 @@ def fragment_voxels(fragment, voxel_size: float = 0.025
     return q.coords, centres, colors[q.index.numpy()]
 
 
-def model_inputs(colors: np.ndarray, in_channels: int) -> torch.Tensor:
-    """Input features as training makes them: 1 channel -> ones, 3 -> rgb in [-0.5, 0.5]."""
-    if in_channels == 1:
-        return torch.ones(len(colors), 1)
-    if in_channels == 3:
-        return torch.from_numpy(np.asarray(colors, np.float32)) / 255.0 - 0.5
-    raise ValueError(f"the model takes {in_channels} input channels; visualisation knows 1 "
-                     "(ones) and 3 (rgb)")
-
-
 @torch.no_grad()
 def backbone_features(model: torch.nn.Module, coords: torch.Tensor, feats: torch.Tensor,
                       device: str | torch.device = "cpu") -> torch.Tensor:
@@ -457,7 +449,7 @@ def visualize_features(model: torch.nn.Module, data: str | os.PathLike, fragment
     frag = load_fragment(data, fragment)
     in_channels = getattr(model, "in_channels", 3)
     coords, centres, rgb = fragment_voxels(frag, voxel_size)
-    feats = backbone_features(model, coords, model_inputs(rgb, in_channels), device)
+    feats = backbone_features(model, coords, input_features(rgb, in_channels), device)
     colors = pca_colors(feats)
     stem = frag.name.replace("/", "_")
     out = Path(out)
@@ -475,5 +467,5 @@ def visualize_features(model: torch.nn.Module, data: str | os.PathLike, fragment
 
 __all__ = ["write_ply", "save_png", "Camera", "auto_point_size", "render_points",
            "distinct_colors", "PairScene", "open_pairs", "layout_pair", "visualize_pair",
-           "parse_fragment", "load_fragment", "fragment_voxels", "model_inputs",
+           "parse_fragment", "load_fragment", "fragment_voxels",
            "backbone_features", "pca_colors", "resolve_device", "visualize_features"]

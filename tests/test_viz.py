@@ -152,12 +152,13 @@ def test_features_with_random_init_and_ones_input(prepped, tmp_path):
 
 def test_backbone_features_follow_the_input_row_order(prepped):
     from mink_ssl.models import build_model
-    from mink_ssl.viz import fragment_voxels, model_inputs
+    from mink_ssl.data.features import input_features
+    from mink_ssl.viz import fragment_voxels
 
     torch.manual_seed(0)
     model = build_model("Res16UNet14A", in_channels=3, out_channels=8)
     coords, _, rgb = fragment_voxels(load_fragment(prepped, "scene0000_00/000000"), 0.1)
-    feats = model_inputs(rgb, 3)
+    feats = input_features(rgb, 3)
     base = backbone_features(model, coords, feats)
     perm = torch.randperm(len(coords), generator=torch.Generator().manual_seed(0))
     permuted = backbone_features(model, coords[perm], feats[perm])

@@ -76,6 +76,7 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
              model_name: str = "Res16UNet34C", voxel_size: float = 0.025, repeats: int = 3,
              device: str = "auto", pretrain_iterations: int = 10, print_fn=print) -> dict:
     from data_prep.scannet.prep import PrepParams, run as run_prep
+    from mink_ssl.data.features import input_features
     from mink_ssl.data.fragments import FragmentStore
     from mink_ssl.sparse import quantize
 
@@ -111,7 +112,7 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     frag = FragmentStore(out / "pairs" / first)[0]
     points, colors = frag.points()
     q = quantize(points, voxel_size)
-    feats = torch.from_numpy(colors[q.index.numpy()]).float() / 255.0 - 0.5  # (M, 3)
+    feats = input_features(colors[q.index.numpy()], 3)  # (M, 3)
     print_fn(f"== 4. backbone on fragment {frag.name}: {len(points):,} points -> "
              f"{len(q.coords):,} voxels at {voxel_size * 100:g} cm")
     result = run_backbone_demo(q.coords, feats, model_name, repeats, device, print_fn)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from mink_ssl.data.batch import PairBatch, View
 from mink_ssl.data.correspondence import find_matches, random_rigid_transform, to_tensor
+from mink_ssl.data.features import input_features
 
 KNOWN_SCHEMAS = ("mink_ssl.scannet_pairs/1",)
 FEATURES = ("ones", "rgb")
@@ -128,8 +129,8 @@ class PairDataset(Dataset):
         moved = centred @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32)
         q = quantize(moved, self.voxel_size)
         index = q.index.numpy()  # (N,) a point of each voxel
-        feats = (torch.ones(len(index), 1) if colors is None
-                 else to_tensor(colors[index], torch.float32) / 255.0 - 0.5)
+        feats = input_features(None if colors is None else colors[index], self.in_channels,
+                               len(index))
         return View(coords=q.coords, feats=feats, world=to_tensor(points[index], torch.float32))
 
     def __getitem__(self, key) -> PairSample | None:
