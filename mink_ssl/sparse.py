@@ -19,9 +19,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-ArrayLike = "torch.Tensor | np.ndarray"
-
-
 def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x

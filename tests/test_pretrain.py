@@ -2,6 +2,7 @@
 non-finite loss, DDP equivalence and a learning test."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,7 +135,7 @@ def test_killed_run_resumed_ends_with_identical_weights(synthetic_pairs, tmp_pat
 def test_cli_rejects_unknown_objective_and_key(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mink_ssl.cli.pretrain", "data.root=/x",
                           "objective=[infonce]"], capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and "available: hardest_contrastive" in bad.stderr
+    assert bad.returncode == 2 and re.search(r"available: .*hardest_contrastive", bad.stderr)
     bad = subprocess.run([sys.executable, "-m", "mink_ssl.cli.pretrain", "data.root=/x",
                           "optim.lrr=1", f"hydra.run.dir={tmp_path}"], capture_output=True,
                          text=True, cwd=REPO)

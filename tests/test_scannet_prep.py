@@ -1,6 +1,5 @@
 """ScanNet pair prep on real frames (7-Scenes, as exported frames and as a .sens) and bad input."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,10 +12,10 @@ import pytest
 from scipy.spatial import cKDTree
 
 from data_prep.cli import main as prep_main
-from data_prep.scannet.exported import ExportedFrames, export_to_sens
+from data_prep.scannet.exported import ExportedFrames
 from data_prep.scannet.overlap import overlap_matrix, voxel_downsample
 from data_prep.scannet.prep import PrepParams, run
-from data_prep.scannet.sens import SensReader, write_sens
+from data_prep.scannet.sens import write_sens
 from mink_ssl.data.fragments import FragmentStore
 from mink_ssl.geometry import backproject
 

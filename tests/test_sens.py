@@ -446,7 +446,7 @@ def patched(data: bytes, offset: int, fmt: str, value) -> bytes:
     (TAIL_AT + 8, "<I", 0, rf"byte offset {TAIL_AT + 8}: color_width = 0, expected 1..20000"),
     (TAIL_AT + 20, "<I", 20001, r"depth_height = 20001"),
     (TAIL_AT + 24, "<f", 0.0, r"depth_shift = 0.0"),
-    (TAIL_AT + 28, "<Q", 2 ** 62, rf"frame 6, byte offset \d+: truncated"),
+    (TAIL_AT + 28, "<Q", 2 ** 62, r"frame 6, byte offset \d+: truncated"),
 ])
 def test_bad_header_fields(written, offset, fmt, value, match):
     path, _, _ = written

@@ -8,7 +8,6 @@ DistributedDataParallel; its forward returns the objectives' named losses and st
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -124,11 +123,3 @@ class Trainer:
             h.after_train(self)
         return self.state
 
-
-def sgd_step_schedule(optimizer: torch.optim.Optimizer, step_size: int = 250, gamma: float = 0.99):
-    """The original schedule: lr x ``gamma`` every ``step_size`` iterations."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

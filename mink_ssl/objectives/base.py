@@ -12,8 +12,6 @@ views cost one forward pass). Objectives that need other inputs (crops, perturbe
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
@@ -28,12 +26,10 @@ class StepContext:
         max_iterations: length of the run, for schedules.
     """
 
-    def __init__(self, batch, backbone: nn.Module, iteration: int = 0,
-                 max_iterations: int = 1, to_sparse: Callable | None = None):
+    def __init__(self, batch, backbone: nn.Module, iteration: int = 0, max_iterations: int = 1):
         self.batch, self.backbone = batch, backbone
         self.iteration, self.max_iterations = iteration, max_iterations
         self._features: dict[int, torch.Tensor] = {}
-        self._to_sparse = to_sparse
 
     def features(self, view: int) -> torch.Tensor:
         """Backbone output (N_view, C) for ``batch.views[view]``, one row per voxel, cached."""
