@@ -251,3 +251,20 @@ def test_pretraining_learns_features_that_match_on_held_out_pairs(synthetic_pair
     before = feature_match_recall(untrained, batch, radius=2 * voxel)
     after = feature_match_recall(trained, batch, radius=2 * voxel)
     assert after > 1.4 * before and after > before + 0.03, (before, after)
+
+
+def test_torchrun_two_cpu_processes(synthetic_pairs, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks join, only rank 0 writes."""
+    run_dir = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2"] + _cli(
+        synthetic_pairs, run_dir, "max_iterations=2")[1:]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch 2 x 2 ranks" in done.stdout  # the global batch is 4 pairs
+    assert done.stdout.count("pretrain: 2 iterations") == 1  # one rank reports
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pth")) == ["checkpoint_2.pth"]
+    ckpt = torch.load(run_dir / "checkpoint_2.pth", weights_only=True)
+    assert ckpt["state"]["samples"] == 4  # per rank: 2 iterations x 2 pairs
+    assert (run_dir / "backbone.pth").is_file()

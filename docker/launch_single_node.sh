@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Pretraining on all GPUs of one machine. Extra arguments are Hydra overrides.
+#   NGPUS=8 RUN_DIR=runs/pt docker/launch_single_node.sh data.root=/data/scannet_pairs batch_size=4
+# batch_size is per GPU: the global batch is batch_size x NGPUS (printed at start). The learning
+# rate is not scaled unless you pass optim.scale_lr_with_world_size=true (linear scaling rule).
+set -euo pipefail
+NGPUS=${NGPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+NGPUS=${NGPUS:-1}
+RUN_DIR=${RUN_DIR:-runs/pretrain/$(date +%Y-%m-%d_%H-%M-%S)}
+exec torchrun --standalone --nproc_per_node "${NGPUS}" -m mink_ssl.cli.pretrain \
+    "hydra.run.dir=${RUN_DIR}" "$@"
