@@ -78,7 +78,7 @@ def main() -> int:
 
         torch.manual_seed(0)
         backbone = build_backbone(ModelConfig(name=args.model), dataset.in_channels)
-        objectives, weights = build_objectives({args.objective: {}})
+        objectives, weights = build_objectives({args.objective: {}}, ModelConfig().out_channels)
         module = PretrainModule(backbone, objectives, weights).to(dev)
         optimizer, scheduler = build_optimizer(OptimConfig(), module.parameters())
         trainer = Trainer(module, optimizer, scheduler,

@@ -7,7 +7,7 @@ def test_demo_runs_prep_and_backbone_end_to_end(tmp_path):
     lines = []
     res = run_demo(tmp_path, n_scenes=2, n_frames=60, model_name="Res16UNet14A",
                    voxel_size=0.05, repeats=1, device="cpu", pretrain_iterations=2,
-                   print_fn=lines.append)
+                   objectives=("point_info_nce", "gmm_likelihood"), print_fn=lines.append)
     assert res["pretrained"].is_file() and (tmp_path / "pretrain" / "config.json").is_file()
     assert res["prep"]["scenes_done"] == 2 and res["prep"]["fragments"] == 2 * 3
     assert res["prep"]["pairs"] == 2 * 3 and res["prep"]["pairs_kept"] > 0

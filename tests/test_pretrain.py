@@ -65,6 +65,10 @@ def test_config_composes_and_rejects_bad_keys():
     assert cfg.objectives["point_info_nce"]["weight"] == 0.5
     assert set(cfg.objectives) == {"point_info_nce", "hardest_contrastive"}
     assert cfg.optim.lr == 0.1 and cfg.optim.momentum == 0.8 and cfg.optim.lr_gamma == 0.99
+    # a selection replaces the default objective instead of adding to it
+    only = OmegaConf.to_object(compose("data.root=/x", "objective=[point_info_nce]"))
+    assert set(only.objectives) == {"point_info_nce"}
+    assert set(OmegaConf.to_object(compose("data.root=/x")).objectives) == {"hardest_contrastive"}
     with pytest.raises(Exception, match="lrr"):
         compose("optim.lrr=0.1")
     from mink_ssl.cli.pretrain import check_group_choices

@@ -74,7 +74,8 @@ def run_backbone_demo(coords: torch.Tensor, feats: torch.Tensor, model_name: str
 
 def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
              model_name: str = "Res16UNet34C", voxel_size: float = 0.025, repeats: int = 3,
-             device: str = "auto", pretrain_iterations: int = 10, print_fn=print) -> dict:
+             device: str = "auto", pretrain_iterations: int = 10,
+             objectives: tuple[str, ...] = ("hardest_contrastive",), print_fn=print) -> dict:
     from data_prep.scannet.prep import PrepParams, run as run_prep
     from mink_ssl.data.features import input_features
     from mink_ssl.data.fragments import FragmentStore
@@ -93,8 +94,8 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     if not manifest["scenes"]:
         raise RuntimeError(f"prep produced no scenes: {manifest['skipped_scenes']}")
 
-    print_fn(f"== 3. pretraining {model_name} for {pretrain_iterations} iterations -> "
-             f"{out / 'pretrain'}")
+    print_fn(f"== 3. pretraining {model_name} ({', '.join(objectives)}) for "
+             f"{pretrain_iterations} iterations -> {out / 'pretrain'}")
     backbone_path = None
     if pretrain_iterations > 0:
         from mink_ssl.engine.config import DataConfig, ModelConfig, PretrainConfig
@@ -103,7 +104,7 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
         cfg = PretrainConfig(
             model=ModelConfig(name=model_name), data=DataConfig(
                 root=str(out / "pairs"), voxel_size=voxel_size, num_workers=1),
-            objectives={"hardest_contrastive": {}}, max_iterations=pretrain_iterations,
+            objectives={name: {} for name in objectives}, max_iterations=pretrain_iterations,
             batch_size=2, device=device, checkpoint_every=0, log_every=1, progress=False,
             seed=seed)
         backbone_path = pretrain(cfg, out / "pretrain", print_fn=print_fn)
@@ -131,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--pretrain-iterations", type=int, default=10,
                    help="pretraining iterations on the prepared pairs (0 skips the step)")
+    p.add_argument("--objective", nargs="+", default=["hardest_contrastive"],
+                   help="pretraining objective(s) by name, e.g. point_info_nce gmm_likelihood")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         run_demo(args.out, args.scenes, args.frames, args.seed, args.model, args.voxel_size,
-                 args.repeats, args.device, args.pretrain_iterations)
+                 args.repeats, args.device, args.pretrain_iterations, tuple(args.objective))
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mink-ssl-demo: error: {e}", file=sys.stderr)
         return 2

@@ -56,8 +56,10 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # objective name -> {weight: float, **constructor arguments}
-    objectives: dict[str, Any] = field(default_factory=lambda: {"hardest_contrastive": {}})
+    # objective name -> {weight: float, **constructor arguments}; chosen by the `objective`
+    # config group (configs/pretrain.yaml selects hardest_contrastive). Empty here, or a schema
+    # default would be merged into every command-line selection.
+    objectives: dict[str, Any] = field(default_factory=dict)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     max_iterations: int = 60000

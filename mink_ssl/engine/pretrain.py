@@ -26,9 +26,10 @@ def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
                        normalize_output=cfg.normalize_output)
 
 
-def build_objectives(spec: dict) -> tuple[dict, dict]:
+def build_objectives(spec: dict, feature_channels: int | None = None) -> tuple[dict, dict]:
     """``{name: {weight, **kwargs}}`` -> (objectives, weights); unknown names or arguments
-    are errors that list the valid choices."""
+    are errors that list the valid choices. Objectives with heads get ``in_channels`` =
+    ``feature_channels`` (the backbone's output width) unless the spec sets it."""
     import mink_ssl.objectives  # noqa: F401  (registers the objectives)
     from mink_ssl.objectives import OBJECTIVES
 
@@ -44,6 +45,8 @@ def build_objectives(spec: dict) -> tuple[dict, dict]:
         if unknown:
             raise ValueError(f"objective {name!r} has no argument(s) {unknown}; valid: "
                              f"{['weight'] + params}")
+        if "in_channels" in params and args.get("in_channels") is None and feature_channels:
+            args["in_channels"] = feature_channels
         objectives[name] = cls(**args)
     return objectives, weights
 
@@ -106,7 +109,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
 
         dataset = build_dataset(cfg.data, cfg.seed)
         backbone = build_backbone(cfg.model, dataset.in_channels)
-        objectives, weights = build_objectives(cfg.objectives)
+        objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
         module = PretrainModule(backbone, objectives, weights).to(device)
         if info.enabled:
             if cfg.distributed.sync_bn and device.type == "cuda":
