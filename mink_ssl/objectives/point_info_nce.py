@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import SeededGenerator, check_matches, sample_matches, zero_loss
+from mink_ssl.objectives.sampling import (SeededGenerator, check_matches, check_nce_args,
+                                         sample_matches, zero_loss)
 
 
 # --- helpers shared by the point-level contrastive objectives -------------------------------
@@ -78,10 +79,7 @@ class PointInfoNCE(Objective):
     def __init__(self, num_matches: int = 4096, temperature: float = 0.4,
                  seed: int | None = None):
         super().__init__()
-        if num_matches < 1:
-            raise ValueError(f"num_matches must be >= 1, got {num_matches}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_nce_args(num_matches, temperature)
         self.num_matches, self.temperature = num_matches, temperature
         self.generator = SeededGenerator(seed)
 

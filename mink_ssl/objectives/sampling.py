@@ -84,3 +84,11 @@ def zero_loss(*features: torch.Tensor) -> torch.Tensor:
 
 
 # --- PointInfoNCE --------------------------------------------------------------------------
+
+
+def check_nce_args(num_matches: int, temperature: float) -> None:
+    """The arguments every InfoNCE-style objective shares; ``ValueError`` naming the bad one."""
+    if num_matches < 1:
+        raise ValueError(f"num_matches must be >= 1, got {num_matches}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")

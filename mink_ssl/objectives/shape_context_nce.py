@@ -55,7 +55,8 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import SeededGenerator, check_matches, sample_matches, zero_loss
+from mink_ssl.objectives.sampling import (SeededGenerator, check_matches, check_nce_args,
+                                         sample_matches, zero_loss)
 
 
 def radial_edges(n_radial: int, inner_radius: float, outer_radius: float,
@@ -203,10 +204,7 @@ class ShapeContextNCE(Objective):
                  n_angular: int = 4, inner_radius: float = 0.05, outer_radius: float = 0.5,
                  seed: int | None = None):
         super().__init__()
-        if num_matches < 1:
-            raise ValueError(f"num_matches must be >= 1, got {num_matches}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_nce_args(num_matches, temperature)
         if n_radial < 1 or n_angular < 1:
             raise ValueError(f"n_radial and n_angular must be >= 1, got {n_radial}, {n_angular}")
         if not 0 < inner_radius < outer_radius:
