@@ -32,7 +32,7 @@ def main() -> int:
     from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig
     from mink_ssl.engine.pretrain import (build_backbone, build_dataset, build_loader,
                                           build_objectives, build_optimizer)
-    from mink_ssl.engine.profiling import _sync
+    from mink_ssl.engine.profiling import sync_device
     from mink_ssl.engine.trainer import PretrainModule, Trainer
     from mink_ssl.sparse import sparse_tensor
 
@@ -90,21 +90,21 @@ def main() -> int:
         # that drift of the machine's speed affects both alike
         full, bare, batches = [], [], []
         for _ in range(args.steps):
-            _sync(dev)
+            sync_device(dev)
             t0 = time.perf_counter()
             trainer.run_step()
-            _sync(dev)
+            sync_device(dev)
             full.append(time.perf_counter() - t0)
             batch = trainer._next_batch()
             batches.append(batch)
-            _sync(dev)
+            sync_device(dev)
             t0 = time.perf_counter()
             v0, v1 = batch.views
             out = (backbone(sparse_tensor(v0.coords, v0.feats)).F.sum()
                    + backbone(sparse_tensor(v1.coords, v1.feats)).F.sum())
             out.backward()
             backbone.zero_grad(set_to_none=True)
-            _sync(dev)
+            sync_device(dev)
             bare.append(time.perf_counter() - t0)
         voxels = sum(len(b.views[0].coords) + len(b.views[1].coords) for b in batches) / len(batches)
 

@@ -158,16 +158,21 @@ class FragmentStore:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def __getstate__(self) -> dict:  # a descriptor does not survive pickling
+        return {k: v for k, v in vars(self).items() if k not in ("_fd", "_fd_pid")}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd_pid", None) == os.getpid():
+            os.close(self._fd)
+
     def names(self) -> list[str]:
         return [fragment_name(self.scene, int(f)) for f in self.frames]
 
     def _read(self, span) -> bytes:
         offset, length = (int(v) for v in span)
-        fd = os.open(self.dir / PAYLOAD_FILE, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
+        if getattr(self, "_fd_pid", None) != os.getpid():  # one descriptor per process
+            self._fd, self._fd_pid = os.open(self.dir / PAYLOAD_FILE, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, length, offset)
         if len(data) != length:
             raise ValueError(f"{self.dir / PAYLOAD_FILE} is truncated at byte {offset + len(data)}"
                              f" (expected {length} bytes at {offset}); rerun data prep for "

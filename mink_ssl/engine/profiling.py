@@ -22,7 +22,7 @@ class Timing:
                 f"peak mem {self.peak_mem_mb:8.1f} MB  ({self.runs} runs)")
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -40,13 +40,13 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 5,
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), min(times), repeats, peak_memory_mb(device))
