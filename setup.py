@@ -31,6 +31,8 @@ setup(
         "hydra-core>=1.3,<1.4",
         "tqdm>=4.60,<5",
         "tensorboard>=2.12,<3",
+        "matplotlib>=3.7,<4",  # result plots (per-class IoU, precision/recall), headless Agg
+        "geomloss>=0.2.6,<0.3",  # Sinkhorn divergence of cluster_render's image fitting loss
     ],
     extras_require={
         "dev": ["pytest>=7,<10", "dockerfile-parse>=2,<3"],

@@ -8,7 +8,8 @@ from mink_ssl.engine.trainer import Hook
 
 class CheckpointHook(Hook):
     """``checkpoint_<iteration>.pth`` every ``every`` iterations and at the end, keeping the last
-    ``keep``; the backbone alone (heads dropped) is exported to ``backbone.pth`` at the end."""
+    ``keep``; the backbone alone (heads dropped) is exported to ``backbone.pth`` at the end
+    (the trained backbone, or the one an objective chooses, e.g. distillation's EMA teacher)."""
 
     def __init__(self, out_dir: Path, every: int, config: dict, keep: int = 2,
                  enabled: bool = True):
@@ -36,7 +37,7 @@ class CheckpointHook(Hook):
         from mink_ssl.engine.checkpoint import _unwrap
         from mink_ssl.models import save_model
 
-        save_model(_unwrap(trainer.module).backbone, self.out_dir / "backbone.pth")
+        save_model(_unwrap(trainer.module).exported_backbone(), self.out_dir / "backbone.pth")
 
 
 class LoggingHook(Hook):

@@ -137,7 +137,10 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
         loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, info.rank,
                               info.world_size, trainer.state.samples)
         trainer.batches = iter(loader)
-        trainer.hooks = [LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn),
+        # objectives' hooks (e.g. an EMA teacher update) run right after the optimizer step,
+        # so that logs and checkpoints see their result
+        trainer.hooks = [*ck._unwrap(module).objective_hooks(),
+                         LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn),
                          CheckpointHook(out_dir, cfg.checkpoint_every, plain,
                                         enabled=info.is_main)]
         trainer.train()

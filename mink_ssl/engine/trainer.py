@@ -36,6 +36,23 @@ class PretrainModule(nn.Module):
         self.backbone = backbone
         self.objectives = nn.ModuleDict(objectives)
         self.weights = dict(weights)
+        for objective in self.objectives.values():
+            objective.attach(backbone)
+        exporters = [n for n, o in self.objectives.items() if o.export_backbone() is not None]
+        if len(exporters) > 1:
+            raise ValueError(f"objectives {exporters} each export their own backbone; combine "
+                             "at most one of them in a run")
+
+    def exported_backbone(self) -> nn.Module:
+        """What the run exports: an objective's choice (e.g. an EMA teacher) or the backbone."""
+        for objective in self.objectives.values():
+            chosen = objective.export_backbone()
+            if chosen is not None:
+                return chosen
+        return self.backbone
+
+    def objective_hooks(self) -> list["Hook"]:
+        return [h for objective in self.objectives.values() for h in objective.hooks()]
 
     def forward(self, batch, iteration: int = 0, max_iterations: int = 1) -> dict:
         ctx = StepContext(batch, self.backbone, iteration, max_iterations)

@@ -43,7 +43,30 @@ class StepContext:
 
 
 class Objective(nn.Module):
-    """Base class: subclasses implement ``forward(ctx) -> {"loss_...": t, "stat_...": t}``."""
+    """Base class: subclasses implement ``forward(ctx) -> {"loss_...": t, "stat_...": t}``.
+
+    Three optional methods let an objective reach beyond its loss without the trainer knowing
+    about it (the distillation objective uses all three for its EMA teacher):
+
+    - ``attach(backbone)``: called once by :class:`~mink_ssl.engine.trainer.PretrainModule`
+      before training, e.g. to build a teacher copy of the backbone as a submodule (so it is
+      moved, checkpointed and restored with the objective's heads);
+    - ``hooks()``: trainer hooks (:class:`~mink_ssl.engine.trainer.Hook`) to run after every
+      optimizer step, before checkpointing, e.g. the teacher's EMA update;
+    - ``export_backbone()``: the network to export as the pretrained backbone instead of the
+      trained one (at most one objective of a run may return one).
+    """
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Called once with the backbone being trained; the default does nothing."""
+
+    def hooks(self) -> list:
+        """Trainer hooks this objective needs; the default has none."""
+        return []
+
+    def export_backbone(self) -> nn.Module | None:
+        """The backbone to export in place of the trained one; ``None`` (default): the trained."""
+        return None
 
     def forward(self, ctx: StepContext) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
