@@ -35,7 +35,8 @@ setup(
         "geomloss>=0.2.6,<0.3",  # Sinkhorn divergence of cluster_render's image fitting loss
     ],
     extras_require={
-        "dev": ["pytest>=7,<10", "dockerfile-parse>=2,<3"],
+        "dev": ["pytest>=7,<10", "dockerfile-parse>=2,<3", "hydra-submitit-launcher>=1.2,<1.3"],
+        "slurm": ["hydra-submitit-launcher>=1.2,<1.3"],  # hydra/launcher=slurm
     },
     entry_points={
         "console_scripts": [

@@ -257,18 +257,66 @@ def test_pretraining_learns_features_that_match_on_held_out_pairs(synthetic_pair
     assert after > 1.4 * before and after > before + 0.03, (before, after)
 
 
-def test_torchrun_two_cpu_processes(synthetic_pairs, tmp_path):
-    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks join, only rank 0 writes."""
-    run_dir = tmp_path / "ddp"
+PLUGIN = """
+from mink_ssl.objectives import OBJECTIVES, Objective
+
+
+@OBJECTIVES.register("mean_positive_distance")
+class MeanPositiveDistance(Objective):
+    def forward(self, ctx):
+        m = ctx.batch.matches
+        return {"loss_pos": (ctx.features(0)[m[:, 0]] - ctx.features(1)[m[:, 1]]).square()
+                .sum(1).mean()}
+"""
+
+
+def test_torchrun_two_cpu_processes_equal_one_process(synthetic_pairs, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks run, only rank 0 writes, and
+    with batch-norm statistics frozen the weights equal one process on the global batch.
+
+    The objective comes from a user module (``imports=[...]``): a mean over matches, with every
+    pair capped to the same number of matches, so rank halves average to the whole batch.
+    """
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "ddp_objective.py").write_text(PLUGIN)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "plugins"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    def cli(run_dir, batch_size):
+        return ["-m", "mink_ssl.cli.pretrain", f"data.root={synthetic_pairs}",
+                "model=res16unet14a", "model.out_channels=16", "data.voxel_size=0.05",
+                "data.num_workers=0", "data.max_matches=300", "data.min_matches=300",
+                "objective=[]", "+objectives.mean_positive_distance.weight=1.0",
+                "imports=[ddp_objective]", "freeze_bn=true", "max_iterations=3",
+                "checkpoint_every=0", "optim.lr=0.5", "device=cpu", "progress=false",
+                f"batch_size={batch_size}", f"hydra.run.dir={run_dir}"]
+
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2"] + _cli(
-        synthetic_pairs, run_dir, "max_iterations=2")[1:]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "batch 2 x 2 ranks" in done.stdout  # the global batch is 4 pairs
-    assert done.stdout.count("pretrain: 2 iterations") == 1  # one rank reports
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pth")) == ["checkpoint_2.pth"]
-    ckpt = torch.load(run_dir / "checkpoint_2.pth", weights_only=True)
-    assert ckpt["state"]["samples"] == 4  # per rank: 2 iterations x 2 pairs
-    assert (run_dir / "backbone.pth").is_file()
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                          *cli(ddp_dir, 1)], capture_output=True, text=True, cwd=REPO, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, *cli(single_dir, 2)], capture_output=True,
+                            text=True, cwd=REPO, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    assert "batch 1 per rank x 2 ranks = 2 global" in ddp.stdout
+    assert "not scaled with world size" in ddp.stdout
+    assert ddp.stdout.count("pretrain: 3 iterations") == 1  # one rank reports
+    assert "0 pairs skipped" in ddp.stdout and "0 pairs skipped" in single.stdout
+    assert sorted(p.name for p in ddp_dir.glob("checkpoint_*.pth")) == ["checkpoint_3.pth"]
+    assert len(list((ddp_dir / "tb").iterdir())) == 1  # one event file: rank 0's
+    ckpt = torch.load(ddp_dir / "checkpoint_3.pth", weights_only=True)
+    assert ckpt["state"]["samples"] == 3  # per rank: 3 iterations x 1 pair
+
+    from mink_ssl.models import build_model
+
+    a = load_model(ddp_dir / "backbone.pth").state_dict()
+    b = load_model(single_dir / "backbone.pth").state_dict()
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=1e-4, atol=1e-5, msg=name)
+    torch.manual_seed(0)  # the runs' seed: their initial weights
+    start = build_model("Res16UNet14A", in_channels=3, out_channels=16).state_dict()
+    assert sum(not torch.equal(start[k], v) for k, v in b.items()) > 10  # it really trained
+    # frozen batch norm: running statistics never moved
+    assert all(torch.equal(start[k], v) for k, v in b.items() if "running_" in k)

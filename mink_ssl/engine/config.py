@@ -30,6 +30,9 @@ class DataConfig:
     max_matches: Optional[int] = None
     min_matches: int = 32
     max_depth: Optional[float] = None
+    # [h, w]: each view also carries its RGB frame resized to h x w, intrinsics and pose, for
+    # rendering objectives (cluster_render); null: no frames
+    frame_size: Optional[list] = None
     num_workers: int = 2
 
 
@@ -61,6 +64,12 @@ class PretrainConfig:
     # default would be merged into every command-line selection.
     objectives: dict[str, Any] = field(default_factory=dict)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Python modules imported before the objectives are built: objectives of your own,
+    # registered with @OBJECTIVES.register, without editing mink-ssl
+    imports: list = field(default_factory=list)
+    # batch-norm layers keep their running statistics and use them in training (eval mode):
+    # makes a step independent of how the batch is split across ranks (DDP equivalence)
+    freeze_bn: bool = False
     seed: int = 0
     max_iterations: int = 60000
     batch_size: int = 8  # pairs per process (the global batch is batch_size x world size)

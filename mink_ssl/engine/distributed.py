@@ -1,11 +1,15 @@
-"""Distributed helpers: process-group setup from torchrun's environment, rank queries.
+"""Distributed helpers: process-group setup from the launcher's environment, rank queries.
 
 ``torchrun`` (single or multi node) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT; without them everything runs as a single process.
+MASTER_PORT. Under SLURM with one task per GPU (``srun``, or Hydra's submitit launcher) there
+is no torchrun: the ranks come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and the
+rendezvous host is the first node of SLURM_JOB_NODELIST. Without either, everything runs as
+a single process.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +31,41 @@ class DistInfo:
         return self.world_size > 1
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``."""
+    m = re.match(r"\s*([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot read a host from SLURM node list {nodelist!r}")
+    prefix, ranges = m.groups()
+    return prefix + (re.split(r"[,-]", ranges)[0] if ranges else "")
+
+
+def rendezvous_from_env(environ=os.environ) -> tuple[DistInfo, dict[str, str]]:
+    """(rank info, environment variables to set for ``init_process_group("env://")``).
+
+    torchrun's variables win; otherwise a SLURM job with several tasks (one per GPU) is a
+    process group rendezvousing at the first node, port MASTER_PORT (default 29500).
+    """
+    if "WORLD_SIZE" in environ or int(environ.get("SLURM_NTASKS", "1")) <= 1:
+        return DistInfo(int(environ.get("RANK", "0")), int(environ.get("WORLD_SIZE", "1")),
+                        int(environ.get("LOCAL_RANK", "0"))), {}
+    info = DistInfo(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
+                    int(environ.get("SLURM_LOCALID", "0")))
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist and "MASTER_ADDR" not in environ:
+        raise RuntimeError("SLURM_NTASKS > 1 but neither SLURM_JOB_NODELIST nor MASTER_ADDR is "
+                           "set: launch with srun/sbatch or set MASTER_ADDR")
+    return info, {"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size),
+                  "LOCAL_RANK": str(info.local_rank),
+                  "MASTER_ADDR": environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
+                  "MASTER_PORT": environ.get("MASTER_PORT", "29500")}
+
+
 def init_distributed(device: str = "auto", backend: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes (if any); returns (info, this rank's device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    """Join the process group the launcher describes (if any); returns (info, this rank's
+    device)."""
+    info, env = rendezvous_from_env()
+    os.environ.update(env)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

@@ -51,6 +51,18 @@ def build_objectives(spec: dict, feature_channels: int | None = None) -> tuple[d
     return objectives, weights
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import user modules (e.g. objectives registered with ``@OBJECTIVES.register``)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"imports: cannot import {name!r} ({e}); it must be importable "
+                             "from the current PYTHONPATH") from e
+
+
 def build_dataset(cfg: DataConfig, seed: int):
     from mink_ssl.data.pairs import PairDataset
 
@@ -60,7 +72,8 @@ def build_dataset(cfg: DataConfig, seed: int):
                        rotation_axis=cfg.rotation_axis, scale=tuple(cfg.scale),
                        translation=cfg.translation, features=cfg.features,
                        match_radius=cfg.match_radius, max_matches=cfg.max_matches,
-                       min_matches=cfg.min_matches, max_depth=cfg.max_depth, seed=seed)
+                       min_matches=cfg.min_matches, max_depth=cfg.max_depth, seed=seed,
+                       frame_size=None if cfg.frame_size is None else tuple(cfg.frame_size))
 
 
 def build_optimizer(cfg: OptimConfig, params, world_size: int = 1):
@@ -107,10 +120,11 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
             (out_dir / "config.json").write_text(json.dumps(plain, indent=1))
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
+        import_plugins(cfg.imports)
         dataset = build_dataset(cfg.data, cfg.seed)
         backbone = build_backbone(cfg.model, dataset.in_channels)
         objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
-        module = PretrainModule(backbone, objectives, weights).to(device)
+        module = PretrainModule(backbone, objectives, weights, cfg.freeze_bn).to(device)
         if info.enabled:
             if cfg.distributed.sync_bn and device.type == "cuda":
                 import MinkowskiEngine as ME
@@ -121,9 +135,14 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
                 find_unused_parameters=cfg.distributed.find_unused_parameters)
         optimizer, scheduler = build_optimizer(cfg.optim, module.parameters(), info.world_size)
         if info.is_main:
+            scaling = (f"{cfg.optim.lr:g} x {info.world_size} ranks (linear scaling)"
+                       if cfg.optim.scale_lr_with_world_size and info.world_size > 1
+                       else "not scaled with world size")
             print_fn(f"pretrain: {len(dataset)} pairs, {cfg.model.name}, objectives "
-                     f"{weights}, batch {cfg.batch_size} x {info.world_size} ranks, lr "
-                     f"{optimizer.param_groups[0]['lr']:g}, device {device}, out {out_dir}")
+                     f"{weights}, batch {cfg.batch_size} per rank x {info.world_size} ranks = "
+                     f"{cfg.batch_size * info.world_size} global, lr "
+                     f"{optimizer.param_groups[0]['lr']:g} ({scaling}), device {device}, "
+                     f"out {out_dir}")
 
         resume = cfg.resume
         if resume == "auto":

@@ -5,6 +5,8 @@
 
 ``module`` is a :class:`PretrainModule` (backbone + objectives), possibly wrapped in
 DistributedDataParallel; its forward returns the objectives' named losses and stats.
+Any module with ``forward(batch, iteration, max_iterations) -> {"loss": ..., ...}`` and
+batches with ``.to(device)`` work too (fine-tuning uses it with segmentation batches).
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ class PretrainModule(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, objectives: dict[str, Objective],
-                 weights: dict[str, float]):
+                 weights: dict[str, float], freeze_bn: bool = False):
         super().__init__()
+        self.freeze_bn = freeze_bn
         if not objectives:
             raise ValueError("at least one objective is needed")
         missing = set(objectives) ^ set(weights)
@@ -42,6 +45,15 @@ class PretrainModule(nn.Module):
         if len(exporters) > 1:
             raise ValueError(f"objectives {exporters} each export their own backbone; combine "
                              "at most one of them in a run")
+
+    def train(self, mode: bool = True) -> "PretrainModule":
+        """``freeze_bn``: batch-norm layers stay in eval mode (running statistics, no updates)."""
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def exported_backbone(self) -> nn.Module:
         """What the run exports: an objective's choice (e.g. an EMA teacher) or the backbone."""
@@ -107,7 +119,7 @@ class Trainer:
                 self.state.skipped_batches += 1
                 self.state.skipped_pairs += self.batch_size
                 continue
-            self.state.skipped_pairs += batch.skipped
+            self.state.skipped_pairs += getattr(batch, "skipped", 0)  # pair batches only
             return batch.to(self.device)
 
     def run_step(self) -> dict[str, float]:
@@ -124,7 +136,8 @@ class Trainer:
         self.scheduler.step()
         metrics = {k: float(v.detach()) for k, v in out.items()}
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["matches"] = float(len(batch.matches))
+        if hasattr(batch, "matches"):  # pair batches
+            metrics["matches"] = float(len(batch.matches))
         return metrics
 
     def train(self) -> TrainState:
