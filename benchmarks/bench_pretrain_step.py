@@ -31,7 +31,8 @@ def main() -> int:
     from data_prep.scannet.prep import PrepParams, run as run_prep
     from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig
     from mink_ssl.engine.pretrain import (build_backbone, build_dataset, build_loader,
-                                          build_objectives, build_optimizer)
+                                          build_objectives, build_optimizer,
+                                          resolve_num_workers)
     from mink_ssl.engine.profiling import sync_device
     from mink_ssl.engine.trainer import PretrainModule, Trainer
     from mink_ssl.sparse import sparse_tensor
@@ -40,11 +41,13 @@ def main() -> int:
     p.add_argument("--model", default="Res16UNet34C")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--workers", type=int, default=DataConfig.num_workers)
+    p.add_argument("--workers", default="auto", help="loader workers: auto (the default of "
+                   "data.num_workers: cores - 1, at most 8) or a number")
     p.add_argument("--voxel-size", type=float, default=0.025)
     p.add_argument("--objective", default="hardest_contrastive")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    args.workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers))
     dev = torch.device(args.device)
 
     with workdir() as tmp:

@@ -320,3 +320,19 @@ def test_torchrun_two_cpu_processes_equal_one_process(synthetic_pairs, tmp_path)
     assert sum(not torch.equal(start[k], v) for k, v in b.items()) > 10  # it really trained
     # frozen batch norm: running statistics never moved
     assert all(torch.equal(start[k], v) for k, v in b.items() if "running_" in k)
+
+
+def test_loader_workers_default_to_free_cores(monkeypatch):
+    from mink_ssl.engine.pretrain import resolve_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert resolve_num_workers("auto") == 8  # capped
+    assert resolve_num_workers("auto", local_world_size=4) == 3  # 4 cores per rank, one trains
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert resolve_num_workers("auto") == 1
+    assert resolve_num_workers(0) == 0 and resolve_num_workers(5) == 5
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(ValueError, match="num_workers"):
+            resolve_num_workers(bad)
+    assert compose("data.num_workers=3").data.num_workers == 3
+    assert compose().data.num_workers == "auto"
