@@ -2,6 +2,15 @@
 
     mink-ssl-prep scannet --raw scans/ --out data/scannet_pairs [--frame-skip 25]
                           [--min-overlap 0.3] [--workers N] [--scenes scene0000_00 ...]
+    mink-ssl-prep s3dis --raw Stanford3dDataset_v1.2_Aligned_Version --out data/s3dis
+                        [--test-area 5] [--stairs ignore|clutter] [--no-room-check]
+    mink-ssl-prep synthia --raw Synthia4D --out data/synthia [--keep-axes]
+    mink-ssl-prep scannet-seg --raw scans/ [scans_test/] --splits-dir Tasks/Benchmark
+                              --out data/scannet_seg [--labels auto|ply|aggregation]
+                              [--label-map scannetv2-labels.combined.tsv]
+    mink-ssl-prep scannet-det --raw scans/ --label-map scannetv2-labels.combined.tsv
+                              --out data/scannet_det [--splits-dir Tasks/Benchmark]
+    mink-ssl-prep sunrgbd --raw sunrgbd_trainval/ --out data/sunrgbd_det [--labels label_v1]
 """
 from __future__ import annotations
 
@@ -18,6 +27,135 @@ def _scannet(args) -> int:
     manifest = run(args.raw, args.out, params, workers=args.workers, scenes=args.scenes,
                    progress=not args.no_progress)
     return 0 if manifest["counts"]["scenes_done"] else 1
+
+
+def _seg_done(manifest: dict) -> int:
+    return 0 if manifest["scenes"] else 1
+
+
+def _s3dis(args) -> int:
+    from data_prep.s3dis import S3DISParams, run
+
+    params = S3DISParams(test_area=args.test_area, stairs=args.stairs,
+                         check_room_file=not args.no_room_check)
+    return _seg_done(run(args.raw, args.out, params, workers=args.workers, rooms=args.rooms,
+                         progress=not args.no_progress))
+
+
+def _synthia(args) -> int:
+    from data_prep.synthia import SynthiaParams, run
+
+    return _seg_done(run(args.raw, args.out, SynthiaParams(keep_axes=args.keep_axes),
+                         workers=args.workers, sequences=args.sequences,
+                         progress=not args.no_progress))
+
+
+def _scannet_seg(args) -> int:
+    from data_prep.scannet_seg import ScanNetSegParams, run
+
+    return _seg_done(run(args.raw, args.splits_dir, args.out, ScanNetSegParams(args.labels),
+                         label_map=args.label_map, workers=args.workers, scenes=args.scenes,
+                         progress=not args.no_progress))
+
+
+def _scannet_det(args) -> int:
+    from data_prep.detection.scannet_det import run
+
+    return _seg_done(run(args.raw, args.out, args.label_map, splits_dir=args.splits_dir,
+                         scenes=args.scenes, workers=args.workers,
+                         progress=not args.no_progress))
+
+
+def _sunrgbd(args) -> int:
+    from data_prep.detection.sunrgbd import run
+
+    return _seg_done(run(args.raw, args.out, label_dir=args.labels, ids=args.ids,
+                         workers=args.workers, progress=not args.no_progress))
+
+
+def _common(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--out", type=Path, required=True,
+                   help="output directory: manifest.json + scenes/*.npz (resumable)")
+    s.add_argument("--workers", type=int, default=1, help="parallel scene workers (default 1)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_segmentation(sub) -> None:
+    s = sub.add_parser("s3dis", help="S3DIS rooms -> segmentation scenes (13 classes)",
+                       description="One scene per room: the points of Annotations/*.txt "
+                       "labelled by class; stray bytes of the release are repaired and reported.")
+    s.add_argument("--raw", type=Path, required=True,
+                   help="the Stanford3dDataset_v1.2_Aligned_Version folder (Area_1 ... Area_6)")
+    s.add_argument("--test-area", type=int, default=5, help="held-out area (default 5)")
+    s.add_argument("--stairs", choices=("ignore", "clutter"), default="ignore",
+                   help="stairs points: label -1 (default, Minkowski / SegCloud) or clutter "
+                   "(PointNet)")
+    s.add_argument("--no-room-check", action="store_true",
+                   help="do not parse <room>.txt to check it against the annotations")
+    s.add_argument("--rooms", nargs="+", default=None, help="only these rooms (Area_1/office_1)")
+    _common(s)
+    s.set_defaults(func=_s3dis)
+
+    s = sub.add_parser("synthia", help="Synthia4D frames -> segmentation scenes (12 classes)",
+                       description="One scene per frame PLY of the CVPR'19 split sequences; "
+                       "centimetres -> metres, y-up -> z-up.")
+    s.add_argument("--raw", type=Path, required=True,
+                   help="folder of the Synthia4D sequences (<SEQ>/point_clouds/<frame>.ply)")
+    s.add_argument("--keep-axes", action="store_true",
+                   help="keep the release's y-up frame (default: rotate to z up)")
+    s.add_argument("--sequences", nargs="+", default=None, help="only these split sequences")
+    _common(s)
+    s.set_defaults(func=_synthia)
+
+    s = sub.add_parser("scannet-seg", help="ScanNet v2 scans -> segmentation scenes (20 classes)",
+                       description="One scene per scan of the official split lists: the "
+                       "_vh_clean_2 mesh vertices with NYU40 labels mapped to the 20 classes.")
+    s.add_argument("--raw", type=Path, nargs="+", required=True,
+                   help="ScanNet's scans/ folder (and scans_test/ for the test split)")
+    s.add_argument("--splits-dir", type=Path, required=True,
+                   help="folder with scannetv2_train.txt, scannetv2_val.txt "
+                   "(and scannetv2_test.txt)")
+    s.add_argument("--labels", choices=("auto", "ply", "aggregation"), default="auto",
+                   help="label source: _vh_clean_2.labels.ply, aggregation + segs JSON, or "
+                   "auto (the ply if present; default)")
+    s.add_argument("--label-map", type=Path, default=None,
+                   help="scannetv2-labels.combined.tsv, to map aggregation raw categories to "
+                   "NYU40 ids (without it they must be NYU40 class names)")
+    s.add_argument("--scenes", nargs="+", default=None, help="only these scenes")
+    _common(s)
+    s.set_defaults(func=_scannet_seg)
+
+
+def _add_detection(sub) -> None:
+    s = sub.add_parser("scannet-det", help="ScanNet v2 scans -> detection scenes (18 classes)",
+                       description="One scene per annotated scan: the axis-aligned "
+                       "_vh_clean_2 mesh vertices, an axis-aligned box per object of VoteNet's "
+                       "18 classes, and each vertex's box.")
+    s.add_argument("--raw", type=Path, required=True,
+                   help="ScanNet's scans/ folder (<scene>/<scene>_vh_clean_2.ply, "
+                   ".aggregation.json, _vh_clean_2.0.010000.segs.json, <scene>.txt)")
+    s.add_argument("--label-map", type=Path, required=True,
+                   help="ScanNet's scannetv2-labels.combined.tsv (raw category -> NYU40 id)")
+    s.add_argument("--splits-dir", type=Path, default=None,
+                   help="folder with scannetv2_train.txt and scannetv2_val.txt (default: every "
+                   "scene in train)")
+    s.add_argument("--scenes", nargs="+", default=None, help="only these scenes")
+    _common(s)
+    s.set_defaults(func=_scannet_det)
+
+    s = sub.add_parser("sunrgbd", help="SUN RGB-D (VoteNet's sunrgbd_trainval) -> detection "
+                       "scenes (10 classes)",
+                       description="One scene per image of train_data_idx.txt / "
+                       "val_data_idx.txt: the upright depth points of depth/<id>.mat, the "
+                       "oriented boxes of the 10 classes, and each point's box.")
+    s.add_argument("--raw", type=Path, required=True,
+                   help="VoteNet's sunrgbd_trainval folder (depth/ label/ calib/ image/ and "
+                   "the split files)")
+    s.add_argument("--labels", choices=("label", "label_v1"), default="label",
+                   help="box annotations: label/ (v2, default) or label_v1/")
+    s.add_argument("--ids", type=int, nargs="+", default=None, help="only these image ids")
+    _common(s)
+    s.set_defaults(func=_sunrgbd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scenes", nargs="+", default=None, help="only these scene names")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_scannet)
+    _add_segmentation(sub)
+    _add_detection(sub)
     return p
 
 

@@ -18,6 +18,10 @@ scan, so the real data-prep path runs on it unchanged:
 - ``<scene_id>.txt``: ScanNet's meta text (axisAlignment, colour/depth sizes and intrinsics,
   frame counts). Written last: its presence marks a complete scene.
 
+:func:`generate_scenes` also writes ``out_dir/scannetv2-labels.combined.tsv`` (see
+:func:`write_label_map`), the label map that turns aggregation labels into NYU40 ids, so
+detection / segmentation prep runs on the generated scenes as on a ScanNet download.
+
 Every file is written atomically (temp file + rename) and is a pure function of the arguments:
 the same seed gives byte-identical depth payloads, poses and meshes.
 
@@ -450,10 +454,37 @@ def _write_segments(scene_dir: Path, scene_id: str, room: Room, mesh: BoxMesh) -
     _write_text(scene_dir / f"{scene_id}.aggregation.json", json.dumps(agg, indent=1))
 
 
+LABEL_MAP_COLUMNS = ("id", "raw_category", "category", "count", "nyu40id", "eigen13id",
+                     "nyuClass", "nyu40class", "eigen13class", "ModelNet40", "ModelNet10",
+                     "ShapeNetCore55", "synsetoffset", "wnsynsetid", "wnsynsetkey", "mpcat40",
+                     "mpcat40index")
+
+
+def write_label_map(path: str | os.PathLike) -> Path:
+    """Write a ``scannetv2-labels.combined.tsv`` for the categories synthetic rooms use.
+
+    Same columns as ScanNet's file (tab-separated, header first); each aggregation label of a
+    synthetic scene is a ``raw_category`` row with its ``nyu40id`` and ``nyu40class``; the
+    columns synthetic scenes do not need (eigen13, ModelNet, ShapeNet, WordNet, mpcat40) are
+    empty.
+    """
+    rows = ["\t".join(LABEL_MAP_COLUMNS)]
+    for i, (nyu, name) in enumerate(sorted(NYU40_NAMES.items()), 1):
+        fields = dict.fromkeys(LABEL_MAP_COLUMNS, "")
+        fields.update(id=str(i), raw_category=name, category=name, count="1", nyu40id=str(nyu),
+                      nyu40class=name)
+        rows.append("\t".join(fields[c] for c in LABEL_MAP_COLUMNS))
+    _write_text(Path(path), "\n".join(rows) + "\n")
+    return Path(path)
+
+
 def generate_scenes(out_dir: str | os.PathLike, n_scenes: int, seed: int = 0, **kw
                     ) -> list[Path]:
-    """``n_scenes`` scenes ``scene%04d_00`` (scene k from seed ``seed + k``) under ``out_dir``;
+    """``n_scenes`` scenes ``scene%04d_00`` (scene k from seed ``seed + k``) under ``out_dir``,
+    and the label map ``out_dir/scannetv2-labels.combined.tsv`` (:func:`write_label_map`);
     keyword arguments go to :func:`generate_scene`."""
     if n_scenes <= 0:
         raise ValueError(f"n_scenes must be positive, got {n_scenes}")
-    return [generate_scene(out_dir, f"scene{k:04d}_00", seed + k, **kw) for k in range(n_scenes)]
+    paths = [generate_scene(out_dir, f"scene{k:04d}_00", seed + k, **kw) for k in range(n_scenes)]
+    write_label_map(Path(out_dir) / "scannetv2-labels.combined.tsv")
+    return paths
