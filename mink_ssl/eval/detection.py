@@ -1,0 +1,569 @@
+"""3D detection evaluation: box IoU (axis-aligned and oriented), per-class average precision at
+IoU thresholds (0.25 and 0.5 by default), mAP, and a results table and precision/recall plot.
+
+Box parameterisation (everywhere in mink-ssl), one row per box:
+
+- *axis-aligned*: ``(K, 6)`` ``[cx, cy, cz, dx, dy, dz]``, the centre and the full extents along
+  x, y, z (not half sizes), as VoteNet's ScanNet boxes;
+- *oriented*: ``(K, 7)`` ``[cx, cy, cz, dx, dy, dz, heading]``, the same plus a rotation of the
+  box about +z by ``heading`` radians (counter-clockwise seen from above): the box's own x axis
+  (extent ``dx``) points along ``(cos heading, sin heading, 0)``. Boxes stand upright.
+- *corners*: ``box_corners`` gives ``(K, 8, 3)``: the bottom face (``cz - dz/2``) first, its
+  corners counter-clockwise seen from above starting at local ``(+dx/2, +dy/2)``, then the top
+  face in the same order.
+
+IoU is volume of intersection over volume of union. Axis-aligned: the product of the three
+interval overlaps. Oriented: the bird's-eye-view (x, y) intersection of the two rotated
+rectangles, computed by Sutherland-Hodgman clipping of one rectangle by the four edges of the
+other (vectorised over pairs: every polygon is a fixed-size vertex array with a vertex count,
+and each clip step emits, per edge, the start vertex if inside and the crossing point if the
+edge crosses the clip line), its shoelace area times the overlap of the z intervals. When boxes
+of both kinds are compared, axis-aligned ones get heading 0.
+
+Average precision follows VoteNet's ``eval_det_cls`` (the ScanNet / SUN RGB-D protocol, itself
+PASCAL VOC's): per class, predictions of all scenes are ranked by score (ties keep input order);
+each prediction takes the ground-truth box of its scene and class with the highest IoU (ties:
+the first); it is a true positive if that IoU is strictly above the threshold and that box was
+not taken by a higher-ranked prediction, otherwise a false positive (so duplicates are false
+positives, and a prediction whose best box is taken does not fall back to another box). With
+``npos`` ground-truth boxes, recall = cumTP / npos, precision = cumTP / (cumTP + cumFP), and AP
+is the area under the precision envelope (precision made monotonically non-increasing from the
+right) summed over every recall change: VOC's ``use_07_metric=False`` variant, not the 11-point
+one. A class without ground truth has no AP (NaN) and is left out of the mean (mAP); a class
+with ground truth but no prediction has AP 0. Recall (VoteNet's "AR") is the final recall.
+
+Matching is vectorised: a prediction's best box does not depend on which boxes are taken, so
+the true positives are, among predictions above the threshold, the highest ranked for each
+ground-truth box; IoUs are computed only for (prediction, box) pairs of the same scene and class.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_IOU_THRESHOLDS = (0.25, 0.5)
+_PAIR_CHUNK = 1 << 16  # box pairs per oriented-IoU chunk (about 10 MB of clipping buffers)
+_MAX_VERTICES = 16  # polygon buffer; two convex quadrilaterals intersect in at most 8 vertices
+
+
+def check_boxes(boxes, name: str = "boxes") -> torch.Tensor:
+    """``boxes`` as a float ``(K, 6)`` or ``(K, 7)`` tensor with positive finite sizes."""
+    if isinstance(boxes, np.ndarray):
+        boxes = torch.from_numpy(np.ascontiguousarray(boxes))
+    if not isinstance(boxes, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got "
+                         f"{type(boxes).__name__}")
+    if boxes.ndim != 2 or boxes.shape[1] not in (6, 7):
+        raise ValueError(f"{name} must have shape (K, 6) [cx, cy, cz, dx, dy, dz] or (K, 7) with "
+                         f"a heading about +z, got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        boxes = boxes.double() if boxes.dtype == torch.int64 else boxes.float()
+    if len(boxes):
+        bad = (~torch.isfinite(boxes).all(dim=1)) | (boxes[:, 3:6] <= 0).any(dim=1)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name} row {row} = {boxes[row].tolist()} has a non-finite value or "
+                             "a size <= 0 (columns 3:6 are full extents dx, dy, dz > 0)")
+    return boxes
+
+
+def _as_oriented(boxes: torch.Tensor) -> torch.Tensor:
+    return boxes if boxes.shape[1] == 7 else torch.cat([boxes, boxes.new_zeros(len(boxes), 1)], 1)
+
+
+def boxes_from_minmax(mins: torch.Tensor, maxs: torch.Tensor) -> torch.Tensor:
+    """Axis-aligned boxes (K, 6) from their min and max corners (K, 3) each."""
+    return torch.cat([(mins + maxs) / 2, maxs - mins], dim=1)
+
+
+def box_corners(boxes: torch.Tensor) -> torch.Tensor:
+    """The 8 corners (K, 8, 3) of boxes (K, 6) or (K, 7), in the order of the module docstring."""
+    boxes = _as_oriented(check_boxes(boxes))
+    sign = boxes.new_tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]])  # (4, 2) CCW from (+, +)
+    local = sign[None] * boxes[:, None, 3:5] / 2  # (K, 4, 2)
+    cos, sin = boxes[:, 6].cos()[:, None], boxes[:, 6].sin()[:, None]  # (K, 1)
+    x = boxes[:, None, 0] + cos * local[..., 0] - sin * local[..., 1]  # (K, 4)
+    y = boxes[:, None, 1] + sin * local[..., 0] + cos * local[..., 1]
+    z = boxes[:, 2:3] + boxes[:, 5:6] * torch.tensor([-0.5, 0.5], dtype=boxes.dtype,
+                                                      device=boxes.device)  # (K, 2) bottom, top
+    xy = torch.stack([x, y], dim=2).repeat(1, 2, 1)  # (K, 8, 2)
+    return torch.cat([xy, z.repeat_interleave(4, dim=1)[..., None]], dim=2)
+
+
+def _volumes(boxes: torch.Tensor) -> torch.Tensor:
+    return boxes[:, 3] * boxes[:, 4] * boxes[:, 5]
+
+
+def _z_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    lo = torch.maximum(a[:, 2] - a[:, 5] / 2, b[:, 2] - b[:, 5] / 2)
+    hi = torch.minimum(a[:, 2] + a[:, 5] / 2, b[:, 2] + b[:, 5] / 2)
+    return (hi - lo).clamp_min(0)
+
+
+def _aligned_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of axis-aligned pairs: a, b (P, >=6) -> (P,). Headings, if any, are ignored."""
+    lo = torch.maximum(a[:, :3] - a[:, 3:6] / 2, b[:, :3] - b[:, 3:6] / 2)  # (P, 3)
+    hi = torch.minimum(a[:, :3] + a[:, 3:6] / 2, b[:, :3] + b[:, 3:6] / 2)
+    inter = (hi - lo).clamp_min(0).prod(dim=1)
+    return inter / (_volumes(a) + _volumes(b) - inter)
+
+
+def _bev_rectangles(boxes: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """Bird's-eye-view corners (P, 4, 2), counter-clockwise, relative to origin (P, 2)."""
+    sign = boxes.new_tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]])
+    local = sign[None] * boxes[:, None, 3:5] / 2  # (P, 4, 2)
+    cos, sin = boxes[:, 6].cos()[:, None], boxes[:, 6].sin()[:, None]
+    centre = boxes[:, None, :2] - origin[:, None, :]  # (P, 1, 2)
+    return torch.stack([cos * local[..., 0] - sin * local[..., 1],
+                        sin * local[..., 0] + cos * local[..., 1]], dim=2) + centre
+
+
+def _clip_by_line(poly: torch.Tensor, count: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  tol: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Sutherland-Hodgman step: keep the part of each polygon left of the line a -> b.
+
+    Args:
+        poly: (P, V, 2) vertices in order, the first ``count`` (P,) of each row valid.
+        a, b: (P, 2) points of the directed clip line; tol (P,) distance counted as on the line.
+        width: vertex slots of the result.
+
+    Returns:
+        (P, width, 2) clipped polygons and their (P,) vertex counts.
+    """
+    p, v, _ = poly.shape
+    slot = torch.arange(v, device=poly.device)[None, :]  # (1, V)
+    valid = slot < count[:, None]  # (P, V)
+    nxt = torch.where(slot + 1 < count[:, None], slot + 1, 0)  # (P, V) cyclic successor
+    e = b - a
+    e = e / e.norm(dim=1, keepdim=True)  # (P, 2) unit direction: dist below is in length units
+    rel = poly - a[:, None, :]
+    dist = e[:, None, 0] * rel[..., 1] - e[:, None, 1] * rel[..., 0]  # (P, V) > 0: left
+    inside = dist >= -tol[:, None]
+    dist_n, inside_n = dist.gather(1, nxt), inside.gather(1, nxt)
+    crosses = valid & (inside != inside_n)
+    t = (dist / torch.where(crosses, dist - dist_n, torch.ones_like(dist))).clamp(0, 1)  # (P, V)
+    poly_n = poly.gather(1, nxt[..., None].expand(-1, -1, 2))
+    crossing = poly + t[..., None] * (poly_n - poly)  # (P, V, 2)
+    emit = torch.stack([valid & inside, crosses], dim=2).reshape(p, 2 * v)  # vertex, crossing
+    cand = torch.stack([poly, crossing], dim=2).reshape(p, 2 * v, 2)
+    pos = emit.cumsum(dim=1) - 1
+    target = torch.where(emit & (pos < width), pos, width)  # slot ``width`` collects the rest
+    out = poly.new_zeros(p, width + 1, 2).scatter_(1, target[..., None].expand(-1, -1, 2), cand)
+    return out[:, :width], emit.sum(dim=1).clamp_max(width)
+
+
+def _shoelace(poly: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Area (P,) of polygons (P, V, 2) with ``count`` valid vertices (fewer than 3: 0)."""
+    slot = torch.arange(poly.shape[1], device=poly.device)[None, :, None]
+    poly = torch.where(slot < count[:, None, None], poly, poly[:, :1])  # pad with vertex 0
+    nxt = poly.roll(-1, dims=1)
+    area = (poly[..., 0] * nxt[..., 1] - nxt[..., 0] * poly[..., 1]).sum(dim=1) / 2
+    return torch.where(count >= 3, area, torch.zeros_like(area)).clamp_min(0)
+
+
+def bev_intersection_polygon(a: torch.Tensor, b: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bird's-eye-view intersection polygons of oriented box pairs a, b (P, 7).
+
+    Returns:
+        vertices (P, 16, 2), counter-clockwise, relative to a's centre (x, y), and their (P,)
+        counts (the first ``count`` rows are valid; < 3 means no area). A vertex within a
+        rounding tolerance of a clip line counts as on it, so touching or identical rectangles
+        give no near-duplicate vertices.
+    """
+    origin = a[:, :2]  # clip in coordinates centred on box a: better conditioned in float32
+    poly, rect = _bev_rectangles(a, origin), _bev_rectangles(b, origin)  # (P, 4, 2) each
+    scale = a[:, 3:5].amax(dim=1) + b[:, 3:5].amax(dim=1) + (b[:, :2] - origin).abs().amax(dim=1)
+    tol = 64 * torch.finfo(a.dtype).eps * scale  # (P,)
+    count = torch.full((len(a),), 4, dtype=torch.long, device=a.device)
+    width = 4
+    for i in range(4):  # clip a's rectangle by each edge of b's (b is CCW: inside is left)
+        width = min(2 * width, _MAX_VERTICES)
+        poly, count = _clip_by_line(poly, count, rect[:, i], rect[:, (i + 1) % 4], tol, width)
+    return poly, count
+
+
+def bev_intersection_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bird's-eye-view intersection area (P,) of oriented box pairs a, b (P, 7)."""
+    return _shoelace(*bev_intersection_polygon(a, b))
+
+
+def _oriented_iou_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of oriented pairs a, b (P, 7) -> (P,), in chunks of pairs."""
+    out = []
+    for lo in range(0, len(a), _PAIR_CHUNK):
+        ca, cb = a[lo:lo + _PAIR_CHUNK], b[lo:lo + _PAIR_CHUNK]
+        inter = bev_intersection_area(ca, cb) * _z_overlap(ca, cb)
+        out.append(inter / (_volumes(ca) + _volumes(cb) - inter))
+    return torch.cat(out) if out else a.new_zeros(0)
+
+
+def paired_iou(a, b) -> torch.Tensor:
+    """IoU of box i of ``a`` with box i of ``b``: (P, 6|7), (P, 6|7) -> (P,).
+
+    Oriented IoU when either side has a heading column, axis-aligned otherwise.
+    """
+    a, b = check_boxes(a, "a"), check_boxes(b, "b")
+    if len(a) != len(b):
+        raise ValueError(f"paired_iou needs as many boxes in a as in b, got {len(a)} and {len(b)}")
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(device=a.device, dtype=dtype)
+    if a.shape[1] == 6 and b.shape[1] == 6:
+        return _aligned_iou_pairs(a, b)
+    return _oriented_iou_pairs(_as_oriented(a), _as_oriented(b))
+
+
+def box_iou(a, b) -> torch.Tensor:
+    """Pairwise IoU (K, L) of boxes a (K, 6|7) and b (L, 6|7) (see ``paired_iou``)."""
+    a, b = check_boxes(a, "a"), check_boxes(b, "b")
+    ia = torch.arange(len(a), device=a.device).repeat_interleave(len(b))  # (K*L,)
+    ib = torch.arange(len(b), device=a.device).repeat(len(a))
+    return paired_iou(a[ia], b.to(a.device)[ib]).view(len(a), len(b))
+
+
+def iou_aligned(a, b) -> torch.Tensor:
+    """Pairwise axis-aligned IoU (K, L) of boxes (K, 6) and (L, 6)."""
+    a, b = check_boxes(a, "a"), check_boxes(b, "b")
+    if a.shape[1] != 6 or b.shape[1] != 6:
+        raise ValueError(f"iou_aligned takes (K, 6) boxes, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}; use iou_oriented for boxes with a heading")
+    return box_iou(a, b)
+
+
+def iou_oriented(a, b) -> torch.Tensor:
+    """Pairwise oriented IoU (K, L); (K, 6) boxes are taken with heading 0."""
+    a, b = check_boxes(a, "a"), check_boxes(b, "b")
+    return box_iou(_as_oriented(a), _as_oriented(b))
+
+
+def group_pairs(key_a: torch.Tensor, key_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs (i, j) with ``key_a[i] == key_b[j]``: (A,), (B,) int64 -> (P,), (P,) int64.
+
+    Pairs come ordered by i, then by j; only equal-key pairs are built (no A x B matrix).
+    """
+    order = torch.sort(key_b, stable=True).indices
+    sorted_b = key_b[order]
+    start = torch.searchsorted(sorted_b, key_a, right=False)  # (A,)
+    n = torch.searchsorted(sorted_b, key_a, right=True) - start  # (A,) matches of each i
+    ia = torch.repeat_interleave(torch.arange(len(key_a), device=key_a.device), n)  # (P,)
+    offset = torch.repeat_interleave(n.cumsum(0) - n, n)  # (P,) first pair of each i
+    within = torch.arange(len(ia), device=key_a.device) - offset
+    return ia, order[start[ia] + within]
+
+
+def average_precision(recall: torch.Tensor, precision: torch.Tensor) -> float:
+    """VOC all-point AP (``use_07_metric=False``): area under the precision envelope.
+
+    Args:
+        recall, precision: (P,) the curve in rank order (recall non-decreasing).
+    """
+    zero, one = recall.new_zeros(1), recall.new_ones(1)
+    mrec = torch.cat([zero, recall, one])  # (P + 2,)
+    mpre = torch.cat([zero, precision, zero])
+    envelope = mpre.flip(0).cummax(dim=0).values.flip(0)  # max precision at recall >= r
+    step = mrec[1:] != mrec[:-1]
+    return float(((mrec[1:] - mrec[:-1]) * envelope[1:])[step].sum())
+
+
+def _check_labels(labels, n: int, name: str, num_classes: int | None, device) -> torch.Tensor:
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() \
+            or labels.dtype == torch.bool or labels.shape != (n,):
+        raise ValueError(f"{name} must be an integer tensor of shape ({n},), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    labels = labels.to(device=device, dtype=torch.long)
+    if n and (int(labels.min()) < 0 or (num_classes is not None
+                                        and int(labels.max()) >= num_classes)):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def match_detections(pred_boxes, pred_scores, pred_labels, pred_scene, gt_boxes, gt_labels,
+                     gt_scene) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best ground-truth box of each prediction (same scene and class) and the ranking.
+
+    Returns:
+        best_iou (P,) float (-1 where the scene has no box of that class), best_gt (P,) int64
+        index into the ground truth (``G`` where none), rank (P,) int64 position of each
+        prediction in the descending-score order (ties: input order).
+    """
+    n_classes = int(max(int(pred_labels.max()) if len(pred_labels) else 0,
+                        int(gt_labels.max()) if len(gt_labels) else 0)) + 1
+    pi, gi = group_pairs(pred_scene * n_classes + pred_labels, gt_scene * n_classes + gt_labels)
+    iou = paired_iou(pred_boxes[pi], gt_boxes[gi]) if len(pi) else pred_boxes.new_zeros(0)
+    p, g = len(pred_boxes), len(gt_boxes)
+    best_iou = iou.new_full((p,), -1.0).scatter_reduce(0, pi, iou, "amax")
+    first = iou == best_iou[pi]  # ties: the lowest ground-truth index
+    best_gt = torch.full((p,), g, dtype=torch.long, device=iou.device).scatter_reduce(
+        0, pi[first], gi[first], "amin")
+    rank = torch.empty(p, dtype=torch.long, device=iou.device)
+    rank[torch.sort(pred_scores, descending=True, stable=True).indices] = torch.arange(
+        p, device=iou.device)
+    return best_iou, best_gt, rank
+
+
+def true_positives(best_iou: torch.Tensor, best_gt: torch.Tensor, rank: torch.Tensor,
+                   num_gt: int, threshold: float) -> torch.Tensor:
+    """(P,) bool: above ``threshold`` (strictly) and the highest-ranked claim on its box."""
+    hit = best_iou > threshold
+    first = torch.full((num_gt + 1,), len(rank), dtype=torch.long, device=rank.device)
+    first = first.scatter_reduce(0, best_gt[hit], rank[hit], "amin")  # (G + 1,)
+    return hit & (rank == first[best_gt])
+
+
+@dataclass
+class ClassCurve:
+    """Precision/recall of one class at one IoU threshold, in rank order (numpy (P_c,))."""
+
+    recall: np.ndarray
+    precision: np.ndarray
+    ap: float  # NaN when the class has no ground truth
+    final_recall: float
+
+
+@dataclass
+class DetectionResult:
+    """Per-class AP and recall at each IoU threshold, plus counts and curves."""
+
+    class_names: list[str]
+    iou_thresholds: tuple[float, ...]
+    num_gt: np.ndarray  # (C,) int
+    num_pred: np.ndarray  # (C,) int
+    curves: dict[float, list[ClassCurve]] = field(default_factory=dict)
+
+    def ap(self, threshold: float) -> np.ndarray:
+        """(C,) AP per class at ``threshold`` (NaN without ground truth)."""
+        return np.array([c.ap for c in self.curves[self._key(threshold)]])
+
+    def recall(self, threshold: float) -> np.ndarray:
+        """(C,) final recall per class at ``threshold`` (NaN without ground truth)."""
+        return np.array([c.final_recall for c in self.curves[self._key(threshold)]])
+
+    def mean_ap(self, threshold: float) -> float:
+        """mAP over classes with ground truth (NaN if none has)."""
+        return _nanmean(self.ap(threshold))
+
+    def mean_recall(self, threshold: float) -> float:
+        return _nanmean(self.recall(threshold))
+
+    def _key(self, threshold: float) -> float:
+        for t in self.curves:
+            if math.isclose(t, threshold):
+                return t
+        raise KeyError(f"IoU threshold {threshold} not evaluated; evaluated: "
+                       f"{list(self.curves)}")
+
+    def to_dict(self, curves: bool = True) -> dict:
+        """Plain data (JSON-ready; NaN becomes None)."""
+        out = {"classes": list(self.class_names), "num_gt": self.num_gt.tolist(),
+               "num_pred": self.num_pred.tolist(), "iou_thresholds": list(self.iou_thresholds),
+               "results": {}}
+        for t in self.iou_thresholds:
+            entry = {"mAP": _plain(self.mean_ap(t)), "mAR": _plain(self.mean_recall(t)),
+                     "ap": {n: _plain(v) for n, v in zip(self.class_names, self.ap(t))},
+                     "recall": {n: _plain(v) for n, v in zip(self.class_names, self.recall(t))}}
+            if curves:
+                entry["curves"] = {n: None if math.isnan(c.ap) else  # no ground truth
+                                   {"recall": c.recall.tolist(), "precision": c.precision.tolist()}
+                                   for n, c in zip(self.class_names, self.curves[t])}
+            out["results"][f"{t:g}"] = entry
+        return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def _plain(value: float):
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def evaluate_detection(pred_boxes, pred_scores, pred_labels, pred_scene, gt_boxes, gt_labels,
+                       gt_scene, num_classes: int, *,
+                       iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS,
+                       class_names: Sequence[str] | None = None) -> DetectionResult:
+    """Per-class AP / recall of predictions against ground truth over many scenes.
+
+    Args:
+        pred_boxes: (P, 6|7) predicted boxes; pred_scores (P,) confidences; pred_labels (P,)
+            int classes in ``[0, num_classes)``; pred_scene (P,) int scene ids.
+        gt_boxes: (G, 6|7) ground-truth boxes; gt_labels (G,); gt_scene (G,) (same ids).
+        num_classes: C; class_names: C names (``class_<i>`` when ``None``).
+        iou_thresholds: IoU a true positive must exceed (VoteNet reports 0.25 and 0.5).
+
+    Returns:
+        a ``DetectionResult`` (AP per class and threshold, mAP via ``mean_ap``).
+    """
+    pred_boxes, gt_boxes = check_boxes(pred_boxes, "pred_boxes"), check_boxes(gt_boxes, "gt_boxes")
+    dev = pred_boxes.device
+    gt_boxes = gt_boxes.to(device=dev, dtype=torch.promote_types(pred_boxes.dtype, gt_boxes.dtype))
+    pred_boxes = pred_boxes.to(gt_boxes.dtype)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    names = [f"class_{i}" for i in range(num_classes)] if class_names is None else list(class_names)
+    if len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names but num_classes={num_classes}")
+    thresholds = tuple(float(t) for t in iou_thresholds)
+    if not thresholds or any(not 0 <= t < 1 for t in thresholds):
+        raise ValueError(f"iou_thresholds must be non-empty values in [0, 1), got {iou_thresholds}")
+    p, g = len(pred_boxes), len(gt_boxes)
+    pred_labels = _check_labels(pred_labels, p, "pred_labels", num_classes, dev)
+    gt_labels = _check_labels(gt_labels, g, "gt_labels", num_classes, dev)
+    pred_scene = _check_labels(pred_scene, p, "pred_scene", None, dev)
+    gt_scene = _check_labels(gt_scene, g, "gt_scene", None, dev)
+    if not isinstance(pred_scores, torch.Tensor):
+        pred_scores = torch.as_tensor(np.asarray(pred_scores))
+    if pred_scores.shape != (p,) or not torch.isfinite(pred_scores.double()).all():
+        raise ValueError(f"pred_scores must be ({p},) finite scores, got shape "
+                         f"{tuple(pred_scores.shape)}")
+    pred_scores = pred_scores.to(dev)
+
+    best_iou, best_gt, rank = match_detections(pred_boxes, pred_scores, pred_labels, pred_scene,
+                                               gt_boxes, gt_labels, gt_scene)
+    order = torch.argsort(rank)  # predictions in rank order
+    labels_ranked = pred_labels[order]
+    num_gt = torch.bincount(gt_labels, minlength=num_classes).cpu().numpy()
+    num_pred = torch.bincount(pred_labels, minlength=num_classes).cpu().numpy()
+    result = DetectionResult(names, thresholds, num_gt, num_pred)
+    for t in thresholds:
+        tp_ranked = true_positives(best_iou, best_gt, rank, g, t)[order]
+        result.curves[t] = []
+        for c in range(num_classes):  # one pass per class (C is small), vectorised within
+            tp = tp_ranked[labels_ranked == c].double()
+            cum_tp = tp.cumsum(0)
+            precision = cum_tp / torch.arange(1, len(tp) + 1, device=dev, dtype=tp.dtype)
+            if num_gt[c] == 0:
+                recall = torch.full_like(cum_tp, float("nan"))
+                ap = final = float("nan")
+            else:
+                recall = cum_tp / float(num_gt[c])
+                ap = average_precision(recall, precision)
+                final = float(recall[-1]) if len(recall) else 0.0
+            result.curves[t].append(ClassCurve(recall.cpu().numpy(), precision.cpu().numpy(),
+                                               ap, final))
+    return result
+
+
+class DetectionEvaluator:
+    """Collects predictions and ground truth batch by batch; ``compute`` evaluates them all.
+
+    Each ``update`` call brings its own scenes (scene ids are offset so calls never mix).
+    """
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None,
+                 iou_thresholds: Sequence[float] = DEFAULT_IOU_THRESHOLDS):
+        self.num_classes, self.class_names = num_classes, class_names
+        self.iou_thresholds = tuple(iou_thresholds)
+        self._pred: list[tuple[torch.Tensor, ...]] = []
+        self._gt: list[tuple[torch.Tensor, ...]] = []
+        self._scenes = 0
+
+    def update(self, pred_boxes, pred_scores, pred_labels, gt_boxes, gt_labels, *,
+               pred_batch: torch.Tensor | None = None, gt_batch: torch.Tensor | None = None,
+               num_scenes: int | None = None) -> None:
+        """Add B scenes: boxes (P, 6|7) / (G, 6|7), scores (P,), labels (P,) / (G,), and the
+        scene of each row within this batch, pred_batch (P,) / gt_batch (G,) (one scene when
+        ``None``); B is ``num_scenes`` or the largest scene index + 1."""
+        pred_boxes, gt_boxes = check_boxes(pred_boxes, "pred_boxes"), check_boxes(gt_boxes,
+                                                                                  "gt_boxes")
+        pb = torch.zeros(len(pred_boxes), dtype=torch.long) if pred_batch is None else pred_batch
+        gb = torch.zeros(len(gt_boxes), dtype=torch.long) if gt_batch is None else gt_batch
+        pb = _check_labels(pb, len(pred_boxes), "pred_batch", num_scenes, pred_boxes.device)
+        gb = _check_labels(gb, len(gt_boxes), "gt_batch", num_scenes, gt_boxes.device)
+        if num_scenes is None:
+            num_scenes = 1 + max([int(x.max()) for x in (pb, gb) if len(x)], default=0)
+        self._pred.append((pred_boxes.detach(), torch.as_tensor(pred_scores).detach(),
+                           torch.as_tensor(pred_labels).detach(), pb + self._scenes))
+        self._gt.append((gt_boxes.detach(), torch.as_tensor(gt_labels).detach(),
+                         gb + self._scenes))
+        self._scenes += num_scenes
+
+    def compute(self) -> DetectionResult:
+        if not self._pred:
+            raise RuntimeError("DetectionEvaluator.compute() before any update()")
+        width = max(x[0].shape[1] for x in self._pred + self._gt)
+        fix = (lambda b: _as_oriented(b)) if width == 7 else (lambda b: b)  # noqa: E731
+        dev = self._pred[0][0].device
+        cat = lambda xs: torch.cat([x.to(dev) for x in xs])  # noqa: E731
+        pred = [cat([fix(x[0]) for x in self._pred])] + [cat([x[i] for x in self._pred])
+                                                          for i in (1, 2, 3)]
+        gt = [cat([fix(x[0]) for x in self._gt])] + [cat([x[i] for x in self._gt]) for i in (1, 2)]
+        return evaluate_detection(*pred, *gt, self.num_classes, class_names=self.class_names,
+                                  iou_thresholds=self.iou_thresholds)
+
+
+def detection_table(result: DetectionResult) -> str:
+    """Markdown table: one row per class (AP and recall per threshold), then the means."""
+    head = ["class", "GT", "pred"]
+    for t in result.iou_thresholds:
+        head += [f"AP@{t:g}", f"AR@{t:g}"]
+    fmt = lambda v: "n/a" if math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c, name in enumerate(result.class_names):
+        cells = [name, str(int(result.num_gt[c])), str(int(result.num_pred[c]))]
+        for t in result.iou_thresholds:
+            cells += [fmt(result.ap(t)[c]), fmt(result.recall(t)[c])]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["**mean**", str(int(result.num_gt.sum())), str(int(result.num_pred.sum()))]
+    for t in result.iou_thresholds:
+        cells += [f"**{fmt(result.mean_ap(t))}**", f"**{fmt(result.mean_recall(t))}**"]
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_detection_report(result: DetectionResult, run_dir: str | os.PathLike,
+                           name: str = "detection") -> dict[str, Path]:
+    """Write ``<name>.md`` (table, values in %), ``<name>.json`` (all numbers and curves) and
+    ``<name>_pr.png`` (per class the interpolated precision envelope over recall, whose area is
+    the AP, and the raw precision/recall points; one panel per IoU threshold) to ``run_dir``,
+    each atomically. Returns the paths by kind (``markdown``, ``json``, ``plot``)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless, no global backend
+    from matplotlib.figure import Figure
+
+    from mink_ssl.io import atomic_path
+
+    run_dir = Path(run_dir)
+    paths = {"markdown": run_dir / f"{name}.md", "json": run_dir / f"{name}.json",
+             "plot": run_dir / f"{name}_pr.png"}
+    summary = ", ".join(f"mAP@{t:g} = {100 * result.mean_ap(t):.2f}"
+                        for t in result.iou_thresholds)
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text(f"# 3D detection ({summary})\n\n" + detection_table(result))
+    with atomic_path(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), indent=1))
+
+    n = len(result.iou_thresholds)
+    fig = Figure(figsize=(5.5 * n, 5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)
+    colors = colormaps["tab20"]
+    for ax, t in zip(axes[0], result.iou_thresholds):
+        for c, (cname, curve) in enumerate(zip(result.class_names, result.curves[t])):
+            if math.isnan(curve.ap):
+                continue  # no ground truth: no curve
+            # the interpolated envelope (its area is the AP) and the raw points, faint
+            rec = np.concatenate([[0.0], curve.recall])
+            env = np.maximum.accumulate(np.concatenate([[0.0], curve.precision])[::-1])[::-1]
+            ax.step(rec, env, where="pre", color=colors(c % 20),
+                    label=f"{cname} ({100 * curve.ap:.1f})")
+            ax.plot(curve.recall, curve.precision, ".", color=colors(c % 20), alpha=0.3, ms=3)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+               title=f"IoU {t:g}: mAP {100 * result.mean_ap(t):.2f}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left", ncol=2)
+    fig.tight_layout()
+    with atomic_path(paths["plot"]) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return paths
