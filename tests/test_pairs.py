@@ -122,3 +122,58 @@ def test_sampler_splits_ranks_and_resumes():
     assert sorted(two) == sorted(first[:10])  # together the ranks see the same epoch
     resumed = iter(ResumableSampler(10, seed=1, start=13))
     assert [next(resumed) for _ in range(12)] == first[13:]
+
+
+def test_frames_intrinsics_and_poses_of_the_views(kitchen_pairs):
+    from PIL import Image
+
+    from mink_ssl.data.fragments import FragmentStore
+
+    plain = PairDataset(kitchen_pairs, seed=3)
+    ds = PairDataset(kitchen_pairs, seed=3, frame_size=(60, 80))
+    s, p = ds[(0, 0)], plain[(0, 0)]
+    # the option adds the camera fields and changes nothing else
+    assert all(getattr(v, f) is None for v in p.views for f in ("frames", "intrinsics", "poses"))
+    assert torch.equal(s.views[0].coords, p.views[0].coords) and torch.equal(s.matches, p.matches)
+    scene, fa, _ = ds.pairs[0]
+    frag = FragmentStore(kitchen_pairs / scene).by_frame(fa)
+    v0 = s.views[0]
+    assert v0.frames.shape == (60, 80, 3) and v0.frames.dtype == torch.uint8
+    expected = np.asarray(Image.fromarray(frag.color).resize((80, 60), Image.BILINEAR))
+    np.testing.assert_array_equal(v0.frames.numpy(), expected)
+    np.testing.assert_array_equal(v0.poses.numpy(), frag.pose)
+    # 7-Scenes depth camera: fx = fy = 585, c = (320, 240) at 640x480, scaled by 1/8 with pixel
+    # centres at integer coordinates: c' = (c + 0.5) / 8 - 0.5
+    torch.testing.assert_close(v0.intrinsics, torch.tensor(
+        [[73.125, 0, 39.5625], [0, 73.125, 29.5625], [0, 0, 1]]))
+    # every voxel's point was measured at an integer pixel of the 640x480 frame: projecting it
+    # with the pose and the scaled intrinsics lands where that pixel centre lies in the 80x60 frame
+    cam = (v0.world - v0.poses[:3, 3]) @ v0.poses[:3, :3]  # world -> camera (R^T (p - t))
+    uv = cam[:, :2] / cam[:, 2:] @ v0.intrinsics[:2, :2].T + v0.intrinsics[:2, 2]
+    full = (uv.double() + 0.5) * 8 - 0.5  # back to 640x480 pixel coordinates
+    assert (full - full.round()).abs().max() < 0.02
+    assert full.min() > -0.5 and full[:, 0].max() < 639.5 and full[:, 1].max() < 479.5
+    # at the stored resolution the frame is the stored colour image and K is unchanged
+    same = PairDataset(kitchen_pairs, seed=3, frame_size=(480, 640), features="ones")[(0, 0)]
+    np.testing.assert_array_equal(same.views[0].frames.numpy(), frag.color)
+    np.testing.assert_allclose(same.views[0].intrinsics.numpy(), frag.intrinsics[:3, :3])
+
+
+def test_collate_stacks_frames_and_moves_them(kitchen_pairs):
+    ds = PairDataset(kitchen_pairs, seed=0, frame_size=[30, 40], features="ones")
+    a, b = ds[(0, 0)], ds[(0, 1)]
+    batch = collate_pairs([a, None, b]).to("cpu")
+    for v in range(2):
+        view = batch.views[v]
+        assert view.has_frames and view.frames.shape == (2, 30, 40, 3)
+        assert view.intrinsics.shape == (2, 3, 3) and view.poses.shape == (2, 4, 4)
+        assert torch.equal(view.frames[1], b.views[v].frames)
+        assert torch.equal(view.poses[0], a.views[v].poses)
+    plain = collate_pairs([PairDataset(kitchen_pairs, seed=0)[(0, 0)]]).to("cpu")
+    assert not plain.views[0].has_frames and plain.views[1].intrinsics is None
+
+
+@pytest.mark.parametrize("bad", [(60,), (0, 80), (60.5, 80), "60x80"])
+def test_bad_frame_size_is_reported(kitchen_pairs, bad):
+    with pytest.raises(ValueError, match="frame_size must be"):
+        PairDataset(kitchen_pairs, frame_size=bad)

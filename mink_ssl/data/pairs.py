@@ -5,6 +5,10 @@ It reads what ``mink-ssl-prep scannet`` wrote (``manifest.json``, ``pairs.txt`` 
 fragment stores) and refuses a manifest schema it does not know. Each item is a pure function
 of ``(seed, epoch, index)``, so augmentation does not depend on the number of loader workers
 and a resumed run sees the same data as an uninterrupted one.
+
+With ``frame_size=(h, w)`` every view also carries the camera it was measured with, for
+rendering objectives: the fragment's RGB frame downscaled to (h, w), the depth intrinsics
+scaled to it and the camera-to-world pose (all three are in the fragment store already).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ FEATURES = ("ones", "rgb")
 
 @dataclass
 class PairSample:
-    """One pair before collation (per view: coords (N, 3) int32, feats (N, C), world (N, 3))."""
+    """One pair before collation (per view: coords (N, 3) int32, feats (N, C), world (N, 3);
+    with frames also frames (h, w, 3) uint8, intrinsics (3, 3), poses (4, 4))."""
 
     views: tuple[View, View]
     matches: torch.Tensor  # (M, 2) int64
@@ -62,13 +67,16 @@ class PairDataset(Dataset):
         min_matches: a pair with fewer matches is skipped (returned as None) and counted.
         max_depth: ignore depth beyond this many metres when loading fragments.
         seed: base seed of the augmentation.
+        frame_size: (h, w): add each view's RGB frame resized to h x w, its intrinsics and
+            pose (see :class:`~mink_ssl.data.batch.View`); ``None`` (default): no frames.
     """
 
     def __init__(self, root: str | Path, *, voxel_size: float = 0.025, rotation_deg: float = 360.0,
                  rotation_axis: str = "random", scale: Sequence[float] = (1.0, 1.0),
                  translation: float = 0.0, features: str = "rgb", match_radius: float = 1.5,
                  max_matches: int | None = None, min_matches: int = 32,
-                 max_depth: float | None = None, seed: int = 0):
+                 max_depth: float | None = None, seed: int = 0,
+                 frame_size: Sequence[int] | None = None):
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         if voxel_size <= 0 or match_radius <= 0:
@@ -84,6 +92,7 @@ class PairDataset(Dataset):
         self.scale, self.translation, self.features = tuple(scale), translation, features
         self.match_radius, self.max_matches, self.min_matches = match_radius, max_matches, min_matches
         self.max_depth, self.seed = max_depth, seed
+        self.frame_size = check_frame_size(frame_size)
         self.pairs = self._read_pairs(self.root / self.manifest.get("pairs_file", "pairs.txt"))
         self._stores: dict = {}
 
@@ -121,7 +130,8 @@ class PairDataset(Dataset):
     def _view(self, scene: str, frame: int, rng: np.random.Generator) -> View:
         from mink_ssl.sparse import quantize
 
-        frag = self._store(scene).by_frame(frame, color=self.features == "rgb")
+        frag = self._store(scene).by_frame(
+            frame, color=self.features == "rgb" or self.frame_size is not None)
         points, colors = frag.points(self.max_depth)  # (P, 3) world, (P, 3) uint8
         T = random_rigid_transform(rng, self.rotation_deg, self.rotation_axis, self.scale,
                                    self.translation)
@@ -131,7 +141,12 @@ class PairDataset(Dataset):
         index = q.index.numpy()  # (N,) a point of each voxel
         feats = input_features(None if colors is None else colors[index], self.in_channels,
                                len(index))
-        return View(coords=q.coords, feats=feats, world=to_tensor(points[index], torch.float32))
+        view = View(coords=q.coords, feats=feats, world=to_tensor(points[index], torch.float32))
+        if self.frame_size is not None:
+            view.frames, view.intrinsics = resize_frame(frag.color, frag.intrinsics,
+                                                        self.frame_size)
+            view.poses = to_tensor(frag.pose, torch.float32)
+        return view
 
     def __getitem__(self, key) -> PairSample | None:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -146,8 +161,46 @@ class PairDataset(Dataset):
                           (f"{scene}/{fa:06d}", f"{scene}/{fb:06d}"))
 
 
+def check_frame_size(frame_size: Sequence[int] | None) -> tuple[int, int] | None:
+    """``frame_size`` as (h, w) ints, or None; ``ValueError`` naming a bad value."""
+    if frame_size is None:
+        return None
+    try:
+        size = tuple(frame_size)
+        ok = len(size) == 2 and all(float(v).is_integer() and v >= 1 for v in size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"frame_size must be (height, width) in pixels, e.g. (60, 80), or None "
+                         f"for no frames; got {frame_size!r}")
+    return int(size[0]), int(size[1])
+
+
+def resize_frame(color: np.ndarray, intrinsics: np.ndarray, size_hw: tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (H, W, 3) uint8 frame resized to (h, w) (antialiased bilinear) and its 3x3 (or 4x4)
+    pinhole ``intrinsics`` scaled to match: (h, w, 3) uint8 and (3, 3) float32.
+
+    Pixel centres sit at integer coordinates (the convention of
+    :func:`mink_ssl.geometry.backproject`), so a continuous coordinate maps as
+    ``u' = (u + 0.5) * w / W - 0.5``: fx' = fx w / W, cx' = (cx + 0.5) w / W - 0.5 (same for y).
+    """
+    from PIL import Image
+
+    H, W = color.shape[:2]
+    h, w = size_hw
+    frame = color if (H, W) == (h, w) else np.array(
+        Image.fromarray(color).resize((w, h), Image.BILINEAR))
+    K = np.asarray(intrinsics, np.float64)[:3, :3].copy()
+    sx, sy = w / W, h / H
+    K[0, 0], K[0, 1], K[0, 2] = K[0, 0] * sx, K[0, 1] * sx, (K[0, 2] + 0.5) * sx - 0.5
+    K[1, 1], K[1, 2] = K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5
+    return torch.from_numpy(np.ascontiguousarray(frame)), torch.from_numpy(K.astype(np.float32))
+
+
 def collate_pairs(samples: list[PairSample | None]) -> PairBatch | None:
-    """Batch samples: coordinates get their batch index, matches their row offsets.
+    """Batch samples: coordinates get their batch index, matches their row offsets; frames,
+    intrinsics and poses (when the dataset adds them) are stacked to (B, ...).
 
     Skipped samples (None) are dropped and counted in ``batch.skipped``; an all-skipped batch
     is None.
@@ -160,9 +213,13 @@ def collate_pairs(samples: list[PairSample | None]) -> PairBatch | None:
         parts = [s.views[v] for s in kept]
         n = torch.tensor([len(p.coords) for p in parts])
         batch = torch.repeat_interleave(torch.arange(len(parts)), n)[:, None].to(torch.int32)
+        camera = {}
+        if parts[0].has_frames:  # one dataset made every sample: all have frames or none
+            camera = {name: torch.stack([getattr(p, name) for p in parts])
+                      for name in ("frames", "intrinsics", "poses")}
         views.append(View(coords=torch.cat([batch, torch.cat([p.coords for p in parts])], 1),
                           feats=torch.cat([p.feats for p in parts]),
-                          world=torch.cat([p.world for p in parts])))
+                          world=torch.cat([p.world for p in parts]), **camera))
     offsets = torch.stack([torch.tensor([0] + [len(s.views[v].coords) for s in kept[:-1]])
                            .cumsum(0) for v in range(2)], 1)  # (B, 2) row offsets per view
     matches = torch.cat([s.matches + offsets[k] for k, s in enumerate(kept)])  # (M, 2)

@@ -33,7 +33,7 @@ class DataConfig:
     # [h, w]: each view also carries its RGB frame resized to h x w, intrinsics and pose, for
     # rendering objectives (cluster_render); null: no frames
     frame_size: Optional[list] = None
-    num_workers: int = 2
+    num_workers: Any = "auto"  # loader processes per rank; auto: free cores - 1, at most 8
 
 
 @dataclass

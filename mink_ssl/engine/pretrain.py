@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,6 +89,19 @@ def build_optimizer(cfg: OptimConfig, params, world_size: int = 1):
     return opt, sched
 
 
+def resolve_num_workers(value, local_world_size: int = 1) -> int:
+    """``"auto"``: the cores of this rank (those the process may run on, shared by the ranks of
+    the node) minus one for the training process itself, between 1 and 8; or the integer given.
+    More workers than that only steal cycles from the training process."""
+    if value == "auto":
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+        return max(1, min(8, cores // max(1, local_world_size) - 1))
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"data.num_workers must be 'auto' or an integer >= 0, got {value!r}")
+
+
 def build_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int,
                  world_size: int, start: int):
     from torch.utils.data import DataLoader
@@ -122,6 +136,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
 
         import_plugins(cfg.imports)
         dataset = build_dataset(cfg.data, cfg.seed)
+        workers = resolve_num_workers(cfg.data.num_workers,
+                                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         backbone = build_backbone(cfg.model, dataset.in_channels)
         objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
         module = PretrainModule(backbone, objectives, weights, cfg.freeze_bn).to(device)
@@ -141,8 +157,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
             print_fn(f"pretrain: {len(dataset)} pairs, {cfg.model.name}, objectives "
                      f"{weights}, batch {cfg.batch_size} per rank x {info.world_size} ranks = "
                      f"{cfg.batch_size * info.world_size} global, lr "
-                     f"{optimizer.param_groups[0]['lr']:g} ({scaling}), device {device}, "
-                     f"out {out_dir}")
+                     f"{optimizer.param_groups[0]['lr']:g} ({scaling}), {workers} loader workers, "
+                     f"device {device}, out {out_dir}")
 
         resume = cfg.resume
         if resume == "auto":
@@ -153,7 +169,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
             ck.restore(ck.load_checkpoint(Path(resume)), trainer)
             if info.is_main:
                 print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
-        loader = build_loader(dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed, info.rank,
+        loader = build_loader(dataset, cfg.batch_size, workers, cfg.seed, info.rank,
                               info.world_size, trainer.state.samples)
         trainer.batches = iter(loader)
         # objectives' hooks (e.g. an EMA teacher update) run right after the optimizer step,
