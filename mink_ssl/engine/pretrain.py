@@ -149,7 +149,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
             module = torch.nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=cfg.distributed.find_unused_parameters)
-        optimizer, scheduler = build_optimizer(cfg.optim, module.parameters(), info.world_size)
+        trainable = [p for p in module.parameters() if p.requires_grad]  # not an EMA teacher
+        optimizer, scheduler = build_optimizer(cfg.optim, trainable, info.world_size)
         if info.is_main:
             scaling = (f"{cfg.optim.lr:g} x {info.world_size} ranks (linear scaling)"
                        if cfg.optim.scale_lr_with_world_size and info.world_size > 1
