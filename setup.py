@@ -44,6 +44,8 @@ setup(
             "mink-ssl-prep=data_prep.cli:main",
             "mink-ssl-pretrain=mink_ssl.cli.pretrain:main",
             "mink-ssl-viz=mink_ssl.cli.viz:main",
+            "mink-ssl-finetune-seg=mink_ssl.cli.finetune_seg:main",
+            "mink-ssl-finetune-det=mink_ssl.cli.finetune_det:main",
         ],
     },
 )

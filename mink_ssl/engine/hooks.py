@@ -9,18 +9,23 @@ from mink_ssl.engine.trainer import Hook
 class CheckpointHook(Hook):
     """``checkpoint_<iteration>.pth`` every ``every`` iterations and at the end, keeping the last
     ``keep``; the backbone alone (heads dropped) is exported to ``backbone.pth`` at the end
-    (the trained backbone, or the one an objective chooses, e.g. distillation's EMA teacher)."""
+    (the trained backbone, or the one an objective chooses, e.g. distillation's EMA teacher).
+
+    Other trainings pass ``save_fn(path, trainer, config)`` (default: pretraining's
+    ``save_checkpoint``) and ``export_fn(trainer, out_dir)`` (default: the backbone export)."""
 
     def __init__(self, out_dir: Path, every: int, config: dict, keep: int = 2,
-                 enabled: bool = True):
+                 enabled: bool = True, save_fn=None, export_fn=None):
         self.out_dir, self.every, self.config = Path(out_dir), every, config
         self.keep, self.enabled = keep, enabled
+        self.save_fn, self.export_fn = save_fn, export_fn
 
     def _save(self, trainer) -> None:
         from mink_ssl.engine.checkpoint import save_checkpoint
 
         it = trainer.state.iteration
-        save_checkpoint(self.out_dir / f"checkpoint_{it}.pth", trainer, self.config)
+        (self.save_fn or save_checkpoint)(self.out_dir / f"checkpoint_{it}.pth", trainer,
+                                          self.config)
         old = sorted(self.out_dir.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for p in old[: -self.keep]:
             p.unlink()
@@ -34,6 +39,9 @@ class CheckpointHook(Hook):
             return
         if not (self.out_dir / f"checkpoint_{trainer.state.iteration}.pth").exists():
             self._save(trainer)
+        if self.export_fn is not None:
+            self.export_fn(trainer, self.out_dir)
+            return
         from mink_ssl.engine.checkpoint import _unwrap
         from mink_ssl.models import save_model
 
@@ -44,9 +52,11 @@ class LoggingHook(Hook):
     """TensorBoard scalars every ``every`` iterations, a tqdm bar, a final summary line."""
 
     def __init__(self, out_dir: Path, every: int = 10, enabled: bool = True,
-                 progress: bool = True, print_fn=print):
+                 progress: bool = True, print_fn=print, desc: str = "pretrain",
+                 report_skipped: bool = True):
         self.out_dir, self.every, self.enabled = Path(out_dir), every, enabled
         self.progress, self.print_fn = progress and enabled, print_fn
+        self.desc, self.report_skipped = desc, report_skipped  # bar / summary; pair skips
         self.writer = self.bar = None
 
     def before_train(self, trainer) -> None:
@@ -61,7 +71,7 @@ class LoggingHook(Hook):
             from tqdm import tqdm
 
             self.bar = tqdm(total=trainer.max_iterations, initial=trainer.state.iteration,
-                            desc="pretrain", unit="it", dynamic_ncols=True)
+                            desc=self.desc, unit="it", dynamic_ncols=True)
 
     def after_step(self, trainer) -> None:
         if not self.enabled:
@@ -71,7 +81,8 @@ class LoggingHook(Hook):
             for k, v in m.items():
                 group = "loss" if k.startswith("loss") else "stat"
                 self.writer.add_scalar(f"{group}/{k}", v, it)
-            self.writer.add_scalar("stat/skipped_pairs", trainer.state.skipped_pairs, it)
+            if self.report_skipped:
+                self.writer.add_scalar("stat/skipped_pairs", trainer.state.skipped_pairs, it)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.3g}")
@@ -83,6 +94,7 @@ class LoggingHook(Hook):
             self.bar.close()
         self.writer.close()
         s = trainer.state
-        self.print_fn(f"pretrain: {s.iteration} iterations, final loss "
-                      f"{s.last_metrics.get('loss', float('nan')):.4f}, "
-                      f"{s.skipped_pairs} pairs skipped (too few matches)")
+        skipped = (f", {s.skipped_pairs} pairs skipped (too few matches)"
+                   if self.report_skipped else "")
+        self.print_fn(f"{self.desc}: {s.iteration} iterations, final loss "
+                      f"{s.last_metrics.get('loss', float('nan')):.4f}{skipped}")

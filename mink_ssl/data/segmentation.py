@@ -1,0 +1,387 @@
+"""Segmentation scenes: the prepared benchmarks (S3DIS, ScanNet, Synthia4D) as voxelised,
+augmented, labelled training samples, plus the original points for evaluation.
+
+It reads what segmentation prep writes (schema ``mink_ssl.seg_scenes/1``)::
+
+    <root>/manifest.json   classes, ignore_label (-1), recommended voxel_size, splits, scenes
+    <root>/scenes/*.npz    coords (N, 3) float32 metres, colors (N, 3) uint8, labels (N,) int16
+
+Training augmentations, in the order applied (those of the MinkowskiEngine / PointContrast
+fine-tuning recipes; each is off when its parameter is at the neutral value):
+
+1. elastic distortion (``elastic``: list of (granularity, magnitude) metres, e.g. ScanNet's
+   ((0.2, 0.4), (0.8, 1.6))): smoothed Gaussian noise on a grid, interpolated trilinearly and
+   added to the points; applied with probability 0.95;
+2. rotation about gravity by a uniform angle in [-rotation_deg, rotation_deg] and small tilts
+   about the two horizontal axes in [-tilt_deg, tilt_deg] (S3DIS pi/32, ScanNet pi/64);
+3. uniform scaling in ``scale`` (0.9, 1.1);
+4. horizontal flips (``flip``): each horizontal axis mirrored with probability 0.5;
+5. chromatic auto-contrast (probability ``color_auto_contrast``, 0.2): colours stretched to the
+   full range and blended with the originals by a uniform random factor;
+6. chromatic translation (``color_translation`` ratio, 0.1): one random RGB offset in
+   [-ratio, ratio] x 255 per scene, probability 0.95;
+7. chromatic jitter (``color_jitter`` std, 0.05): Gaussian noise of std x 255 per point,
+   probability 0.95.
+
+Limited labels (the data-efficient settings of Contrastive Scene Contexts), both seeded by
+``label_seed`` and fixed for the whole run:
+
+- ``scene_fraction``: train on a random fraction of the split's scenes (at least one);
+- ``labelled_points``: per scene keep N random labelled points, set every other label to -1.
+
+Voxel labels: the majority label of a voxel's labelled points (-1 where none is labelled), so a
+voxel keeps a sparse annotation even when its first point is unlabelled. A voxel's input feature
+is the colour of its first point. Each training item is a pure function of (seed, epoch,
+index), as in :mod:`mink_ssl.data.pairs`, and is independent of the number of loader workers.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mink_ssl.data.features import input_features
+
+KNOWN_SCHEMAS = ("mink_ssl.seg_scenes/1",)
+FEATURES = ("ones", "rgb")
+UP_AXES = {"x": 0, "y": 1, "z": 2}
+
+
+@dataclass
+class SegBatch:
+    """Voxelised scenes for segmentation.
+
+    coords: (N, 4) int32 batched voxel coordinates, batch index first
+    feats:  (N, C) float32 input features (ones, or RGB in [-0.5, 0.5])
+    labels: (N,) int64 class of each voxel in [0, num_classes), -1 = ignore
+    names:  the scene of each batch index
+    """
+
+    coords: torch.Tensor
+    feats: torch.Tensor
+    labels: torch.Tensor
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to(self, device) -> "SegBatch":
+        return SegBatch(self.coords.to(device), self.feats.to(device), self.labels.to(device),
+                        self.names)
+
+
+@dataclass
+class SegSample:
+    """One voxelised scene before collation: coords (M, 3) int32, feats (M, C), labels (M,)."""
+
+    coords: torch.Tensor
+    feats: torch.Tensor
+    labels: torch.Tensor
+    name: str
+
+
+def collate_segmentation(samples: list[SegSample]) -> SegBatch:
+    """Stack samples into a :class:`SegBatch`, batch index = position in ``samples``."""
+    n = torch.tensor([len(s.coords) for s in samples])
+    batch = torch.repeat_interleave(torch.arange(len(samples)), n)[:, None].to(torch.int32)
+    return SegBatch(coords=torch.cat([batch, torch.cat([s.coords for s in samples])], 1),
+                    feats=torch.cat([s.feats for s in samples]),
+                    labels=torch.cat([s.labels for s in samples]),
+                    names=[s.name for s in samples])
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentations (see the module docstring for order and probabilities)."""
+
+    rotation_deg: float = 180.0
+    tilt_deg: float = 0.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    flip: bool = True
+    elastic: tuple[tuple[float, float], ...] = ()
+    color_auto_contrast: float = 0.2
+    color_translation: float = 0.1
+    color_jitter: float = 0.05
+
+    def __post_init__(self):
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be a range (lo, hi) with 0 < lo <= hi, got "
+                             f"{self.scale}")
+        for g_m in self.elastic:
+            if len(g_m) != 2 or not (g_m[0] > 0 and g_m[1] >= 0):
+                raise ValueError(f"elastic entries must be (granularity > 0, magnitude >= 0) "
+                                 f"in metres, got {list(self.elastic)}")
+        if not 0 <= self.color_auto_contrast <= 1:
+            raise ValueError(f"color_auto_contrast is a probability in [0, 1], got "
+                             f"{self.color_auto_contrast}")
+        if self.rotation_deg < 0 or self.tilt_deg < 0 or self.color_translation < 0 \
+                or self.color_jitter < 0:
+            raise ValueError("rotation_deg, tilt_deg, color_translation and color_jitter must "
+                             f"be >= 0, got {self}")
+
+    @classmethod
+    def none(cls) -> "Augmentation":
+        """Every augmentation off (evaluation, tests)."""
+        return cls(rotation_deg=0.0, tilt_deg=0.0, scale=(1.0, 1.0), flip=False, elastic=(),
+                   color_auto_contrast=0.0, color_translation=0.0, color_jitter=0.0)
+
+
+def rotation_matrix(angle: float, axis: int = 2) -> np.ndarray:
+    """3x3 rotation by ``angle`` radians about coordinate axis ``axis`` (0 x, 1 y, 2 z)."""
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = [a for a in range(3) if a != axis]
+    R = np.eye(3)
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R
+
+
+def elastic_distortion(points: np.ndarray, rng: np.random.Generator, granularity: float,
+                       magnitude: float) -> np.ndarray:
+    """Points (N, 3) displaced by smooth noise: Gaussian noise on a grid of ``granularity``
+    metres, smoothed by three passes of a 3-tap box filter per axis (twice), interpolated
+    trilinearly at each point and scaled by ``magnitude``."""
+    from scipy.interpolate import RegularGridInterpolator
+    from scipy.ndimage import uniform_filter1d
+
+    lo = points.min(0)
+    dims = ((points.max(0) - lo) // granularity).astype(int) + 3  # (3,) grid cells per axis
+    noise = rng.standard_normal((*dims, 3)).astype(np.float32)  # (gx, gy, gz, 3)
+    for _ in range(2):
+        for axis in range(3):
+            noise = uniform_filter1d(noise, 3, axis=axis, mode="constant")
+    axes = [np.linspace(lo[d] - granularity, lo[d] + granularity * (dims[d] - 2), dims[d])
+            for d in range(3)]
+    interp = RegularGridInterpolator(axes, noise, bounds_error=False, fill_value=0.0)
+    return points + (interp(points) * magnitude).astype(points.dtype)
+
+
+def augment(points: np.ndarray, colors: np.ndarray, aug: Augmentation,
+            rng: np.random.Generator, up_axis: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``aug`` to points (N, 3) float32 and colours (N, 3); returns (points float32,
+    colours float32 in [0, 255])."""
+    p = np.asarray(points, np.float32)
+    col = np.asarray(colors, np.float32).copy()
+    if aug.elastic and rng.random() < 0.95:
+        for granularity, magnitude in aug.elastic:
+            p = elastic_distortion(p, rng, granularity, magnitude)
+    horizontal = [a for a in range(3) if a != up_axis]
+    R = rotation_matrix(np.deg2rad(rng.uniform(-aug.rotation_deg, aug.rotation_deg)), up_axis)
+    for a in horizontal:
+        R = rotation_matrix(np.deg2rad(rng.uniform(-aug.tilt_deg, aug.tilt_deg)), a) @ R
+    S = np.diag(np.full(3, rng.uniform(*aug.scale)))
+    if aug.flip:
+        for a in horizontal:
+            if rng.random() < 0.5:
+                S[a, a] *= -1
+    T = (S @ R).astype(np.float32)
+    centre = p.mean(0, dtype=np.float64).astype(np.float32)
+    p = (p - centre) @ T.T  # (N, 3)
+    if aug.color_auto_contrast and rng.random() < aug.color_auto_contrast:
+        lo, hi = col.min(0, keepdims=True), col.max(0, keepdims=True)  # (1, 3)
+        stretched = (col - lo) * (255.0 / np.maximum(hi - lo, 1e-6))
+        blend = rng.random()
+        col = (1 - blend) * col + blend * stretched
+    if aug.color_translation and rng.random() < 0.95:
+        offset = (rng.random((1, 3)) - 0.5) * 2 * 255 * aug.color_translation
+        col = np.clip(col + offset, 0, 255)
+    if aug.color_jitter and rng.random() < 0.95:
+        col = np.clip(col + rng.standard_normal(col.shape) * aug.color_jitter * 255, 0, 255)
+    return p, col.astype(np.float32)
+
+
+def voxel_labels(inverse: torch.Tensor, labels: torch.Tensor, num_voxels: int,
+                 num_classes: int) -> torch.Tensor:
+    """(M,) int64 majority label of each voxel's labelled points (-1 where none is labelled;
+    ties go to the smaller class index). ``inverse`` (N,) voxel of each point, ``labels`` (N,)."""
+    labels = labels.long()
+    keep = labels >= 0
+    counts = torch.zeros(num_voxels * num_classes, dtype=torch.int32, device=labels.device)
+    counts.index_add_(0, inverse[keep] * num_classes + labels[keep],
+                      torch.ones(int(keep.sum()), dtype=torch.int32, device=labels.device))
+    counts = counts.view(num_voxels, num_classes)  # (M, C)
+    best, arg = counts.max(1)
+    return torch.where(best > 0, arg, torch.full_like(arg, -1))
+
+
+def limit_labels(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``labels`` (N,) with only ``n`` random labelled points kept (others -1); all
+    of them if the scene has no more than ``n``."""
+    out = np.full_like(labels, -1)
+    labelled = np.flatnonzero(labels >= 0)
+    keep = labelled if len(labelled) <= n else rng.choice(labelled, n, replace=False)
+    out[keep] = labels[keep]
+    return out
+
+
+def select_scenes(names: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """A seeded random ``fraction`` of ``names`` (at least one), in the original order."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"scene_fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1:
+        return list(names)
+    k = max(1, int(round(fraction * len(names))))
+    rng = np.random.default_rng([seed, zlib.crc32(b"scene_fraction")])  # apart from label seeds
+    chosen = np.sort(rng.permutation(len(names))[:k])
+    return [names[i] for i in chosen]
+
+
+def _scene_seed(seed: int, name: str) -> list[int]:
+    return [seed, zlib.crc32(name.encode())]
+
+
+def read_seg_manifest(root: Path) -> dict:
+    """``root/manifest.json`` after checking the schema and the fields training needs."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point data.root at the output directory of "
+                                "segmentation prep (S3DIS, ScanNet or Synthia)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema") not in KNOWN_SCHEMAS:
+        raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
+                         f"{KNOWN_SCHEMAS}: rerun segmentation prep with this version")
+    missing = [k for k in ("classes", "ignore_label", "splits", "scenes") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; rerun segmentation prep")
+    if manifest["ignore_label"] != -1:
+        raise ValueError(f"{path}: ignore_label is {manifest['ignore_label']!r}, the contract "
+                         "says -1")
+    if not manifest["classes"]:
+        raise ValueError(f"{path} lists no classes")
+    for split, names in manifest["splits"].items():
+        unknown = [n for n in names if n not in manifest["scenes"]]
+        if unknown:
+            raise ValueError(f"{path}: split {split!r} names scenes without a file entry: "
+                             f"{unknown[:5]}")
+    return manifest
+
+
+class SegmentationDataset(Dataset):
+    """Scenes of one split of a prepared benchmark as augmented, voxelised :class:`SegSample`.
+
+    Args:
+        root: output directory of segmentation prep (``manifest.json`` + ``scenes/``).
+        split: a split of the manifest ('train', 'val', 'test').
+        voxel_size: metres; None takes the manifest's recommendation (S3DIS 5 cm, ScanNet 2 cm,
+            Synthia 15 cm).
+        features: 'rgb' (3 channels in [-0.5, 0.5]) or 'ones' (1 channel).
+        augmentation: training augmentations; None for none.
+        up_axis: the gravity axis of the scenes' coordinates ('z', or 'y' for raw Synthia).
+        scene_fraction: use this seeded fraction of the split's scenes.
+        labelled_points: keep this many random labelled points per scene (None: all).
+        label_seed: seed of both limited-label selections (fixed for the run).
+        seed: base seed of the augmentations.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", *, voxel_size: float | None = None,
+                 features: str = "rgb", augmentation: Augmentation | None = None,
+                 up_axis: str = "z", scene_fraction: float = 1.0,
+                 labelled_points: int | None = None, label_seed: int = 0, seed: int = 0):
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        if up_axis not in UP_AXES:
+            raise ValueError(f"up_axis must be one of {sorted(UP_AXES)}, got {up_axis!r}")
+        if labelled_points is not None and (not isinstance(labelled_points, int)
+                                            or labelled_points < 1):
+            raise ValueError(f"labelled_points must be a positive int or None (all), got "
+                             f"{labelled_points!r}")
+        self.root = Path(root)
+        self.manifest = read_seg_manifest(self.root)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise ValueError(f"split {split!r} is not in {self.root / 'manifest.json'}; "
+                             f"available: {sorted(splits)}")
+        self.split = split
+        self.voxel_size = float(voxel_size if voxel_size is not None
+                                else self.manifest.get("voxel_size") or 0)
+        if self.voxel_size <= 0:
+            raise ValueError(f"voxel_size must be positive metres, got {voxel_size!r} (and the "
+                             f"manifest recommends {self.manifest.get('voxel_size')!r})")
+        self.features, self.augmentation = features, augmentation
+        self.up_axis = UP_AXES[up_axis]
+        self.scene_fraction, self.labelled_points = scene_fraction, labelled_points
+        self.label_seed, self.seed = label_seed, seed
+        self.scenes = select_scenes(splits[split], scene_fraction, label_seed)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.features == "ones" else 3
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def load(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The scene's original points (N, 3) float32, colours (N, 3) uint8 and full labels
+        (N,) int64, checked against the contract."""
+        entry = self.manifest["scenes"].get(name)
+        if entry is None:
+            raise KeyError(f"scene {name!r} is not in {self.root / 'manifest.json'}")
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (scene {name!r}) is missing; rerun segmentation "
+                                    "prep, which skips scenes that are complete")
+        with np.load(path) as z:
+            missing = [k for k in ("coords", "colors", "labels") if k not in z.files]
+            if missing:
+                raise ValueError(f"{path} lacks arrays {missing} (has {z.files})")
+            points, colors, labels = z["coords"], z["colors"], z["labels"]
+        n = len(points)
+        if points.shape != (n, 3) or colors.shape != (n, 3) or labels.shape != (n,) or n == 0:
+            raise ValueError(f"{path}: expected coords (N, 3), colors (N, 3), labels (N,) with "
+                             f"N > 0, got {points.shape}, {colors.shape}, {labels.shape}")
+        labels = labels.astype(np.int64)
+        bad = (labels < -1) | (labels >= self.num_classes)
+        if bad.any():
+            raise ValueError(f"{path}: labels {np.unique(labels[bad])[:5].tolist()} are outside "
+                             f"[0, {self.num_classes}) and not -1; fix the label mapping in prep")
+        if not np.isfinite(points).all():
+            raise ValueError(f"{path}: coords contain non-finite values")
+        return points.astype(np.float32), colors.astype(np.uint8), labels
+
+    def training_labels(self, name: str, labels: np.ndarray) -> np.ndarray:
+        """``labels`` after the limited-label setting (the same points every epoch)."""
+        if self.labelled_points is None:
+            return labels
+        return limit_labels(labels, self.labelled_points,
+                            np.random.default_rng(_scene_seed(self.label_seed, name)))
+
+    def __getitem__(self, key) -> SegSample:
+        from mink_ssl.sparse import quantize
+
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        name = self.scenes[index]
+        points, colors, labels = self.load(name)
+        labels = self.training_labels(name, labels)
+        if self.augmentation is not None:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            points, colors = augment(points, colors, self.augmentation, rng, self.up_axis)
+        q = quantize(points, self.voxel_size)
+        first = q.index.numpy()  # (M,) first point of each voxel
+        feats = input_features(colors[first], self.in_channels, len(first))
+        vlabels = voxel_labels(q.inverse, torch.from_numpy(labels), len(q.coords),
+                               self.num_classes)
+        return SegSample(coords=q.coords, feats=feats, labels=vlabels, name=name)
+
+    def scenes_for_eval(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """(name, points, colours, full labels) of every scene, unaugmented."""
+        for name in self.scenes:
+            yield (name, *self.load(name))
+
+
+__all__ = [
+    "SegBatch", "SegSample", "SegmentationDataset", "Augmentation", "augment",
+    "collate_segmentation", "elastic_distortion", "limit_labels", "read_seg_manifest",
+    "rotation_matrix", "select_scenes", "voxel_labels"]

@@ -1,0 +1,419 @@
+"""Fine-tuning for semantic segmentation, end to end: build from a :class:`FinetuneSegConfig`,
+load pretrained backbone weights (strictly) or start from scratch, train with the shared
+:class:`~mink_ssl.engine.trainer.Trainer` and hooks, evaluate on the original points, write the
+results.
+
+    from mink_ssl.engine.finetune_seg import finetune_seg
+    finetune_seg(config, out_dir=Path("runs/seg"))      # what `mink-ssl-finetune-seg` calls
+
+The default schedule is the PointContrast / MinkowskiEngine fine-tuning protocol: SGD (lr 0.1,
+momentum 0.9, weight decay 1e-4), poly decay lr_t = lr (1 - t / T)^0.9 stepped every iteration,
+cross-entropy over labelled voxels (label -1 ignored); batch size and iterations per benchmark
+live in ``configs/finetune/<benchmark>.yaml``.
+
+The run directory holds ``config.json``; ``checkpoint_<it>.pth`` (format
+``mink_ssl.seg_checkpoint/1``: model, optimizer, scheduler, iteration, sampler position, RNG;
+``resume=auto`` continues exactly); ``model.pth`` (backbone + head,
+:func:`mink_ssl.models.heads.load_segmentation_model`); ``tb/`` scalars; ``val_history.json``
+(periodic evaluations); ``results.md`` / ``results.json`` / ``results_iou.png`` (the final
+evaluation) and ``predictions/<scene>.ply``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from mink_ssl.engine.config import DistributedConfig, ModelConfig, OptimConfig
+from mink_ssl.engine.trainer import Hook, TrainState
+
+SEG_CHECKPOINT_FORMAT = "mink_ssl.seg_checkpoint/1"
+
+
+# ----------------------------------------------------------------------------------- config
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations (list and order: :mod:`mink_ssl.data.segmentation`)."""
+
+    rotation_deg: float = 180.0  # about gravity, uniform in [-r, r]
+    tilt_deg: float = 0.0  # about the horizontal axes (S3DIS 5.625 = pi/32, ScanNet pi/64)
+    scale: list = field(default_factory=lambda: [0.9, 1.1])
+    flip: bool = True  # mirror each horizontal axis with probability 0.5
+    elastic: list = field(default_factory=list)  # [[granularity, magnitude], ...] metres
+    color_auto_contrast: float = 0.2  # probability
+    color_translation: float = 0.1  # ratio of 255
+    color_jitter: float = 0.05  # std, ratio of 255
+
+
+@dataclass
+class SegDataConfig:
+    root: str = "???"  # output directory of segmentation prep (manifest.json + scenes/)
+    voxel_size: Optional[float] = None  # metres; null: the manifest's recommendation
+    features: str = "rgb"  # rgb | ones
+    up_axis: str = "z"  # gravity axis of the prepared coordinates
+    train_split: str = "train"
+    eval_split: Optional[str] = "val"  # null: no evaluation
+    augment: bool = True
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    scene_fraction: float = 1.0  # limited labels: this seeded fraction of training scenes
+    labelled_points: Optional[int] = None  # limited labels: N random labelled points per scene
+    label_seed: int = 0  # seed of both limited-label selections
+    num_workers: Any = "auto"  # loader processes per rank; auto: free cores - 1, at most 8
+
+
+@dataclass
+class SegOptimConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "poly"  # poly: lr (1 - t/T)^poly_power | step: x lr_gamma every lr_step
+    poly_power: float = 0.9
+    lr_step: int = 1000
+    lr_gamma: float = 0.5
+    scale_lr_with_world_size: bool = False
+
+
+@dataclass
+class SegEvalConfig:
+    every: int = 1000  # evaluate on data.eval_split every this many iterations (0: at the end)
+    rotations: int = 1  # final evaluation: average logits over this many rotations (TTA)
+    ply_scenes: int = 2  # final evaluation: PLY files of predictions for the first k scenes
+
+
+@dataclass
+class FinetuneSegConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
+    seed: int = 0
+    max_iterations: int = 10000
+    batch_size: int = 6  # scenes per process (global batch = batch_size x world size)
+    device: str = "auto"
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    progress: bool = True
+    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+
+
+# ---------------------------------------------------------------------------------- builders
+
+def build_seg_dataset(cfg: SegDataConfig, split: str, *, train: bool, seed: int):
+    """The split's :class:`~mink_ssl.data.segmentation.SegmentationDataset`; training data gets
+    the augmentations and the limited-label settings, evaluation data neither."""
+    from mink_ssl.data.segmentation import Augmentation, SegmentationDataset
+
+    if cfg.root in ("???", "", None):
+        raise ValueError("data.root is not set: pass data.root=<output of segmentation prep>")
+    aug = None
+    if train and cfg.augment:
+        a = cfg.augmentation
+        aug = Augmentation(rotation_deg=a.rotation_deg, tilt_deg=a.tilt_deg,
+                           scale=tuple(a.scale), flip=a.flip,
+                           elastic=tuple(tuple(e) for e in a.elastic),
+                           color_auto_contrast=a.color_auto_contrast,
+                           color_translation=a.color_translation, color_jitter=a.color_jitter)
+    return SegmentationDataset(
+        cfg.root, split, voxel_size=cfg.voxel_size, features=cfg.features, augmentation=aug,
+        up_axis=cfg.up_axis, scene_fraction=cfg.scene_fraction if train else 1.0,
+        labelled_points=cfg.labelled_points if train else None, label_seed=cfg.label_seed,
+        seed=seed)
+
+
+def build_seg_model(cfg: ModelConfig, in_channels: int, num_classes: int):
+    from mink_ssl.engine.pretrain import build_backbone
+    from mink_ssl.models.heads import SegmentationModel
+
+    return SegmentationModel(build_backbone(cfg, in_channels), num_classes)
+
+
+def poly_lambda(max_iterations: int, power: float) -> Callable[[int], float]:
+    """lr factor (1 - t / T)^power, 0 from T on."""
+    def factor(t: int) -> float:
+        return max(0.0, 1.0 - t / max_iterations) ** power
+
+    return factor
+
+
+def build_seg_optimizer(cfg: SegOptimConfig, params, max_iterations: int, world_size: int = 1):
+    """(optimizer, per-iteration scheduler); the optimizer comes from pretraining's builder."""
+    from mink_ssl.engine.pretrain import build_optimizer
+
+    if cfg.scheduler not in ("poly", "step"):
+        raise ValueError(f"unknown scheduler {cfg.scheduler!r}; valid choices: poly, step")
+    opt, step = build_optimizer(
+        OptimConfig(name=cfg.name, lr=cfg.lr, momentum=cfg.momentum,
+                    weight_decay=cfg.weight_decay, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma,
+                    scale_lr_with_world_size=cfg.scale_lr_with_world_size), params, world_size)
+    if cfg.scheduler == "step":
+        return opt, step
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(max(max_iterations, 1),
+                                                                   cfg.poly_power))
+
+
+def build_seg_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int,
+                     world_size: int, start: int):
+    from torch.utils.data import DataLoader
+
+    from mink_ssl.data.pairs import ResumableSampler
+    from mink_ssl.data.segmentation import collate_segmentation
+
+    sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
+                               start=start)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_segmentation, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------- module, checkpoint
+
+class SegmentationModule(nn.Module):
+    """The trainer's module: ``forward(batch)`` -> cross-entropy over labelled voxels and stats.
+
+    Returns ``loss`` (= ``loss_ce``), ``stat_acc`` (voxel accuracy on labelled voxels) and
+    ``stat_labelled`` (labelled voxels in the batch). A batch without any labelled voxel (possible
+    with very few labelled points per scene) gives a zero loss that still reaches every weight.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, iteration: int = 0, max_iterations: int = 1) -> dict:
+        from mink_ssl.sparse import sparse_tensor
+
+        logits = self.model(sparse_tensor(batch.coords, batch.feats)).F  # (N, C)
+        labelled = batch.labels >= 0  # (N,)
+        n = labelled.sum()
+        if int(n) == 0:
+            loss = logits.sum() * 0.0
+            acc = torch.zeros((), device=logits.device)
+        else:
+            target = batch.labels[labelled]
+            loss = nn.functional.cross_entropy(logits[labelled], target)
+            acc = (logits[labelled].argmax(1) == target).float().mean().detach()
+        return {"loss": loss, "loss_ce": loss.detach(), "stat_acc": acc,
+                "stat_labelled": n.float()}
+
+
+def _unwrap(module):
+    return module.module if hasattr(module, "module") else module
+
+
+def save_seg_checkpoint(path: Path, trainer, config: dict) -> Path:
+    """Everything to resume a fine-tuning run exactly (plain containers only)."""
+    from mink_ssl.engine.checkpoint import rng_state
+    from mink_ssl.io import atomic_torch_save, library_versions
+
+    module = _unwrap(trainer.module)
+    model = module.model
+    return atomic_torch_save({
+        "format": SEG_CHECKPOINT_FORMAT, "versions": library_versions(), "config": config,
+        "model": model.backbone.config(), "head": model.head.config(),
+        "backbone": model.backbone.state_dict(), "head_state": model.head.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "state": {"iteration": trainer.state.iteration, "samples": trainer.state.samples},
+        "rng": rng_state(module),
+    }, path)
+
+
+def load_seg_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != SEG_CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a fine-tuning checkpoint (format {found!r}, expected "
+                         f"{SEG_CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+def restore_seg(ckpt: dict, trainer) -> TrainState:
+    """Put a trainer back where the checkpoint left it (the sampler restarts from samples)."""
+    from mink_ssl.engine.checkpoint import set_rng_state
+
+    module = _unwrap(trainer.module)
+    module.model.backbone.load_state_dict(ckpt["backbone"], strict=True)
+    module.model.head.load_state_dict(ckpt["head_state"], strict=True)
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"], module)
+    trainer.state = TrainState(iteration=ckpt["state"]["iteration"],
+                               samples=ckpt["state"]["samples"])
+    return trainer.state
+
+
+class SegEvalHook(Hook):
+    """Every ``every`` iterations (not at the last one: the final evaluation follows), rank 0
+    runs ``evaluate() -> SegMetrics``, adds ``stat_val_miou`` to the step's metrics and rewrites
+    ``val_history.json``; the other ranks wait at a barrier."""
+
+    def __init__(self, evaluate: Callable, every: int, out_dir: Path, enabled: bool,
+                 print_fn=print, barrier: Callable[[], None] = lambda: None):
+        self.evaluate, self.every, self.out_dir = evaluate, every, Path(out_dir)
+        self.enabled, self.print_fn, self.barrier = enabled, print_fn, barrier
+        self.history: list[dict] = []
+
+    def before_train(self, trainer) -> None:
+        path = self.out_dir / "val_history.json"
+        if self.enabled and path.is_file():  # a resumed run keeps the earlier evaluations
+            self.history = [h for h in json.loads(path.read_text())
+                            if h["iteration"] <= trainer.state.iteration]
+
+    def after_step(self, trainer) -> None:
+        it = trainer.state.iteration
+        if not self.every or it % self.every or it >= trainer.max_iterations:
+            return
+        if self.enabled:
+            from mink_ssl.io import atomic_path
+
+            m = self.evaluate()
+            self.history.append({"iteration": it, "miou": m.miou, "macc": m.macc,
+                                 "oacc": m.oacc})
+            with atomic_path(self.out_dir / "val_history.json") as tmp:
+                tmp.write_text(json.dumps(self.history, indent=1))
+            trainer.state.last_metrics["stat_val_miou"] = m.miou
+            self.print_fn(f"iteration {it}: val mIoU {100 * m.miou:.1f}, mAcc "
+                          f"{100 * m.macc:.1f}, oAcc {100 * m.oacc:.1f}")
+        self.barrier()
+
+
+# ------------------------------------------------------------------------------------- run
+
+def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
+    """Fine-tune as ``cfg`` says, writing into ``out_dir``; returns the final evaluation
+    (``results.json``'s content; empty without an evaluation split)."""
+    from mink_ssl.engine.distributed import barrier, cleanup, init_distributed
+    from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
+    from mink_ssl.engine.trainer import Trainer
+    from mink_ssl.eval.segmentation import evaluate_scenes, write_results
+    from mink_ssl.models.heads import save_segmentation_model
+    from mink_ssl.models.pretrained import load_pretrained
+
+    out_dir = Path(out_dir)
+    info, device = init_distributed(cfg.device, cfg.distributed.backend)
+    try:
+        plain = asdict(cfg)
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(plain, indent=1))
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+        train_set = build_seg_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+        if len(train_set) == 0:
+            raise ValueError(f"split {cfg.data.train_split!r} of {cfg.data.root} has no scenes")
+        eval_set = None
+        if cfg.data.eval_split is not None:
+            eval_set = build_seg_dataset(cfg.data, cfg.data.eval_split, train=False,
+                                         seed=cfg.seed)
+            if len(eval_set) == 0:
+                filled = [k for k, v in eval_set.manifest["splits"].items() if v]
+                raise ValueError(f"evaluation split {cfg.data.eval_split!r} is empty; choose "
+                                 f"data.eval_split from {filled} or null (no evaluation)")
+        classes = train_set.classes
+        model = build_seg_model(cfg.model, train_set.in_channels, len(classes))
+
+        resume = cfg.resume
+        if resume == "auto":
+            from mink_ssl.engine.checkpoint import latest_checkpoint
+
+            resume = latest_checkpoint(out_dir)
+        pretrained_report = None
+        if cfg.pretrained and not resume:  # a resumed run restores its own weights
+            pretrained_report = load_pretrained(model, cfg.pretrained)
+            if info.is_main:
+                print_fn(pretrained_report.summary())
+
+        module = SegmentationModule(model).to(device)
+        if info.enabled:
+            if cfg.distributed.sync_bn and device.type == "cuda":
+                import MinkowskiEngine as ME
+
+                module = ME.MinkowskiSyncBatchNorm.convert_sync_batchnorm(module)
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.distributed.find_unused_parameters)
+        optimizer, scheduler = build_seg_optimizer(cfg.optim, module.parameters(),
+                                                   cfg.max_iterations, info.world_size)
+        if info.is_main:
+            limited = ""
+            if cfg.data.scene_fraction < 1 or cfg.data.labelled_points:
+                limited = (f" (limited labels: {100 * cfg.data.scene_fraction:g}% of scenes, "
+                           f"{cfg.data.labelled_points or 'all'} labelled points per scene, "
+                           f"label_seed {cfg.data.label_seed})")
+            print_fn(f"finetune-seg: {len(train_set)} {cfg.data.train_split} scenes{limited}, "
+                     f"{len(eval_set) if eval_set else 0} {cfg.data.eval_split} scenes, "
+                     f"{len(classes)} classes, voxel {train_set.voxel_size:g} m, "
+                     f"{cfg.model.name}, {'pretrained' if cfg.pretrained else 'from scratch'}, "
+                     f"batch {cfg.batch_size} per rank x {info.world_size} ranks, lr "
+                     f"{optimizer.param_groups[0]['lr']:g} {cfg.optim.scheduler}, device "
+                     f"{device}, out {out_dir}")
+
+        trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
+                          cfg.batch_size, device)
+        if resume:
+            restore_seg(load_seg_checkpoint(Path(resume)), trainer)
+            if info.is_main:
+                print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
+        from mink_ssl.engine.pretrain import resolve_num_workers
+
+        workers = resolve_num_workers(cfg.data.num_workers,
+                                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        loader = build_seg_loader(train_set, cfg.batch_size, workers, cfg.seed,
+                                  info.rank, info.world_size, trainer.state.samples)
+        trainer.batches = iter(loader)
+
+        def evaluate(rotations: int = 1, ply_dir: Path | None = None, ply_scenes: int = 0):
+            return evaluate_scenes(model, eval_set.scenes_for_eval(), classes,
+                                   eval_set.voxel_size, eval_set.in_channels,
+                                   rotations=rotations, up_axis=eval_set.up_axis,
+                                   device=device, ply_dir=ply_dir, ply_scenes=ply_scenes)
+
+        def export(trainer_, directory: Path) -> None:
+            save_segmentation_model(model, directory / "model.pth", classes=classes,
+                                    voxel_size=train_set.voxel_size, features=cfg.data.features)
+
+        hooks: list[Hook] = []
+        if eval_set is not None:
+            hooks.append(SegEvalHook(evaluate, cfg.eval.every, out_dir, info.is_main, print_fn,
+                                     barrier=lambda: barrier(info)))
+        hooks += [LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn,
+                              desc="finetune-seg", report_skipped=False),
+                  CheckpointHook(out_dir, cfg.checkpoint_every, plain, enabled=info.is_main,
+                                 save_fn=save_seg_checkpoint, export_fn=export)]
+        trainer.hooks = hooks
+        trainer.train()
+
+        results: dict = {}
+        if eval_set is not None and info.is_main:
+            metrics = evaluate(cfg.eval.rotations, out_dir / "predictions", cfg.eval.ply_scenes)
+            extra = {"split": cfg.data.eval_split, "scenes": len(eval_set),
+                     "iterations": trainer.state.iteration, "rotations": cfg.eval.rotations,
+                     "voxel_size": eval_set.voxel_size, "model": cfg.model.name,
+                     "pretrained": cfg.pretrained,
+                     "pretrained_loaded_fraction": (pretrained_report.matched_fraction
+                                                    if pretrained_report else None),
+                     "train_scenes": len(train_set), "scene_fraction": cfg.data.scene_fraction,
+                     "labelled_points": cfg.data.labelled_points}
+            title = f"{eval_set.manifest.get('benchmark', 'segmentation')} {cfg.data.eval_split}"
+            write_results(out_dir, metrics, title=title, extra=extra)
+            results = {**extra, **metrics.to_dict()}
+            print_fn(f"finetune-seg: {cfg.data.eval_split} mIoU {100 * metrics.miou:.1f}, mAcc "
+                     f"{100 * metrics.macc:.1f}, oAcc {100 * metrics.oacc:.1f} "
+                     f"({len(eval_set)} scenes, {cfg.eval.rotations} rotation(s)); "
+                     f"{out_dir / 'results.md'}")
+        barrier(info)
+        return results
+    finally:
+        cleanup(info)

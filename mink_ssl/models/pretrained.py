@@ -1,0 +1,174 @@
+"""Strict, loud loading of pretrained backbone weights into a task model.
+
+Accepted files (all read with ``torch.load(weights_only=True)``):
+
+- a backbone exported by pretraining (``backbone.pth``, :func:`mink_ssl.models.save_model`,
+  format ``mink_ssl.model/1``): its ``state_dict``;
+- a training checkpoint (``checkpoint_<it>.pth``, :mod:`mink_ssl.engine.checkpoint`, format
+  ``mink_ssl.checkpoint/1``), a fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) or a
+  segmentation model (``mink_ssl.seg_model/1``): their ``backbone`` entry;
+- an untagged ``{"state_dict": {...}}`` (MinkowskiEngine / PointContrast checkpoints) or a bare
+  state dict of tensors.
+
+Rules: a missing file is an error; the file's architecture (where it records one) must match the
+model's; every key of the file must land on a key of the target module (after ``prefix``) with
+the same shape, and every key of the model must come from the file except those starting with an
+allow-listed prefix (the task head). Anything else raises ``ValueError`` naming the keys, with a
+hint when all unexpected keys share an extra prefix such as ``module.`` (DistributedDataParallel)
+or ``backbone.``. Nothing is ever loaded partially.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from mink_ssl.models import MODEL_FORMAT
+from mink_ssl.models.heads import SEG_MODEL_FORMAT
+
+#: where each file format keeps the backbone's weights (the checkpoint formats are those of
+#: mink_ssl.engine.checkpoint and mink_ssl.engine.finetune_seg, spelled out to keep models/
+#: free of engine imports)
+ENTRY_OF_FORMAT = {
+    MODEL_FORMAT: "state_dict",
+    "mink_ssl.checkpoint/1": "backbone",
+    "mink_ssl.seg_checkpoint/1": "backbone",
+    SEG_MODEL_FORMAT: "backbone",
+}
+#: constructor arguments that decide tensor names and shapes (bn_momentum, normalize_output
+#: do not, and may differ between pretraining and fine-tuning)
+ARCHITECTURE_KEYS = ("name", "in_channels", "out_channels", "stem_kernel_size", "dimension")
+_SHOW = 8  # keys listed per problem in error messages
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did.
+
+    loaded: model keys set from the file; allowed_missing: model keys left at their
+    initialisation (allow-listed); matched_fraction: loaded / all model keys; matched_elements:
+    the same fraction counted in tensor elements.
+    """
+
+    path: Path
+    source: str
+    loaded: list[str]
+    allowed_missing: list[str]
+    matched_fraction: float
+    matched_elements: float
+
+    def summary(self) -> str:
+        n, total = len(self.loaded), len(self.loaded) + len(self.allowed_missing)
+        heads = sorted({k.split(".")[0] for k in self.allowed_missing})
+        kept = (f"; left at initialisation (allowed): {len(self.allowed_missing)} tensors of "
+                f"{', '.join(heads)}" if self.allowed_missing else "")
+        return (f"pretrained: {self.path} ({self.source}): loaded {n}/{total} tensors "
+                f"({100 * self.matched_fraction:.1f}% of keys, {100 * self.matched_elements:.1f}%"
+                f" of elements){kept}")
+
+
+def _read(path: Path) -> tuple[dict, dict | None, str]:
+    """(state dict, architecture config or None, description of the source) of ``path``."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise ValueError(f"{path} cannot be read as a weights-only torch file ({e}); export "
+                         "the weights as a plain state dict") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    fmt = obj.get("format")
+    if fmt is not None:
+        if fmt not in ENTRY_OF_FORMAT:
+            raise ValueError(f"{path} has format {fmt!r}; pretrained weights can come from "
+                             f"{sorted(ENTRY_OF_FORMAT)} or an untagged state dict")
+        entry = ENTRY_OF_FORMAT[fmt]
+        if not isinstance(obj.get(entry), dict):
+            raise ValueError(f"{path} (format {fmt!r}) has no {entry!r} entry")
+        return obj[entry], obj.get("model"), f"{fmt}, entry {entry!r}"
+    if isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"], None, "untagged checkpoint, entry 'state_dict'"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None, "bare state dict"
+    raise ValueError(f"{path} is neither a mink-ssl model/checkpoint nor a state dict (top-level "
+                     f"keys {sorted(obj)[:_SHOW]})")
+
+
+def _listing(keys: Sequence[str]) -> str:
+    keys = list(keys)
+    more = f" ... and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def _extra_prefix(unexpected: list[str], targets: set[str], prefix: str) -> str | None:
+    """A leading ``something.`` shared by all unexpected keys whose removal makes them fit."""
+    first = unexpected[0].split(".")[0] + "."
+    if all(k.startswith(first) and prefix + k[len(first):] in targets for k in unexpected):
+        return first
+    return None
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = "backbone.",
+                    allow_missing: Sequence[str] = ("head.",),
+                    architecture: dict | None = None) -> LoadReport:
+    """Load the backbone weights of ``path`` into ``model`` strictly (see the module docstring).
+
+    Args:
+        model: the task model, e.g. a :class:`~mink_ssl.models.heads.SegmentationModel`.
+        path: pretrained file.
+        prefix: where the file's keys live in ``model`` (``"backbone."``; ``""`` for a bare
+            backbone).
+        allow_missing: key prefixes of ``model`` that may stay at their initialisation.
+        architecture: the model's backbone constructor arguments (``backbone.config()``), checked
+            against the file's where it records them; None: taken from ``model.backbone``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} do not exist; give an existing file "
+                                "or pretrained=null to train from scratch")
+    source, file_arch, desc = _read(path)
+    if architecture is None and hasattr(model, "backbone") and hasattr(model.backbone, "config"):
+        architecture = model.backbone.config()
+    if file_arch is not None and architecture is not None:
+        diff = [f"{k}: file {file_arch.get(k)!r} vs model {architecture.get(k)!r}"
+                for k in ARCHITECTURE_KEYS if file_arch.get(k) != architecture.get(k)]
+        if diff:
+            raise ValueError(f"{path} holds a different backbone architecture ({'; '.join(diff)}); "
+                             "configure the model like the pretraining run (e.g. model=<same> "
+                             "model.out_channels=<same>)")
+    target = model.state_dict()
+    mapped = {prefix + k: v for k, v in source.items()}
+    unexpected = [k[len(prefix):] for k in mapped if k not in target]
+    missing = [k for k in target if k not in mapped]
+    not_allowed = [k for k in missing if not k.startswith(tuple(allow_missing))]
+    shapes = [f"{k[len(prefix):]} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+              for k, v in mapped.items() if k in target and v.shape != target[k].shape]
+    if unexpected or not_allowed or shapes:
+        problems = []
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected key(s) in the file: "
+                            f"{_listing(unexpected)}")
+            extra = _extra_prefix(unexpected, set(target), prefix)
+            if extra:
+                problems.append(f"every unexpected key carries the extra prefix {extra!r} (saved "
+                                f"from a wrapper?); strip it: "
+                                f"{{k.removeprefix({extra!r}): v for k, v in state.items()}}")
+        if not_allowed:
+            problems.append(f"{len(not_allowed)} model key(s) missing from the file (only "
+                            f"{list(allow_missing)} may be): {_listing(not_allowed)}")
+        if shapes:
+            problems.append(f"{len(shapes)} shape mismatch(es) (file vs model): "
+                            f"{_listing(shapes)}")
+        raise ValueError(f"cannot load {path} ({desc}) strictly: " + "; ".join(problems))
+    merged = dict(target)
+    merged.update({k: v.to(target[k].dtype) for k, v in mapped.items()})
+    model.load_state_dict(merged, strict=True)
+    loaded = [k for k in target if k in mapped]
+    elements = sum(target[k].numel() for k in loaded)
+    total_elements = sum(v.numel() for v in target.values()) or 1
+    return LoadReport(path=path, source=desc, loaded=loaded, allowed_missing=missing,
+                      matched_fraction=len(loaded) / max(len(target), 1),
+                      matched_elements=elements / total_elements)

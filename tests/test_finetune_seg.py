@@ -1,0 +1,447 @@
+"""Segmentation fine-tuning: the dataset on contract-format scenes (voxel labels, augmentations,
+limited labels), strict pretrained loading, exact resume, configs, and the CLI end to end
+learning synthetic rooms far above chance."""
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mink_ssl.data.segmentation import (Augmentation, SegmentationDataset, augment,
+                                        collate_segmentation, limit_labels, voxel_labels)
+from mink_ssl.engine.config import ModelConfig
+from mink_ssl.engine.finetune_seg import (FinetuneSegConfig, SegDataConfig, SegEvalConfig,
+                                          SegOptimConfig, build_seg_dataset, build_seg_model,
+                                          finetune_seg)
+from mink_ssl.models import build_model, save_model
+from mink_ssl.models.pretrained import load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+CLASSES = ["floor", "wall", "table", "cabinet"]
+VOXEL = 0.25  # coarse, so that CPU training is quick
+
+
+# ------------------------------------------------------------------- synthetic benchmark
+
+def _plane(rng, origin, u, v, density):
+    """Points uniformly on the parallelogram origin + s u + t v, s, t in [0, 1]."""
+    n = max(int(np.linalg.norm(np.cross(u, v)) * density), 1)
+    st = rng.random((n, 2))
+    return origin + st[:, :1] * u + st[:, 1:] * v
+
+
+def _box(rng, lo, size, density):
+    x, y, z = np.diag(size)
+    faces = [(lo + [0, 0, size[2]], x, y), (lo, x, z), (lo + [0, size[1], 0], x, z), (lo, y, z),
+             (lo + [size[0], 0, 0], y, z)]  # top and the four sides
+    return np.concatenate([_plane(rng, np.asarray(o, float), u, v, density) for o, u, v in faces])
+
+
+def make_room(rng, density=150.0):
+    """A room: floor, four walls, two low wide tables and two tall narrow cabinets, plus
+    unlabelled clutter. Every surface gets a random colour, so colour says nothing about the
+    class: the network must use geometry (height, orientation, extent)."""
+    w, d, h = rng.uniform(3.0, 4.0), rng.uniform(3.0, 4.0), 2.0
+    parts, labels, colors = [], [], []
+
+    def add(points, label):
+        parts.append(points)
+        labels.append(np.full(len(points), label))
+        colors.append(np.clip(rng.uniform(60, 200, 3) + rng.normal(0, 12, points.shape), 0, 255))
+
+    add(_plane(rng, np.zeros(3), np.array([w, 0, 0]), np.array([0, d, 0]), density), 0)
+    for o, u in (((0, 0, 0), (w, 0, 0)), ((0, d, 0), (w, 0, 0)), ((0, 0, 0), (0, d, 0)),
+                 ((w, 0, 0), (0, d, 0))):
+        add(_plane(rng, np.asarray(o, float), np.asarray(u, float), np.array([0, 0, h]),
+                   density), 1)
+    for k in range(4):
+        table = k % 2 == 0
+        size = (np.r_[rng.uniform(0.8, 1.2, 2), rng.uniform(0.5, 0.7)] if table
+                else np.r_[rng.uniform(0.4, 0.6, 2), rng.uniform(1.2, 1.6)])
+        lo = np.r_[rng.uniform(0.2, w - size[0] - 0.2), rng.uniform(0.2, d - size[1] - 0.2), 0]
+        add(_box(rng, lo, size, density), 2 if table else 3)
+    add(rng.uniform([0, 0, 0], [w, d, h], (200, 3)), -1)  # clutter, unlabelled
+    points = np.concatenate(parts)
+    points += rng.normal(0, 0.005, points.shape)
+    return (points.astype(np.float32), np.concatenate(colors).astype(np.uint8),
+            np.concatenate(labels).astype(np.int16))
+
+
+def write_benchmark(root: Path, splits: dict, seed: int = 0) -> Path:
+    """A prepared benchmark in the segmentation data contract (manifest + scenes/*.npz)."""
+    rng = np.random.default_rng(seed)
+    (root / "scenes").mkdir(parents=True)
+    scenes = {}
+    for names in splits.values():
+        for name in names:
+            points, colors, labels = make_room(rng)
+            file = f"scenes/{name.replace('/', '__')}.npz"
+            np.savez(root / file, coords=points, colors=colors, labels=labels)
+            scenes[name] = {"file": file, "points": len(points)}
+    manifest = {"schema": "mink_ssl.seg_scenes/1", "benchmark": "rooms", "classes": CLASSES,
+                "ignore_label": -1, "voxel_size": VOXEL, "splits": splits, "scenes": scenes,
+                "skipped": [], "repairs": [], "parameters": {"seed": seed},
+                "created": "2026-01-01T00:00:00", "versions": {}}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def rooms(tmp_path_factory):
+    return write_benchmark(tmp_path_factory.mktemp("seg") / "rooms", {
+        "train": [f"Area_1/room_{i}" for i in range(6)],
+        "val": ["Area_5/room_0", "Area_5/room_1"], "test": []})
+
+
+def tiny_config(root, **kw) -> FinetuneSegConfig:
+    cfg = FinetuneSegConfig(
+        model=ModelConfig(name="Res16UNet14A", out_channels=16, normalize_output=False),
+        data=SegDataConfig(root=str(root), num_workers=0),
+        optim=SegOptimConfig(name="adam", lr=3e-3), eval=SegEvalConfig(every=0, ply_scenes=1),
+        max_iterations=4, batch_size=2, device="cpu", checkpoint_every=2, log_every=1,
+        progress=False)
+    return replace(cfg, **kw)
+
+
+# ------------------------------------------------------------------------------- dataset
+
+def test_dataset_reads_the_contract_and_checks_it(rooms, tmp_path):
+    ds = SegmentationDataset(rooms, "train")
+    assert len(ds) == 6 and ds.classes == CLASSES and ds.voxel_size == VOXEL  # manifest's
+    points, colors, labels = ds.load("Area_1/room_3")  # file Area_1__room_3.npz
+    assert points.dtype == np.float32 and colors.dtype == np.uint8 and labels.dtype == np.int64
+    s = ds[(0, 3)]
+    assert s.name == "Area_1/room_3" and s.coords.dtype == torch.int32 and s.coords.shape[1] == 3
+    assert s.feats.shape == (len(s.coords), 3) and s.feats.abs().max() <= 0.5
+    assert s.labels.dtype == torch.int64 and set(s.labels.unique().tolist()) == {-1, 0, 1, 2, 3}
+    b = collate_segmentation([ds[(0, 0)], s])
+    assert b.coords.shape == (len(ds[(0, 0)].coords) + len(s.coords), 4)
+    assert b.coords[:, 0].unique().tolist() == [0, 1] and b.names[1] == "Area_1/room_3"
+    ones = SegmentationDataset(rooms, "train", voxel_size=0.5, features="ones")[0]
+    assert ones.feats.shape == (len(ones.coords), 1) and len(ones.coords) < len(ds[0].coords)
+
+    manifest = json.loads((rooms / "manifest.json").read_text())
+    bad = tmp_path / "bad"
+    (bad / "scenes").mkdir(parents=True)
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "schema": "seg/0"}))
+    with pytest.raises(ValueError, match="schema 'seg/0'.*mink_ssl.seg_scenes/1"):
+        SegmentationDataset(bad)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"split 'tset'.*available: \['test', 'train', 'val'\]"):
+        SegmentationDataset(bad, "tset")
+    with pytest.raises(FileNotFoundError, match=r"Area_1__room_0.npz \(scene 'Area_1/room_0'\)"):
+        SegmentationDataset(bad)[0]
+    np.savez(bad / "scenes" / "Area_1__room_0.npz", coords=points, colors=colors,
+             labels=np.where(labels == 3, 7, labels).astype(np.int16))
+    with pytest.raises(ValueError, match=r"labels \[7\] are outside \[0, 4\) and not -1"):
+        SegmentationDataset(bad)[0]
+
+
+def test_voxel_labels_take_the_majority_of_labelled_points():
+    inverse = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    labels = torch.tensor([-1, 2, 2, -1, -1, 1, 0, 3, -1])
+    # voxel 0: first point unlabelled, majority 2; voxel 1: nothing labelled; voxel 2: a tie
+    # (smaller class wins); voxel 3: one labelled point
+    assert voxel_labels(inverse, labels, 4, 4).tolist() == [2, -1, 0, 3]
+
+
+def test_augmentations(rooms):
+    ds = SegmentationDataset(rooms, "train", augmentation=Augmentation())
+    a, again, other = ds[(0, 1)], ds[(0, 1)], ds[(1, 1)]
+    # a pure function of (seed, epoch, index)
+    assert torch.equal(a.coords, again.coords) and torch.equal(a.feats, again.feats)
+    assert not (len(a.coords) == len(other.coords) and torch.equal(a.coords, other.coords))
+
+    points, colors, _ = ds.load("Area_1/room_1")
+    rng = np.random.default_rng(0)
+    centred = points - points.mean(0)
+    # gravity rotation, flips: heights and horizontal distances are kept
+    p, c = augment(points, colors, Augmentation(scale=(1, 1), color_auto_contrast=0,
+                                                color_translation=0, color_jitter=0), rng)
+    np.testing.assert_allclose(p[:, 2], centred[:, 2], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(p[:100, :2] - p[100:200, :2], axis=1),
+                               np.linalg.norm(centred[:100, :2] - centred[100:200, :2], axis=1),
+                               atol=1e-4)
+    assert np.abs(p[:, :2] - centred[:, :2]).max() > 0.1 and np.array_equal(c, colors)
+    # y up (raw Synthia): y is kept instead; scaling scales
+    p, _ = augment(points, colors, Augmentation(scale=(1.2, 1.2)), rng, up_axis=1)
+    np.testing.assert_allclose(p[:, 1], 1.2 * centred[:, 1], atol=1e-4)
+    # tilt moves heights a little
+    p, _ = augment(points, colors, Augmentation(tilt_deg=5, scale=(1, 1)), rng)
+    assert 0.01 < np.abs(p[:, 2] - centred[:, 2]).max() < 0.5
+    # elastic distortion: a smooth displacement of the expected size
+    none = Augmentation.none()
+    p0, _ = augment(points, colors, none, np.random.default_rng(3))
+    np.testing.assert_allclose(p0, centred, atol=1e-5)
+    pe, _ = augment(points, colors, replace(none, elastic=((0.2, 0.4),)), np.random.default_rng(3))
+    disp = np.linalg.norm(pe - p0, axis=1)
+    assert 0.02 < disp.mean() < 0.4
+    from scipy.spatial import cKDTree
+
+    near = cKDTree(p0).query_pairs(0.02, output_type="ndarray")  # (K, 2) neighbours
+    d = pe - p0
+    near_diff = np.linalg.norm(d[near[:, 0]] - d[near[:, 1]], axis=1)
+    far_diff = np.linalg.norm(d[:1000] - d[-1000:], axis=1)  # mostly metres apart
+    assert len(near) > 100 and near_diff.max() < 0.2 * disp.max()  # smooth ...
+    assert far_diff.mean() > 5 * near_diff.mean()  # ... but not a global shift
+    # colours: stay in [0, 255], are changed, and the scene-wide translation moves the mean
+    _, cc = augment(points, colors, replace(none, color_translation=0.1, color_jitter=0.05),
+                    np.random.default_rng(1))
+    assert cc.min() >= 0 and cc.max() <= 255 and np.abs(cc - colors).mean() > 3
+    with pytest.raises(ValueError, match=r"scale must be a range .* got \(1.1, 0.9\)"):
+        Augmentation(scale=(1.1, 0.9))
+
+
+def test_limited_labels_are_seeded_and_fixed(rooms):
+    full = SegmentationDataset(rooms, "train")
+    few = SegmentationDataset(rooms, "train", labelled_points=5, label_seed=0)
+    name = few.scenes[2]
+    _, _, labels = few.load(name)
+    kept = few.training_labels(name, labels)
+    assert (kept >= 0).sum() == 5 and np.array_equal(kept[kept >= 0], labels[kept >= 0])
+    assert np.array_equal(kept, few.training_labels(name, labels))  # the same points every time
+    other = SegmentationDataset(rooms, "train", labelled_points=5, label_seed=1)
+    assert not np.array_equal(kept, other.training_labels(name, labels))
+    s = few[(3, 2)]  # any epoch: at most 5 labelled voxels (two points may share one)
+    assert 1 <= int((s.labels >= 0).sum()) <= 5 < int((full[(3, 2)].labels >= 0).sum())
+    assert (limit_labels(labels, 10 ** 9, np.random.default_rng(0)) == labels).all()
+
+    half = SegmentationDataset(rooms, "train", scene_fraction=0.5, label_seed=0)
+    assert len(half) == 3 and set(half.scenes) < set(full.scenes)
+    assert half.scenes == SegmentationDataset(rooms, "train", scene_fraction=0.5).scenes
+    assert half.scenes != SegmentationDataset(rooms, "train", scene_fraction=0.5,
+                                              label_seed=1).scenes
+    # the evaluation data keeps every scene and every label
+    cfg = SegDataConfig(root=str(rooms), labelled_points=5, scene_fraction=0.5)
+    ev = build_seg_dataset(cfg, "train", train=False, seed=0)
+    assert len(ev) == 6 and ev.augmentation is None
+    assert np.array_equal(ev.training_labels(name, labels), labels)
+    assert len(build_seg_dataset(cfg, "train", train=True, seed=0)) == 3
+
+
+# ---------------------------------------------------------------------- pretrained weights
+
+def _pretrained_backbone(path: Path, seed: int = 123):
+    torch.manual_seed(seed)
+    net = build_model("Res16UNet14A", in_channels=3, out_channels=16)
+    with torch.no_grad():  # as after training: every weight and statistic moved a little
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                v.add_(torch.randn_like(v).abs_() if k.endswith("running_var") else
+                       torch.randn_like(v) * 0.01)
+    save_model(net, path)
+    return net.state_dict()
+
+
+def _fresh_model():
+    torch.manual_seed(0)
+    return build_seg_model(ModelConfig(name="Res16UNet14A", out_channels=16), 3, 4)
+
+
+def test_pretrained_weights_replace_the_scratch_initialisation(tmp_path):
+    from mink_ssl.engine.checkpoint import save_checkpoint
+    from mink_ssl.engine.pretrain import build_objectives, build_optimizer
+    from mink_ssl.engine.config import OptimConfig
+    from mink_ssl.engine.trainer import PretrainModule, Trainer
+    from mink_ssl.models.heads import save_segmentation_model
+
+    saved = _pretrained_backbone(tmp_path / "backbone.pth")
+    scratch = {k: v.clone() for k, v in _fresh_model().state_dict().items()}
+    model = _fresh_model()
+    report = load_pretrained(model, tmp_path / "backbone.pth")
+    state = model.state_dict()
+    for k, v in saved.items():
+        torch.testing.assert_close(state["backbone." + k], v, rtol=0, atol=0)
+    changed = [k for k in saved if not torch.equal(scratch["backbone." + k], saved[k])]
+    assert changed == [k for k in saved if saved[k].is_floating_point()]
+    assert torch.equal(state["head.conv.kernel"], scratch["head.conv.kernel"])  # head: scratch
+    assert report.allowed_missing == ["head.conv.kernel", "head.conv.bias"]
+    assert report.matched_fraction == pytest.approx(len(saved) / (len(saved) + 2))
+    assert 0.99 < report.matched_elements < 1.0
+    assert "left at initialisation (allowed): 2 tensors of head" in report.summary()
+
+    # a pretraining checkpoint (its "backbone" entry) loads the same way
+    torch.manual_seed(5)
+    backbone = build_model("Res16UNet14A", in_channels=3, out_channels=16)
+    objectives, weights = build_objectives({"point_info_nce": {}}, 16)
+    module = PretrainModule(backbone, objectives, weights)
+    opt, sched = build_optimizer(OptimConfig(), module.parameters())
+    save_checkpoint(tmp_path / "checkpoint_7.pth",
+                    Trainer(module, opt, sched, iter(()), 7, 1, torch.device("cpu")), {})
+    model = _fresh_model()
+    report = load_pretrained(model, tmp_path / "checkpoint_7.pth")
+    assert "mink_ssl.checkpoint/1, entry 'backbone'" in report.source
+    torch.testing.assert_close(model.backbone.state_dict(), backbone.state_dict(), rtol=0, atol=0)
+    # and so do a fine-tuned segmentation model and an untagged {"state_dict": ...}
+    save_segmentation_model(model, tmp_path / "model.pth", classes=CLASSES, voxel_size=0.05,
+                            features="rgb")
+    torch.save({"state_dict": saved, "iteration": 3}, tmp_path / "untagged.pth")
+    for name, expected in (("untagged.pth", saved), ("model.pth", backbone.state_dict())):
+        load_pretrained(model, tmp_path / name)
+        torch.testing.assert_close(model.backbone.state_dict(), expected, rtol=0, atol=0)
+
+
+def test_pretrained_loading_is_strict_and_loud(tmp_path):
+    saved = _pretrained_backbone(tmp_path / "backbone.pth")
+    model = _fresh_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileNotFoundError, match="nope.pth do not exist.*pretrained=null"):
+        load_pretrained(model, tmp_path / "nope.pth")
+    # keys saved from a DDP wrapper ("module.") or from the task model ("backbone.")
+    torch.save({"state_dict": {"module." + k: v for k, v in saved.items()}}, tmp_path / "ddp.pth")
+    with pytest.raises(ValueError, match=r"unexpected key\(s\) in the file: module\.conv0p1s1"
+                                         r"\.kernel.*extra prefix 'module\.'.*missing from the "
+                                         r"file.*backbone\.conv0p1s1\.kernel"):
+        load_pretrained(model, tmp_path / "ddp.pth")
+    state = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    state["state_dict"] = {"backbone." + k: v for k, v in saved.items()}
+    torch.save(state, tmp_path / "prefixed.pth")
+    with pytest.raises(ValueError, match=r"backbone\.conv0p1s1\.kernel.*extra prefix 'backbone\.'"):
+        load_pretrained(model, tmp_path / "prefixed.pth")
+    # a backbone tensor missing from the file: only the head may be missing
+    state["state_dict"] = {k: v for k, v in saved.items() if k != "final.bias"}
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"1 model key\(s\) missing from the file \(only "
+                                         r"\['head\.'\] may be\): backbone\.final\.bias"):
+        load_pretrained(model, tmp_path / "partial.pth")
+    # another architecture, recorded in the file / visible only in the shapes
+    torch.manual_seed(0)
+    save_model(build_model("Res16UNet14A", in_channels=3, out_channels=32), tmp_path / "c32.pth")
+    with pytest.raises(ValueError, match="out_channels: file 32 vs model 16"):
+        load_pretrained(model, tmp_path / "c32.pth")
+    bare = dict(saved, **{"final.bias": torch.zeros(1, 5)})
+    torch.save(bare, tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match=r"shape mismatch.*final\.bias \(1, 5\) vs \(1, 16\)"):
+        load_pretrained(model, tmp_path / "bare.pth")
+    torch.save({"format": "something/2"}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="format 'something/2'.*mink_ssl.checkpoint/1"):
+        load_pretrained(model, tmp_path / "other.pth")
+    for k, v in model.state_dict().items():  # nothing was loaded partially
+        assert torch.equal(v, before[k]), k
+
+
+# ------------------------------------------------------------------------ engine and CLI
+
+def test_resumed_run_ends_like_an_uninterrupted_one(rooms, tmp_path):
+    cfg = tiny_config(rooms, optim=SegOptimConfig(), data=replace(
+        tiny_config(rooms).data, eval_split=None, labelled_points=200))
+    assert finetune_seg(cfg, tmp_path / "straight", print_fn=lambda s: None) == {}
+    run = tmp_path / "cut"
+    finetune_seg(cfg, run, print_fn=lambda s: None)
+    (run / "checkpoint_4.pth").unlink()  # as if killed after checkpoint_2
+    (run / "model.pth").unlink()
+    logs = []
+    finetune_seg(replace(cfg, resume="auto"), run, print_fn=logs.append)
+    assert any("resumed from" in s and "checkpoint_2.pth at iteration 2" in s for s in logs)
+    a = torch.load(tmp_path / "straight" / "checkpoint_4.pth", weights_only=True)
+    b = torch.load(run / "checkpoint_4.pth", weights_only=True)
+    assert a["state"] == b["state"] == {"iteration": 4, "samples": 8}
+    assert b["scheduler"]["last_epoch"] == 4 and b["optimizer"]["param_groups"][0]["lr"] == 0
+    for part in ("backbone", "head_state"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-5, atol=1e-6, msg=k)
+    init = _fresh_model().state_dict()  # the run really trained
+    assert not torch.allclose(a["head_state"]["conv.kernel"], init["head.conv.kernel"])
+
+    with pytest.raises(ValueError, match=r"evaluation split 'test' is empty; choose "
+                                         r"data.eval_split from \['train', 'val'\]"):
+        finetune_seg(replace(cfg, data=replace(cfg.data, eval_split="test")), tmp_path / "e",
+                     print_fn=lambda s: None)
+
+
+def compose(*overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from mink_ssl.cli.finetune_seg import _register_schema
+
+    _register_schema()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return hydra_compose(config_name="finetune_seg", overrides=list(overrides))
+
+
+def test_configs_follow_the_protocol_and_reject_bad_keys():
+    from omegaconf import OmegaConf
+
+    s3dis = OmegaConf.to_object(compose("data.root=/x"))
+    assert isinstance(s3dis, FinetuneSegConfig) and s3dis.model.name == "Res16UNet34C"
+    assert (s3dis.optim.name, s3dis.optim.lr, s3dis.optim.momentum, s3dis.optim.weight_decay,
+            s3dis.optim.scheduler, s3dis.optim.poly_power) == ("sgd", 0.1, 0.9, 1e-4, "poly", 0.9)
+    assert s3dis.data.voxel_size == 0.05 and s3dis.batch_size == 6
+    assert s3dis.max_iterations == 10000 and not s3dis.model.normalize_output
+    scannet = OmegaConf.to_object(compose("data.root=/x", "finetune=scannet", "batch_size=2"))
+    assert scannet.data.voxel_size == 0.02 and scannet.max_iterations == 20000
+    assert scannet.batch_size == 2 and scannet.data.augmentation.elastic == [[0.2, 0.4], [0.8, 1.6]]
+    synthia = OmegaConf.to_object(compose("data.root=/x", "finetune=synthia"))
+    assert synthia.data.voxel_size == 0.15 and synthia.batch_size == 9
+    assert synthia.data.up_axis == "z"  # prep rotates Synthia to z-up
+    assert s3dis.data.eval_split == "test"  # Area 5
+    with pytest.raises(Exception, match="lrr"):
+        compose("data.root=/x", "optim.lrr=0.1")
+    with pytest.raises(Exception, match="(?s)Available options in 'finetune'.*s3dis"):
+        compose("data.root=/x", "finetune=s3dsi")
+
+
+def test_cli_fine_tunes_from_a_pretrained_backbone_end_to_end(rooms, tmp_path):
+    """`python -m mink_ssl.cli.finetune_seg` from a pretrained backbone.pth: a short run on the
+    synthetic rooms reaches an mIoU far above chance (about 0.15: four classes, walls hold
+    half of the points) and writes config, checkpoints, model, results, plot and PLY."""
+    from plyfile import PlyData
+
+    from mink_ssl.models.heads import load_segmentation_model
+
+    _pretrained_backbone(tmp_path / "backbone.pth")
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mink_ssl.cli.finetune_seg", f"data.root={rooms}",
+         "model=res16unet14a", "model.out_channels=16", f"pretrained={tmp_path / 'backbone.pth'}",
+         f"data.voxel_size={VOXEL}", "data.num_workers=0", "data.eval_split=val",
+         "optim.name=adam", "optim.lr=3e-3", "max_iterations=20", "batch_size=2", "checkpoint_every=10", "eval.every=10",
+         "eval.rotations=2", "eval.ply_scenes=1", "device=cpu", "progress=false",
+         f"hydra.run.dir={run}"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"pretrained: .*backbone.pth \(mink_ssl.model/1, entry 'state_dict'\): "
+                     r"loaded \d+/\d+ tensors", done.stdout)
+    assert "iteration 10: val mIoU" in done.stdout and "finetune-seg: 20 iterations" in done.stdout
+
+    assert json.loads((run / "config.json").read_text())["pretrained"].endswith("backbone.pth")
+    assert sorted(p.name for p in run.glob("checkpoint_*.pth")) == ["checkpoint_10.pth",
+                                                                   "checkpoint_20.pth"]
+    assert [h["iteration"] for h in json.loads((run / "val_history.json").read_text())] == [10]
+    results = json.loads((run / "results.json").read_text())
+    assert results["split"] == "val" and results["rotations"] == 2
+    assert results["pretrained_loaded_fraction"] == pytest.approx(194 / 196)  # all but head
+    assert results["miou"] > 0.5, results  # chance: about 0.15
+    assert results["oacc"] > 0.8 and results["points"] > 10000  # original points, not voxels
+    assert "| wall |" in (run / "results.md").read_text()
+    assert (run / "results_iou.png").stat().st_size > 5000
+    ply = PlyData.read(str(run / "predictions" / "Area_5__room_0.ply"))["vertex"]
+    manifest = json.loads((rooms / "manifest.json").read_text())
+    assert len(ply["pred"]) == manifest["scenes"]["Area_5/room_0"]["points"]  # every point
+    assert set(np.unique(ply["label"])) == {-1, 0, 1, 2, 3}
+    model, meta = load_segmentation_model(run / "model.pth")
+    assert meta["classes"] == CLASSES and meta["voxel_size"] == VOXEL
+    final = torch.load(run / "checkpoint_20.pth", weights_only=True)
+    torch.testing.assert_close(model.head.state_dict(), final["head_state"], rtol=0, atol=0)
+
+
+def test_cli_errors_exit_2_naming_the_problem(rooms, tmp_path, monkeypatch, capsys):
+    from mink_ssl.cli.finetune_seg import main
+
+    for args, message in (
+            (["model=res16unet99"], "unknown model 'res16unet99'; available: res16unet14a"),
+            ([f"data.root={rooms}", "model=res16unet14a", f"pretrained={tmp_path / 'no.pth'}",
+              "device=cpu", "data.eval_split=val", f"hydra.run.dir={tmp_path / 'run'}"],
+             f"pretrained weights {tmp_path / 'no.pth'} do not exist")):
+        monkeypatch.setattr(sys, "argv", ["mink-ssl-finetune-seg", *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
