@@ -1,0 +1,89 @@
+"""Experiment recipes: every Hydra experiment config composes against its command's schema with
+the paper's protocol values, and the scripts print the commands they would run."""
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+RECIPES = sorted(p.stem for p in (EXPERIMENTS / "configs" / "experiment").glob("*.yaml"))
+
+
+def compose(config_name: str, *overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from mink_ssl.cli import finetune_seg, pretrain
+
+    pretrain._register_schema()
+    finetune_seg._register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=[
+            f"hydra.searchpath=[file://{EXPERIMENTS / 'configs'}]", *overrides])
+    return OmegaConf.to_object(cfg)  # validates every key against the typed schema
+
+
+def command_of(recipe: str) -> str:
+    return "pretrain" if recipe.startswith("pc_pretrain") else "finetune_seg"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_with_the_protocol(recipe):
+    cfg = compose(command_of(recipe), f"+experiment={recipe}", "data.root=/data")
+    assert cfg.model.name == "Res16UNet34C"
+    if recipe.startswith("pc_pretrain"):
+        assert (cfg.max_iterations, cfg.batch_size * 8) == (60000, 32)
+        assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.lr_step, cfg.optim.lr_gamma) == (
+            0.1, 0.8, 250, 0.99)
+        assert list(cfg.objectives) == [{"pc_pretrain_hc": "hardest_contrastive",
+                                         "pc_pretrain_nce": "point_info_nce"}[recipe]]
+        assert cfg.data.voxel_size == 0.025
+    else:
+        bench = recipe.rsplit("_", 1)[-1] if recipe.startswith("pc_seg") else "scannet"
+        voxel = {"s3dis": 0.05, "synthia": 0.15, "scannet": 0.02}[bench]
+        assert cfg.data.voxel_size == voxel and cfg.pretrained is None
+        assert (cfg.optim.lr, cfg.optim.momentum) == (0.1, 0.9)
+    text = (EXPERIMENTS / "configs" / "experiment" / f"{recipe}.yaml").read_text()
+    if recipe.startswith("pc_seg"):
+        assert "Paper (Table" in text  # the expected number sits next to the recipe
+
+
+def test_data_efficient_recipes_limit_the_labels():
+    assert compose("finetune_seg", "+experiment=csc_seg_scannet_points",
+                   "data.root=/d").data.labelled_points == 20
+    assert compose("finetune_seg", "+experiment=csc_seg_scannet_scenes",
+                   "data.root=/d").data.scene_fraction == 0.1
+
+
+def dry_run(script, *args, **env):
+    done = subprocess.run(["bash", str(EXPERIMENTS / script), *args], capture_output=True,
+                          text=True, env={**os.environ, "DRY_RUN": "1", **env})
+    return done, shlex.split(done.stdout)
+
+
+def test_scripts_print_their_commands():
+    done, cmd = dry_run("pretrain_scannet.sh", "nce", "/data/pairs", "max_iterations=10",
+                        NGPUS="8", RUN_DIR="runs/x")
+    assert done.returncode == 0, done.stderr
+    assert cmd[:4] == ["torchrun", "--standalone", "--nproc_per_node", "8"]
+    assert cmd[cmd.index("--config-dir") + 1] == str(EXPERIMENTS / "configs")
+    assert {"+experiment=pc_pretrain_nce", "data.root=/data/pairs", "max_iterations=10",
+            "hydra.run.dir=runs/x"} <= set(cmd)
+
+    done, cmd = dry_run("finetune_seg.sh", "s3dis", "/data/s3dis", "scratch", NGPUS="4")
+    assert done.returncode == 0, done.stderr
+    assert "mink_ssl.cli.finetune_seg" in cmd and "pretrained=null" in cmd
+    assert "+experiment=pc_seg_s3dis" in cmd and "--nproc_per_node" in cmd
+    assert "hydra.run.dir=runs/experiments/pc_seg_s3dis_scratch" in cmd
+
+    done, cmd = dry_run("finetune_seg.sh", "scannet", "/d", "/w/backbone.pth",
+                        RECIPE="csc_seg_scannet_points")
+    assert "+experiment=csc_seg_scannet_points" in cmd and "pretrained=/w/backbone.pth" in cmd
+
+    done, _ = dry_run("finetune_seg.sh", "kitti", "/d", "scratch")
+    assert done.returncode == 2 and "unknown benchmark" in done.stderr
+    done, _ = dry_run("pretrain_scannet.sh", "triplet", "/d")
+    assert done.returncode == 2 and "hc or nce" in done.stderr
