@@ -411,5 +411,5 @@ def test_pretrain_runs_the_objective_and_lowers_its_loss(synthetic_pairs, tmp_pa
     print("loss_render", np.round(render, 4).tolist(), "loss", np.round(total, 4).tolist())
     assert np.mean(render[-3:]) < 0.8 * np.mean(render[:3]), render
     assert np.mean(total[-3:]) < np.mean(total[:3]), total
-    coverage = [e.value for e in events.Scalars("stat/stat_render_coverage")]
+    coverage = [e.value for e in events.Scalars("stat/stat_cluster_render/render_coverage")]
     assert min(coverage) > 0.1  # real synthetic frames are covered by their fragments

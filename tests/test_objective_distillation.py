@@ -495,7 +495,7 @@ def test_pretrain_lowers_the_loss(run):
     fixture's q = 0.99 keeps H(P_t) nearly still, so the loss itself falls."""
     out, _ = run
     loss = scalars(out, "loss/loss")
-    kl = scalars(out, "stat/stat_distillation_kl")
+    kl = scalars(out, "stat/stat_distillation/distillation_kl")
     assert len(loss) == len(kl) == 4
     assert loss[-1] < loss[0] - 0.3 and loss[-1] < min(loss[:2]), loss
     assert kl[-1] < 0.8 * kl[0], kl

@@ -336,3 +336,46 @@ def test_loader_workers_default_to_free_cores(monkeypatch):
             resolve_num_workers(bad)
     assert compose("data.num_workers=3").data.num_workers == 3
     assert compose().data.num_workers == "auto"
+
+
+def test_combined_objective_config_runs(synthetic_pairs, tmp_path):
+    """`objective=[nce_gmm]`: two objectives with their weights from one config, one run."""
+    run_dir = tmp_path / "combined"
+    done = subprocess.run(
+        [sys.executable, "-m", "mink_ssl.cli.pretrain", f"data.root={synthetic_pairs}",
+         "model=res16unet14a", "model.out_channels=16", "data.voxel_size=0.1",
+         "data.num_workers=0", "objective=[nce_gmm]", "objectives.point_info_nce.num_matches=256",
+         "max_iterations=2", "batch_size=1", "device=cpu", "progress=false", "log_every=1",
+         f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "objectives {'point_info_nce': 1.0, 'gmm_likelihood': 0.1}" in done.stdout
+    ckpt = torch.load(run_dir / "checkpoint_2.pth", weights_only=True)
+    assert any(k.startswith("gmm_likelihood.") for k in ckpt["objectives"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/loss", "loss/loss_point_info_nce", "loss/loss_gmm_likelihood"} <= tags, tags
+
+
+def test_objectives_sharing_stat_names_combine(synthetic_pairs):
+    """PointInfoNCE and ShapeContext NCE both report ``stat_accuracy``: stats are namespaced by
+    objective, losses sum with their weights."""
+    from mink_ssl.data.pairs import PairDataset, collate_pairs
+    from mink_ssl.engine.trainer import PretrainModule
+    from mink_ssl.models import build_model
+
+    ds = PairDataset(synthetic_pairs, voxel_size=0.1, seed=0)
+    batch = collate_pairs([ds[(0, 0)]])
+    objectives, weights = build_objectives({"point_info_nce": {"num_matches": 128},
+                                            "shape_context_nce": {"weight": 0.5,
+                                                                  "num_matches": 128}})
+    torch.manual_seed(0)
+    module = PretrainModule(build_model("Res16UNet14A", in_channels=3, out_channels=8),
+                            objectives, weights)
+    out = module(batch)
+    assert {"stat_point_info_nce/accuracy", "stat_shape_context_nce/accuracy"} <= set(out)
+    torch.testing.assert_close(out["loss"], out["loss_point_info_nce"]
+                               + 0.5 * out["loss_shape_context_nce"])

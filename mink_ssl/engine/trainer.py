@@ -72,6 +72,8 @@ class PretrainModule(nn.Module):
         total = None
         for name, objective in self.objectives.items():
             for key, value in objective(ctx).items():
+                if key.startswith("stat_"):  # diagnostics: namespaced, objectives may share names
+                    key = f"stat_{name}/{key[len('stat_'):]}"
                 if key in out:
                     raise KeyError(f"objective {name!r} returned {key!r}, already returned by "
                                    "another objective; give the terms distinct names")

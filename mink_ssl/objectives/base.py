@@ -3,7 +3,8 @@
 An objective is an ``nn.Module`` registered in ``OBJECTIVES`` under a name. It owns its heads
 (projectors, cluster heads, an EMA teacher, ...), takes a :class:`StepContext` and returns a
 dict of named scalars: ``loss_*`` terms (the trainer sums them, after the config's weights) and
-``stat_*`` diagnostics (logged only). The trainer knows nothing about any particular objective.
+``stat_*`` diagnostics (logged only, as ``stat_<objective>/<name>``). The trainer knows nothing
+about any particular objective.
 
 Objectives that need the backbone's features of a view ask the context, which runs the
 backbone once per view and step however many objectives ask (so PointInfoNCE + GMM on the same
