@@ -160,21 +160,6 @@ def build_seg_optimizer(cfg: SegOptimConfig, params, max_iterations: int, world_
                                                                    cfg.poly_power))
 
 
-def build_seg_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int,
-                     world_size: int, start: int):
-    from torch.utils.data import DataLoader
-
-    from mink_ssl.data.pairs import ResumableSampler
-    from mink_ssl.data.segmentation import collate_segmentation
-
-    sampler = ResumableSampler(len(dataset), seed=seed, rank=rank, world_size=world_size,
-                               start=start)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_segmentation, persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(seed))
-
-
 # ------------------------------------------------------------------------- module, checkpoint
 
 class SegmentationModule(nn.Module):
@@ -366,12 +351,13 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
             restore_seg(load_seg_checkpoint(Path(resume)), trainer)
             if info.is_main:
                 print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
-        from mink_ssl.engine.pretrain import resolve_num_workers
+        from mink_ssl.data.segmentation import collate_segmentation
+        from mink_ssl.engine.pretrain import build_loader, resolve_num_workers
 
         workers = resolve_num_workers(cfg.data.num_workers,
                                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        loader = build_seg_loader(train_set, cfg.batch_size, workers, cfg.seed,
-                                  info.rank, info.world_size, trainer.state.samples)
+        loader = build_loader(train_set, cfg.batch_size, workers, cfg.seed, info.rank,
+                              info.world_size, trainer.state.samples, collate_segmentation)
         trainer.batches = iter(loader)
 
         def evaluate(rotations: int = 1, ply_dir: Path | None = None, ply_scenes: int = 0):

@@ -103,7 +103,9 @@ def resolve_num_workers(value, local_world_size: int = 1) -> int:
 
 
 def build_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: int,
-                 world_size: int, start: int):
+                 world_size: int, start: int, collate_fn=None):
+    """Endless loader of ``dataset`` for this rank, resuming after ``start`` samples
+    (:class:`~mink_ssl.data.pairs.ResumableSampler`); ``collate_fn`` defaults to pairs'."""
     from torch.utils.data import DataLoader
 
     from mink_ssl.data.pairs import ResumableSampler, collate_pairs
@@ -113,7 +115,7 @@ def build_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: in
     # its own generator: creating the iterator must not draw from the global RNG, which the
     # objectives sample from and a checkpoint restores
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_pairs, persistent_workers=num_workers > 0,
+                      collate_fn=collate_fn or collate_pairs, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed))
 
