@@ -23,7 +23,6 @@ scenes have no labels: they are written with every label -1. Voxel size 2 cm.
 """
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from data_prep.scannet.labels import read_label_map
 from data_prep.seg_common import (IGNORE_LABEL, SceneData, SceneJob, SceneSkipped, as_json,
                                   colors_uint8, ply_fields, read_ply_vertices, repair, run_prep)
 
@@ -59,17 +59,6 @@ class ScanNetSegParams:
         if self.labels not in ("auto", "ply", "aggregation"):
             raise ValueError(f"labels must be 'auto', 'ply' or 'aggregation', got "
                              f"{self.labels!r}")
-
-
-def read_label_map(path: Path) -> dict[str, int]:
-    """raw_category -> NYU40 id from ``scannetv2-labels.combined.tsv``."""
-    path = Path(path)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows or not {"raw_category", "nyu40id"} <= set(rows[0]):
-        raise ValueError(f"{path} is not ScanNet's label map: it needs tab-separated columns "
-                         f"raw_category and nyu40id (got {list(rows[0]) if rows else 'nothing'})")
-    return {r["raw_category"]: int(r["nyu40id"]) for r in rows if r["nyu40id"].strip()}
 
 
 def _name_map() -> dict[str, int]:

@@ -213,7 +213,8 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], voxel_size: f
             stale.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
-    results = {r.name: r for r in _map(jobs, out, len(classes), workers, progress, benchmark)}
+    results = {r.name: r for r in map_jobs(_run_job, jobs, (out, len(classes)), workers,
+                                           progress, benchmark)}
     ordered = [results[n] for n in names]
     done = [r for r in ordered if r.status != "skipped"]
     manifest = {
@@ -242,21 +243,23 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], voxel_size: f
     return manifest
 
 
-def _map(jobs: Sequence[SceneJob], out: Path, num_classes: int, workers: int, progress: bool,
-         desc: str) -> list[SceneResult]:
+def map_jobs(run_job: Callable, jobs: Sequence, args: tuple, workers: int, progress: bool,
+             desc: str) -> list:
+    """``[run_job(job, *args) for job in jobs]`` with a progress bar, in ``workers`` processes
+    when more than one (``run_job`` must then be a module-level function); any order."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=desc, unit="scene", disable=not progress)
     results = []
     if workers == 1:
         for job in jobs:
-            results.append(_run_job(job, out, num_classes))
+            results.append(run_job(job, *args))
             bar.update()
     else:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_run_job, job, out, num_classes) for job in jobs]
+            futures = [pool.submit(run_job, job, *args) for job in jobs]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update()

@@ -1,7 +1,6 @@
 """Perturbation objective (SeRP): centres, patches, perturbed voxels, labels, deltas and Chamfer
 against independent NumPy / Python computations; gradients reach a real network; the real
 trainer runs it and its loss goes down."""
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

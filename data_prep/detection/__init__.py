@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.seg_common import check_params
+from data_prep.seg_common import check_params, map_jobs
 
 SCHEMA = "mink_ssl.det_scenes/1"
 SPLITS = ("train", "val")
@@ -231,7 +231,8 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequenc
             stale.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
-    results = {r.name: r for r in _map(jobs, out, len(classes), workers, progress, benchmark)}
+    results = {r.name: r for r in map_jobs(_run_job, jobs, (out, len(classes)), workers,
+                                           progress, benchmark)}
     ordered = [results[n] for n in names]
     done = [r for r in ordered if r.status != "skipped"]
     manifest = {
@@ -256,25 +257,3 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequenc
     for s in manifest["skipped"]:
         log(f"  skipped {s['scene']}: {s['reason']}")
     return manifest
-
-
-def _map(jobs: Sequence[DetJob], out: Path, num_classes: int, workers: int, progress: bool,
-         desc: str) -> list[DetResult]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(jobs), desc=desc, unit="scene", disable=not progress)
-    results = []
-    if workers == 1:
-        for job in jobs:
-            results.append(_run_job(job, out, num_classes))
-            bar.update()
-    else:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_run_job, job, out, num_classes) for job in jobs]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update()
-    bar.close()
-    return results

@@ -35,7 +35,6 @@ sort and ``np.minimum.reduceat``.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
@@ -44,46 +43,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data_prep.detection import NO_BOX, DetJob, DetScene, run_prep
+from data_prep.scannet.labels import LABEL_MAP_NAME, read_label_map
 
 CLASSES = ("cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
            "counter", "desk", "curtain", "refrigerator", "showercurtrain", "toilet", "sink",
            "bathtub", "garbagebin")
 NYU40_IDS = (3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)  # class id = index
-LABEL_MAP_NAME = "scannetv2-labels.combined.tsv"
 SPLIT_FILES = {"train": "scannetv2_train.txt", "val": "scannetv2_val.txt"}
-
-
-def read_label_map(path: Path) -> dict[str, int]:
-    """``raw_category -> nyu40id`` from ScanNet's ``scannetv2-labels.combined.tsv``.
-
-    ValueError (naming the file and line) for a file without those columns, a row whose
-    nyu40id is not an integer, or a category listed twice with different ids.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--label-map {path} does not exist; pass ScanNet's "
-                                f"{LABEL_MAP_NAME} (it ships with the dataset)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        cols = reader.fieldnames or []
-        if "raw_category" not in cols or "nyu40id" not in cols:
-            raise ValueError(f"{path} has no raw_category / nyu40id columns (tab-separated "
-                             f"header: {cols}); pass ScanNet's {LABEL_MAP_NAME}")
-        mapping: dict[str, int] = {}
-        for row in reader:  # ~600 categories
-            line = reader.line_num
-            try:
-                nyu = int(row["nyu40id"])
-            except (TypeError, ValueError):
-                raise ValueError(f"{path} line {line}: nyu40id {row['nyu40id']!r} of "
-                                 f"{row['raw_category']!r} is not an integer") from None
-            old = mapping.setdefault(row["raw_category"], nyu)
-            if old != nyu:
-                raise ValueError(f"{path} line {line}: {row['raw_category']!r} maps to nyu40id "
-                                 f"{nyu} here and to {old} above")
-    if not mapping:
-        raise ValueError(f"{path} has no rows")
-    return mapping
 
 
 def raw_to_class(label_map: dict[str, int]) -> dict[str, int]:

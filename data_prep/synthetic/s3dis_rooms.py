@@ -152,8 +152,8 @@ def _objects(kind: str, size: np.ndarray, rng: np.random.Generator) -> list[tupl
     return objs
 
 
-def _sample(objs: list[tuple[str, list]], density: float, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _sample(objs: list[tuple[str, list]], density: float, rng: np.random.Generator,
+            noise: float = 0.003) -> tuple[np.ndarray, np.ndarray]:
     """Points (N, 3) on the rectangles of ``objs`` (uniform by area) and the object of each."""
     rects = np.array([r for _, rs in objs for r in rs], dtype=np.float64)  # (R, 6)
     owner = np.repeat(np.arange(len(objs)), [len(rs) for _, rs in objs])  # (R,)
@@ -165,7 +165,7 @@ def _sample(objs: list[tuple[str, list]], density: float, rng: np.random.Generat
     axis = rects[r, 0].astype(np.int64)
     pts = np.empty((len(r), 3))
     rows = np.arange(len(r))
-    pts[rows, axis] = rects[r, 1] + rng.normal(0, 0.003, len(r))
+    pts[rows, axis] = rects[r, 1] + rng.normal(0, noise, len(r))
     pts[rows, (axis + 1) % 3] = rng.uniform(rects[r, 2], rects[r, 3])
     pts[rows, (axis + 2) % 3] = rng.uniform(rects[r, 4], rects[r, 5])
     return pts, owner[r]
@@ -247,9 +247,14 @@ def _room_size(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate_room(out_dir: Path, area: int, room: str, seed: int, *, defect: str | None = None,
-                  points_per_m2: float = 60.0) -> tuple[RoomTruth, dict | None]:
+                  points_per_m2: float = 60.0, random_colors: bool = False,
+                  noise: float = 0.003) -> tuple[RoomTruth, dict | None]:
     """Write ``out_dir/Area_<area>/<room>/`` (room file and annotations); returns its truth
-    and, with ``defect``, the defect entry (scene, file, line 1-based / 0, kind)."""
+    and, with ``defect``, the defect entry (scene, file, line 1-based / 0, kind).
+
+    ``random_colors``: every object gets a uniformly random colour instead of its class colour
+    (colour then says nothing about the class); ``noise``: std (m) of the points' offset along
+    the surface normal."""
     kind = room.rsplit("_", 1)[0]
     rng = np.random.default_rng([seed, area, zlib.crc32(room.encode())])
     size = _room_size(kind, rng)
@@ -257,11 +262,13 @@ def generate_room(out_dir: Path, area: int, room: str, seed: int, *, defect: str
     if defect == "digit_negative":
         origin[1] = -15.0  # every y negative, like Area_3/hallway_2
     objs = _objects(kind, size, rng)
-    pts, owner = _sample(objs, points_per_m2, rng)
+    pts, owner = _sample(objs, points_per_m2, rng, noise)
     mm = np.round((pts + origin) * 1000).astype(np.int64)  # (N, 3) what the text holds
     cls = np.array([c for c, _ in objs])
     tint = rng.uniform(0.85, 1.15, (len(objs), 3))
     base = np.array([CLASS_COLORS[c] for c in cls], dtype=np.float64) * tint  # (O, 3)
+    if random_colors:
+        base = rng.uniform(30, 225, (len(objs), 3))  # (O, 3) independent of the class
     rgb = np.clip(np.round(base[owner] + rng.normal(0, 8, (len(owner), 3))), 0, 255
                   ).astype(np.uint8)
     counter: dict[str, int] = {}
@@ -309,7 +316,8 @@ def generate_room(out_dir: Path, area: int, room: str, seed: int, *, defect: str
 
 def generate_s3dis_rooms(out_dir: str | os.PathLike, areas: Sequence[int] = (1, 2, 3, 4, 5, 6),
                          rooms_per_area: int = 1, seed: int = 0, defects: bool = True,
-                         points_per_m2: float = 60.0) -> S3DISTruth:
+                         points_per_m2: float = 60.0, random_colors: bool = False,
+                         noise: float = 0.003) -> S3DISTruth:
     """Write S3DIS-format areas under ``out_dir`` (the ``--raw`` folder of ``mink-ssl-prep
     s3dis``) and return the truth.
 
@@ -320,11 +328,16 @@ def generate_s3dis_rooms(out_dir: str | os.PathLike, areas: Sequence[int] = (1, 
         defects: also write the defect rooms of the areas asked for (module docstring).
         points_per_m2: surface sampling density (the release has a few thousand; 60 keeps a
             room at a few thousand points).
+        random_colors: colour every object uniformly at random instead of by class, so that
+            a segmentation network must use geometry (the transfer benchmark's setting).
+        noise: std in metres of the points' offset along the surface normal (scanner noise).
     """
     if rooms_per_area < 0:
         raise ValueError(f"rooms_per_area must be >= 0, got {rooms_per_area}")
     if points_per_m2 <= 0:
         raise ValueError(f"points_per_m2 must be positive, got {points_per_m2}")
+    if not 0 <= noise < 0.1:
+        raise ValueError(f"noise is a std in metres in [0, 0.1), got {noise}")
     bad = [a for a in areas if not isinstance(a, (int, np.integer)) or a < 1]
     if bad:
         raise ValueError(f"areas must be positive integers, got {bad}")
@@ -346,7 +359,8 @@ def generate_s3dis_rooms(out_dir: str | os.PathLike, areas: Sequence[int] = (1, 
             rooms[room] = None
         for room, defect in rooms.items():
             t, entry = generate_room(root, int(area), room, seed, defect=defect,
-                                     points_per_m2=points_per_m2)
+                                     points_per_m2=points_per_m2, random_colors=random_colors,
+                                     noise=noise)
             truth.rooms[t.name] = t
             if entry:
                 truth.defects.append(entry)
