@@ -43,3 +43,15 @@ def kitchen_frame(kitchen):
     K = np.loadtxt(kitchen / "intrinsic" / "intrinsic_depth.txt")
     pose = np.loadtxt(kitchen / "pose" / "0.txt")
     return depth, K, pose
+
+
+@pytest.fixture(scope="session")
+def synthetic_pairs(tmp_path_factory) -> Path:
+    """Pair prep output of one synthetic ScanNet scene (76 frames, fragments every 25)."""
+    from data_prep.scannet.prep import PrepParams, run as run_prep
+    from data_prep.synthetic import generate_scene
+
+    root = tmp_path_factory.mktemp("one_scene")
+    generate_scene(root / "raw", "scene0000_00", 0, n_frames=76)
+    run_prep(root / "raw", root / "pairs", PrepParams(frame_skip=25), progress=False)
+    return root / "pairs"

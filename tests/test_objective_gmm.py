@@ -239,17 +239,6 @@ def test_hydra_config_passes_the_backbone_channels():
     assert objectives["gmm_likelihood"].head[0].in_features == 24
 
 
-@pytest.fixture(scope="module")
-def synthetic_pairs(tmp_path_factory):
-    from data_prep.scannet.prep import PrepParams, run as run_prep
-    from data_prep.synthetic import generate_scene
-
-    root = tmp_path_factory.mktemp("gmm_synthetic")
-    generate_scene(root / "raw", "scene0000_00", 0, n_frames=76)
-    run_prep(root / "raw", root / "pairs", PrepParams(frame_skip=25), progress=False)
-    return root / "pairs"
-
-
 def tiny_config(root, **kw):
     from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
 

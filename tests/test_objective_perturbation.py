@@ -354,17 +354,6 @@ def test_hydra_config_builds_the_objective():
     assert p.centre_fraction == 20 / 1024 and p.delta_unit == 1.0
 
 
-@pytest.fixture(scope="module")
-def synthetic_pairs(tmp_path_factory):
-    from data_prep.scannet.prep import PrepParams, run as run_prep
-    from data_prep.synthetic import generate_scene
-
-    root = tmp_path_factory.mktemp("perturbation_synthetic")
-    generate_scene(root / "raw", "scene0000_00", 0, n_frames=76)
-    run_prep(root / "raw", root / "pairs", PrepParams(frame_skip=25), progress=False)
-    return root / "pairs"
-
-
 def logged(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
