@@ -9,47 +9,26 @@ explicit ``hydra.run.dir=...`` so that every rank agrees on the run directory.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from mink_ssl.cli.pretrain import CONFIG_DIR, check_group_choices
+from mink_ssl.cli._hydra import hydra_main, register_schema
 
 PROG = "mink-ssl-finetune-seg"
 
 
 def _register_schema() -> None:
-    from hydra.core.config_store import ConfigStore
-
     from mink_ssl.engine.finetune_seg import FinetuneSegConfig
 
-    ConfigStore.instance().store(name="finetune_seg_schema", node=FinetuneSegConfig)
+    register_schema("finetune_seg_schema", FinetuneSegConfig)
+
+
+def _task(cfg, out_dir) -> None:
+    from mink_ssl.engine.finetune_seg import finetune_seg
+
+    finetune_seg(cfg, out_dir)
 
 
 def main() -> None:
-    import hydra
-    from omegaconf import OmegaConf
-
-    try:  # the model group is shared with pretraining; Hydra lists `finetune=` options itself
-        check_group_choices([a for a in sys.argv[1:] if a.lstrip("+~").startswith("model=")])
-    except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _register_schema()
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="finetune_seg", version_base="1.3")
-    def run(cfg) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from mink_ssl.engine.finetune_seg import finetune_seg
-
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        try:
-            finetune_seg(OmegaConf.to_object(cfg), out_dir)
-        except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    run()
+    # the model group is shared with pretraining; Hydra lists `finetune=` options itself
+    hydra_main(PROG, "finetune_seg", _register_schema, _task, groups=("model",))
 
 
 if __name__ == "__main__":

@@ -6,62 +6,34 @@ Single process: ``mink-ssl-pretrain data.root=...``; several: ``torchrun --nproc
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from mink_ssl.cli import _hydra
+from mink_ssl.cli._hydra import CONFIG_DIR, hydra_main, register_schema
 
-
-def _register_schema() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from mink_ssl.engine.config import PretrainConfig
-
-    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
-
-
+PROG = "mink-ssl-pretrain"
 GROUPS = ("model", "data", "optim", "objective")
 
 
+def _register_schema() -> None:
+    from mink_ssl.engine.config import PretrainConfig
+
+    register_schema("pretrain_schema", PretrainConfig)
+
+
 def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
-    """``group=name`` / ``group=[a,b]`` overrides must name existing configs; the error lists
-    the options (Hydra does not for list selections)."""
-    for arg in overrides:
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key not in GROUPS or not value:
-            continue
-        available = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
-        for name in value.strip("[]").split(","):
-            name = name.strip()
-            if name and name not in available:
-                raise ValueError(f"unknown {key} {name!r}; available: {', '.join(available)}")
+    """Pretraining's config groups (``model``, ``data``, ``optim``, ``objective``), checked."""
+    _hydra.check_group_choices(overrides, GROUPS, config_dir)
+
+
+def _task(cfg, out_dir: Path) -> None:
+    from mink_ssl.engine.pretrain import pretrain
+
+    pretrain(cfg, out_dir)
 
 
 def main() -> None:
-    import hydra
-    from omegaconf import OmegaConf
-
-    try:
-        check_group_choices(sys.argv[1:])
-    except ValueError as e:
-        print(f"mink-ssl-pretrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _register_schema()
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="pretrain", version_base="1.3")
-    def run(cfg) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from mink_ssl.engine.pretrain import pretrain
-
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        try:
-            pretrain(OmegaConf.to_object(cfg), out_dir)
-        except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
-            print(f"mink-ssl-pretrain: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    run()
+    hydra_main(PROG, "pretrain", _register_schema, _task, GROUPS)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ ENTRY_OF_FORMAT = {
     "mink_ssl.checkpoint/1": "backbone",
     "mink_ssl.seg_checkpoint/1": "backbone",
     SEG_MODEL_FORMAT: "backbone",
+    "mink_ssl.det_checkpoint/1": "backbone",
+    "mink_ssl.det_model/1": "backbone",
 }
 #: constructor arguments that decide tensor names and shapes (bn_momentum, normalize_output
 #: do not, and may differ between pretraining and fine-tuning)

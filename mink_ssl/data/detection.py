@@ -1,0 +1,436 @@
+"""Detection scenes: prepared ScanNet / SUN RGB-D scenes (``mink-ssl-prep scannet-det|sunrgbd``)
+as voxelised, augmented samples with VoteNet's vote targets, for the VoteNet-style detector of
+:mod:`mink_ssl.models.votenet`.
+
+It reads the detection prep contract (schema ``mink_ssl.det_scenes/1``)::
+
+    <root>/manifest.json   benchmark, classes, splits {train, val}, scenes {name: {file, ...}}
+    <root>/scenes/*.npz    coords (N, 3) float32 metres, colors (N, 3) uint8, boxes (K, 7)
+                           float32 (centre, full extents, heading about +z), box_labels (K,)
+                           int16, instance (N,) int32 (the point's box, -1 for none)
+
+A sample is made as VoteNet makes one (``scannet/scannet_detection_dataset.py``,
+``sunrgbd/sunrgbd_detection_dataset.py``; read for the facts, not copied), then voxelised as
+PointContrast's SR-UNet variant of VoteNet does (``votenet_det_new``: 2.5 cm voxels for both
+benchmarks, one point represents each voxel, here its first; PointContrast fed constant
+features, ``ones`` here):
+
+1. ``num_points`` random points are kept (VoteNet: 40,000 ScanNet, 20,000 SUN RGB-D; here
+   without replacement, and all points when a scene has fewer: repeats would fall into the same
+   voxels anyway);
+2. augmentation, one linear map ``p -> A p`` with ``A = s R_z(theta) F``: ``F`` mirrors x (a
+   flip about the YZ plane) and, where enabled, y (about the XZ plane), each with probability
+   0.5; ``theta`` is uniform in [-rotation_deg, rotation_deg]; ``s`` is uniform in ``scale``.
+   VoteNet's recipes: ScanNet flips x and y, rotates by +-5 degrees, no scaling; SUN RGB-D flips
+   x, rotates by +-30 degrees, scales by 0.85-1.15. Box centres map with ``A``, sizes scale by
+   ``s``; headings become ``pi - h`` (x flip), ``-h`` (y flip), then ``h + theta``. With
+   ``axis_aligned`` (ScanNet, whose boxes have no heading) a rotated box is replaced by the
+   axis-aligned box around it, as VoteNet's ``rotate_aligned_boxes`` does;
+3. voxelisation at ``voxel_size``; each voxel keeps its first point (``points``) and that
+   point's colour (features ``rgb``, or constant ``ones``);
+4. vote targets of each voxel: ``centre(box) - point`` for the box of its point (``instance``),
+   in the augmented frame (an offset maps with ``A`` like the points do, so it is computed on the
+   original scene and mapped). VoteNet's loss takes the nearest of up to three ground-truth votes
+   (SUN RGB-D: the boxes a point lies in); with ``max_votes > 1`` the further columns are the
+   other boxes whose (oriented) volume contains the point, in box order, and short rows repeat
+   the first vote, as VoteNet pads them. Points of no box get no vote (``vote_mask`` False).
+
+Adapted from VoteNet: ScanNet votes point at the object's box centre (VoteNet: the centre of
+the object's sampled points, which differs only where a part is missing), and the vote of a
+point with several boxes starts with the box prep assigned it.
+
+Each training item is a pure function of (seed, epoch, index), as in :mod:`mink_ssl.data.pairs`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mink_ssl.data.features import input_features
+
+KNOWN_SCHEMAS = ("mink_ssl.det_scenes/1",)
+FEATURES = {"ones": 1, "rgb": 3}
+_CHUNK_ELEMENTS = 1 << 20  # (points x boxes) per chunk of the point-in-box test
+
+
+@dataclass
+class DetSample:
+    """One voxelised, augmented scene before collation (M voxels, K boxes, V votes a voxel).
+
+    coords:     (M, 3) int32 voxel coordinates
+    feats:      (M, C) float32 input features
+    points:     (M, 3) float32 metric position of each voxel (its first point, augmented)
+    votes:      (M, V, 3) float32 vote targets, box centre minus ``points`` (0 without a box)
+    vote_mask:  (M,) bool, the voxel's point belongs to a box
+    boxes:      (K, 7) float32 augmented boxes: centre, full extents, heading about +z
+    box_labels: (K,) int64 class of each box
+    """
+
+    coords: torch.Tensor
+    feats: torch.Tensor
+    points: torch.Tensor
+    votes: torch.Tensor
+    vote_mask: torch.Tensor
+    boxes: torch.Tensor
+    box_labels: torch.Tensor
+    name: str
+
+
+@dataclass
+class DetBatch:
+    """Voxelised scenes for detection (N voxels and G boxes over the B scenes of the batch).
+
+    coords:     (N, 4) int32 batched voxel coordinates, batch index first
+    feats:      (N, C) float32 input features (ones, or RGB in [-0.5, 0.5])
+    points:     (N, 3) float32 metric position of each voxel (its first point)
+    votes:      (N, V, 3) float32 vote targets (box centre minus ``points``)
+    vote_mask:  (N,) bool, the voxel has vote targets
+    boxes:      (G, 7) float32 ground-truth boxes (centre, full extents, heading)
+    box_labels: (G,) int64 class of each box
+    box_batch:  (G,) int64 scene of each box
+    names:      the scene of each batch index
+    """
+
+    coords: torch.Tensor
+    feats: torch.Tensor
+    points: torch.Tensor
+    votes: torch.Tensor
+    vote_mask: torch.Tensor
+    boxes: torch.Tensor
+    box_labels: torch.Tensor
+    box_batch: torch.Tensor
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to(self, device) -> "DetBatch":
+        return DetBatch(self.coords.to(device), self.feats.to(device), self.points.to(device),
+                        self.votes.to(device), self.vote_mask.to(device), self.boxes.to(device),
+                        self.box_labels.to(device), self.box_batch.to(device), self.names)
+
+
+def collate_detection(samples: list[DetSample]) -> DetBatch:
+    """Stack samples into a :class:`DetBatch`, batch index = position in ``samples``."""
+    n = torch.tensor([len(s.coords) for s in samples])
+    k = torch.tensor([len(s.boxes) for s in samples])
+    scene = torch.arange(len(samples))
+    batch = torch.repeat_interleave(scene, n)[:, None].to(torch.int32)
+    return DetBatch(coords=torch.cat([batch, torch.cat([s.coords for s in samples])], 1),
+                    feats=torch.cat([s.feats for s in samples]),
+                    points=torch.cat([s.points for s in samples]),
+                    votes=torch.cat([s.votes for s in samples]),
+                    vote_mask=torch.cat([s.vote_mask for s in samples]),
+                    boxes=torch.cat([s.boxes for s in samples]),
+                    box_labels=torch.cat([s.box_labels for s in samples]),
+                    box_batch=torch.repeat_interleave(scene, k),
+                    names=[s.name for s in samples])
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+@dataclass(frozen=True)
+class DetAugmentation:
+    """VoteNet's training augmentations (see the module docstring)."""
+
+    flip_x: bool = True  # mirror x (flip about the YZ plane) with probability 0.5
+    flip_y: bool = False  # mirror y (about the XZ plane) with probability 0.5; ScanNet only
+    rotation_deg: float = 5.0  # about +z, uniform in [-r, r]; ScanNet 5, SUN RGB-D 30
+    scale: tuple[float, float] = (1.0, 1.0)  # uniform; SUN RGB-D (0.85, 1.15)
+
+    def __post_init__(self):
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be a range (lo, hi) with 0 < lo <= hi, got "
+                             f"{self.scale}")
+        if not 0 <= self.rotation_deg <= 180:
+            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
+
+    def draw(self, rng: np.random.Generator) -> tuple[bool, bool, float, float]:
+        """(flip x, flip y, rotation radians, scale) of one sample."""
+        fx = bool(self.flip_x and rng.random() < 0.5)
+        fy = bool(self.flip_y and rng.random() < 0.5)
+        theta = float(np.deg2rad(rng.uniform(-self.rotation_deg, self.rotation_deg)))
+        return fx, fy, theta, float(rng.uniform(*self.scale))
+
+
+def transform_matrix(flip_x: bool, flip_y: bool, theta: float, scale: float) -> np.ndarray:
+    """(3, 3) ``A = s R_z(theta) F``: mirror, then rotate about +z, then scale."""
+    c, s = math.cos(theta), math.sin(theta)
+    R = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    F = np.diag([-1.0 if flip_x else 1.0, -1.0 if flip_y else 1.0, 1.0])
+    return scale * R @ F
+
+
+def transform_boxes(boxes: np.ndarray, flip_x: bool, flip_y: bool, theta: float, scale: float,
+                    axis_aligned: bool) -> np.ndarray:
+    """Boxes (K, 7) under ``transform_matrix(...)``; ``axis_aligned``: the axis-aligned box
+    around each rotated box (heading 0) instead of a heading change."""
+    A = transform_matrix(flip_x, flip_y, theta, scale)
+    out = np.asarray(boxes, np.float64).copy()
+    out[:, :3] = out[:, :3] @ A.T
+    out[:, 3:6] *= scale
+    if axis_aligned:
+        c, s = abs(math.cos(theta)), abs(math.sin(theta))
+        dx, dy = out[:, 3].copy(), out[:, 4].copy()
+        out[:, 3], out[:, 4] = c * dx + s * dy, s * dx + c * dy  # extents of the rotated box
+        out[:, 6] = 0.0
+        return out.astype(np.float32)
+    h = out[:, 6]
+    if flip_x:
+        h = np.pi - h
+    if flip_y:
+        h = -h
+    out[:, 6] = wrap_angle(h + theta)
+    return out.astype(np.float32)
+
+
+def wrap_angle(angle):
+    """Angles (any shape, numpy or torch) wrapped to [-pi, pi)."""
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+# ------------------------------------------------------------------------------ vote targets
+
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(N, K) bool: point n lies in (or on) oriented box k; points (N, 3), boxes (K, 7).
+
+    Each point is expressed in each box's frame (rotated by -heading about the centre) and
+    compared with the half extents, in chunks of points so temporaries stay small.
+    """
+    points, boxes = np.asarray(points, np.float64), np.asarray(boxes, np.float64)
+    n, k = len(points), len(boxes)
+    inside = np.zeros((n, k), bool)
+    if n == 0 or k == 0:
+        return inside
+    half = boxes[:, 3:6] / 2  # (K, 3)
+    cos, sin = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])  # (K,)
+    step = max(1, _CHUNK_ELEMENTS // k)
+    for lo in range(0, n, step):  # chunks of points
+        d = points[lo:lo + step, None, :] - boxes[None, :, :3]  # (n, K, 3)
+        u = d[..., 0] * cos + d[..., 1] * sin  # (n, K) along the box's dx axis
+        v = d[..., 1] * cos - d[..., 0] * sin  # along its dy axis
+        inside[lo:lo + step] = ((np.abs(u) <= half[:, 0]) & (np.abs(v) <= half[:, 1])
+                                & (np.abs(d[..., 2]) <= half[:, 2]))
+    return inside
+
+
+def vote_targets(points: np.ndarray, instance: np.ndarray, boxes: np.ndarray,
+                 max_votes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """VoteNet's ground-truth votes of points (N, 3) with their box ``instance`` (N,) (-1: none).
+
+    Returns:
+        votes (N, max_votes, 3) float32: column 0 is ``centre[instance] - point``; columns 1..
+        the other boxes containing the point (box order), short rows repeat column 0; rows of
+        points without a box are 0. mask (N,) bool: the point has a box.
+    """
+    points = np.asarray(points, np.float32)
+    instance = np.asarray(instance, np.int64)
+    boxes = np.asarray(boxes, np.float32)
+    if not isinstance(max_votes, int) or max_votes < 1:
+        raise ValueError(f"max_votes must be a positive int, got {max_votes!r}")
+    mask = instance >= 0
+    centres = boxes[:, :3]
+    first = np.where(mask[:, None], centres[np.maximum(instance, 0)] - points, 0)  # (N, 3)
+    votes = np.repeat(first[:, None, :], max_votes, axis=1)  # (N, V, 3)
+    if max_votes > 1 and mask.any() and len(boxes) > 1:
+        rows = np.flatnonzero(mask)
+        inside = points_in_boxes(points[rows], boxes)  # (R, K)
+        inside[np.arange(len(rows)), instance[rows]] = False  # the first vote already has it
+        rank = np.cumsum(inside, axis=1)  # (R, K) 1-based position among the other boxes
+        take = inside & (rank < max_votes)
+        r, k = np.nonzero(take)
+        votes[rows[r], rank[r, k]] = centres[k] - points[rows[r]]
+    return votes.astype(np.float32), mask
+
+
+# ---------------------------------------------------------------------------------- dataset
+
+def read_det_manifest(root: Path) -> dict:
+    """``root/manifest.json`` after checking the schema and the fields training needs."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point data.root at the output directory of "
+                                "detection prep (mink-ssl-prep scannet-det|sunrgbd)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema") not in KNOWN_SCHEMAS:
+        raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
+                         f"{KNOWN_SCHEMAS}: rerun detection prep with this version")
+    missing = [k for k in ("classes", "splits", "scenes") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; rerun detection prep")
+    if not manifest["classes"]:
+        raise ValueError(f"{path} lists no classes")
+    for split, names in manifest["splits"].items():
+        unknown = [n for n in names if n not in manifest["scenes"]]
+        if unknown:
+            raise ValueError(f"{path}: split {split!r} names scenes without a file entry: "
+                             f"{unknown[:5]}")
+    return manifest
+
+
+class DetectionDataset(Dataset):
+    """Scenes of one split of a prepared detection benchmark as :class:`DetSample`.
+
+    Args:
+        root: output directory of detection prep (``manifest.json`` + ``scenes/``).
+        split: ``train`` or ``val``.
+        voxel_size: metres (PointContrast: 0.025 for ScanNet and SUN RGB-D).
+        features: ``ones`` (1 channel) or ``rgb`` (3 channels in [-0.5, 0.5]).
+        augmentation: training augmentations; None for none.
+        num_points: random points kept per scene before voxelisation (None: all).
+        max_votes: ground-truth votes per voxel (VoteNet: 3; see :func:`vote_targets`).
+        axis_aligned: boxes stay axis-aligned under augmentation (ScanNet, heading bins 1);
+            a scene with a box heading is then refused.
+        seed: base seed of the augmentations and the point sampling.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", *, voxel_size: float = 0.025,
+                 features: str = "rgb", augmentation: DetAugmentation | None = None,
+                 num_points: int | None = None, max_votes: int = 1, axis_aligned: bool = False,
+                 seed: int = 0):
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {sorted(FEATURES)}, got {features!r}")
+        if not (isinstance(voxel_size, (int, float)) and voxel_size > 0):
+            raise ValueError(f"voxel_size must be positive metres, got {voxel_size!r}")
+        if num_points is not None and (not isinstance(num_points, int) or num_points < 1):
+            raise ValueError(f"num_points must be a positive int or None (all), got "
+                             f"{num_points!r}")
+        if not isinstance(max_votes, int) or max_votes < 1:
+            raise ValueError(f"max_votes must be a positive int, got {max_votes!r}")
+        self.root = Path(root)
+        self.manifest = read_det_manifest(self.root)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise ValueError(f"split {split!r} is not in {self.root / 'manifest.json'}; "
+                             f"available: {sorted(splits)}")
+        self.split, self.scenes = split, list(splits[split])
+        self.voxel_size, self.features = float(voxel_size), features
+        self.augmentation, self.num_points = augmentation, num_points
+        self.max_votes, self.axis_aligned, self.seed = max_votes, axis_aligned, seed
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    @property
+    def in_channels(self) -> int:
+        return FEATURES[self.features]
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def _path(self, name: str) -> Path:
+        entry = self.manifest["scenes"].get(name)
+        if entry is None:
+            raise KeyError(f"scene {name!r} is not in {self.root / 'manifest.json'}")
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (scene {name!r}) is missing; rerun detection prep, "
+                                    "which skips scenes that are complete")
+        return path
+
+    def _check_boxes(self, path: Path, boxes: np.ndarray, labels: np.ndarray) -> None:
+        k = len(boxes)
+        if boxes.shape != (k, 7) or labels.shape != (k,):
+            raise ValueError(f"{path}: expected boxes (K, 7) and box_labels (K,), got "
+                             f"{boxes.shape}, {labels.shape}")
+        if k and ((labels < 0) | (labels >= self.num_classes)).any():
+            bad = np.unique(labels[(labels < 0) | (labels >= self.num_classes)])[:5].tolist()
+            raise ValueError(f"{path}: box_labels {bad} are outside [0, {self.num_classes})")
+        if k and (~np.isfinite(boxes).all() or (boxes[:, 3:6] <= 0).any()):
+            raise ValueError(f"{path}: boxes must be finite with sizes > 0")
+        if self.axis_aligned and k and (boxes[:, 6] != 0).any():
+            raise ValueError(f"{path}: box headings up to {np.abs(boxes[:, 6]).max():.3f} rad but "
+                             "the dataset is axis-aligned (one heading bin); use heading bins > 1 "
+                             "(model head num_heading_bins) for oriented boxes")
+
+    def load(self, name: str) -> dict[str, np.ndarray]:
+        """The scene's arrays (coords, colors, boxes, box_labels int64, instance int64),
+        checked against the contract."""
+        path = self._path(name)
+        with np.load(path) as z:
+            missing = [k for k in ("coords", "colors", "boxes", "box_labels", "instance")
+                       if k not in z.files]
+            if missing:
+                raise ValueError(f"{path} lacks arrays {missing} (has {z.files})")
+            d = {k: z[k] for k in ("coords", "colors", "boxes", "box_labels", "instance")}
+        n = len(d["coords"])
+        if n == 0 or d["coords"].shape != (n, 3) or d["colors"].shape != (n, 3) \
+                or d["instance"].shape != (n,):
+            raise ValueError(f"{path}: expected coords (N, 3), colors (N, 3), instance (N,) with "
+                             f"N > 0, got {d['coords'].shape}, {d['colors'].shape}, "
+                             f"{d['instance'].shape}")
+        d["box_labels"] = d["box_labels"].astype(np.int64)
+        d["instance"] = d["instance"].astype(np.int64)
+        self._check_boxes(path, d["boxes"], d["box_labels"])
+        if ((d["instance"] < -1) | (d["instance"] >= len(d["boxes"]))).any():
+            raise ValueError(f"{path}: instance must be in [-1, {len(d['boxes'])})")
+        if not np.isfinite(d["coords"]).all():
+            raise ValueError(f"{path}: coords contain non-finite values")
+        return d
+
+    def boxes_of(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (K, 7) float32 and labels (K,) int64 of a scene, without reading its points."""
+        path = self._path(name)
+        with np.load(path) as z:
+            boxes, labels = z["boxes"], z["box_labels"].astype(np.int64)
+        self._check_boxes(path, boxes, labels)
+        return boxes, labels
+
+    def mean_sizes(self) -> np.ndarray:
+        """(C, 3) float32 mean full extents of each class's boxes over the split (VoteNet's
+        size clusters, one per class). A class without boxes gets the mean over all boxes
+        (1 m where the split has no box at all)."""
+        parts = [self.boxes_of(n) for n in self.scenes]
+        boxes = np.concatenate([b for b, _ in parts]) if parts else np.zeros((0, 7), np.float32)
+        labels = np.concatenate([l for _, l in parts]) if parts else np.zeros(0, np.int64)
+        counts = np.bincount(labels, minlength=self.num_classes).astype(np.float64)  # (C,)
+        sums = np.stack([np.bincount(labels, boxes[:, 3 + d].astype(np.float64),
+                                     minlength=self.num_classes) for d in range(3)], 1)  # (C, 3)
+        overall = boxes[:, 3:6].mean(0) if len(boxes) else np.ones(3)
+        means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], overall)
+        return means.astype(np.float32)
+
+    def __getitem__(self, key) -> DetSample:
+        from mink_ssl.sparse import quantize
+
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        name = self.scenes[index]
+        d = self.load(name)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        points, colors, instance = d["coords"], d["colors"], d["instance"]
+        if self.num_points is not None and len(points) > self.num_points:
+            keep = np.sort(rng.choice(len(points), self.num_points, replace=False))
+            points, colors, instance = points[keep], colors[keep], instance[keep]
+        boxes = d["boxes"].astype(np.float32)
+        A = np.eye(3)
+        if self.augmentation is not None:
+            params = self.augmentation.draw(rng)
+            A = transform_matrix(*params)
+            boxes = transform_boxes(boxes, *params, axis_aligned=self.axis_aligned)
+        moved = (points.astype(np.float64) @ A.T).astype(np.float32)  # (N, 3)
+        q = quantize(moved, self.voxel_size)
+        first = q.index.numpy()  # (M,) the point representing each voxel
+        votes, mask = vote_targets(points[first], instance[first], d["boxes"], self.max_votes)
+        votes = (votes.astype(np.float64) @ A.T).astype(np.float32)  # offsets map like points
+        feats = input_features(colors[first] if self.in_channels == 3 else None,
+                               self.in_channels, len(first))
+        return DetSample(coords=q.coords, feats=feats, points=torch.from_numpy(moved[first]),
+                         votes=torch.from_numpy(votes), vote_mask=torch.from_numpy(mask),
+                         boxes=torch.from_numpy(boxes), box_labels=torch.from_numpy(
+                             d["box_labels"]), name=name)
+
+
+__all__ = ["DetAugmentation", "DetBatch", "DetSample", "DetectionDataset", "collate_detection",
+           "points_in_boxes", "read_det_manifest", "transform_boxes", "transform_matrix",
+           "vote_targets", "wrap_angle"]
