@@ -403,9 +403,8 @@ def test_two_ddp_ranks_share_the_centre_and_stay_identical(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork, like DataLoader workers: the children start with torch already imported
-    mp.start_processes(_two_ranks, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True,
-                       start_method="fork")
+    # spawn, not fork: a child forked after the parent ran OpenMP regions can hang in libgomp
+    mp.spawn(_two_ranks, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"r.{k}", weights_only=True) for k in range(2))
     rows = torch.cat([torch.arange(12.0).view(3, 4), torch.arange(20.0).view(5, 4)])
     expected = 0.5 * torch.ones(4) + 0.5 * rows.mean(0)
