@@ -16,10 +16,11 @@ RECIPES = sorted(p.stem for p in (EXPERIMENTS / "configs" / "experiment").glob("
 def compose(config_name: str, *overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from mink_ssl.cli import finetune_seg, pretrain
+    from mink_ssl.cli import finetune_det, finetune_seg, pretrain
 
     pretrain._register_schema()
     finetune_seg._register_schema()
+    finetune_det._register_schema()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=[
             f"hydra.searchpath=[file://{EXPERIMENTS / 'configs'}]", *overrides])
@@ -27,7 +28,9 @@ def compose(config_name: str, *overrides):
 
 
 def command_of(recipe: str) -> str:
-    return "pretrain" if recipe.startswith("pc_pretrain") else "finetune_seg"
+    if recipe.startswith("pc_pretrain"):
+        return "pretrain"
+    return "finetune_det" if recipe.startswith("pc_det") else "finetune_seg"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -41,13 +44,18 @@ def test_recipe_composes_with_the_protocol(recipe):
         assert list(cfg.objectives) == [{"pc_pretrain_hc": "hardest_contrastive",
                                          "pc_pretrain_nce": "point_info_nce"}[recipe]]
         assert cfg.data.voxel_size == 0.025
+    elif recipe.startswith("pc_det"):
+        assert (cfg.optim.name, cfg.optim.lr, cfg.epochs, cfg.optim.lr_steps) == (
+            "adam", 1e-3, 180, [80, 120, 160])
+        assert cfg.batch_size * 8 == {"pc_det_scannet": 32, "pc_det_sunrgbd": 64}[recipe]
+        assert cfg.data.voxel_size == 0.025 and cfg.pretrained is None
     else:
         bench = recipe.rsplit("_", 1)[-1] if recipe.startswith("pc_seg") else "scannet"
         voxel = {"s3dis": 0.05, "synthia": 0.15, "scannet": 0.02}[bench]
         assert cfg.data.voxel_size == voxel and cfg.pretrained is None
         assert (cfg.optim.lr, cfg.optim.momentum) == (0.1, 0.9)
     text = (EXPERIMENTS / "configs" / "experiment" / f"{recipe}.yaml").read_text()
-    if recipe.startswith("pc_seg"):
+    if recipe.startswith(("pc_seg", "pc_det")):
         assert "Paper (Table" in text  # the expected number sits next to the recipe
 
 
@@ -82,6 +90,11 @@ def test_scripts_print_their_commands():
     done, cmd = dry_run("finetune_seg.sh", "scannet", "/d", "/w/backbone.pth",
                         RECIPE="csc_seg_scannet_points")
     assert "+experiment=csc_seg_scannet_points" in cmd and "pretrained=/w/backbone.pth" in cmd
+
+    done, cmd = dry_run("finetune_det.sh", "sunrgbd", "/d/sun", "scratch", NGPUS="8")
+    assert done.returncode == 0, done.stderr
+    assert "mink_ssl.cli.finetune_det" in cmd and "+experiment=pc_det_sunrgbd" in cmd
+    assert "pretrained=null" in cmd and "data.root=/d/sun" in cmd
 
     done, _ = dry_run("finetune_seg.sh", "kitti", "/d", "scratch")
     assert done.returncode == 2 and "unknown benchmark" in done.stderr
