@@ -55,3 +55,15 @@ def synthetic_pairs(tmp_path_factory) -> Path:
     generate_scene(root / "raw", "scene0000_00", 0, n_frames=76)
     run_prep(root / "raw", root / "pairs", PrepParams(frame_skip=25), progress=False)
     return root / "pairs"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """MinkowskiEngine's CPU kernels accumulate in OpenMP thread order, so bitwise (or 1e-6)
+    equality of two runs, e.g. resumed vs uninterrupted, needs one thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
