@@ -1,10 +1,16 @@
 """Shared fixtures. Tests that need ../shared (real sensor data) skip with a reason without it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
-import pytest
+# MinkowskiEngine's CPU kernels accumulate in OpenMP thread order, and ME links its own OpenMP
+# runtime (torch.set_num_threads does not reach it): tests that compare two runs to 1e-6 (exact
+# resume, DDP equivalence) need one thread, set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402  (after OMP_NUM_THREADS)
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -55,15 +61,3 @@ def synthetic_pairs(tmp_path_factory) -> Path:
     generate_scene(root / "raw", "scene0000_00", 0, n_frames=76)
     run_prep(root / "raw", root / "pairs", PrepParams(frame_skip=25), progress=False)
     return root / "pairs"
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """MinkowskiEngine's CPU kernels accumulate in OpenMP thread order, so bitwise (or 1e-6)
-    equality of two runs, e.g. resumed vs uninterrupted, needs one thread."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

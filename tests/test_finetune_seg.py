@@ -28,11 +28,6 @@ CLASSES = ["floor", "wall", "table", "cabinet"]
 VOXEL = 0.25  # coarse, so that CPU training is quick
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _deterministic(one_thread):
-    """Resume tests compare runs to 1e-6: one OpenMP thread (see conftest.one_thread)."""
-
-
 # ------------------------------------------------------------------- synthetic benchmark
 
 def _plane(rng, origin, u, v, density):

@@ -26,11 +26,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOXEL = 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _deterministic(one_thread):
-    """Resume tests compare runs to 1e-6: one OpenMP thread (see conftest.one_thread)."""
-
-
 def make_batch(num_scenes=2, n=300, seed=0) -> PairBatch:
     """Per scene: ``n`` distinct voxels of a 16 x 16 x 4 grid at 5 cm, offset in the world."""
     rng = np.random.default_rng(seed)

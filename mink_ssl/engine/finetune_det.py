@@ -26,14 +26,18 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 from mink_ssl.engine.config import DistributedConfig, ModelConfig, OptimConfig
-from mink_ssl.engine.trainer import Hook, TrainState
+from mink_ssl.engine.checkpoint import _unwrap
+from mink_ssl.engine.finetune import (EvalHook, load_task_checkpoint, restore_task,
+                                      save_task_checkpoint)
+from mink_ssl.engine.trainer import Hook
 
 DET_CHECKPOINT_FORMAT = "mink_ssl.det_checkpoint/1"
 
@@ -201,59 +205,15 @@ class DetectionModule(nn.Module):
         return {k: v if k == "loss" else v.detach() for k, v in losses.items()}
 
 
-def _unwrap(module):
-    return module.module if hasattr(module, "module") else module
-
-
-def save_det_checkpoint(path: Path, trainer, config: dict) -> Path:
-    """Everything to resume a detection run exactly (plain containers only)."""
-    from mink_ssl.engine.checkpoint import rng_state
-    from mink_ssl.io import atomic_torch_save, library_versions
-
-    module = _unwrap(trainer.module)
-    model = module.model
-    return atomic_torch_save({
-        "format": DET_CHECKPOINT_FORMAT, "versions": library_versions(), "config": config,
-        "model": model.backbone.config(), "head": model.head.config(),
-        "backbone": model.backbone.state_dict(), "head_state": model.head.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "state": {"iteration": trainer.state.iteration, "samples": trainer.state.samples},
-        "rng": rng_state(module),
-    }, path)
-
-
-def load_det_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != DET_CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a detection fine-tuning checkpoint (format {found!r}, "
-                         f"expected {DET_CHECKPOINT_FORMAT!r})")
-    return ckpt
-
-
-def restore_det(ckpt: dict, trainer) -> TrainState:
-    """Put a trainer back where the checkpoint left it (the sampler restarts from samples)."""
-    from mink_ssl.engine.checkpoint import set_rng_state
-
-    module = _unwrap(trainer.module)
-    want, saved = module.model.head.config(), ckpt["head"]
+def check_head(ckpt: dict, trainer) -> None:
+    """A resumed run's detection head must be the checkpoint's (classes, bins, mean sizes)."""
+    want, saved = _unwrap(trainer.module).model.head.config(), ckpt["head"]
     diff = [k for k in want if k != "mean_sizes" and saved.get(k) != want[k]]
     if not torch.allclose(torch.tensor(saved["mean_sizes"]), torch.tensor(want["mean_sizes"])):
         diff.append("mean_sizes (the training split's boxes changed?)")
     if diff:
         raise ValueError(f"the checkpoint's detection head differs from the configured one in "
                          f"{diff}; resume with the run's own config and data")
-    module.model.backbone.load_state_dict(ckpt["backbone"], strict=True)
-    module.model.head.load_state_dict(ckpt["head_state"], strict=True)
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    trainer.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"], module)
-    trainer.state = TrainState(iteration=ckpt["state"]["iteration"],
-                               samples=ckpt["state"]["samples"])
-    return trainer.state
 
 
 class BNMomentumHook(Hook):
@@ -287,42 +247,6 @@ class BNMomentumHook(Hook):
 
     def after_step(self, trainer) -> None:
         self._apply(trainer.state.iteration)
-
-
-class DetEvalHook(Hook):
-    """Every ``every`` iterations (not at the last one: the final evaluation follows), rank 0
-    runs ``evaluate() -> DetectionResult``, adds ``stat_val_map25`` / ``stat_val_map50`` to the
-    step's metrics and rewrites ``val_history.json``; the other ranks wait at a barrier."""
-
-    def __init__(self, evaluate: Callable, every: int, out_dir: Path, enabled: bool,
-                 print_fn=print, barrier: Callable[[], None] = lambda: None):
-        self.evaluate, self.every, self.out_dir = evaluate, every, Path(out_dir)
-        self.enabled, self.print_fn, self.barrier = enabled, print_fn, barrier
-        self.history: list[dict] = []
-
-    def before_train(self, trainer) -> None:
-        path = self.out_dir / "val_history.json"
-        if self.enabled and path.is_file():  # a resumed run keeps the earlier evaluations
-            self.history = [h for h in json.loads(path.read_text())
-                            if h["iteration"] <= trainer.state.iteration]
-
-    def after_step(self, trainer) -> None:
-        it = trainer.state.iteration
-        if not self.every or it % self.every or it >= trainer.max_iterations:
-            return
-        if self.enabled:
-            from mink_ssl.io import atomic_path
-
-            r = self.evaluate()
-            entry = {"iteration": it, **{f"mAP@{t:g}": r.mean_ap(t) for t in r.iou_thresholds}}
-            self.history.append(entry)
-            with atomic_path(self.out_dir / "val_history.json") as tmp:
-                tmp.write_text(json.dumps(self.history, indent=1))
-            for t in r.iou_thresholds:
-                trainer.state.last_metrics[f"stat_val_map{round(100 * t)}"] = r.mean_ap(t)
-            self.print_fn(f"iteration {it}: val " + ", ".join(
-                f"mAP@{t:g} {100 * r.mean_ap(t):.1f}" for t in r.iou_thresholds))
-        self.barrier()
 
 
 @torch.no_grad()
@@ -451,7 +375,9 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
         trainer = Trainer(module, optimizer, scheduler, iter(()), max_iterations,
                           cfg.batch_size, device)
         if resume:
-            restore_det(load_det_checkpoint(Path(resume)), trainer)
+            ckpt = load_task_checkpoint(Path(resume), DET_CHECKPOINT_FORMAT)
+            check_head(ckpt, trainer)
+            restore_task(ckpt, trainer)
             if info.is_main:
                 print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
         from mink_ssl.data.detection import collate_detection
@@ -483,12 +409,17 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
             hooks.append(BNMomentumHook(module, ipe, o.bn_momentum_init, o.bn_momentum_decay,
                                         o.bn_momentum_step, o.bn_momentum_min))
         if eval_set is not None:
-            hooks.append(DetEvalHook(evaluate, every(cfg.eval.every), out_dir, info.is_main,
-                                     print_fn, barrier=lambda: barrier(info)))
+            def summary() -> dict[str, float]:
+                r = evaluate()
+                return {f"mAP@{th:g}": r.mean_ap(th) for th in r.iou_thresholds}
+
+            hooks.append(EvalHook(summary, every(cfg.eval.every), out_dir, info.is_main,
+                                  print_fn, barrier=lambda: barrier(info)))
         hooks += [LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn,
                               desc="finetune-det", report_skipped=False),
                   CheckpointHook(out_dir, every(cfg.checkpoint_every), plain,
-                                 enabled=info.is_main, save_fn=save_det_checkpoint,
+                                 enabled=info.is_main,
+                                 save_fn=partial(save_task_checkpoint, fmt=DET_CHECKPOINT_FORMAT),
                                  export_fn=export)]
         trainer.hooks = hooks
         trainer.train()

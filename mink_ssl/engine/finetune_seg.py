@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,9 @@ import torch
 import torch.nn as nn
 
 from mink_ssl.engine.config import DistributedConfig, ModelConfig, OptimConfig
-from mink_ssl.engine.trainer import Hook, TrainState
+from mink_ssl.engine.finetune import (EvalHook, load_task_checkpoint, restore_task,
+                                      save_task_checkpoint)
+from mink_ssl.engine.trainer import Hook
 
 SEG_CHECKPOINT_FORMAT = "mink_ssl.seg_checkpoint/1"
 
@@ -191,89 +194,6 @@ class SegmentationModule(nn.Module):
                 "stat_labelled": n.float()}
 
 
-def _unwrap(module):
-    return module.module if hasattr(module, "module") else module
-
-
-def save_seg_checkpoint(path: Path, trainer, config: dict) -> Path:
-    """Everything to resume a fine-tuning run exactly (plain containers only)."""
-    from mink_ssl.engine.checkpoint import rng_state
-    from mink_ssl.io import atomic_torch_save, library_versions
-
-    module = _unwrap(trainer.module)
-    model = module.model
-    return atomic_torch_save({
-        "format": SEG_CHECKPOINT_FORMAT, "versions": library_versions(), "config": config,
-        "model": model.backbone.config(), "head": model.head.config(),
-        "backbone": model.backbone.state_dict(), "head_state": model.head.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "state": {"iteration": trainer.state.iteration, "samples": trainer.state.samples},
-        "rng": rng_state(module),
-    }, path)
-
-
-def load_seg_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != SEG_CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a fine-tuning checkpoint (format {found!r}, expected "
-                         f"{SEG_CHECKPOINT_FORMAT!r})")
-    return ckpt
-
-
-def restore_seg(ckpt: dict, trainer) -> TrainState:
-    """Put a trainer back where the checkpoint left it (the sampler restarts from samples)."""
-    from mink_ssl.engine.checkpoint import set_rng_state
-
-    module = _unwrap(trainer.module)
-    module.model.backbone.load_state_dict(ckpt["backbone"], strict=True)
-    module.model.head.load_state_dict(ckpt["head_state"], strict=True)
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    trainer.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"], module)
-    trainer.state = TrainState(iteration=ckpt["state"]["iteration"],
-                               samples=ckpt["state"]["samples"])
-    return trainer.state
-
-
-class SegEvalHook(Hook):
-    """Every ``every`` iterations (not at the last one: the final evaluation follows), rank 0
-    runs ``evaluate() -> SegMetrics``, adds ``stat_val_miou`` to the step's metrics and rewrites
-    ``val_history.json``; the other ranks wait at a barrier."""
-
-    def __init__(self, evaluate: Callable, every: int, out_dir: Path, enabled: bool,
-                 print_fn=print, barrier: Callable[[], None] = lambda: None):
-        self.evaluate, self.every, self.out_dir = evaluate, every, Path(out_dir)
-        self.enabled, self.print_fn, self.barrier = enabled, print_fn, barrier
-        self.history: list[dict] = []
-
-    def before_train(self, trainer) -> None:
-        path = self.out_dir / "val_history.json"
-        if self.enabled and path.is_file():  # a resumed run keeps the earlier evaluations
-            self.history = [h for h in json.loads(path.read_text())
-                            if h["iteration"] <= trainer.state.iteration]
-
-    def after_step(self, trainer) -> None:
-        it = trainer.state.iteration
-        if not self.every or it % self.every or it >= trainer.max_iterations:
-            return
-        if self.enabled:
-            from mink_ssl.io import atomic_path
-
-            m = self.evaluate()
-            self.history.append({"iteration": it, "miou": m.miou, "macc": m.macc,
-                                 "oacc": m.oacc})
-            with atomic_path(self.out_dir / "val_history.json") as tmp:
-                tmp.write_text(json.dumps(self.history, indent=1))
-            trainer.state.last_metrics["stat_val_miou"] = m.miou
-            self.print_fn(f"iteration {it}: val mIoU {100 * m.miou:.1f}, mAcc "
-                          f"{100 * m.macc:.1f}, oAcc {100 * m.oacc:.1f}")
-        self.barrier()
-
-
 # ------------------------------------------------------------------------------------- run
 
 def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
@@ -348,7 +268,7 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
                           cfg.batch_size, device)
         if resume:
-            restore_seg(load_seg_checkpoint(Path(resume)), trainer)
+            restore_task(load_task_checkpoint(Path(resume), SEG_CHECKPOINT_FORMAT), trainer)
             if info.is_main:
                 print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
         from mink_ssl.data.segmentation import collate_segmentation
@@ -372,12 +292,17 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
 
         hooks: list[Hook] = []
         if eval_set is not None:
-            hooks.append(SegEvalHook(evaluate, cfg.eval.every, out_dir, info.is_main, print_fn,
-                                     barrier=lambda: barrier(info)))
+            def summary() -> dict[str, float]:
+                m = evaluate()
+                return {"mIoU": m.miou, "mAcc": m.macc, "oAcc": m.oacc}
+
+            hooks.append(EvalHook(summary, cfg.eval.every, out_dir, info.is_main, print_fn,
+                                  barrier=lambda: barrier(info)))
         hooks += [LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn,
                               desc="finetune-seg", report_skipped=False),
                   CheckpointHook(out_dir, cfg.checkpoint_every, plain, enabled=info.is_main,
-                                 save_fn=save_seg_checkpoint, export_fn=export)]
+                                 save_fn=partial(save_task_checkpoint, fmt=SEG_CHECKPOINT_FORMAT),
+                                 export_fn=export)]
         trainer.hooks = hooks
         trainer.train()
 

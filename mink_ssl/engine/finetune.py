@@ -1,0 +1,103 @@
+"""What segmentation and detection fine-tuning share: checkpoints of a backbone with a task head
+(exact resume) and the periodic evaluation hook.
+
+A fine-tuning module has ``.model.backbone`` and ``.model.head`` (each with ``config()``); its
+checkpoint holds both constructor configs and weights, optimizer, scheduler, trainer state and
+RNG, tagged with the task's format (``mink_ssl.seg_checkpoint/1``, ``mink_ssl.det_checkpoint/1``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mink_ssl.engine.checkpoint import _unwrap
+from mink_ssl.engine.trainer import Hook, TrainState
+
+
+def save_task_checkpoint(path: Path, trainer, config: dict, fmt: str) -> Path:
+    """Everything to resume a fine-tuning run exactly (plain containers only)."""
+    from mink_ssl.engine.checkpoint import rng_state
+    from mink_ssl.io import atomic_torch_save, library_versions
+
+    module = _unwrap(trainer.module)
+    model = module.model
+    return atomic_torch_save({
+        "format": fmt, "versions": library_versions(), "config": config,
+        "model": model.backbone.config(), "head": model.head.config(),
+        "backbone": model.backbone.state_dict(), "head_state": model.head.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "state": {"iteration": trainer.state.iteration, "samples": trainer.state.samples},
+        "rng": rng_state(module),
+    }, path)
+
+
+def load_task_checkpoint(path: Path, fmt: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a checkpoint of this fine-tuning task (format "
+                         f"{found!r}, expected {fmt!r})")
+    return ckpt
+
+
+def restore_task(ckpt: dict, trainer) -> TrainState:
+    """Put a trainer back where the checkpoint left it (the sampler restarts from samples)."""
+    from mink_ssl.engine.checkpoint import set_rng_state
+
+    module = _unwrap(trainer.module)
+    module.model.backbone.load_state_dict(ckpt["backbone"], strict=True)
+    module.model.head.load_state_dict(ckpt["head_state"], strict=True)
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"], module)
+    trainer.state = TrainState(iteration=ckpt["state"]["iteration"],
+                               samples=ckpt["state"]["samples"])
+    return trainer.state
+
+
+def stat_name(metric: str) -> str:
+    """``"mIoU"`` -> ``"stat_val_miou"``, ``"mAP@0.25"`` -> ``"stat_val_map025"``."""
+    return "stat_val_" + re.sub(r"[^a-z0-9]", "", metric.lower())
+
+
+class EvalHook(Hook):
+    """Every ``every`` iterations (not at the last one: the final evaluation follows), rank 0
+    runs ``evaluate() -> {metric: value in [0, 1]}`` (e.g. ``{"mIoU": .., "mAcc": ..}``), adds
+    them to the step's metrics (``stat_val_<metric>``), rewrites ``val_history.json`` and prints
+    them; the other ranks wait at a barrier. A resumed run keeps the earlier evaluations."""
+
+    def __init__(self, evaluate: Callable[[], dict[str, float]], every: int, out_dir: Path,
+                 enabled: bool, print_fn=print, barrier: Callable[[], None] = lambda: None):
+        self.evaluate, self.every, self.out_dir = evaluate, every, Path(out_dir)
+        self.enabled, self.print_fn, self.barrier = enabled, print_fn, barrier
+        self.history: list[dict] = []
+
+    def before_train(self, trainer) -> None:
+        path = self.out_dir / "val_history.json"
+        if self.enabled and path.is_file():
+            self.history = [h for h in json.loads(path.read_text())
+                            if h["iteration"] <= trainer.state.iteration]
+
+    def after_step(self, trainer) -> None:
+        it = trainer.state.iteration
+        if not self.every or it % self.every or it >= trainer.max_iterations:
+            return
+        if self.enabled:
+            from mink_ssl.io import atomic_path
+
+            metrics = self.evaluate()
+            self.history.append({"iteration": it, **metrics})
+            with atomic_path(self.out_dir / "val_history.json") as tmp:
+                tmp.write_text(json.dumps(self.history, indent=1))
+            for name, value in metrics.items():
+                trainer.state.last_metrics[stat_name(name)] = value
+            self.print_fn(f"iteration {it}: val " + ", ".join(
+                f"{name} {100 * value:.1f}" for name, value in metrics.items()))
+        self.barrier()
