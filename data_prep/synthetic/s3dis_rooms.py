@@ -12,7 +12,9 @@ integers, as in the release. A room is a box (floor, ceiling, four walls) with S
 beams and columns, windows, doors and boards on the walls, tables, chairs, sofas, bookcases,
 clutter, and stairs in hallways (``stairs`` is the release's 14th class). Points are sampled
 uniformly on the visible faces of each object's boxes (``points_per_m2``) with 3 mm of normal
-noise, coloured by class with a per-object tint and per-point noise. The room file is the
+noise (``noise``), coloured by class with a per-object tint and per-point noise, or, with
+``random_colors=True`` (the transfer benchmark's setting), every object in a random colour so
+that colour says nothing about the class. The room file is the
 concatenation of the annotation files in the order the objects were made (not file-name order).
 
 With ``defects=True`` these rooms are added to the areas that are generated, each with one

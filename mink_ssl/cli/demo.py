@@ -1,14 +1,20 @@
 """``make demo``: the main job, end to end, on the embedded default (synthetic ScanNet scenes).
 
-Steps so far (later stages are added here as they land):
+Steps:
 
 1. generate a few synthetic ScanNet-format scenes (``.sens`` + labelled mesh) by ray casting;
 2. run ScanNet pair prep on them (fragments every 25 frames, overlaps, pair list, manifest);
-3. pretrain the backbone briefly on those pairs (hardest-contrastive, a few iterations);
+3. pretrain a small backbone on those pairs (the synthetic transfer benchmark's ``demo`` preset:
+   Res16UNet14S at 10 cm; hardest-contrastive unless ``--objective`` says otherwise);
 4. voxelise one prepared fragment at 2.5 cm and time the backbone (Res16UNet34C) forward and
-   forward+backward on it.
+   forward+backward on it;
+5. generate synthetic S3DIS-format rooms, prepare them, fine-tune segmentation with limited
+   labels from scratch and from the step-3 checkpoint, and print both test mIoUs as a table
+   (the reduced synthetic transfer benchmark, ``experiments/synthetic_transfer``: one objective
+   against scratch, one seed).
 
-Everything is written under ``--out`` (default ``runs/demo``); rerunning reuses what is there.
+Everything is written under ``--out`` (default ``runs/demo``; steps 3 and 5 in
+``<out>/transfer``); rerunning reuses what is there.
 """
 from __future__ import annotations
 
@@ -19,6 +25,25 @@ import time
 from pathlib import Path
 
 import torch
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "experiments" / "synthetic_transfer" / "run.py"
+
+
+def transfer_benchmark():
+    """The synthetic transfer benchmark module (``experiments/synthetic_transfer/run.py`` of
+    the source checkout), loaded by path: ``experiments`` is not an installed package."""
+    import importlib.util
+
+    if not BENCHMARK.is_file():
+        raise FileNotFoundError(f"{BENCHMARK} not found: the demo's pretraining and fine-tuning "
+                                "steps need a source checkout of mink-ssl (pip install -e .)")
+    name = "mink_ssl_synthetic_transfer"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARK)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve their module by name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def generate_raw_scenes(raw: Path, n_scenes: int, n_frames: int, seed: int, print_fn=print
@@ -74,17 +99,41 @@ def run_backbone_demo(coords: torch.Tensor, feats: torch.Tensor, model_name: str
 
 def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
              model_name: str = "Res16UNet34C", voxel_size: float = 0.025, repeats: int = 3,
-             device: str = "auto", pretrain_iterations: int = 10,
-             objectives: tuple[str, ...] = ("hardest_contrastive",), print_fn=print) -> dict:
+             device: str = "auto", pretrain_iterations: int | None = None,
+             objectives: tuple[str, ...] = ("hardest_contrastive",), preset: str = "demo",
+             finetune_iterations: int | None = None, print_fn=print) -> dict:
+    """The demo; ``preset`` (a synthetic transfer benchmark preset) sizes steps 3 and 5, and
+    ``pretrain_iterations`` / ``finetune_iterations`` override it (0 skips the step)."""
+    from dataclasses import replace
+
     from data_prep.scannet.prep import PrepParams, run as run_prep
     from mink_ssl.data.features import input_features
     from mink_ssl.data.fragments import FragmentStore
+    from mink_ssl.models import MODELS
+    from mink_ssl.objectives import OBJECTIVES
     from mink_ssl.sparse import quantize
+
+    bench = transfer_benchmark()
+    if preset not in bench.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid choices: {sorted(bench.PRESETS)}")
+    cfg = bench.PRESETS[preset]
+    cfg = replace(cfg, pretrain_iterations=(cfg.pretrain_iterations if pretrain_iterations is None
+                                            else pretrain_iterations),
+                  finetune_iterations=(cfg.finetune_iterations if finetune_iterations is None
+                                       else finetune_iterations))
+    if model_name not in MODELS:  # checked before any work
+        MODELS.get(model_name)
+    for name in objectives:
+        OBJECTIVES.get(name)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    objective = "+".join(objectives)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_config.json").write_text(json.dumps(
         {"n_scenes": n_scenes, "n_frames": n_frames, "seed": seed, "model": model_name,
-         "voxel_size": voxel_size, "repeats": repeats, "device": device}, indent=1))
+         "voxel_size": voxel_size, "repeats": repeats, "device": device, "preset": preset,
+         "objective": objective, "pretrain_iterations": cfg.pretrain_iterations,
+         "finetune_iterations": cfg.finetune_iterations}, indent=1))
     print_fn(f"== 1. synthetic ScanNet scenes -> {out / 'raw'}")
     generate_raw_scenes(out / "raw", n_scenes, n_frames, seed, print_fn)
 
@@ -94,20 +143,14 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     if not manifest["scenes"]:
         raise RuntimeError(f"prep produced no scenes: {manifest['skipped_scenes']}")
 
-    print_fn(f"== 3. pretraining {model_name} ({', '.join(objectives)}) for "
-             f"{pretrain_iterations} iterations -> {out / 'pretrain'}")
+    transfer = out / "transfer"
+    bench.register_small_model()
+    print_fn(f"== 3. pretraining {cfg.model} at {100 * cfg.pretrain_voxel:g} cm ({objective}) "
+             f"for {cfg.pretrain_iterations} iterations -> {transfer / 'pretrain'}")
     backbone_path = None
-    if pretrain_iterations > 0:
-        from mink_ssl.engine.config import DataConfig, ModelConfig, PretrainConfig
-        from mink_ssl.engine.pretrain import pretrain
-
-        cfg = PretrainConfig(
-            model=ModelConfig(name=model_name), data=DataConfig(
-                root=str(out / "pairs"), voxel_size=voxel_size, num_workers=1),
-            objectives={name: {} for name in objectives}, max_iterations=pretrain_iterations,
-            batch_size=2, device=device, checkpoint_every=0, log_every=1, progress=False,
-            seed=seed)
-        backbone_path = pretrain(cfg, out / "pretrain", print_fn=print_fn)
+    if cfg.pretrain_iterations > 0:
+        backbone_path, _ = bench.pretrain_run(transfer, out / "pairs", objective, seed, cfg, dev,
+                                              print_fn)
 
     first = sorted(manifest["scenes"])[0]
     frag = FragmentStore(out / "pairs" / first)[0]
@@ -117,7 +160,17 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     print_fn(f"== 4. backbone on fragment {frag.name}: {len(points):,} points -> "
              f"{len(q.coords):,} voxels at {voxel_size * 100:g} cm")
     result = run_backbone_demo(q.coords, feats, model_name, repeats, device, print_fn)
-    return {"prep": manifest["counts"], "pretrained": backbone_path, "backbone": result}
+
+    transfer_result = None
+    if cfg.pretrain_iterations > 0 and cfg.finetune_iterations > 0:
+        print_fn(f"== 5. fine-tuning on synthetic S3DIS rooms ({', '.join(cfg.settings)}; "
+                 f"{cfg.finetune_iterations} iterations), from scratch and from step 3 -> "
+                 f"{transfer}")
+        transfer_result = bench.run_benchmark(
+            transfer, cfg, objectives=[bench.SCRATCH, objective], seeds=[seed],
+            device=dev, pairs=out / "pairs", log=print_fn)
+    return {"prep": manifest["counts"], "pretrained": backbone_path, "backbone": result,
+            "transfer": transfer_result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,15 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voxel-size", type=float, default=0.025, help="voxel edge in metres")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    p.add_argument("--pretrain-iterations", type=int, default=10,
-                   help="pretraining iterations on the prepared pairs (0 skips the step)")
+    p.add_argument("--pretrain-iterations", type=int, default=None,
+                   help="pretraining iterations on the prepared pairs (default: the preset's; "
+                        "0 skips pretraining and fine-tuning)")
+    p.add_argument("--finetune-iterations", type=int, default=None,
+                   help="fine-tuning iterations (default: the preset's; 0 skips the step)")
+    p.add_argument("--preset", default="demo",
+                   help="synthetic transfer benchmark preset sizing steps 3 and 5 (demo, tiny)")
     p.add_argument("--objective", nargs="+", default=["hardest_contrastive"],
                    help="pretraining objective(s) by name, e.g. point_info_nce gmm_likelihood")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         run_demo(args.out, args.scenes, args.frames, args.seed, args.model, args.voxel_size,
-                 args.repeats, args.device, args.pretrain_iterations, tuple(args.objective))
+                 args.repeats, args.device, args.pretrain_iterations, tuple(args.objective),
+                 args.preset, args.finetune_iterations)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mink-ssl-demo: error: {e}", file=sys.stderr)
         return 2

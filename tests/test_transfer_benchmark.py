@@ -1,0 +1,151 @@
+"""Synthetic transfer benchmark (experiments/synthetic_transfer/run.py): the tiny preset end to
+end (real synthetic scans and rooms, real pretraining and fine-tuning), the structure of
+results.json / results.md / results.png, and resumability."""
+import json
+
+import numpy as np
+import pytest
+
+from mink_ssl.cli.demo import transfer_benchmark
+
+bench = transfer_benchmark()  # experiments/synthetic_transfer/run.py
+OBJECTIVES = ["none", "point_info_nce", "hardest_contrastive"]
+SETTINGS = ["pts20", "full"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("transfer")
+    logs: list[str] = []
+    result = bench.run_benchmark(out, "tiny", objectives=OBJECTIVES, seeds=[0],
+                                 settings=SETTINGS, log=logs.append)
+    return out, result, logs
+
+
+def test_tiny_benchmark_writes_results_json_md_png(tiny_run):
+    out, result, logs = tiny_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))  # what it returns is what it wrote
+    assert saved["schema"] == "mink_ssl.transfer_benchmark/1" and saved["preset"] == "tiny"
+    assert saved["objectives"] == OBJECTIVES and saved["seeds"] == [0]
+    assert saved["settings"] == {"pts20": {"scene_fraction": 1.0, "labelled_points": 20},
+                                 "full": {"scene_fraction": 1.0, "labelled_points": None}}
+    assert {"torch", "MinkowskiEngine", "mink_ssl"} <= set(saved["versions"])
+    assert saved["data"]["train_rooms"] == 5 and saved["data"]["test_rooms"] == 1
+    runs = saved["runs"]
+    assert len(runs) == len(OBJECTIVES) * len(SETTINGS)
+    assert {(r["objective"], r["setting"], r["seed"]) for r in runs} == {
+        (o, s, 0) for o in OBJECTIVES for s in SETTINGS}
+    for r in runs:
+        assert 0.0 <= r["miou"] <= 1.0 and r["seconds"] > 0
+        per_run = json.loads((out / r["dir"] / "results.json").read_text())
+        assert per_run["miou"] == r["miou"] and per_run["split"] == "test"
+        # scratch runs start from nothing, the others from their objective's backbone
+        if r["objective"] == "none":
+            assert per_run["pretrained"] is None
+        else:
+            assert per_run["pretrained"].endswith(f"pretrain/{r['objective']}/seed0/backbone.pth")
+            assert per_run["pretrained_loaded_fraction"] > 0.9
+        assert per_run["labelled_points"] == (20 if r["setting"] == "pts20" else None)
+    for o in OBJECTIVES:
+        for s in SETTINGS:
+            e = saved["summary"][o][s]
+            assert e["n"] == 1 and e["std"] == 0.0 and e["values"] == [e["mean"]]
+            assert e["mean"] == next(r["miou"] for r in runs
+                                     if r["objective"] == o and r["setting"] == s)
+    assert set(saved["timings"]["pretrain_s"]) == {"point_info_nce/seed0",
+                                                   "hardest_contrastive/seed0"}
+
+    md = (out / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| objective | pts20 | full |"
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| scratch", "| point_info_nce",
+                                                         "| hardest_contrastive"]
+    scratch = 100 * saved["summary"]["none"]["pts20"]["mean"]
+    assert f"{scratch:.1f} ± 0.0" in rows[1]
+    gain = 100 * (saved["summary"]["point_info_nce"]["pts20"]["mean"]
+                  - saved["summary"]["none"]["pts20"]["mean"])
+    assert f"({gain:+.1f})" in rows[2]
+
+    import matplotlib.image
+
+    png = out / "results.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert np.ptp(image[..., :3]) > 0.5  # bars drawn, not a blank canvas
+
+
+def test_rerun_does_no_work_and_an_interrupted_run_continues(tiny_run):
+    out, result, _ = tiny_run
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/**/results.json")}
+    logs: list[str] = []
+    again = bench.run_benchmark(out, "tiny", objectives=OBJECTIVES, seeds=[0],
+                                settings=SETTINGS, log=logs.append)
+    text = "\n".join(logs)
+    assert "generated" not in text and "pretrain:" not in text and "finetune-seg:" not in text
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/**/results.json")} == stamps
+    assert again["summary"] == result["summary"]
+
+    # as if killed during one fine-tuning run: only that run is redone
+    victim = out / "finetune" / "hardest_contrastive" / "full" / "seed0"
+    (victim / "results.json").unlink()
+    logs.clear()
+    redone = bench.run_benchmark(out, "tiny", objectives=OBJECTIVES, seeds=[0],
+                                 settings=SETTINGS, log=logs.append)
+    starts = [line for line in logs if line.startswith("finetune-seg: ") and "train scenes" in line]
+    assert len(starts) == 1 and str(victim) in starts[0]
+    assert not any(line.startswith("pretrain:") for line in logs)
+    assert (victim / "results.json").is_file() and len(redone["runs"]) == len(result["runs"])
+
+    # a finished run is not silently reused for another preset
+    from dataclasses import replace
+
+    other = replace(bench.PRESETS["tiny"], finetune_lr=1e-3)
+    with pytest.raises(ValueError, match=r"finetune/none/pts20/seed0 was made with another "
+                                         r"config \(differs in \['optim'\]\): use a new --out"):
+        bench.run_benchmark(out, other, objectives=OBJECTIVES, seeds=[0], settings=SETTINGS)
+
+
+def test_bad_arguments_name_the_value_and_the_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown objective\(s\) \['infonce'\].*point_info_nce"):
+        bench.run_benchmark(tmp_path, "tiny", objectives=["none", "infonce"])
+    with pytest.raises(ValueError, match="unknown setting 'pts'; use pts<N>"):
+        bench.run_benchmark(tmp_path, "tiny", settings=["pts"])
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'; valid choices: \['demo'"):
+        bench.run_benchmark(tmp_path, "huge")
+    assert bench.parse_setting("frac0.1") == {"scene_fraction": 0.1, "labelled_points": None}
+    assert bench.main(["--out", str(tmp_path), "--preset", "tiny", "--settings", "frac0"]) == 2
+    assert not (tmp_path / "data").exists()  # arguments are checked before any work
+
+
+def test_random_room_colours_say_nothing_about_the_class(tmp_path):
+    """The benchmark's rooms (random_colors=True) keep the geometry of the class-coloured ones,
+    but a nearest-class-colour classifier that is mostly right on the class-coloured ones fails
+    on them."""
+    from data_prep.synthetic import generate_s3dis_rooms
+    from data_prep.synthetic.s3dis_rooms import CLASS_COLORS
+
+    kw = dict(areas=(1,), rooms_per_area=3, defects=False, seed=1, points_per_m2=20.0)
+    plain = generate_s3dis_rooms(tmp_path / "plain", **kw)
+    rand = generate_s3dis_rooms(tmp_path / "random", random_colors=True, **kw)
+    assert plain.rooms.keys() == rand.rooms.keys()
+    for name, t in plain.rooms.items():
+        assert np.array_equal(t.coords, rand.rooms[name].coords)
+        assert np.array_equal(t.classes, rand.rooms[name].classes)
+    names = sorted(CLASS_COLORS)
+    palette = np.array([CLASS_COLORS[c] for c in names], dtype=np.float64)  # (13, 3)
+
+    def colour_accuracy(truth):
+        rgb = np.concatenate([t.colors for t in truth.rooms.values()]).astype(np.float64)
+        cls = np.concatenate([t.classes for t in truth.rooms.values()])
+        nearest = np.linalg.norm(rgb[:, None] - palette[None], axis=2).argmin(1)  # (N,)
+        return (np.array(names)[nearest] == cls).mean()
+
+    assert colour_accuracy(plain) > 0.6 and colour_accuracy(rand) < 0.1
+    noisy = generate_s3dis_rooms(tmp_path / "noisy", noise=0.02, **kw)
+    t0, t1 = next(iter(plain.rooms.values())), next(iter(noisy.rooms.values()))
+    floor0, floor1 = t0.coords[t0.classes == "floor", 2], t1.coords[t1.classes == "floor", 2]
+    assert floor0.std() < 0.006 and 0.015 < floor1.std() < 0.025  # metres, along the normal
+    with pytest.raises(ValueError, match=r"noise is a std in metres in \[0, 0.1\), got 0.5"):
+        generate_s3dis_rooms(tmp_path / "bad", noise=0.5, **kw)
