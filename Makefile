@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_overlap.py
 	$(PY) benchmarks/bench_pretrain_step.py
+	$(PY) benchmarks/bench_objectives.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

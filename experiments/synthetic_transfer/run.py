@@ -87,8 +87,8 @@ class Preset:
 PRESETS = {
     "full": Preset(),
     "demo": Preset(scannet_scenes=3, pretrain_iterations=150, rooms_per_area=2,
-                   finetune_iterations=60, settings=("pts20",),
-                   objectives=(SCRATCH, "hardest_contrastive"), seeds=(0,)),
+                   finetune_iterations=60, settings=("pts200",),
+                   objectives=(SCRATCH, "point_info_nce"), seeds=(0,)),
     "tiny": Preset(out_channels=16, scannet_scenes=2, frames=60, pretrain_iterations=2,
                    pretrain_batch=2, max_matches=1000, num_matches=256, rooms_per_area=1,
                    points_per_m2=40.0, seg_voxel=0.2, finetune_iterations=2,

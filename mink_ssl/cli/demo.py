@@ -5,7 +5,7 @@ Steps:
 1. generate a few synthetic ScanNet-format scenes (``.sens`` + labelled mesh) by ray casting;
 2. run ScanNet pair prep on them (fragments every 25 frames, overlaps, pair list, manifest);
 3. pretrain a small backbone on those pairs (the synthetic transfer benchmark's ``demo`` preset:
-   Res16UNet14S at 10 cm; hardest-contrastive unless ``--objective`` says otherwise);
+   Res16UNet14S at 10 cm; PointInfoNCE unless ``--objective`` says otherwise);
 4. voxelise one prepared fragment at 2.5 cm and time the backbone (Res16UNet34C) forward and
    forward+backward on it;
 5. generate synthetic S3DIS-format rooms, prepare them, fine-tune segmentation with limited
@@ -100,7 +100,7 @@ def run_backbone_demo(coords: torch.Tensor, feats: torch.Tensor, model_name: str
 def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
              model_name: str = "Res16UNet34C", voxel_size: float = 0.025, repeats: int = 3,
              device: str = "auto", pretrain_iterations: int | None = None,
-             objectives: tuple[str, ...] = ("hardest_contrastive",), preset: str = "demo",
+             objectives: tuple[str, ...] = ("point_info_nce",), preset: str = "demo",
              finetune_iterations: int | None = None, print_fn=print) -> dict:
     """The demo; ``preset`` (a synthetic transfer benchmark preset) sizes steps 3 and 5, and
     ``pretrain_iterations`` / ``finetune_iterations`` override it (0 skips the step)."""
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="fine-tuning iterations (default: the preset's; 0 skips the step)")
     p.add_argument("--preset", default="demo",
                    help="synthetic transfer benchmark preset sizing steps 3 and 5 (demo, tiny)")
-    p.add_argument("--objective", nargs="+", default=["hardest_contrastive"],
+    p.add_argument("--objective", nargs="+", default=["point_info_nce"],
                    help="pretraining objective(s) by name, e.g. point_info_nce gmm_likelihood")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
