@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.seg_common import check_params, map_jobs
+from data_prep.seg_common import SceneJob, check_params, map_jobs, scene_file
 
 SCHEMA = "mink_ssl.det_scenes/1"
 SPLITS = ("train", "val")
@@ -59,17 +59,6 @@ class DetScene:
     instance: np.ndarray
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class DetJob:
-    """Prepare scene ``name`` of ``split`` with ``fn(*args) -> DetScene`` (a module-level
-    function, so jobs can go to worker processes)."""
-
-    name: str
-    split: str
-    fn: Callable[..., DetScene]
-    args: tuple = ()
 
 
 @dataclass
@@ -118,11 +107,6 @@ def first_box(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 # -- scene files ------------------------------------------------------------------------------
-def scene_file(name: str) -> str:
-    """``scenes/<name>.npz``, relative to the output directory."""
-    return f"scenes/{name}.npz"
-
-
 def _report_path(out: Path, name: str) -> Path:
     return out / "reports" / f"{name}.json"
 
@@ -166,7 +150,7 @@ def write_scene(out: Path, name: str, s: DetScene, num_classes: int) -> None:
                  instance=s.instance, **s.extra)  # to a file object: savez(path) adds .npz
 
 
-def _run_job(job: DetJob, out: Path, num_classes: int) -> DetResult:
+def _run_job(job: SceneJob, out: Path, num_classes: int) -> DetResult:
     """Prepare one scene; bad input data becomes a "skipped" result, bugs propagate."""
     from data_prep.seg_common import SceneSkipped
 
@@ -197,7 +181,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequence[DetJob],
+def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequence[SceneJob],
              params: dict, inputs: dict, skipped: Sequence[dict] = (), workers: int = 1,
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Prepare ``jobs`` into ``out`` and write the manifest (returned).

@@ -42,7 +42,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.detection import NO_BOX, DetJob, DetScene, run_prep
+from data_prep.detection import NO_BOX, DetScene, run_prep
+from data_prep.seg_common import SceneJob
 from data_prep.scannet.labels import LABEL_MAP_NAME, read_label_map
 
 CLASSES = ("cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
@@ -256,7 +257,7 @@ def run(raw: Path, out: Path, label_map: Path, splits_dir: Path | None = None,
                         for n, s in sorted(where.items()) if n not in present]
         skipped += [{"scene": d.name, "reason": f"not listed in {SPLIT_FILES['train']} or "
                      f"{SPLIT_FILES['val']}"} for d in scene_dirs if d.name not in where]
-    jobs = [DetJob(d.name, where[d.name], prepare_scene, (d, classes_of))
+    jobs = [SceneJob(d.name, where[d.name], prepare_scene, (d, classes_of))
             for d in scene_dirs if d.name in where]
     params = {"classes": list(CLASSES), "nyu40_ids": list(NYU40_IDS),
               "label_map_sha256": hashlib.sha256(label_map.read_bytes()).hexdigest()}

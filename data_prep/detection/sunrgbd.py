@@ -43,7 +43,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.detection import DetJob, DetScene, first_box, run_prep
+from data_prep.detection import DetScene, first_box, run_prep
+from data_prep.seg_common import SceneJob
 
 CLASSES = ("bed", "table", "sofa", "chair", "toilet", "desk", "dresser", "night_stand",
            "bookshelf", "bathtub")
@@ -222,7 +223,7 @@ def run(raw: Path, out: Path, label_dir: str = "label", ids: Sequence[int] | Non
         wanted = set(ids)
         pairs = [(i, s) for i, s in pairs if i in wanted]
     pairs.sort()
-    jobs = [DetJob(image_name(i), s, prepare_image, (raw, image_name(i), label_dir))
+    jobs = [SceneJob(image_name(i), s, prepare_image, (raw, image_name(i), label_dir))
             for i, s in pairs]
     params = {"classes": list(CLASSES), "label_dir": label_dir}
     return run_prep(out, benchmark="sunrgbd", classes=CLASSES, jobs=jobs, params=params,
