@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,33 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> tuple[DistI
             backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return info, dev
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, sync_bn: bool,
+             find_unused_parameters: bool) -> torch.nn.Module:
+    """``module`` as this rank's DistributedDataParallel replica (unchanged on one process);
+    ``sync_bn`` converts batch norm to SyncBatchNorm first (CUDA only: no CPU kernel)."""
+    if not info.enabled:
+        return module
+    if sync_bn and device.type == "cuda":
+        import MinkowskiEngine as ME
+
+        module = ME.MinkowskiSyncBatchNorm.convert_sync_batchnorm(module)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters)
+
+
+def start_run(out_dir: Path, config: dict, info: DistInfo) -> None:
+    """Rank 0 creates the run directory and writes the resolved ``config.json`` (atomically)."""
+    if info.is_main:
+        import json
+
+        from mink_ssl.io import atomic_path
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=1))
 
 
 def barrier(info: DistInfo) -> None:

@@ -62,6 +62,24 @@ def restore_task(ckpt: dict, trainer) -> TrainState:
     return trainer.state
 
 
+def start_weights(model, resume: str | None, pretrained: str | None, out_dir: Path,
+                  is_main: bool, print_fn=print):
+    """Where a fine-tuning run starts: ``(resume checkpoint or None, pretrained report or
+    None)``. ``resume="auto"`` is the run directory's latest checkpoint; otherwise
+    ``pretrained`` weights are loaded strictly into ``model`` (a resumed run restores its own)."""
+    from mink_ssl.engine.checkpoint import latest_checkpoint
+    from mink_ssl.models.pretrained import load_pretrained
+
+    if resume == "auto":
+        resume = latest_checkpoint(out_dir)
+    report = None
+    if pretrained and not resume:
+        report = load_pretrained(model, pretrained)
+        if is_main:
+            print_fn(report.summary())
+    return resume, report
+
+
 def stat_name(metric: str) -> str:
     """``"mIoU"`` -> ``"stat_val_miou"``, ``"mAP@0.25"`` -> ``"stat_val_map025"``."""
     return "stat_val_" + re.sub(r"[^a-z0-9]", "", metric.lower())

@@ -36,7 +36,7 @@ import torch.nn as nn
 from mink_ssl.engine.config import DistributedConfig, ModelConfig, OptimConfig
 from mink_ssl.engine.checkpoint import _unwrap
 from mink_ssl.engine.finetune import (EvalHook, load_task_checkpoint, restore_task,
-                                      save_task_checkpoint)
+                                      save_task_checkpoint, start_weights)
 from mink_ssl.engine.trainer import Hook
 
 DET_CHECKPOINT_FORMAT = "mink_ssl.det_checkpoint/1"
@@ -301,10 +301,9 @@ def write_det_results(out_dir: Path, result, extra: dict) -> dict:
 def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
     """Fine-tune as ``cfg`` says, writing into ``out_dir``; returns the final evaluation
     (``results.json``'s content; empty without an evaluation split)."""
-    from mink_ssl.engine.distributed import barrier, cleanup, init_distributed
+    from mink_ssl.engine.distributed import barrier, cleanup, init_distributed, start_run, wrap_ddp
     from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
     from mink_ssl.engine.trainer import Trainer
-    from mink_ssl.models.pretrained import load_pretrained
     from mink_ssl.models.votenet import save_detection_model
 
     out_dir = Path(out_dir)
@@ -313,9 +312,7 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
     try:
         plain = asdict(cfg)
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(plain, indent=1))
+        start_run(out_dir, plain, info)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
         axis_aligned = cfg.head.num_heading_bins == 1
@@ -337,26 +334,12 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
         model = build_det_model(cfg.model, cfg.head, train_set.in_channels, len(classes),
                                 mean_sizes)
 
-        resume = cfg.resume
-        if resume == "auto":
-            from mink_ssl.engine.checkpoint import latest_checkpoint
-
-            resume = latest_checkpoint(out_dir)
-        pretrained_report = None
-        if cfg.pretrained and not resume:  # a resumed run restores its own weights
-            pretrained_report = load_pretrained(model, cfg.pretrained)
-            if info.is_main:
-                print_fn(pretrained_report.summary())
+        resume, pretrained_report = start_weights(model, cfg.resume, cfg.pretrained, out_dir,
+                                                  info.is_main, print_fn)
 
         module = DetectionModule(model).to(device)
-        if info.enabled:
-            if cfg.distributed.sync_bn and device.type == "cuda":
-                import MinkowskiEngine as ME
-
-                module = ME.MinkowskiSyncBatchNorm.convert_sync_batchnorm(module)
-            module = torch.nn.parallel.DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.distributed.find_unused_parameters)
+        module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
+                          cfg.distributed.find_unused_parameters)
         per_rank = len(train_set) // info.world_size
         ipe = per_rank / cfg.batch_size  # iterations per epoch (fractional)
         max_iterations = math.ceil(cfg.epochs * ipe - 1e-9)

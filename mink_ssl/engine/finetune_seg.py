@@ -20,7 +20,6 @@ evaluation) and ``predictions/<scene>.ply``.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,7 +31,7 @@ import torch.nn as nn
 
 from mink_ssl.engine.config import DistributedConfig, ModelConfig, OptimConfig
 from mink_ssl.engine.finetune import (EvalHook, load_task_checkpoint, restore_task,
-                                      save_task_checkpoint)
+                                      save_task_checkpoint, start_weights)
 from mink_ssl.engine.trainer import Hook
 
 SEG_CHECKPOINT_FORMAT = "mink_ssl.seg_checkpoint/1"
@@ -199,20 +198,17 @@ class SegmentationModule(nn.Module):
 def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
     """Fine-tune as ``cfg`` says, writing into ``out_dir``; returns the final evaluation
     (``results.json``'s content; empty without an evaluation split)."""
-    from mink_ssl.engine.distributed import barrier, cleanup, init_distributed
+    from mink_ssl.engine.distributed import barrier, cleanup, init_distributed, start_run, wrap_ddp
     from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
     from mink_ssl.engine.trainer import Trainer
     from mink_ssl.eval.segmentation import evaluate_scenes, write_results
     from mink_ssl.models.heads import save_segmentation_model
-    from mink_ssl.models.pretrained import load_pretrained
 
     out_dir = Path(out_dir)
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
     try:
         plain = asdict(cfg)
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(plain, indent=1))
+        start_run(out_dir, plain, info)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
         train_set = build_seg_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
@@ -229,26 +225,12 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         classes = train_set.classes
         model = build_seg_model(cfg.model, train_set.in_channels, len(classes))
 
-        resume = cfg.resume
-        if resume == "auto":
-            from mink_ssl.engine.checkpoint import latest_checkpoint
-
-            resume = latest_checkpoint(out_dir)
-        pretrained_report = None
-        if cfg.pretrained and not resume:  # a resumed run restores its own weights
-            pretrained_report = load_pretrained(model, cfg.pretrained)
-            if info.is_main:
-                print_fn(pretrained_report.summary())
+        resume, pretrained_report = start_weights(model, cfg.resume, cfg.pretrained, out_dir,
+                                                  info.is_main, print_fn)
 
         module = SegmentationModule(model).to(device)
-        if info.enabled:
-            if cfg.distributed.sync_bn and device.type == "cuda":
-                import MinkowskiEngine as ME
-
-                module = ME.MinkowskiSyncBatchNorm.convert_sync_batchnorm(module)
-            module = torch.nn.parallel.DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.distributed.find_unused_parameters)
+        module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
+                          cfg.distributed.find_unused_parameters)
         optimizer, scheduler = build_seg_optimizer(cfg.optim, module.parameters(),
                                                    cfg.max_iterations, info.world_size)
         if info.is_main:

@@ -8,7 +8,6 @@ One build function per plug-in point; each takes explicit arguments.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -123,7 +122,7 @@ def build_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: in
 def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
     """Train as ``cfg`` says, writing into ``out_dir``; returns the exported backbone's path."""
     from mink_ssl.engine import checkpoint as ck
-    from mink_ssl.engine.distributed import cleanup, init_distributed
+    from mink_ssl.engine.distributed import cleanup, init_distributed, start_run, wrap_ddp
     from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
     from mink_ssl.engine.trainer import PretrainModule, Trainer
 
@@ -131,9 +130,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
     try:
         plain = asdict(cfg)
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(plain, indent=1))
+        start_run(out_dir, plain, info)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
         import_plugins(cfg.imports)
@@ -143,14 +140,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
         backbone = build_backbone(cfg.model, dataset.in_channels)
         objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
         module = PretrainModule(backbone, objectives, weights, cfg.freeze_bn).to(device)
-        if info.enabled:
-            if cfg.distributed.sync_bn and device.type == "cuda":
-                import MinkowskiEngine as ME
-
-                module = ME.MinkowskiSyncBatchNorm.convert_sync_batchnorm(module)
-            module = torch.nn.parallel.DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.distributed.find_unused_parameters)
+        module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
+                          cfg.distributed.find_unused_parameters)
         trainable = [p for p in module.parameters() if p.requires_grad]  # not an EMA teacher
         optimizer, scheduler = build_optimizer(cfg.optim, trainable, info.world_size)
         if info.is_main:
