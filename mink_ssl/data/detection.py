@@ -43,7 +43,6 @@ Each training item is a pure function of (seed, epoch, index), as in :mod:`mink_
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,26 +251,12 @@ def vote_targets(points: np.ndarray, instance: np.ndarray, boxes: np.ndarray,
 # ---------------------------------------------------------------------------------- dataset
 
 def read_det_manifest(root: Path) -> dict:
-    """``root/manifest.json`` after checking the schema and the fields training needs."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: point data.root at the output directory of "
-                                "detection prep (mink-ssl-prep scannet-det|sunrgbd)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema") not in KNOWN_SCHEMAS:
-        raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
-                         f"{KNOWN_SCHEMAS}: rerun detection prep with this version")
-    missing = [k for k in ("classes", "splits", "scenes") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; rerun detection prep")
-    if not manifest["classes"]:
-        raise ValueError(f"{path} lists no classes")
-    for split, names in manifest["splits"].items():
-        unknown = [n for n in names if n not in manifest["scenes"]]
-        if unknown:
-            raise ValueError(f"{path}: split {split!r} names scenes without a file entry: "
-                             f"{unknown[:5]}")
-    return manifest
+    """``root/manifest.json`` of detection prep after checking the schema and the fields
+    training needs."""
+    from mink_ssl.data.manifest import read_manifest
+
+    return read_manifest(root, KNOWN_SCHEMAS, "detection prep (mink-ssl-prep scannet-det|sunrgbd)",
+                         ("classes", "splits", "scenes"))
 
 
 class DetectionDataset(Dataset):

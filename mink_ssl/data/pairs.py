@@ -12,7 +12,6 @@ scaled to it and the camera-to-world pose (all three are in the fragment store a
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,15 +39,10 @@ class PairSample:
 
 
 def read_manifest(root: Path) -> dict:
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: point data.root at the --out directory of "
-                                "`mink-ssl-prep scannet`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema") not in KNOWN_SCHEMAS:
-        raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
-                         f"{KNOWN_SCHEMAS}: rerun data prep with this version")
-    return manifest
+    """``root/manifest.json`` of ScanNet pair prep, schema checked."""
+    from mink_ssl.data import manifest
+
+    return manifest.read_manifest(root, KNOWN_SCHEMAS, "`mink-ssl-prep scannet`")
 
 
 class PairDataset(Dataset):

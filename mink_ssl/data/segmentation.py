@@ -36,7 +36,6 @@ index), as in :mod:`mink_ssl.data.pairs`, and is independent of the number of lo
 """
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,28 +235,15 @@ def _scene_seed(seed: int, name: str) -> list[int]:
 
 
 def read_seg_manifest(root: Path) -> dict:
-    """``root/manifest.json`` after checking the schema and the fields training needs."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: point data.root at the output directory of "
-                                "segmentation prep (S3DIS, ScanNet or Synthia)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema") not in KNOWN_SCHEMAS:
-        raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
-                         f"{KNOWN_SCHEMAS}: rerun segmentation prep with this version")
-    missing = [k for k in ("classes", "ignore_label", "splits", "scenes") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; rerun segmentation prep")
+    """``root/manifest.json`` of segmentation prep, checked (schema, fields, ignore label -1)."""
+    from mink_ssl.data.manifest import read_manifest
+
+    manifest = read_manifest(root, KNOWN_SCHEMAS, "segmentation prep (mink-ssl-prep "
+                             "s3dis|synthia|scannet-seg)",
+                             ("classes", "ignore_label", "splits", "scenes"))
     if manifest["ignore_label"] != -1:
-        raise ValueError(f"{path}: ignore_label is {manifest['ignore_label']!r}, the contract "
-                         "says -1")
-    if not manifest["classes"]:
-        raise ValueError(f"{path} lists no classes")
-    for split, names in manifest["splits"].items():
-        unknown = [n for n in names if n not in manifest["scenes"]]
-        if unknown:
-            raise ValueError(f"{path}: split {split!r} names scenes without a file entry: "
-                             f"{unknown[:5]}")
+        raise ValueError(f"{Path(root) / 'manifest.json'}: ignore_label is "
+                         f"{manifest['ignore_label']!r}, the contract says -1")
     return manifest
 
 
