@@ -1,4 +1,4 @@
-"""Synthetic transfer benchmark (experiments/synthetic_transfer/run.py): the tiny preset end to
+"""Synthetic transfer benchmark (mink_ssl/transfer_benchmark.py): the tiny preset end to
 end (real synthetic scans and rooms, real pretraining and fine-tuning), the structure of
 results.json / results.md / results.png, and resumability."""
 import json
@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from mink_ssl.cli.demo import transfer_benchmark
+from mink_ssl import transfer_benchmark as bench
 
-bench = transfer_benchmark()  # experiments/synthetic_transfer/run.py
 OBJECTIVES = ["none", "point_info_nce", "hardest_contrastive"]
 SETTINGS = ["pts20", "full"]
 
@@ -31,7 +30,7 @@ def test_tiny_benchmark_writes_results_json_md_png(tiny_run):
     assert saved["settings"] == {"pts20": {"scene_fraction": 1.0, "labelled_points": 20},
                                  "full": {"scene_fraction": 1.0, "labelled_points": None}}
     assert {"torch", "MinkowskiEngine", "mink_ssl"} <= set(saved["versions"])
-    assert saved["data"]["train_rooms"] == 5 and saved["data"]["test_rooms"] == 1
+    assert saved["data"]["train_rooms"] == 5 and saved["data"]["test_rooms"] == 2  # Area 5
     runs = saved["runs"]
     assert len(runs) == len(OBJECTIVES) * len(SETTINGS)
     assert {(r["objective"], r["setting"], r["seed"]) for r in runs} == {
@@ -117,6 +116,23 @@ def test_bad_arguments_name_the_value_and_the_choices(tmp_path):
     assert bench.parse_setting("frac0.1") == {"scene_fraction": 0.1, "labelled_points": None}
     assert bench.main(["--out", str(tmp_path), "--preset", "tiny", "--settings", "frac0"]) == 2
     assert not (tmp_path / "data").exists()  # arguments are checked before any work
+
+
+def test_checkout_script_is_the_library_command(tmp_path):
+    """experiments/synthetic_transfer/run.py runs mink_ssl.transfer_benchmark's CLI."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "synthetic_transfer" / "run.py"
+    p = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--seeds"],
+                       capture_output=True, text=True, check=False)
+    assert p.returncode == 2 and "--seeds: expected at least one argument" in p.stderr
+    p = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--preset", "huge"],
+                       capture_output=True, text=True, check=False)
+    assert p.returncode == 2
+    assert "mink-ssl-transfer: error: unknown preset 'huge'" in p.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_random_room_colours_say_nothing_about_the_class(tmp_path):

@@ -10,7 +10,7 @@ Steps:
    forward+backward on it;
 5. generate synthetic S3DIS-format rooms, prepare them, fine-tune segmentation with limited
    labels from scratch and from the step-3 checkpoint, and print both test mIoUs as a table
-   (the reduced synthetic transfer benchmark, ``experiments/synthetic_transfer``: one objective
+   (the reduced synthetic transfer benchmark, :mod:`mink_ssl.transfer_benchmark`: one objective
    against scratch, one seed).
 
 Everything is written under ``--out`` (default ``runs/demo``; steps 3 and 5 in
@@ -26,24 +26,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "experiments" / "synthetic_transfer" / "run.py"
-
-
-def transfer_benchmark():
-    """The synthetic transfer benchmark module (``experiments/synthetic_transfer/run.py`` of
-    the source checkout), loaded by path: ``experiments`` is not an installed package."""
-    import importlib.util
-
-    if not BENCHMARK.is_file():
-        raise FileNotFoundError(f"{BENCHMARK} not found: the demo's pretraining and fine-tuning "
-                                "steps need a source checkout of mink-ssl (pip install -e .)")
-    name = "mink_ssl_synthetic_transfer"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARK)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve their module by name
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from mink_ssl import transfer_benchmark as bench
 
 
 def generate_raw_scenes(raw: Path, n_scenes: int, n_frames: int, seed: int, print_fn=print
@@ -113,7 +96,6 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     from mink_ssl.objectives import OBJECTIVES
     from mink_ssl.sparse import quantize
 
-    bench = transfer_benchmark()
     if preset not in bench.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid choices: {sorted(bench.PRESETS)}")
     cfg = bench.PRESETS[preset]
