@@ -183,12 +183,32 @@ def prepare_data(out: Path, preset: Preset, log: Callable[[str], None] = print,
 
 # ------------------------------------------------------------------------------------ runs
 
+def _changed(asked: dict, found: dict, default: dict) -> list[str]:
+    """Keys of config ``asked`` whose values (recursively) differ in ``found``, a finished run's
+    config. A setting that ``found`` lacks because the schema gained it later counts as equal
+    when ``asked`` has it at its ``default``."""
+    out = []
+    for k in sorted(set(asked) | set(found)):
+        if k not in asked:
+            out.append(k)
+        elif k not in found:
+            if k not in default or asked[k] != default[k]:
+                out.append(k)
+        elif isinstance(asked[k], dict) and isinstance(found[k], dict):
+            sub = default.get(k)
+            if _changed(asked[k], found[k], sub if isinstance(sub, dict) else {}):
+                out.append(k)
+        elif asked[k] != found[k]:
+            out.append(k)
+    return out
+
+
 def _check_same_config(run_dir: Path, cfg) -> None:
     """A finished run is reused only if it was made with the config asked for now."""
     asked = json.loads(json.dumps(asdict(cfg)))
-    found = json.loads((run_dir / "config.json").read_text())
-    if found != asked:
-        diff = sorted(k for k in set(asked) | set(found) if asked.get(k) != found.get(k))
+    default = json.loads(json.dumps(asdict(type(cfg)())))
+    diff = _changed(asked, json.loads((run_dir / "config.json").read_text()), default)
+    if diff:
         raise ValueError(f"{run_dir} was made with another config (differs in {diff}): use a new "
                          "--out for another preset, or delete that run to redo it")
 

@@ -165,3 +165,13 @@ def test_random_room_colours_say_nothing_about_the_class(tmp_path):
     assert floor0.std() < 0.006 and 0.015 < floor1.std() < 0.025  # metres, along the normal
     with pytest.raises(ValueError, match=r"noise is a std in metres in \[0, 0.1\), got 0.5"):
         generate_s3dis_rooms(tmp_path / "bad", noise=0.5, **kw)
+
+
+def test_runs_made_before_a_setting_was_added_are_reused_at_its_default():
+    default = {"lr": 0.1, "eval": {"every": 0, "keep_best": True}}
+    old_run = {"lr": 0.1, "eval": {"every": 0}}  # finished before eval.keep_best existed
+    assert bench._changed(default, old_run, default) == []
+    assert bench._changed({"lr": 0.1, "eval": {"every": 0, "keep_best": False}}, old_run,
+                          default) == ["eval"]
+    assert bench._changed({"lr": 0.2, "eval": {"every": 0}}, old_run, default) == ["lr"]
+    assert bench._changed(default, {**old_run, "removed": 1}, default) == ["removed"]
