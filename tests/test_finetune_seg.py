@@ -356,6 +356,144 @@ def test_resumed_run_ends_like_an_uninterrupted_one(rooms, tmp_path):
                      print_fn=lambda s: None)
 
 
+def test_eval_hook_keeps_the_best_model_and_a_resumed_run_keeps_an_earlier_best(tmp_path):
+    from types import SimpleNamespace
+
+    from mink_ssl.engine.finetune import EvalHook
+    from mink_ssl.engine.trainer import TrainState
+
+    scores = {1: 0.3, 2: 0.5, 3: 0.5, 4: 0.4, 5: 0.45, 6: 0.6}  # 3: a tie is no better
+    saved, logs = [], []
+
+    def run(first: int, last: int) -> EvalHook:
+        trainer = SimpleNamespace(state=TrainState(iteration=first - 1), max_iterations=9)
+        hook = EvalHook(lambda: {"mAcc": 0.9, "mIoU": scores[trainer.state.iteration]}, 1,
+                        tmp_path, True, logs.append, key="mIoU",
+                        save_best=lambda d: saved.append((trainer.state.iteration, d)))
+        hook.before_train(trainer)
+        for it in range(first, last + 1):
+            trainer.state.iteration = it
+            hook.after_step(trainer)
+        return hook
+
+    hook = run(1, 4)
+    assert saved == [(1, tmp_path / "best"), (2, tmp_path / "best")]
+    assert hook.best == {"iteration": 2, "mAcc": 0.9, "mIoU": 0.5}
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best == {"iteration": 2, "metric": "mIoU", "mAcc": 0.9, "mIoU": 0.5}
+    assert "iteration 2: best mIoU so far 50.0 (was 30.0 at iteration 1), saved to" in logs[3]
+    saved.clear()
+    hook = run(5, 6)  # resumed at iteration 4: 0.45 does not replace the best of iteration 2
+    assert saved == [(6, tmp_path / "best")] and hook.best["iteration"] == 6
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["iteration"] == 6
+    with pytest.raises(ValueError, match=r"'mAP@0.25' is not among .*\['mAcc', 'mIoU'\]"):
+        EvalHook(lambda: {"mAcc": 0.9, "mIoU": 0.1}, 1, tmp_path / "x", True, key="mAP@0.25"
+                 ).after_step(SimpleNamespace(state=TrainState(iteration=1), max_iterations=9))
+    with pytest.raises(ValueError, match="needs key="):
+        EvalHook(lambda: {}, 1, tmp_path, True, save_best=lambda d: None)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(rooms, tmp_path_factory):
+    """A short run with a periodic evaluation after each of iterations 1-3 and a final
+    evaluation over two rotations."""
+    run = tmp_path_factory.mktemp("evaluated") / "run"
+    cfg = tiny_config(rooms, eval=SegEvalConfig(every=1, rotations=2, ply_scenes=1))
+    logs = []
+    results = finetune_seg(cfg, run, print_fn=logs.append)
+    return cfg, run, results, logs
+
+
+def test_the_best_periodic_evaluation_keeps_its_model(rooms, evaluated_run, tmp_path):
+    from mink_ssl.models.heads import load_segmentation_model
+
+    cfg, run, results, logs = evaluated_run
+    history = json.loads((run / "val_history.json").read_text())
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    top = max(h["mIoU"] for h in history)
+    first = next(h for h in history if h["mIoU"] == top)  # a later tie is not better
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best == {"metric": "mIoU", **first}
+    assert results["best"] == {"iteration": first["iteration"], "mIoU": top}
+    assert json.loads((run / "results.json").read_text())["best"] == results["best"]
+    assert any(f"iteration {first['iteration']}: best mIoU so far" in s for s in logs)
+    model, meta = load_segmentation_model(run / "best" / "model.pth")
+    assert meta["classes"] == CLASSES and meta["voxel_size"] == VOXEL
+    # the model kept is the one evaluated then: it scores the same again (one rotation)
+    again = finetune_seg(replace(cfg, evaluate_only=str(run / "best" / "model.pth"),
+                                 eval=replace(cfg.eval, rotations=1)),
+                         tmp_path / "again", print_fn=lambda s: None)
+    assert again["miou"] == pytest.approx(top, abs=1e-12)
+    assert again["iterations"] == first["iteration"]  # from best.json next to it
+
+    off = tiny_config(rooms, max_iterations=2,
+                      eval=SegEvalConfig(every=1, ply_scenes=0, keep_best=False))
+    results = finetune_seg(off, tmp_path / "off", print_fn=lambda s: None)
+    assert not (tmp_path / "off" / "best").exists()
+    assert results["best"]["iteration"] == 1  # still reported: the history's best
+    results = finetune_seg(replace(off, eval=replace(off.eval, every=0)), tmp_path / "none",
+                           print_fn=lambda s: None)
+    assert results["best"] is None and not (tmp_path / "none" / "best").exists()
+
+
+def test_evaluate_only_scores_a_saved_model_like_its_run(evaluated_run, tmp_path):
+    cfg, run, results, _ = evaluated_run
+    only = replace(cfg, evaluate_only=str(run / "model.pth"), max_iterations=10 ** 6)
+    logs = []
+    got = finetune_seg(only, tmp_path / "model", print_fn=logs.append)
+    assert got["miou"] == pytest.approx(results["miou"], abs=1e-12) and got["rotations"] == 2
+    assert got["evaluated"] == str(run / "model.pth") and got["iterations"] is None
+    assert any("finetune-seg: evaluating" in s for s in logs)
+    assert not any("iteration" in s and "val mIoU" in s for s in logs)  # no training
+    written = json.loads((tmp_path / "model" / "results.json").read_text())
+    assert written["miou"] == got["miou"] and written["evaluated"] == got["evaluated"]
+    assert (tmp_path / "model" / "results.md").is_file()
+    assert (tmp_path / "model" / "predictions" / "Area_5__room_0.ply").is_file()
+    assert not list((tmp_path / "model").glob("checkpoint_*.pth"))
+    # the final checkpoint holds the same model
+    got = finetune_seg(replace(only, evaluate_only=str(run / "checkpoint_4.pth")),
+                       tmp_path / "ckpt", print_fn=lambda s: None)
+    assert got["miou"] == pytest.approx(results["miou"], abs=1e-12) and got["iterations"] == 4
+
+
+def test_evaluate_only_rejects_what_does_not_fit(rooms, evaluated_run, tmp_path):
+    from mink_ssl.models.heads import load_segmentation_model, save_segmentation_model
+
+    cfg, run, _, _ = evaluated_run
+    only = replace(cfg, evaluate_only=str(run / "model.pth"))
+
+    def fails(c, match, error=ValueError):
+        with pytest.raises(error, match=match):
+            finetune_seg(c, tmp_path / "e", print_fn=lambda s: None)
+
+    fails(replace(only, data=replace(cfg.data, eval_split=None)),
+          r"data.eval_split is null; set data.eval_split=<split> \(splits of .*: "
+          r"\['train', 'val'\]\)")
+    fails(replace(only, resume="auto", pretrained="b.pth"),
+          r"pretrained=b.pth and resume=auto cannot go with it; set pretrained=null and "
+          r"resume=null")
+    fails(replace(only, resume="auto"), r"resume=auto cannot go with it; set resume=null \(")
+    fails(replace(only, evaluate_only=str(tmp_path / "no.pth")), "no.pth does not exist",
+          FileNotFoundError)
+    model, _ = load_segmentation_model(run / "model.pth")
+    for name, kw, match in (
+            ("classes", dict(classes=["floor", "wall", "chair", "sofa"], voxel_size=VOXEL,
+                             features="rgb"),
+             r"predicts \['floor', 'wall', 'chair', 'sofa'\] but .* has \['floor', 'wall', "
+             r"'table', 'cabinet'\]"),
+            ("voxel", dict(classes=CLASSES, voxel_size=0.05, features="rgb"),
+             r"fine-tuned on 0.05 m voxels but the data config gives 0.25 m .*set "
+             r"data.voxel_size=0.05"),
+            ("features", dict(classes=CLASSES, voxel_size=VOXEL, features="ones"),
+             "fine-tuned on 'ones' features but data.features='rgb'; set data.features=ones")):
+        save_segmentation_model(model, tmp_path / name / "model.pth", **kw)
+        fails(replace(only, evaluate_only=str(tmp_path / name / "model.pth")), match)
+    torch.save({"format": "mink_ssl.model/1"}, tmp_path / "backbone.pth")
+    fails(replace(only, evaluate_only=str(tmp_path / "backbone.pth")),
+          r"format 'mink_ssl.model/1', expected a segmentation model .*or a segmentation "
+          r"checkpoint")
+
+
 def compose(*overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
 
@@ -382,6 +520,9 @@ def test_configs_follow_the_protocol_and_reject_bad_keys():
     assert synthia.data.voxel_size == 0.15 and synthia.batch_size == 9
     assert synthia.data.up_axis == "z"  # prep rotates Synthia to z-up
     assert s3dis.data.eval_split == "test"  # Area 5
+    assert s3dis.eval.keep_best and s3dis.evaluate_only is None
+    only = OmegaConf.to_object(compose("data.root=/x", "evaluate_only=/runs/seg/best/model.pth"))
+    assert only.evaluate_only == "/runs/seg/best/model.pth"
     with pytest.raises(Exception, match="lrr"):
         compose("data.root=/x", "optim.lrr=0.1")
     with pytest.raises(Exception, match="(?s)Available options in 'finetune'.*s3dis"):
@@ -403,7 +544,8 @@ def test_cli_fine_tunes_from_a_pretrained_backbone_end_to_end(rooms, tmp_path):
         [sys.executable, "-m", "mink_ssl.cli.finetune_seg", f"data.root={rooms}",
          "model=res16unet14a", "model.out_channels=16", f"pretrained={tmp_path / 'backbone.pth'}",
          f"data.voxel_size={VOXEL}", "data.num_workers=0", "data.eval_split=val",
-         "optim.name=adam", "optim.lr=3e-3", "max_iterations=20", "batch_size=2", "checkpoint_every=10", "eval.every=10",
+         "optim.name=adam", "optim.lr=3e-3", "max_iterations=20", "batch_size=2",
+         "checkpoint_every=10", "eval.every=10",
          "eval.rotations=2", "eval.ply_scenes=1", "device=cpu", "progress=false",
          f"hydra.run.dir={run}"], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -417,6 +559,7 @@ def test_cli_fine_tunes_from_a_pretrained_backbone_end_to_end(rooms, tmp_path):
     assert [h["iteration"] for h in json.loads((run / "val_history.json").read_text())] == [10]
     results = json.loads((run / "results.json").read_text())
     assert results["split"] == "val" and results["rotations"] == 2
+    assert results["best"]["iteration"] == 10 and (run / "best" / "model.pth").is_file()
     assert results["pretrained_loaded_fraction"] == pytest.approx(194 / 196)  # all but head
     assert results["miou"] > 0.5, results  # chance: about 0.15
     assert results["oacc"] > 0.8 and results["points"] > 10000  # original points, not voxels

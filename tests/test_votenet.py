@@ -536,7 +536,11 @@ def test_cli_trains_a_detector_far_above_an_untrained_one(det_root, tmp_path):
     assert json.loads((run / "config.json").read_text())["pretrained"].endswith("backbone.pth")
     assert sorted(p.name for p in run.glob("checkpoint_*.pth")) == ["checkpoint_100.pth",
                                                                    "checkpoint_50.pth"]
-    assert [h["iteration"] for h in json.loads((run / "val_history.json").read_text())] == [50]
+    history = json.loads((run / "val_history.json").read_text())
+    assert [h["iteration"] for h in history] == [50]
+    best = json.loads((run / "best" / "best.json").read_text())  # the one periodic evaluation
+    assert best == {"metric": "mAP@0.25", **history[0]}
+    assert load_detection_model(run / "best" / "model.pth")[1]["voxel_size"] == VOXEL
     results = json.loads((run / "results.json").read_text())
     assert results["split"] == "train" and results["iterations"] == 100
     assert "| bed |" in (run / "results.md").read_text()

@@ -89,19 +89,59 @@ class EvalHook(Hook):
     """Every ``every`` iterations (not at the last one: the final evaluation follows), rank 0
     runs ``evaluate() -> {metric: value in [0, 1]}`` (e.g. ``{"mIoU": .., "mAcc": ..}``), adds
     them to the step's metrics (``stat_val_<metric>``), rewrites ``val_history.json`` and prints
-    them; the other ranks wait at a barrier. A resumed run keeps the earlier evaluations."""
+    them; the other ranks wait at a barrier. A resumed run keeps the earlier evaluations.
+
+    With a ``key`` metric the hook tracks the best evaluation (``self.best``, the first of
+    equals); with ``save_best`` too, each strictly better one calls ``save_best(out_dir /
+    "best")`` and writes ``best/best.json`` = ``{"iteration", "metric": key, **metrics}``, so the
+    best model survives a final one that overfits. A resumed run takes the best so far from the
+    kept history, so it never replaces a better earlier best with a worse one."""
 
     def __init__(self, evaluate: Callable[[], dict[str, float]], every: int, out_dir: Path,
-                 enabled: bool, print_fn=print, barrier: Callable[[], None] = lambda: None):
+                 enabled: bool, print_fn=print, barrier: Callable[[], None] = lambda: None,
+                 key: str | None = None, save_best: Callable[[Path], None] | None = None):
+        if save_best is not None and key is None:
+            raise ValueError("EvalHook(save_best=...) needs key=<the metric that ranks "
+                             "evaluations>, e.g. key='mIoU'")
         self.evaluate, self.every, self.out_dir = evaluate, every, Path(out_dir)
         self.enabled, self.print_fn, self.barrier = enabled, print_fn, barrier
+        self.key, self.save_best = key, save_best
         self.history: list[dict] = []
+        self.best: dict | None = None  # the history entry with the highest key metric
 
     def before_train(self, trainer) -> None:
         path = self.out_dir / "val_history.json"
         if self.enabled and path.is_file():
             self.history = [h for h in json.loads(path.read_text())
                             if h["iteration"] <= trainer.state.iteration]
+        if self.key is not None:
+            for h in self.history:
+                if self.key in h and (self.best is None or h[self.key] > self.best[self.key]):
+                    self.best = h
+
+    def _keep_best(self, entry: dict) -> None:
+        from mink_ssl.io import atomic_path
+
+        if self.key not in entry:
+            raise ValueError(f"the best-model metric {self.key!r} is not among the evaluation's "
+                             f"metrics {sorted(k for k in entry if k != 'iteration')}; pass one "
+                             "of them as key")
+        if self.best is not None and not entry[self.key] > self.best[self.key]:
+            return
+        before, self.best = self.best, entry
+        if self.save_best is None:
+            return
+        best_dir = self.out_dir / "best"
+        best_dir.mkdir(parents=True, exist_ok=True)
+        self.save_best(best_dir)
+        with atomic_path(best_dir / "best.json") as tmp:  # after the model: it describes it
+            tmp.write_text(json.dumps({"iteration": entry["iteration"], "metric": self.key,
+                                       **{k: v for k, v in entry.items() if k != "iteration"}},
+                                      indent=1))
+        was = (f" (was {100 * before[self.key]:.1f} at iteration {before['iteration']})"
+               if before else "")
+        self.print_fn(f"iteration {entry['iteration']}: best {self.key} so far "
+                      f"{100 * entry[self.key]:.1f}{was}, saved to {best_dir}")
 
     def after_step(self, trainer) -> None:
         it = trainer.state.iteration
@@ -118,4 +158,6 @@ class EvalHook(Hook):
                 trainer.state.last_metrics[stat_name(name)] = value
             self.print_fn(f"iteration {it}: val " + ", ".join(
                 f"{name} {100 * value:.1f}" for name, value in metrics.items()))
+            if self.key is not None:
+                self._keep_best(self.history[-1])
         self.barrier()

@@ -17,8 +17,10 @@ The run directory holds ``config.json``; ``checkpoint_<it>.pth`` (format
 ``mink_ssl.det_checkpoint/1``: model and head, optimizer, scheduler, iteration, sampler
 position, RNG; ``resume=auto`` continues exactly); ``model.pth`` (backbone + head,
 :func:`mink_ssl.models.votenet.load_detection_model`); ``tb/`` scalars; ``val_history.json``
-(periodic evaluations); ``results.md`` / ``results.json`` / ``results_pr.png`` (the final
-evaluation: per-class AP and recall, mAP, precision/recall curves).
+(periodic evaluations); ``best/model.pth`` and ``best/best.json`` (the model of the periodic
+evaluation with the highest mAP at the first IoU threshold, ``eval.keep_best``); ``results.md`` /
+``results.json`` / ``results_pr.png`` (the final evaluation: per-class AP and recall, mAP,
+precision/recall curves).
 """
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ class DetEvalConfig:
     nms_iou: float = 0.25  # per-class 3D NMS
     per_class_proposal: bool = True  # each kept box once per class, score p(class) p(object)
     batch_size: int = 4  # scenes per evaluation forward pass
+    keep_best: bool = True  # best/model.pth: the best periodic evaluation's (first threshold)
 
 
 @dataclass
@@ -396,8 +399,13 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
                 r = evaluate()
                 return {f"mAP@{th:g}": r.mean_ap(th) for th in r.iou_thresholds}
 
+            # the first threshold's mAP ranks evaluations (an empty list: the evaluator's error)
+            thresholds = cfg.eval.iou_thresholds
+            key = f"mAP@{float(thresholds[0]):g}" if thresholds else None
             hooks.append(EvalHook(summary, every(cfg.eval.every), out_dir, info.is_main,
-                                  print_fn, barrier=lambda: barrier(info)))
+                                  print_fn, barrier=lambda: barrier(info), key=key,
+                                  save_best=(partial(export, None) if cfg.eval.keep_best and key
+                                             else None)))
         hooks += [LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn,
                               desc="finetune-det", report_skipped=False),
                   CheckpointHook(out_dir, every(cfg.checkpoint_every), plain,

@@ -15,11 +15,17 @@ The run directory holds ``config.json``; ``checkpoint_<it>.pth`` (format
 ``mink_ssl.seg_checkpoint/1``: model, optimizer, scheduler, iteration, sampler position, RNG;
 ``resume=auto`` continues exactly); ``model.pth`` (backbone + head,
 :func:`mink_ssl.models.heads.load_segmentation_model`); ``tb/`` scalars; ``val_history.json``
-(periodic evaluations); ``results.md`` / ``results.json`` / ``results_iou.png`` (the final
-evaluation) and ``predictions/<scene>.ply``.
+(periodic evaluations); ``best/model.pth`` and ``best/best.json`` (the model of the periodic
+evaluation with the highest mIoU, ``eval.keep_best``); ``results.md`` / ``results.json`` /
+``results_iou.png`` (the final evaluation) and ``predictions/<scene>.ply``.
+
+``evaluate_only=<model.pth or checkpoint>`` trains nothing: it evaluates that fine-tuned model on
+``data.eval_split`` as the final evaluation does and writes the same results.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -87,6 +93,7 @@ class SegEvalConfig:
     every: int = 1000  # evaluate on data.eval_split every this many iterations (0: at the end)
     rotations: int = 1  # final evaluation: average logits over this many rotations (TTA)
     ply_scenes: int = 2  # final evaluation: PLY files of predictions for the first k scenes
+    keep_best: bool = True  # best/model.pth: the model of the best periodic evaluation (mIoU)
 
 
 @dataclass
@@ -105,6 +112,7 @@ class FinetuneSegConfig:
     log_every: int = 10
     progress: bool = True
     resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+    evaluate_only: Optional[str] = None  # a fine-tuned model.pth or checkpoint: evaluate it only
 
 
 # ---------------------------------------------------------------------------------- builders
@@ -193,6 +201,121 @@ class SegmentationModule(nn.Module):
                 "stat_labelled": n.float()}
 
 
+def load_fine_tuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The whole fine-tuned model (backbone + head, strict keys) in ``model.pth`` (format
+    ``mink_ssl.seg_model/1``) or in a fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``),
+    and what the file says about its input: ``classes``, ``voxel_size``, ``features`` and
+    ``iterations``, None where it does not say (a checkpoint has no class names, and no voxel
+    size when its run took the manifest's; ``model.pth`` has no iteration, but the
+    ``best.json`` next to ``best/model.pth`` has)."""
+    from mink_ssl.models.heads import SEG_MODEL_FORMAT, segmentation_model_from_state
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluate_only={path} does not exist; pass a fine-tuned "
+                                "model.pth or a checkpoint_<it>.pth of segmentation fine-tuning")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if fmt == SEG_MODEL_FORMAT:
+        best = path.parent / "best.json"
+        meta = {k: state[k] for k in ("classes", "voxel_size", "features")}
+        meta["iterations"] = json.loads(best.read_text())["iteration"] if best.is_file() else None
+    elif fmt == SEG_CHECKPOINT_FORMAT:
+        data = state.get("config", {}).get("data", {})
+        meta = {"classes": None, "voxel_size": data.get("voxel_size"),
+                "features": data.get("features"), "iterations": state["state"]["iteration"]}
+    else:
+        raise ValueError(f"evaluate_only={path} has format {fmt!r}, expected a segmentation "
+                         f"model ({SEG_MODEL_FORMAT!r}, model.pth of fine-tuning) or a "
+                         f"segmentation checkpoint ({SEG_CHECKPOINT_FORMAT!r})")
+    return segmentation_model_from_state(state), meta
+
+
+def check_fine_tuned(path: str, meta: dict, num_classes: int, eval_set, cfg: SegDataConfig
+                     ) -> None:
+    """The model in ``path`` must have been fine-tuned on what ``eval_set`` gives it: the same
+    classes (in order), voxel size and input features; each difference is an error that says
+    which setting to change."""
+    classes = eval_set.classes
+    if num_classes != len(classes) or meta["classes"] not in (None, classes):
+        has = meta["classes"] if meta["classes"] is not None else f"{num_classes} classes"
+        raise ValueError(f"evaluate_only={path} predicts {has} but {cfg.root} has {classes}; "
+                         f"evaluate it on the benchmark it was fine-tuned on (data.root=...)")
+    size = meta["voxel_size"]
+    if size is not None and not math.isclose(size, eval_set.voxel_size, rel_tol=1e-6):
+        raise ValueError(f"evaluate_only={path} was fine-tuned on {size:g} m voxels but the data "
+                         f"config gives {eval_set.voxel_size:g} m (data.voxel_size="
+                         f"{'null' if cfg.voxel_size is None else cfg.voxel_size}; null: the "
+                         f"manifest's); set data.voxel_size={size:g}")
+    if meta["features"] is not None and meta["features"] != cfg.features:
+        raise ValueError(f"evaluate_only={path} was fine-tuned on {meta['features']!r} features "
+                         f"but data.features={cfg.features!r}; set "
+                         f"data.features={meta['features']}")
+
+
+def final_evaluation(model: nn.Module, eval_set, cfg: FinetuneSegConfig, out_dir: Path,
+                     device, extra: dict, print_fn=print) -> dict:
+    """Evaluate ``model`` on every scene of ``eval_set`` (original points, ``eval.rotations``,
+    PLY files of the first ``eval.ply_scenes``), write ``results.md`` / ``results.json`` (with
+    ``extra``) / ``results_iou.png``; returns ``results.json``'s numbers and ``extra``."""
+    from mink_ssl.eval.segmentation import evaluate_scenes, write_results
+
+    e = cfg.eval
+    metrics = evaluate_scenes(model, eval_set.scenes_for_eval(), eval_set.classes,
+                              eval_set.voxel_size, eval_set.in_channels, rotations=e.rotations,
+                              up_axis=eval_set.up_axis, device=device,
+                              ply_dir=out_dir / "predictions", ply_scenes=e.ply_scenes)
+    extra = {"split": cfg.data.eval_split, "scenes": len(eval_set), **extra,
+             "rotations": e.rotations, "voxel_size": eval_set.voxel_size}
+    title = f"{eval_set.manifest.get('benchmark', 'segmentation')} {cfg.data.eval_split}"
+    write_results(out_dir, metrics, title=title, extra=extra)
+    print_fn(f"finetune-seg: {cfg.data.eval_split} mIoU {100 * metrics.miou:.1f}, mAcc "
+             f"{100 * metrics.macc:.1f}, oAcc {100 * metrics.oacc:.1f} ({len(eval_set)} scenes, "
+             f"{e.rotations} rotation(s)); {out_dir / 'results.md'}")
+    return {**extra, **metrics.to_dict()}
+
+
+def check_evaluate_only(cfg: FinetuneSegConfig) -> None:
+    """``evaluate_only`` evaluates a finished model: it needs an evaluation split and takes
+    neither starting weights nor a run to continue."""
+    given = [f"{k}={v}" for k, v in (("pretrained", cfg.pretrained), ("resume", cfg.resume)) if v]
+    if given:
+        unset = " and ".join(f"{g.split('=')[0]}=null" for g in given)
+        raise ValueError(f"evaluate_only={cfg.evaluate_only} evaluates that model as it is, so "
+                         f"{' and '.join(given)} cannot go with it; set {unset} (or drop "
+                         "evaluate_only to train)")
+    if cfg.data.eval_split is None:
+        from mink_ssl.data.segmentation import read_seg_manifest
+
+        splits = ""
+        if cfg.data.root not in ("???", "", None):
+            filled = [k for k, v in read_seg_manifest(Path(cfg.data.root))["splits"].items() if v]
+            splits = f" (splits of {cfg.data.root}: {filled})"
+        raise ValueError(f"evaluate_only={cfg.evaluate_only} needs an evaluation split but "
+                         f"data.eval_split is null; set data.eval_split=<split>{splits}")
+
+
+def evaluate_only(cfg: FinetuneSegConfig, out_dir: Path, device, print_fn=print) -> dict:
+    """Evaluate the fine-tuned model ``cfg.evaluate_only`` (no training), as the final
+    evaluation of a run does; returns ``results.json``'s content."""
+    path = cfg.evaluate_only
+    model, meta = load_fine_tuned(path)
+    eval_set = build_seg_dataset(cfg.data, cfg.data.eval_split, train=False, seed=cfg.seed)
+    if len(eval_set) == 0:
+        filled = [k for k, v in eval_set.manifest["splits"].items() if v]
+        raise ValueError(f"evaluation split {cfg.data.eval_split!r} is empty; choose "
+                         f"data.eval_split from {filled}")
+    check_fine_tuned(path, meta, model.num_classes, eval_set, cfg.data)
+    name = model.backbone.config()["name"]
+    print_fn(f"finetune-seg: evaluating {path} ({name}, "
+             f"{meta['iterations'] if meta['iterations'] is not None else 'unknown'} iterations) "
+             f"on {len(eval_set)} {cfg.data.eval_split} scenes, voxel "
+             f"{eval_set.voxel_size:g} m, device {device}, out {out_dir}")
+    return final_evaluation(model.to(device), eval_set, cfg, out_dir, device,
+                            {"evaluated": str(path), "iterations": meta["iterations"],
+                             "model": name}, print_fn)
+
+
 # ------------------------------------------------------------------------------------- run
 
 def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
@@ -201,14 +324,20 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
     from mink_ssl.engine.distributed import barrier, cleanup, init_distributed, start_run, wrap_ddp
     from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
     from mink_ssl.engine.trainer import Trainer
-    from mink_ssl.eval.segmentation import evaluate_scenes, write_results
+    from mink_ssl.eval.segmentation import evaluate_scenes
     from mink_ssl.models.heads import save_segmentation_model
 
     out_dir = Path(out_dir)
+    if cfg.evaluate_only:
+        check_evaluate_only(cfg)
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
     try:
         plain = asdict(cfg)
         start_run(out_dir, plain, info)
+        if cfg.evaluate_only:  # rank 0 evaluates, the others wait
+            results = evaluate_only(cfg, out_dir, device, print_fn) if info.is_main else {}
+            barrier(info)
+            return results
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
         train_set = build_seg_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
@@ -262,24 +391,23 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
                               info.world_size, trainer.state.samples, collate_segmentation)
         trainer.batches = iter(loader)
 
-        def evaluate(rotations: int = 1, ply_dir: Path | None = None, ply_scenes: int = 0):
-            return evaluate_scenes(model, eval_set.scenes_for_eval(), classes,
-                                   eval_set.voxel_size, eval_set.in_channels,
-                                   rotations=rotations, up_axis=eval_set.up_axis,
-                                   device=device, ply_dir=ply_dir, ply_scenes=ply_scenes)
-
         def export(trainer_, directory: Path) -> None:
             save_segmentation_model(model, directory / "model.pth", classes=classes,
                                     voxel_size=train_set.voxel_size, features=cfg.data.features)
 
         hooks: list[Hook] = []
+        eval_hook = None
         if eval_set is not None:
-            def summary() -> dict[str, float]:
-                m = evaluate()
+            def summary() -> dict[str, float]:  # periodic: one rotation, no PLY files
+                m = evaluate_scenes(model, eval_set.scenes_for_eval(), classes,
+                                    eval_set.voxel_size, eval_set.in_channels,
+                                    up_axis=eval_set.up_axis, device=device)
                 return {"mIoU": m.miou, "mAcc": m.macc, "oAcc": m.oacc}
 
-            hooks.append(EvalHook(summary, cfg.eval.every, out_dir, info.is_main, print_fn,
-                                  barrier=lambda: barrier(info)))
+            eval_hook = EvalHook(summary, cfg.eval.every, out_dir, info.is_main, print_fn,
+                                 barrier=lambda: barrier(info), key="mIoU",
+                                 save_best=partial(export, None) if cfg.eval.keep_best else None)
+            hooks.append(eval_hook)
         hooks += [LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn,
                               desc="finetune-seg", report_skipped=False),
                   CheckpointHook(out_dir, cfg.checkpoint_every, plain, enabled=info.is_main,
@@ -290,22 +418,16 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
 
         results: dict = {}
         if eval_set is not None and info.is_main:
-            metrics = evaluate(cfg.eval.rotations, out_dir / "predictions", cfg.eval.ply_scenes)
-            extra = {"split": cfg.data.eval_split, "scenes": len(eval_set),
-                     "iterations": trainer.state.iteration, "rotations": cfg.eval.rotations,
-                     "voxel_size": eval_set.voxel_size, "model": cfg.model.name,
+            best = eval_hook.best  # of the periodic evaluations; None without any
+            extra = {"iterations": trainer.state.iteration, "model": cfg.model.name,
                      "pretrained": cfg.pretrained,
                      "pretrained_loaded_fraction": (pretrained_report.matched_fraction
                                                     if pretrained_report else None),
                      "train_scenes": len(train_set), "scene_fraction": cfg.data.scene_fraction,
-                     "labelled_points": cfg.data.labelled_points}
-            title = f"{eval_set.manifest.get('benchmark', 'segmentation')} {cfg.data.eval_split}"
-            write_results(out_dir, metrics, title=title, extra=extra)
-            results = {**extra, **metrics.to_dict()}
-            print_fn(f"finetune-seg: {cfg.data.eval_split} mIoU {100 * metrics.miou:.1f}, mAcc "
-                     f"{100 * metrics.macc:.1f}, oAcc {100 * metrics.oacc:.1f} "
-                     f"({len(eval_set)} scenes, {cfg.eval.rotations} rotation(s)); "
-                     f"{out_dir / 'results.md'}")
+                     "labelled_points": cfg.data.labelled_points,
+                     "best": None if best is None else {"iteration": best["iteration"],
+                                                        "mIoU": best["mIoU"]}}
+            results = final_evaluation(model, eval_set, cfg, out_dir, device, extra, print_fn)
         barrier(info)
         return results
     finally:

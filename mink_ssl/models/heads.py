@@ -86,8 +86,6 @@ def load_segmentation_model(path: str | os.PathLike, map_location="cpu"
                             ) -> tuple[SegmentationModel, dict]:
     """Rebuild a model written by :func:`save_segmentation_model` (strict keys); returns it
     and the file's metadata (classes, voxel_size, features)."""
-    from mink_ssl.models import build_model
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"segmentation model {path} does not exist")
@@ -96,9 +94,18 @@ def load_segmentation_model(path: str | os.PathLike, map_location="cpu"
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a mink-ssl segmentation model (format {found!r}, "
                          f"expected {SEG_MODEL_FORMAT!r})")
+    meta = {k: state[k] for k in ("classes", "voxel_size", "features")}
+    return segmentation_model_from_state(state), meta
+
+
+def segmentation_model_from_state(state: dict) -> SegmentationModel:
+    """The model in ``state`` (strict keys): its ``model`` / ``head`` constructor configs and
+    ``backbone`` / ``head_state`` weights, entries that a segmentation model file and a
+    segmentation fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) both hold."""
+    from mink_ssl.models import build_model
+
     cfg = dict(state["model"])
     model = SegmentationModel(build_model(cfg.pop("name"), **cfg), state["head"]["num_classes"])
     model.backbone.load_state_dict(state["backbone"], strict=True)
     model.head.load_state_dict(state["head_state"], strict=True)
-    meta = {k: state[k] for k in ("classes", "voxel_size", "features")}
-    return model, meta
+    return model
