@@ -302,6 +302,33 @@ def summarise(runs: list[dict], objectives: Sequence[str], settings: Sequence[st
     return out
 
 
+def paired_gains(runs: list[dict], summary: dict, objectives: Sequence[str],
+                 settings: Sequence[str]) -> dict:
+    """objective -> setting -> the gain over scratch, paired by seed (same labelled subset):
+    {mean, std (ddof 1; 0 for one seed), values (per seed), beyond_spread}. ``beyond_spread``:
+    the mean gain exceeds both the objective's and scratch's seed std (needs 2+ seeds).
+    Empty without scratch among the objectives."""
+    import numpy as np
+
+    if SCRATCH not in objectives:
+        return {}
+    miou = {(r["objective"], r["setting"], r["seed"]): r["miou"] for r in runs}
+    out: dict = {}
+    for obj in objectives:
+        if obj == SCRATCH:
+            continue
+        for s in settings:
+            seeds = sorted(seed for o, st, seed in miou if o == obj and st == s
+                           and (SCRATCH, s, seed) in miou)
+            v = np.array([miou[obj, s, seed] - miou[SCRATCH, s, seed] for seed in seeds])
+            spread = max(summary[obj][s]["std"], summary[SCRATCH][s]["std"])
+            out.setdefault(obj, {})[s] = {
+                "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "values": v.tolist(), "seeds": seeds,
+                "beyond_spread": bool(len(v) > 1 and v.mean() > spread)}
+    return out
+
+
 def results_table(summary: dict, objectives: Sequence[str], settings: Sequence[str]) -> str:
     """Markdown table of mIoU (%) mean +- std over seeds, and the gain over scratch."""
     head = "| objective | " + " | ".join(settings) + " |"
@@ -399,13 +426,14 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
                 log(f"   mIoU {100 * r['miou']:.1f}")
 
     summary = summarise(runs, objectives, settings)
+    gains = paired_gains(runs, summary, objectives, settings)
     table = results_table(summary, objectives, settings)
     seg_manifest = json.loads((seg / "manifest.json").read_text())
     result = {
         "schema": "mink_ssl.transfer_benchmark/1", "preset": name, "config": asdict(preset),
         "objectives": objectives, "settings": {s: parse_setting(s) for s in settings},
         "seeds": seeds, "metric": "test mIoU (Area 5), fraction in [0, 1]",
-        "summary": summary, "runs": runs,
+        "summary": summary, "gain_over_scratch": gains, "runs": runs,
         "data": {"pairs": str(pairs),
                  "pretrain_pairs": len((Path(pairs) / "pairs.txt").read_text().splitlines()),
                  "train_rooms": len(seg_manifest["splits"].get("train", [])),
@@ -422,6 +450,16 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
           f"Test mIoU (%) on synthetic S3DIS Area 5, mean ± std over seeds {seeds} "
           f"(pretraining and fine-tuning seed); in brackets: gain over scratch.\n\n"
           f"{table}\n")
+    if gains:
+        md += ("\nGain over scratch (mIoU points) paired by seed (same labels), per seed; "
+               "**beyond spread**: the mean gain exceeds both seed stds above.\n\n"
+               "| objective | " + " | ".join(settings) + " |\n|" + "---|" * (len(settings) + 1)
+               + "\n")
+        for obj, per in gains.items():
+            md += f"| {obj} | " + " | ".join(
+                " / ".join(f"{100 * g:+.1f}" for g in per[s]["values"])
+                + (" **beyond spread**" if per[s]["beyond_spread"] else "")
+                for s in settings) + " |\n"
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(md)
     write_plot(out / "results.png", summary, objectives, settings)

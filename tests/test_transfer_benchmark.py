@@ -52,19 +52,28 @@ def test_tiny_benchmark_writes_results_json_md_png(tiny_run):
             assert e["n"] == 1 and e["std"] == 0.0 and e["values"] == [e["mean"]]
             assert e["mean"] == next(r["miou"] for r in runs
                                      if r["objective"] == o and r["setting"] == s)
+    for o in OBJECTIVES[1:]:  # paired gains; one seed has no spread to beat
+        for s in SETTINGS:
+            g = saved["gain_over_scratch"][o][s]
+            want = saved["summary"][o][s]["mean"] - saved["summary"]["none"][s]["mean"]
+            assert g["seeds"] == [0] and g["values"] == [pytest.approx(want)]
+            assert g["mean"] == pytest.approx(want) and g["beyond_spread"] is False
+    assert "none" not in saved["gain_over_scratch"]
     assert set(saved["timings"]["pretrain_s"]) == {"point_info_nce/seed0",
                                                    "hardest_contrastive/seed0"}
 
     md = (out / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[0] == "| objective | pts20 | full |"
-    assert [row.split(" | ")[0] for row in rows[1:]] == ["| scratch", "| point_info_nce",
+    assert [row.split(" | ")[0] for row in rows[1:4]] == ["| scratch", "| point_info_nce",
                                                          "| hardest_contrastive"]
     scratch = 100 * saved["summary"]["none"]["pts20"]["mean"]
     assert f"{scratch:.1f} ± 0.0" in rows[1]
     gain = 100 * (saved["summary"]["point_info_nce"]["pts20"]["mean"]
                   - saved["summary"]["none"]["pts20"]["mean"])
     assert f"({gain:+.1f})" in rows[2]
+    assert rows[4] == "| objective | pts20 | full |"  # the paired-gain table
+    assert rows[5].startswith(f"| point_info_nce | {gain:+.1f} | ")
 
     import matplotlib.image
 
