@@ -36,24 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 SCRATCH = "none"
-SMALL_MODEL = "Res16UNet14S"
-
-
-def register_small_model() -> str:
-    """Register ``Res16UNet14S`` (Res16UNet14A at half width: about 3x faster on CPU) in the
-    model registry, once; returns its name. Called by the benchmark before it builds models."""
-    from mink_ssl.models.registry import MODELS
-    from mink_ssl.models.res16unet import Res16UNet14
-
-    if SMALL_MODEL not in MODELS:
-        class Res16UNet14S(Res16UNet14):
-            """Res16UNet14 with half of Res16UNet14A's channels (CPU benchmark backbone)."""
-
-            INIT_DIM = 16
-            PLANES = (16, 32, 64, 128, 64, 64, 48, 48)
-
-        MODELS.register(SMALL_MODEL)(Res16UNet14S)
-    return SMALL_MODEL
+SMALL_MODEL = "Res16UNet14S"  # Res16UNet14A at half width (mink_ssl.models.res16unet)
 
 
 @dataclass(frozen=True)
@@ -402,8 +385,6 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
         parse_setting(s)
     preset = replace(preset, objectives=tuple(objectives), seeds=tuple(seeds),
                      settings=tuple(settings))
-    if preset.model == SMALL_MODEL:
-        register_small_model()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -52,7 +52,7 @@ def test_res16unet34c_has_the_papers_parameter_count():
 
 
 def test_family_is_declared_by_class_attributes():
-    assert {"Res16UNet14A", "Res16UNet18A", "Res16UNet34C"} <= set(MODELS.names())
+    assert {"Res16UNet14A", "Res16UNet14S", "Res16UNet18A", "Res16UNet34C"} <= set(MODELS.names())
     cls = MODELS.get("Res16UNet34C")
     assert cls.LAYERS == (2, 3, 4, 6, 2, 2, 2, 2)
     assert cls.PLANES == (32, 64, 128, 256, 256, 128, 96, 96)

@@ -126,7 +126,6 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
         raise RuntimeError(f"prep produced no scenes: {manifest['skipped_scenes']}")
 
     transfer = out / "transfer"
-    bench.register_small_model()
     print_fn(f"== 3. pretraining {cfg.model} at {100 * cfg.pretrain_voxel:g} cm ({objective}) "
              f"for {cfg.pretrain_iterations} iterations -> {transfer / 'pretrain'}")
     backbone_path = None

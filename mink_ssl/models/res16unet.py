@@ -286,6 +286,15 @@ class Res16UNet14B(Res16UNet14):
 
 
 @MODELS.register()
+class Res16UNet14S(Res16UNet14):
+    """Res16UNet14A at half width, about 3x faster on CPU: the synthetic transfer benchmark's
+    backbone (not in the original family)."""
+
+    INIT_DIM = 16
+    PLANES = (16, 32, 64, 128, 64, 64, 48, 48)
+
+
+@MODELS.register()
 class Res16UNet18(Res16UNetBase):
     BLOCK = BasicBlock
     LAYERS = (2, 2, 2, 2, 2, 2, 2, 2)
