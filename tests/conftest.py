@@ -61,3 +61,17 @@ def synthetic_pairs(tmp_path_factory) -> Path:
     generate_scene(root / "raw", "scene0000_00", 0, n_frames=76)
     run_prep(root / "raw", root / "pairs", PrepParams(frame_skip=25), progress=False)
     return root / "pairs"
+
+
+def compose_config(config_name: str, *overrides):
+    """``configs/<config_name>.yaml`` composed by Hydra with every command's typed schema
+    registered, as the CLIs do (shared by the config tests)."""
+    from hydra import compose, initialize_config_dir
+
+    from mink_ssl.cli import finetune_det, finetune_seg, pretrain
+
+    for cli in (pretrain, finetune_seg, finetune_det):
+        cli._register_schema()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

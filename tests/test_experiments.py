@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,16 +15,8 @@ RECIPES = sorted(p.stem for p in (EXPERIMENTS / "configs" / "experiment").glob("
 
 
 def compose(config_name: str, *overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from mink_ssl.cli import finetune_det, finetune_seg, pretrain
-
-    pretrain._register_schema()
-    finetune_seg._register_schema()
-    finetune_det._register_schema()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=[
-            f"hydra.searchpath=[file://{EXPERIMENTS / 'configs'}]", *overrides])
+    cfg = compose_config(config_name, f"hydra.searchpath=[file://{EXPERIMENTS / 'configs'}]",
+                         *overrides)
     return OmegaConf.to_object(cfg)  # validates every key against the typed schema
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose_config
 import torch
 
 from mink_ssl.data.segmentation import (Augmentation, SegmentationDataset, augment,
@@ -495,13 +496,7 @@ def test_evaluate_only_rejects_what_does_not_fit(rooms, evaluated_run, tmp_path)
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from mink_ssl.cli.finetune_seg import _register_schema
-
-    _register_schema()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hydra_compose(config_name="finetune_seg", overrides=list(overrides))
+    return compose_config("finetune_seg", *overrides)
 
 
 def test_configs_follow_the_protocol_and_reject_bad_keys():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose_config
 import torch
 import torch.multiprocessing as mp
 
@@ -47,13 +48,7 @@ def tiny_config(root, **kw) -> PretrainConfig:
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from mink_ssl.cli.pretrain import _register_schema
-
-    _register_schema()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hydra_compose(config_name="pretrain", overrides=list(overrides))
+    return compose_config("pretrain", *overrides)
 
 
 def test_config_composes_and_rejects_bad_keys():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose_config
 import torch
 
 from data_prep.detection import scannet_det
@@ -440,13 +441,7 @@ def test_schedule_steps_by_epoch_and_bn_momentum_decays():
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from mink_ssl.cli.finetune_det import _register_schema
-
-    _register_schema()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return hydra_compose(config_name="finetune_det", overrides=list(overrides))
+    return compose_config("finetune_det", *overrides)
 
 
 def test_configs_follow_votenet_and_pointcontrast_and_reject_bad_keys():
