@@ -108,9 +108,13 @@ def objective_args(name: str, preset: Preset, seed: int) -> dict:
     n = preset.num_matches
     args = {
         "point_info_nce": {"num_matches": n},
-        "shape_context_nce": {"num_matches": n, "inner_radius": 2 * preset.pretrain_voxel,
-                              "outer_radius": 1.0},
-        "hardest_contrastive": {"num_pos": n, "num_hn_samples": max(n // 4, 64)},
+        # CSC samples npos anchors per scene (PointInfoNCE's npos per batch); r1, r2 = 2, 20 voxels
+        "shape_context_nce": {"num_matches_per_scene": n,
+                              "inner_radius": 2 * preset.pretrain_voxel,
+                              "outer_radius": 20 * preset.pretrain_voxel},
+        # per pair, as the released trainer scales them: n and max(n // 4, 64) per batch
+        "hardest_contrastive": {"num_pos_per_pair": max(n // preset.pretrain_batch, 1),
+                                "num_hn_per_pair": max(n // 4, 64) // preset.pretrain_batch},
         "gmm_likelihood": {"max_points": 2 * n},
         "perturbation": {},
         "distillation": {"voxel_size": preset.pretrain_voxel, "max_points": n},

@@ -21,7 +21,7 @@ def compose(config_name: str, *overrides):
 
 
 def command_of(recipe: str) -> str:
-    if recipe.startswith("pc_pretrain"):
+    if recipe.startswith(("pc_pretrain", "csc_pretrain")):
         return "pretrain"
     return "finetune_det" if recipe.startswith("pc_det") else "finetune_seg"
 
@@ -30,12 +30,17 @@ def command_of(recipe: str) -> str:
 def test_recipe_composes_with_the_protocol(recipe):
     cfg = compose(command_of(recipe), f"+experiment={recipe}", "data.root=/data")
     assert cfg.model.name == "Res16UNet34C"
-    if recipe.startswith("pc_pretrain"):
-        assert (cfg.max_iterations, cfg.batch_size * 8) == (60000, 32)
+    if command_of(recipe) == "pretrain":
+        # the released launch scripts: PointContrast ddp_local.sh (HC), ddp_launch.sh (NCE, lr
+        # 0.05), CSC pretrain_sparseconv.sh (100K iterations, lr step 1000)
+        iterations, lr, lr_step, objective = {
+            "pc_pretrain_hc": (60000, 0.1, 250, "hardest_contrastive"),
+            "pc_pretrain_nce": (60000, 0.05, 250, "point_info_nce"),
+            "csc_pretrain": (100000, 0.1, 1000, "shape_context_nce")}[recipe]
+        assert (cfg.max_iterations, cfg.batch_size * 8) == (iterations, 32)
         assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.lr_step, cfg.optim.lr_gamma) == (
-            0.1, 0.8, 250, 0.99)
-        assert list(cfg.objectives) == [{"pc_pretrain_hc": "hardest_contrastive",
-                                         "pc_pretrain_nce": "point_info_nce"}[recipe]]
+            lr, 0.8, lr_step, 0.99)
+        assert list(cfg.objectives) == [objective]
         assert cfg.data.voxel_size == 0.025
     elif recipe.startswith("pc_det"):
         assert (cfg.optim.name, cfg.optim.lr, cfg.epochs, cfg.optim.lr_steps) == (

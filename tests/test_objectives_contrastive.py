@@ -41,7 +41,8 @@ def np_normalise(x):
 # --- hardest contrastive ---------------------------------------------------------------------
 
 def np_hardest_contrastive(f0, f1, matches, pos_margin=0.1, neg_margin=1.4):
-    """FCGF's loss with every match used and every row a candidate, written out with loops."""
+    """The ``positive="paper"``, ``negatives="exclude_matches"`` variant with every match used
+    and every row a candidate, written out with loops."""
     f0, f1 = np_normalise(f0), np_normalise(f1)
     pairs = set(map(tuple, matches.tolist()))
     pos, neg01, neg10 = [], [], []
@@ -55,6 +56,9 @@ def np_hardest_contrastive(f0, f1, matches, pos_margin=0.1, neg_margin=1.4):
             neg10.append(max(neg_margin - min(d10), 0) ** 2)
     mean = lambda v: float(np.mean(v)) if v else 0.0  # noqa: E731
     return mean(pos), 0.5 * (mean(neg01) + mean(neg10))
+
+
+OURS = {"positive": "paper", "negatives": "exclude_matches"}  # our named variant
 
 
 def test_hardest_identical_matched_features_have_zero_positive_loss():
@@ -77,7 +81,7 @@ def test_hardest_negative_is_the_closest_candidate():
     f0 = unit2d(0, 120, 200)
     f1 = unit2d(0, 25, 70, 180)
     matches = torch.tensor([[0, 0]])
-    out = hardest_contrastive_loss(f0, f1, matches, num_hn_samples=100)
+    out = hardest_contrastive_loss(f0, f1, matches, num_hn_samples=100, **OURS)
     # 0 -> 1: closest non-match of the anchor is view-1 row 1 (25 deg);
     # 1 -> 0: closest non-match of view-1 row 0 is view-0 row 1 (120 deg, beyond the margin)
     assert out["stat_neg_dist"].item() == pytest.approx((chord(25) + chord(120)) / 2, abs=1e-6)
@@ -91,7 +95,7 @@ def test_true_match_is_skipped_for_the_next_closest_candidate():
     f0 = unit2d(0, 120, 200)
     f1 = unit2d(0, 25, 70, 180)
     matches = torch.tensor([[0, 0], [0, 1]])
-    out = hardest_contrastive_loss(f0, f1, matches, num_hn_samples=100)
+    out = hardest_contrastive_loss(f0, f1, matches, num_hn_samples=100, **OURS)
     pos = ((0.0) ** 2 + (chord(25) - 0.1) ** 2) / 2
     # 0 -> 1 for both pairs: anchor 0 -> row 2 at 70 deg;
     # 1 -> 0: row 0 -> view-0 row 1 (120 deg); row 1 (25 deg) -> view-0 row 1 (95 deg), both > 1.4
@@ -112,13 +116,14 @@ def test_hardest_contrastive_value_equals_numpy():
     pos, neg = np_hardest_contrastive(f0, f1, matches)
     out = hardest_contrastive_loss(torch.from_numpy(f0), torch.from_numpy(f1),
                                    torch.from_numpy(matches), num_pos=1000, num_hn_samples=1000,
-                                   generator=torch.Generator().manual_seed(1))
+                                   **OURS, generator=torch.Generator().manual_seed(1))
     assert out["stat_pos_loss"].item() == pytest.approx(pos, abs=1e-6)
     assert out["stat_neg_loss"].item() == pytest.approx(neg, abs=1e-6)
     assert out["loss_hardest_contrastive"].item() == pytest.approx(pos + neg, abs=1e-6)
     weighted = hardest_contrastive_loss(torch.from_numpy(f0), torch.from_numpy(f1),
                                         torch.from_numpy(matches), num_pos=1000,
-                                        num_hn_samples=1000, pos_weight=2.0, neg_weight=0.5)
+                                        num_hn_samples=1000, pos_weight=2.0, neg_weight=0.5,
+                                        **OURS)
     assert weighted["loss_hardest_contrastive"].item() == pytest.approx(2 * pos + 0.5 * neg,
                                                                         abs=1e-6)
 
@@ -276,13 +281,17 @@ def test_other_scenes_are_never_negatives():
     k[7:] = q[:7]
     xyz[7:] = xyz[:7] + 0.01
     part = shape_context_partition(torch.from_numpy(xyz), torch.from_numpy(batch))
-    loss, _ = partitioned_info_nce_loss(torch.from_numpy(q), torch.from_numpy(k), part, 8, 0.4)
+    loss, _ = partitioned_info_nce_loss(torch.from_numpy(q), torch.from_numpy(k), part, 8, 0.4,
+                                         reduction="nonempty")
     assert loss.item() == pytest.approx(np_partitioned_nce(q, k, np_partition(xyz, batch), 8, 0.4),
                                         rel=1e-9)
     one_scene = shape_context_partition(torch.from_numpy(xyz))
     mixed, _ = partitioned_info_nce_loss(torch.from_numpy(q), torch.from_numpy(k), one_scene, 8,
-                                         0.4)
+                                         0.4, reduction="nonempty")
     assert abs(mixed.item() - loss.item()) > 1e-3
+
+
+SECTORS = {"partitions": "sectors", "reduction": "nonempty"}  # our named variant
 
 
 def test_shape_context_loss_equals_independent_computation():
@@ -297,7 +306,7 @@ def test_shape_context_loss_equals_independent_computation():
     matches = torch.from_numpy(np.stack([np.arange(n), perm], 1))
     expected = np_partitioned_nce(f0, f1, np_partition(world.astype(np.float64), batch), 8, 0.4)
     out = shape_context_nce_loss(torch.from_numpy(f0), torch.from_numpy(f1_rows), matches,
-                                 torch.from_numpy(world), torch.from_numpy(batch),
+                                 torch.from_numpy(world), torch.from_numpy(batch), **SECTORS,
                                  generator=torch.Generator().manual_seed(0))
     assert out["loss_shape_context_nce"].item() == pytest.approx(expected, rel=1e-6)
     assert out["stat_num_matches"].item() == n
@@ -305,7 +314,7 @@ def test_shape_context_loss_equals_independent_computation():
     # temperature enters each partition's softmax
     other = shape_context_nce_loss(torch.from_numpy(f0), torch.from_numpy(f1_rows), matches,
                                    torch.from_numpy(world), torch.from_numpy(batch),
-                                   temperature=0.1)
+                                   temperature=0.1, **SECTORS)
     assert other["loss_shape_context_nce"].item() == pytest.approx(
         np_partitioned_nce(f0, f1, np_partition(world.astype(np.float64), batch), 8, 0.1),
         rel=1e-6)
@@ -318,7 +327,7 @@ def test_anchor_without_negatives_skips_the_partition():
     part = shape_context_partition(xyz)
     assert part.tolist() == [[-1, 4], [6, -1]]
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    loss, stats = partitioned_info_nce_loss(q, q, part, 8, 0.5)
+    loss, stats = partitioned_info_nce_loss(q, q, part, 8, 0.5, reduction="nonempty")
     assert stats["stat_partitions_used"].item() == 2
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-9)
 
@@ -406,8 +415,8 @@ def test_seeded_objectives_repeat_and_vary_across_steps(name):
     torch.manual_seed(0)
     f0, f1 = torch.randn(600, 8), torch.randn(600, 8)
     batch = make_pair_batch(num_scenes=2)
-    small = {"hardest_contrastive": {"num_pos": 50, "num_hn_samples": 40}}.get(
-        name, {"num_matches": 50})
+    small = {"hardest_contrastive": {"num_pos_per_pair": 25, "num_hn_per_pair": 20},
+             "shape_context_nce": {"num_matches_per_scene": 25}}.get(name, {"num_matches": 50})
 
     class Fixed(StepContext):  # features without a network
         def features(self, view):

@@ -96,8 +96,8 @@ def _cli(root, run_dir, *extra):
     return [sys.executable, "-m", "mink_ssl.cli.pretrain", f"data.root={root}",
             "model=res16unet14a", "model.out_channels=16", "data.voxel_size=0.05",
             "data.num_workers=0", "data.max_matches=2000", "objective=[hardest_contrastive]",
-            "objectives.hardest_contrastive.num_pos=256",
-            "objectives.hardest_contrastive.num_hn_samples=128", "max_iterations=6",
+            "objectives.hardest_contrastive.num_pos_per_pair=128",
+            "objectives.hardest_contrastive.num_hn_per_pair=64", "max_iterations=6",
             "batch_size=2", "device=cpu", "checkpoint_every=2", "progress=false",
             f"hydra.run.dir={run_dir}", *extra]
 

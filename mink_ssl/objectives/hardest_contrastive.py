@@ -3,26 +3,41 @@ Sec. 3.3): a margin contrastive loss whose negative for each anchor is the harde
 random set of candidates.
 
 With P the sampled matches (i, j), N0 / N1 random candidate rows of view 0 / view 1, d the
-Euclidean distance of L2-normalised features, [x]_+ = max(0, x) (PointContrast's equation):
+Euclidean distance of L2-normalised features and [x]_+ = max(0, x), the default (``positive =
+"code"``, ``negatives = "code"``) is what the released code computes (PointContrast
+``pretrain/pointcontrast/lib/ddp_trainer.py`` and FCGF ``lib/trainer.py``,
+``contrastive_hardest_negative_loss``):
 
-    L = 1/|P| sum_{(i,j) in P} [ d(f0_i, f1_j) - m_p ]_+^2
-        + 0.5/|P| sum_{(i,j) in P} [ m_n - min_{k in N1, (i,k) not in M} d(f0_i, f1_k) ]_+^2
-        + 0.5/|P| sum_{(i,j) in P} [ m_n - min_{k in N0, (k,j) not in M} d(f1_j, f0_k) ]_+^2
+    L_pos = 1/|P| sum_{(i,j) in P} [ d(f0_i, f1_j)^2 - m_p ]_+        (squared distance, no sqrt)
+    k*(i) = argmin_{k in N1} d(f0_i, f1_k)                  (over *all* candidates, matches too)
+    L_01  = mean over {(i,j) in P : (i, k*(i)) not a match} of [ m_n - d(f0_i, f1_k*(i)) ]_+^2
+    L_10  = the same from f1_j against the candidates N0
+    L     = pos_weight * L_pos + neg_weight * (L_01 + L_10) / 2
 
-weighted ``pos_weight * pos + neg_weight * neg``. A candidate that is a true match of the anchor
-(its (row0, row1) pair is anywhere in ``matches``, not only in the sample) is removed *before*
-the minimum is taken, so the next-closest candidate is used; FCGF's code instead drops the
-anchor's term when its closest candidate is a match. Anchors left with no candidate are left out
-of the mean. Candidates may come from any scene of the batch, as in FCGF.
+"Is a match" means the pair is anywhere in the batch's ``matches`` (the released code hashes all
+positive pairs, not only the sampled ones); an anchor whose hardest candidate is a match has no
+negative term. The released code takes the mean of an empty set (NaN) when every anchor drops;
+we return 0 for that direction. Candidates come from any scene of the batch.
 
-Distances are ``sqrt(|a - b|^2 + 1e-7)`` (FCGF's pdist, whose eps keeps the gradient finite at
-zero distance): identical features have distance 3e-4, under ``m_p``, so zero positive loss.
+Named options (ours):
 
-Defaults and their source: ``pos_margin = 0.1`` and ``neg_margin = 1.4`` (PointContrast Sec. 3.3,
-FCGF's ``pos_thresh`` / ``neg_thresh``); ``num_pos = 4096`` and ``num_hn_samples = 1024`` are
-FCGF's per-scene ``num_pos_per_batch = 1024`` and ``num_hn_samples_per_batch = 256`` times its
-batch of 4 scenes; here they are totals per step, whatever the batch size;
-``pos_weight = neg_weight = 1`` (FCGF's ``neg_weight``).
+- ``positive = "paper"``: ``[ d(f0_i, f1_j) - m_p ]_+^2``, PointContrast's written equation.
+  Once matches are close, ``d^2 - m_p`` and ``(d - m_p)^2`` differ by ~30x, so the two change
+  the balance between the positive and negative terms.
+- ``negatives = "exclude_matches"``: the anchor's true matches are removed from its candidates
+  *before* the minimum, so every anchor keeps a negative term (the next-closest candidate).
+  Why: as training succeeds, a true match among the candidates is the closest one and the
+  released rule then drops that anchor's negative term altogether; excluding it keeps the hard
+  negative. Anchors left with no candidate are left out of the mean.
+
+Distances in the negative terms (and ``paper``'s positive) are ``sqrt(|a - b|^2 + 1e-7)``
+(FCGF's pdist; the eps keeps the gradient finite at zero distance).
+
+Defaults and their source: ``pos_margin = 0.1`` and ``neg_margin = 1.4`` (``pos_thresh`` /
+``neg_thresh`` of PointContrast's ``config/defaults.yaml``); the counts are per pair of the batch
+and scaled by the number of pairs, as the released trainer does (``num_pos_per_batch = 1024`` and
+``num_hn_samples_per_batch = 256`` times its per-GPU batch): :class:`HardestContrastive`'s
+``num_pos_per_pair`` and ``num_hn_per_pair``. :func:`hardest_contrastive_loss` takes the totals.
 """
 from __future__ import annotations
 
@@ -34,6 +49,8 @@ from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.sampling import SeededGenerator, check_matches, random_subset, zero_loss
 
 _EPS = 1e-7
+POSITIVE_MODES = ("code", "paper")
+NEGATIVE_MODES = ("code", "exclude_matches")
 
 
 def feature_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,29 +88,46 @@ def match_mask(anchor_rows: torch.Tensor, cand_rows: torch.Tensor, match_anchor:
 def hardest_negative_distance(anchor_feats: torch.Tensor, anchor_rows: torch.Tensor,
                               cand_feats: torch.Tensor, cand_rows: torch.Tensor,
                               match_anchor: torch.Tensor, match_cand: torch.Tensor,
-                              n_cand: int) -> torch.Tensor:
-    """Distance (A,) from each anchor to its closest candidate that is not one of its matches.
+                              n_cand: int, negatives: str = "code") -> torch.Tensor:
+    """Distance (A,) from each anchor to its hardest negative candidate, ``inf`` if it has none.
 
     ``match_anchor``/``match_cand`` are the rows of every match in the anchors' and the
-    candidates' views; an anchor whose candidates are all its matches gets ``inf``.
+    candidates' views. ``negatives="code"``: the closest candidate, ``inf`` when that candidate
+    is one of the anchor's matches (the anchor is dropped); ``"exclude_matches"``: the closest
+    candidate that is not one of its matches, ``inf`` when all are.
     """
     dist = feature_distance(anchor_feats, cand_feats)  # (A, K)
     is_match = match_mask(anchor_rows, cand_rows, match_anchor, match_cand, n_cand)  # (A, K)
-    return dist.masked_fill(is_match, float("inf")).min(dim=1).values  # (A,)
+    if negatives == "exclude_matches":
+        return dist.masked_fill(is_match, float("inf")).min(dim=1).values  # (A,)
+    closest, which = dist.min(dim=1)  # (A,)
+    hit = is_match.gather(1, which[:, None])[:, 0]  # (A,) the closest candidate is a match
+    return closest.masked_fill(hit, float("inf"))
+
+
+def _check_modes(positive: str, negatives: str) -> None:
+    if positive not in POSITIVE_MODES:
+        raise ValueError(f"positive must be one of {POSITIVE_MODES}, got {positive!r}")
+    if negatives not in NEGATIVE_MODES:
+        raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
 
 
 def hardest_contrastive_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.Tensor, *,
                              num_pos: int = 4096, num_hn_samples: int = 1024,
                              pos_margin: float = 0.1, neg_margin: float = 1.4,
                              pos_weight: float = 1.0, neg_weight: float = 1.0,
+                             positive: str = "code", negatives: str = "code",
                              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Hardest-contrastive loss on features ``f0`` (N0, C), ``f1`` (N1, C), ``matches`` (M, 2).
 
-    Returns ``loss_hardest_contrastive`` and the detached stats ``stat_pos_loss``,
+    ``num_pos`` matches and ``num_hn_samples`` candidates per view are sampled for the whole
+    batch. Returns ``loss_hardest_contrastive`` and the detached stats ``stat_pos_loss``,
     ``stat_neg_loss``, ``stat_pos_dist`` (mean matched distance), ``stat_neg_dist`` (mean hardest
-    negative distance, both directions) and ``stat_num_matches`` (matches used; 0 means nothing
-    to contrast and the loss is a zero connected to the features).
+    negative distance, both directions), ``stat_neg_used`` (fraction of anchor terms kept) and
+    ``stat_num_matches`` (matches used; 0 means nothing to contrast and the loss is a zero
+    connected to the features).
     """
+    _check_modes(positive, negatives)
     n0, n1 = len(f0), len(f1)
     device = f0.device
     matches = check_matches(matches.to(device), n0, n1)
@@ -103,37 +137,41 @@ def hardest_contrastive_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.
         zero = zero_loss(f0, f1)
         stat = zero.detach()
         return {"loss_hardest_contrastive": zero, "stat_pos_loss": stat, "stat_neg_loss": stat,
-                "stat_pos_dist": stat, "stat_neg_dist": stat, "stat_num_matches": num}
+                "stat_pos_dist": stat, "stat_neg_dist": stat, "stat_neg_used": stat,
+                "stat_num_matches": num}
 
     f0, f1 = F.normalize(f0, dim=1), F.normalize(f1, dim=1)
     i, j = pos[:, 0], pos[:, 1]  # (P,), (P,)
     cand0 = random_subset(n0, num_hn_samples, generator, device)  # (K0,)
     cand1 = random_subset(n1, num_hn_samples, generator, device)  # (K1,)
 
-    # positives: [d(f0_i, f1_j) - m_p]_+^2
-    pos_dist = torch.sqrt(((f0[i] - f1[j]) ** 2).sum(1) + _EPS)  # (P,)
-    pos_loss = F.relu(pos_dist - pos_margin).pow(2).mean()
+    pos_d2 = ((f0[i] - f1[j]) ** 2).sum(1)  # (P,)
+    if positive == "code":  # [d^2 - m_p]_+
+        pos_loss = F.relu(pos_d2 - pos_margin).mean()
+    else:  # [d - m_p]_+^2
+        pos_loss = F.relu(torch.sqrt(pos_d2 + _EPS) - pos_margin).pow(2).mean()
 
-    # negatives: hardest non-matching candidate of the other view, each direction
+    # negatives: hardest candidate of the other view, each direction
     m0, m1 = matches[:, 0], matches[:, 1]
-    hard01 = hardest_negative_distance(f0[i], i, f1[cand1], cand1, m0, m1, len(f1))  # (P,)
-    hard10 = hardest_negative_distance(f1[j], j, f0[cand0], cand0, m1, m0, len(f0))  # (P,)
+    hard01 = hardest_negative_distance(f0[i], i, f1[cand1], cand1, m0, m1, n1, negatives)  # (P,)
+    hard10 = hardest_negative_distance(f1[j], j, f0[cand0], cand0, m1, m0, n0, negatives)  # (P,)
     neg_terms = []
     for hard in (hard01, hard10):
-        valid = torch.isfinite(hard)  # (P,) anchors that have a non-matching candidate
+        valid = torch.isfinite(hard)  # (P,) anchors that keep a negative term
         term = F.relu(neg_margin - hard.masked_fill(~valid, neg_margin)).pow(2)  # (P,)
         neg_terms.append(term.sum() / valid.sum().clamp(min=1))
     neg_loss = 0.5 * (neg_terms[0] + neg_terms[1])
 
     hard = torch.cat([hard01, hard10]).detach()
-    finite = hard[torch.isfinite(hard)]
-    neg_dist = finite.mean() if len(finite) else hard.new_zeros(())
+    finite = torch.isfinite(hard)
+    neg_dist = hard[finite].mean() if bool(finite.any()) else hard.new_zeros(())
     return {
         "loss_hardest_contrastive": pos_weight * pos_loss + neg_weight * neg_loss,
         "stat_pos_loss": pos_loss.detach(),
         "stat_neg_loss": neg_loss.detach(),
-        "stat_pos_dist": pos_dist.detach().mean(),
+        "stat_pos_dist": torch.sqrt(pos_d2.detach()).mean(),
         "stat_neg_dist": neg_dist,
+        "stat_neg_used": finite.float().mean(),
         "stat_num_matches": num,
     }
 
@@ -143,36 +181,54 @@ class HardestContrastive(Objective):
     """Hardest-contrastive loss between the two views of a :class:`~mink_ssl.data.batch.PairBatch`.
 
     Args:
-        num_pos: matched pairs sampled per step (over the whole batch); all when fewer.
-        num_hn_samples: negative candidates sampled from each view; all rows when fewer.
+        num_pos_per_pair: matches sampled per step, per pair of the batch (the released
+            ``num_pos_per_batch``); all when fewer.
+        num_hn_per_pair: negative candidates sampled from each view, per pair of the batch (the
+            released ``num_hn_samples_per_batch``); all rows when fewer.
         pos_margin, neg_margin: m_p and m_n.
         pos_weight, neg_weight: weights of the positive and negative terms.
+        positive: ``"code"`` (released code, ``[d^2 - m_p]_+``) or ``"paper"`` (``[d - m_p]_+^2``).
+        negatives: ``"code"`` (drop the anchor when its closest candidate is a match) or
+            ``"exclude_matches"`` (take the closest candidate that is not a match).
         seed: seed of the sampling generator; ``None`` uses torch's global RNG.
     """
 
-    def __init__(self, num_pos: int = 4096, num_hn_samples: int = 1024, pos_margin: float = 0.1,
-                 neg_margin: float = 1.4, pos_weight: float = 1.0, neg_weight: float = 1.0,
+    def __init__(self, num_pos_per_pair: int = 1024, num_hn_per_pair: int = 256,
+                 pos_margin: float = 0.1, neg_margin: float = 1.4, pos_weight: float = 1.0,
+                 neg_weight: float = 1.0, positive: str = "code", negatives: str = "code",
                  seed: int | None = None):
         super().__init__()
-        if num_pos < 1 or num_hn_samples < 1:
-            raise ValueError(f"num_pos and num_hn_samples must be >= 1, got {num_pos} and "
-                             f"{num_hn_samples}")
+        if num_pos_per_pair < 1 or num_hn_per_pair < 1:
+            raise ValueError(f"num_pos_per_pair and num_hn_per_pair must be >= 1, got "
+                             f"{num_pos_per_pair} and {num_hn_per_pair}")
         if not 0 <= pos_margin < neg_margin:
             raise ValueError(f"need 0 <= pos_margin < neg_margin, got {pos_margin} and "
                              f"{neg_margin}")
-        self.num_pos, self.num_hn_samples = num_pos, num_hn_samples
+        _check_modes(positive, negatives)
+        self.num_pos_per_pair, self.num_hn_per_pair = num_pos_per_pair, num_hn_per_pair
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
         self.pos_weight, self.neg_weight = pos_weight, neg_weight
+        self.positive, self.negatives = positive, negatives
         self.generator = SeededGenerator(seed)
 
     def forward(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         f0, f1 = ctx.features(0), ctx.features(1)
+        pairs = max(num_pairs(ctx.batch), 1)
         return hardest_contrastive_loss(
-            f0, f1, ctx.batch.matches, num_pos=self.num_pos, num_hn_samples=self.num_hn_samples,
-            pos_margin=self.pos_margin, neg_margin=self.neg_margin, pos_weight=self.pos_weight,
-            neg_weight=self.neg_weight, generator=self.generator(f0.device))
+            f0, f1, ctx.batch.matches, num_pos=self.num_pos_per_pair * pairs,
+            num_hn_samples=self.num_hn_per_pair * pairs, pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin, pos_weight=self.pos_weight, neg_weight=self.neg_weight,
+            positive=self.positive, negatives=self.negatives,
+            generator=self.generator(f0.device))
 
     def extra_repr(self) -> str:
-        return (f"num_pos={self.num_pos}, num_hn_samples={self.num_hn_samples}, "
-                f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "
-                f"seed={self.generator.seed}")
+        return (f"num_pos_per_pair={self.num_pos_per_pair}, "
+                f"num_hn_per_pair={self.num_hn_per_pair}, pos_margin={self.pos_margin}, "
+                f"neg_margin={self.neg_margin}, positive={self.positive!r}, "
+                f"negatives={self.negatives!r}, seed={self.generator.seed}")
+
+
+def num_pairs(batch) -> int:
+    """Pairs (scenes) in a :class:`PairBatch`: the largest batch index of view 0, plus one."""
+    index = batch.views[0].coords[:, 0]
+    return int(index.max()) + 1 if len(index) else 0
