@@ -18,8 +18,9 @@ def prepare(scene_dir: Path, work: Path, frame_skip: int = 1) -> Path:
     """Run our prep on one scene folder; returns the scene's fragment directory."""
     from data_prep.scannet.prep import PrepParams, prepare_scene
 
+    work.mkdir(parents=True, exist_ok=True)
     report = prepare_scene(scene_dir, work, PrepParams(frame_skip=frame_skip))
-    if report.status == "skipped":
+    if report.status not in ("done", "already done"):
         raise SystemExit(f"prep failed on {scene_dir}: {report.reason}")
     return work / scene_dir.name
 

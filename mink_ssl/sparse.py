@@ -13,6 +13,7 @@ their input. Nothing here loops over points in Python.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -83,8 +84,15 @@ def pack_keys(voxel_coords: torch.Tensor, lo: torch.Tensor, extent: torch.Tensor
     """Injective int64 key per integer coordinate row, for hashing/unique/searchsorted.
 
     ``lo`` (D,) is a lower bound of every column and ``extent`` (D,) an exclusive upper bound of
-    ``coords - lo``; two calls with the same ``lo``/``extent`` give comparable keys.
+    ``coords - lo``; two calls with the same ``lo``/``extent`` give comparable keys. Keys are
+    computed in int64 whatever the input dtype (ME coordinates are int32, and int32 x int stays
+    int32); an extent whose product reaches 2^62 is refused rather than wrapped.
     """
+    cells = math.prod(int(e) for e in extent.tolist())  # exact: Python ints do not wrap
+    if cells >= 2**62:
+        raise ValueError(f"coordinate extent {extent.tolist()} ({cells:.3g} cells) is too large "
+                         "for int64 keys; is the voxel size far too small, or are there outlier "
+                         "points far from the rest?")
     shifted = voxel_coords.to(torch.int64) - lo.to(torch.int64)  # (N, D), >= 0
     key = torch.zeros(len(shifted), dtype=torch.int64, device=shifted.device)
     for d in range(shifted.shape[1]):  # loop over the D columns only
@@ -93,11 +101,9 @@ def pack_keys(voxel_coords: torch.Tensor, lo: torch.Tensor, extent: torch.Tensor
 
 
 def _key_space(voxel_coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower bound and extent (D,) int64 of integer coordinates (N, D), for :func:`pack_keys`."""
     lo = voxel_coords.min(dim=0).values.to(torch.int64)
     extent = voxel_coords.max(dim=0).values.to(torch.int64) - lo + 1
-    if float(torch.prod(extent.double())) >= 2**62:
-        raise ValueError(f"coordinate range {extent.tolist()} voxels is too large to hash; "
-                         "is the voxel size far too small for these points?")
     return lo, extent
 
 
@@ -124,8 +130,18 @@ def quantize(points, voxel_size: float) -> Quantization:
         raise ValueError(f"voxel_size must be a positive number of metres, got {voxel_size!r}")
     if len(p) == 0:
         raise ValueError("quantize got an empty point cloud (0 points); skip this scene upstream")
-    vox = torch.floor(p / voxel_size).to(torch.int64)  # (N, 3)
-    return unique_voxels(vox)
+    scaled = torch.floor(p / voxel_size)  # (N, 3) float, the input's precision
+    if float(scaled.abs().max()) >= 2**61:  # a float -> int64 cast beyond this is undefined
+        raise ValueError(f"points reach {float(p.abs().max()):.4g} m, {float(scaled.abs().max()):.3g}"
+                         f" voxels of {voxel_size} m from the origin: too far for int64 voxel "
+                         "coordinates; drop the outlier points or fix the pose that put them there")
+    vox = scaled.to(torch.int64)  # (N, 3) int64
+    try:
+        return unique_voxels(vox)
+    except ValueError as e:
+        span = (p.max(dim=0).values - p.min(dim=0).values).tolist()
+        raise ValueError(f"points span {span[0]:.4g} m x {span[1]:.4g} m x {span[2]:.4g} m at "
+                         f"voxel size {voxel_size} m: {e}") from None
 
 
 def unique_voxels(voxel_coords) -> Quantization:

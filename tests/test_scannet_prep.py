@@ -64,10 +64,7 @@ def test_voxel_downsample_is_the_centroid_definition(kitchen_frame):
                                atol=1e-9)
 
 
-@pytest.mark.parametrize("dense", [True, False])
-def test_overlap_matrix_equals_brute_force_on_random_clouds(dense, monkeypatch):
-    if not dense:  # the sorted-key path used when the cell grid is too large for a bitmap
-        monkeypatch.setattr("data_prep.scannet.overlap._MAX_DENSE_CELLS", 0)
+def test_overlap_matrix_equals_brute_force_on_random_clouds():
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 1, (800, 3))
     # clouds sharing parts of a base set, jittered around the 7.5 cm boundary, plus far ones

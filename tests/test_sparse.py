@@ -82,3 +82,39 @@ def test_sparse_tensor_checks_lengths_and_shapes():
         sparse_tensor(coords, torch.zeros(2))
     x = sparse_tensor(coords, torch.ones(2, 1, dtype=torch.int64))
     assert x.F.dtype == torch.float32 and x.F.shape == (2, 1)
+
+
+def test_keys_of_int32_coordinates_at_scene_extents_are_exact():
+    """ME coordinates are int32, and int32 x int stays int32: keys must be computed in int64.
+    Coordinates over a 300 m x 300 m x 60 m scene at 2 cm (15000 x 15000 x 3000 voxels, 6.75e11
+    cells) with negative values: unique voxels agree with NumPy's row-wise unique."""
+    from mink_ssl.sparse import pack_keys
+
+    rng = np.random.default_rng(0)
+    c = np.concatenate([rng.integers(-7500, 7500, (4000, 2)), rng.integers(-1500, 1500, (4000, 1))],
+                       1).astype(np.int32)
+    c = np.concatenate([c, c[:500]])  # duplicates
+    q = unique_voxels(torch.from_numpy(c))
+    assert len(q.coords) == len(np.unique(c, axis=0))
+    np.testing.assert_array_equal(q.coords[q.inverse].numpy(), c)
+    lo = torch.tensor(c.min(0), dtype=torch.int32)
+    ext = torch.tensor(c.max(0) - c.min(0) + 1, dtype=torch.int32)
+    keys = pack_keys(torch.from_numpy(c), lo, ext)
+    assert keys.dtype == torch.int64 and int(keys.min()) >= 0
+    expected = ((c[:, 0].astype(object) - int(lo[0])) * int(ext[1]) + (c[:, 1] - int(lo[1]))) \
+        * int(ext[2]) + (c[:, 2] - int(lo[2]))  # Python ints: no wrap
+    assert keys.tolist() == expected.tolist()
+
+
+def test_extents_beyond_int64_keys_are_refused_with_the_extent():
+    from mink_ssl.sparse import pack_keys
+
+    pts = np.array([[0, 0, 0], [3e4, 3e4, 3e4]], np.float64)  # 3e6 voxels per axis at 1 cm
+    with pytest.raises(ValueError, match=r"points span 3e\+04 m x 3e\+04 m x 3e\+04 m at voxel "
+                                         r"size 0.01 m: coordinate extent .* too large for int64"):
+        quantize(pts, 0.01)
+    with pytest.raises(ValueError, match="points reach 1e\\+30 m"):
+        quantize(np.array([[0, 0, 0], [1e30, 0, 0]]), 0.05)
+    c = torch.zeros((1, 3), dtype=torch.int64)
+    with pytest.raises(ValueError, match="too large for int64 keys"):
+        pack_keys(c, c[0], torch.tensor([2**21, 2**21, 2**21]))
