@@ -187,12 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"mink-ssl-prep: error: {e}", file=sys.stderr)
         return 2
+    except (OutputError, DirectoryLocked) as e:  # the output side failed: not bad input
+        print(f"mink-ssl-prep: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:  # SIGINT / SIGTERM: finished scenes kept, rerun continues
+        print(f"mink-ssl-prep: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -15,16 +15,20 @@ Output layout (``out/``), the contract read by :mod:`mink_ssl.data.segmentation`
 
 A scene is written atomically (temp file + rename) and its ``.npz`` is written last, so a scene
 whose ``.npz`` exists is complete: a rerun skips it. A scene whose input is bad is reported in
-``skipped`` with the reason and leaves nothing behind; the others go on.
+``skipped`` with the reason and leaves nothing behind; the others go on. The run safety of
+:mod:`data_prep.runner` applies: ``--out`` may not overlap the raw folders, one prep per
+``--out``, an output-side I/O error aborts the run (never a "skipped" scene), SIGINT / SIGTERM
+finish the scenes in progress and stop without a manifest.
 """
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -134,6 +138,8 @@ def _done(out: Path, name: str) -> dict | None:
 
 def _run_job(job: SceneJob, out: Path, num_classes: int) -> SceneResult:
     """Prepare one scene; bad input data becomes a "skipped" result, bugs propagate."""
+    from mink_ssl.safety import is_output_error, output_error
+
     old = _done(out, job.name)
     if old is not None:
         return SceneResult(job.name, job.split, "already done", old["points"], old["repairs"])
@@ -141,6 +147,9 @@ def _run_job(job: SceneJob, out: Path, num_classes: int) -> SceneResult:
         data = job.fn(*job.args)
         points = write_scene(out, job.name, data, num_classes)
     except (SceneSkipped, OSError, ValueError, EOFError) as e:
+        if is_output_error(e, out):  # disk full, read-only ...: abort, not bad input
+            raise output_error(e, out / scene_file(job.name),
+                               f"cannot write scene {job.name} into {out}") from None
         return SceneResult(job.name, job.split, "skipped", reason=str(e))
     return SceneResult(job.name, job.split, "done", points, data.repairs)
 
@@ -192,8 +201,6 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], voxel_size: f
         skipped: scenes reported as skipped before any work (e.g. listed in a split file but
             missing), as manifest entries {"scene", "reason"}.
     """
-    from mink_ssl.io import atomic_path
-
     out = Path(out)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -206,15 +213,46 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], voxel_size: f
     if len(set(files)) != len(files):
         dup = sorted({n for n, f in zip(names, files) if files.count(f) > 1})
         raise ValueError(f"scenes {dup} map to the same file name")
-    out.mkdir(parents=True, exist_ok=True)
-    check_params(out, params)
-    for sub in ("scenes", "reports"):  # temp files of a killed run
-        for stale in (out / sub).glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+    with prep_run(out, benchmark, inputs, params, log):
+        t0 = time.perf_counter()
+        results = {r.name: r for r in map_jobs(_run_job, jobs, (out, len(classes)), workers,
+                                               progress, benchmark)}
+        return _finish(out, benchmark, classes, voxel_size, names, results, params, inputs,
+                       skipped, t0, log)
 
-    t0 = time.perf_counter()
-    results = {r.name: r for r in map_jobs(_run_job, jobs, (out, len(classes)), workers,
-                                           progress, benchmark)}
+
+@contextmanager
+def prep_run(out: Path, benchmark: str, inputs: dict, params: dict,
+             log: Callable[[str], None]) -> Iterator[None]:
+    """What a segmentation / detection prep does around its scenes: refuse an ``--out`` that
+    overlaps ``inputs["raw"]``, lock ``out`` (held inside the block), check the parameters and
+    remove the temporaries of a killed run."""
+    from data_prep.runner import check_out_vs_raw, prep_lock
+
+    raw = inputs.get("raw")
+    check_out_vs_raw([raw] if isinstance(raw, (str, Path)) else raw or [], out)
+    with prep_lock(out, f"mink-ssl-prep {benchmark}", log):
+        check_params(out, params)
+        for sub in ("scenes", "reports"):  # temp files of a killed run (atomic_path's)
+            for stale in (out / sub).glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        yield
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    from mink_ssl.io import atomic_path
+    from mink_ssl.safety import output_error
+
+    try:
+        with atomic_path(out / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
+    except OSError as e:
+        raise output_error(e, out / "manifest.json",
+                           f"cannot write {out / 'manifest.json'}") from None
+
+
+def _finish(out, benchmark, classes, voxel_size, names, results, params, inputs, skipped, t0,
+            log) -> dict:
     ordered = [results[n] for n in names]
     done = [r for r in ordered if r.status != "skipped"]
     manifest = {
@@ -229,8 +267,7 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], voxel_size: f
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    with atomic_path(out / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    write_manifest(out, manifest)
     log(f"{benchmark}: {len(done)}/{len(ordered)} scenes done "
         f"({sum(r.status == 'already done' for r in ordered)} already done), "
         f"{sum(r.points for r in done)} points, {len(manifest['repairs'])} repairs, "
@@ -246,25 +283,11 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], voxel_size: f
 def map_jobs(run_job: Callable, jobs: Sequence, args: tuple, workers: int, progress: bool,
              desc: str) -> list:
     """``[run_job(job, *args) for job in jobs]`` with a progress bar, in ``workers`` processes
-    when more than one (``run_job`` must then be a module-level function); any order."""
-    from tqdm import tqdm
+    when more than one (``run_job`` must then be a module-level function); any order. Signals
+    and output errors: :func:`data_prep.runner.map_scenes`."""
+    from data_prep.runner import map_scenes
 
-    bar = tqdm(total=len(jobs), desc=desc, unit="scene", disable=not progress)
-    results = []
-    if workers == 1:
-        for job in jobs:
-            results.append(run_job(job, *args))
-            bar.update()
-    else:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(run_job, job, *args) for job in jobs]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update()
-    bar.close()
-    return results
+    return map_scenes(run_job, jobs, args, workers, progress, desc)
 
 
 # -- PLY --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.seg_common import SceneJob, check_params, map_jobs, scene_file
+from data_prep.seg_common import SceneJob, map_jobs, prep_run, scene_file, write_manifest
 
 SCHEMA = "mink_ssl.det_scenes/1"
 SPLITS = ("train", "val")
@@ -153,6 +153,7 @@ def write_scene(out: Path, name: str, s: DetScene, num_classes: int) -> None:
 def _run_job(job: SceneJob, out: Path, num_classes: int) -> DetResult:
     """Prepare one scene; bad input data becomes a "skipped" result, bugs propagate."""
     from data_prep.seg_common import SceneSkipped
+    from mink_ssl.safety import is_output_error, output_error
 
     report = _report_path(out, job.name)
     if (out / scene_file(job.name)).is_file() and report.is_file():
@@ -163,6 +164,9 @@ def _run_job(job: SceneJob, out: Path, num_classes: int) -> DetResult:
         s = job.fn(*job.args)
         write_scene(out, job.name, s, num_classes)
     except (SceneSkipped, OSError, ValueError, EOFError) as e:
+        if is_output_error(e, out):  # disk full, read-only ...: abort, not bad input
+            raise output_error(e, out / scene_file(job.name),
+                               f"cannot write scene {job.name} into {out}") from None
         return DetResult(job.name, job.split, "skipped", reason=str(e))
     return DetResult(job.name, job.split, "done", len(s.coords), len(s.boxes), s.notes)
 
@@ -192,8 +196,6 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequenc
         skipped: scenes reported as skipped before any work (e.g. listed in a split file but
             missing), as manifest entries {"scene", "reason"}.
     """
-    from mink_ssl.io import atomic_path
-
     out = Path(out)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -208,15 +210,15 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequenc
     wrong = sorted({j.split for j in jobs} - set(SPLITS))
     if wrong:
         raise ValueError(f"splits {wrong} are not among {SPLITS}")
-    out.mkdir(parents=True, exist_ok=True)
-    check_params(out, params)
-    for sub in ("scenes", "reports"):  # temp files of a killed run
-        for stale in (out / sub).glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+    with prep_run(out, benchmark, inputs, params, log):  # raw/out check, lock, parameters
+        t0 = time.perf_counter()
+        results = {r.name: r for r in map_jobs(_run_job, jobs, (out, len(classes)), workers,
+                                               progress, benchmark)}
+        return _finish(out, benchmark, classes, names, results, params, inputs, skipped, t0,
+                       log)
 
-    t0 = time.perf_counter()
-    results = {r.name: r for r in map_jobs(_run_job, jobs, (out, len(classes)), workers,
-                                           progress, benchmark)}
+
+def _finish(out, benchmark, classes, names, results, params, inputs, skipped, t0, log) -> dict:
     ordered = [results[n] for n in names]
     done = [r for r in ordered if r.status != "skipped"]
     manifest = {
@@ -231,8 +233,7 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequenc
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    with atomic_path(out / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    write_manifest(out, manifest)
     log(f"{benchmark}: {len(done)}/{len(ordered)} scenes done "
         f"({sum(r.status == 'already done' for r in ordered)} already done), "
         f"{sum(r.points for r in done)} points, {sum(r.boxes for r in done)} boxes, "

@@ -9,8 +9,14 @@ Output layout (``out/``)::
     manifest.json                 schema, parameters, counts, code version, skipped scenes
 
 A scene is prepared in ``out/.tmp-<scene>/`` and renamed into place when complete, so a scene
-directory either is whole or does not exist; a rerun skips complete scenes and redoes the rest,
-and ``pairs.txt`` / ``manifest.json`` are rebuilt (atomically) from the scene directories.
+directory either is whole or does not exist; a rerun skips complete scenes (every file that
+``scene.json`` lists is there with its recorded size) and redoes the rest, and ``pairs.txt`` /
+``manifest.json`` are rebuilt (atomically) from the scene directories.
+
+Safety (see :mod:`data_prep.runner`): ``--out`` may not overlap ``--raw``; one prep at a time per
+``--out`` (a lock file); prep removes only folders that carry its marker file
+(``.mink-ssl-scene``) and never follows a symlink out of ``--out``; an output-side I/O error
+aborts the run; SIGINT / SIGTERM finish the scenes in progress and stop.
 """
 from __future__ import annotations
 
@@ -24,10 +30,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from data_prep.runner import check_out_vs_raw, map_scenes, prep_lock
 from data_prep.scannet.overlap import RADIUS_FACTOR, VOXEL_SIZE, overlap_matrix, voxel_downsample
+from mink_ssl.safety import OutputError, is_output_error, output_error
 
 SCHEMA = "mink_ssl.scannet_pairs/1"
 SCENE_FILE = "scene.json"
+MARKER = ".mink-ssl-scene"  # in every folder prep creates: the only folders it may remove
+MAX_TRANSLATION = 1000.0  # m; a camera farther than this from the origin is a broken pose
 
 
 class SceneSkipped(Exception):
@@ -85,8 +95,38 @@ def open_scene(scene_dir: Path):
                        "(color/, depth/, pose/, intrinsic/)")
 
 
+def pose_problem(pose: np.ndarray) -> str | None:
+    """Why a camera-to-world pose is unusable (None if it is fine): non-finite (ScanNet's lost
+    tracking), not a rigid transform, or a camera farther than MAX_TRANSLATION from the origin."""
+    if not np.isfinite(pose).all():
+        return "non-finite pose"
+    p = np.asarray(pose, np.float64).reshape(4, 4)
+    rot, t = p[:3, :3], p[:3, 3]
+    if (not np.allclose(p[3], [0, 0, 0, 1], atol=1e-4)
+            or not np.allclose(rot.T @ rot, np.eye(3), atol=1e-2) or np.linalg.det(rot) < 0):
+        return (f"pose is not a rigid transform (rotation not orthonormal with det +1, or last "
+                f"row not 0 0 0 1): {np.round(p, 4).tolist()}")
+    if np.abs(t).max() > MAX_TRANSLATION:
+        return f"pose translation {np.round(t, 4).tolist()} m is beyond {MAX_TRANSLATION:g} m"
+    return None
+
+
+def scene_name_problem(name: str) -> str | None:
+    """Why a scene folder name cannot be used (pair lists are space-separated lines)."""
+    if not name or any(c.isspace() for c in name) or not name.isprintable():
+        return (f"scene name {name!r} contains whitespace or control characters; pairs.txt is "
+                "space-separated, one pair per line: rename the folder (e.g. "
+                f"{'_'.join(name.split())!r})")
+    return None
+
+
 def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]):
-    """Yield the 5 cm overlap cloud of each usable sampled frame, writing it to ``writer``."""
+    """Yield the 5 cm overlap cloud of each usable sampled frame, writing it to ``writer``.
+
+    A frame is skipped (its index recorded under the reason in ``skipped``) when its pose is
+    unusable (:func:`pose_problem`) or its colour or depth payload does not decode: every
+    payload that is kept is decoded here, so training never meets a damaged one."""
+    from data_prep.scannet.sens import SensFormatError
     from mink_ssl.data.fragments import encode_color, encode_depth
     from mink_ssl.geometry import backproject
 
@@ -95,10 +135,16 @@ def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]
     for fid in (i for i in ids if i % params.frame_skip == 0):
         frame = reader.frame(fid)
         pose = frame.camera_to_world
-        if not np.isfinite(pose).all():
-            skipped.setdefault("non-finite pose", []).append(fid)
+        bad = pose_problem(pose)
+        if bad is not None:
+            skipped.setdefault(bad, []).append(fid)
             continue
-        depth = frame.depth(h)  # (H, W) uint16
+        try:
+            depth = frame.depth(h)  # (H, W) uint16
+            color = frame.color(h)  # (h, w, 3) uint8: decoded to prove the payload is intact
+        except SensFormatError as e:
+            skipped.setdefault(f"damaged payload: {e}", []).append(fid)
+            continue
         pts, _ = backproject(depth, h.intrinsic_depth, h.depth_shift, pose,
                              max_depth=params.max_depth)
         if len(pts) < params.min_points:
@@ -106,7 +152,7 @@ def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]
             continue
         same_size = (h.color_height, h.color_width) == depth.shape
         color_bytes = (frame.color_bytes if same_size and h.color_compression == "jpeg"
-                       else encode_color(frame.color(h), depth.shape, params.jpeg_quality))
+                       else encode_color(color, depth.shape, params.jpeg_quality))
         depth_bytes = (frame.depth_bytes if h.depth_compression == "zlib_ushort"
                        else encode_depth(depth))
         writer.add(fid, pose, depth_bytes, color_bytes)
@@ -118,11 +164,22 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport
     from mink_ssl.data.fragments import FragmentWriter, fragment_name
 
     scene, t0 = scene_dir.name, time.perf_counter()
+    bad_name = scene_name_problem(scene)
+    if bad_name is not None:
+        return SceneReport(scene, "skipped", reason=bad_name)
     final = out / scene
-    if (final / SCENE_FILE).is_file():
-        return SceneReport(scene, "already done", **_counts(final))
+    done = complete_scene(final)
+    if done is not None:
+        return SceneReport(scene, "already done", **_counts(done))
+    if not _ours(final):  # e.g. --out holds a folder of the raw data, or a user's own folder
+        raise _not_ours(final)
     tmp = out / f".tmp-{scene}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_ours(tmp)
+    try:
+        os.mkdir(tmp)
+        (tmp / MARKER).write_text("made by mink-ssl-prep scannet; removed or replaced by it\n")
+    except OSError as e:
+        raise output_error(e, tmp, f"cannot create {tmp}") from None
     skipped: dict[str, list[int]] = {}
     try:
         reader = open_scene(scene_dir)
@@ -142,15 +199,20 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport
         report = SceneReport(scene, "done", fragments=len(names), pairs=len(iu),
                              pairs_kept=int((ov[iu, ju] >= params.min_overlap).sum()),
                              skipped_frames=skipped, seconds=round(time.perf_counter() - t0, 3))
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
+                 if p.is_file() and p.name != MARKER}  # what "complete" means on a rerun
         with open(tmp / SCENE_FILE, "w") as f:
-            json.dump({**asdict(report), "params": asdict(params)}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover without scene.json is incomplete
+            json.dump({**asdict(report), "params": asdict(params), "files": files}, f, indent=1)
+        _remove_ours(final)  # an incomplete scene of an earlier run (checked: ours)
         os.rename(tmp, final)
         return report
     except (SceneSkipped, OSError, ValueError, EOFError) as e:
         # bad input data (SensFormatError is a ValueError): report, skip, leave nothing behind;
-        # anything else is a bug and propagates
+        # an output-side I/O error aborts the run; anything else is a bug and propagates
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OutputError) or is_output_error(e, out):
+            raise (e if isinstance(e, OutputError) else
+                   output_error(e, tmp, f"cannot write scene {scene} into {out}")) from None
         return SceneReport(scene, "skipped", reason=str(e), skipped_frames=skipped,
                            seconds=round(time.perf_counter() - t0, 3))
     except BaseException:
@@ -158,24 +220,83 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport
         raise
 
 
-def _counts(scene_out: Path) -> dict:
-    with open(scene_out / SCENE_FILE) as f:
-        d = json.load(f)
-    return {k: d[k] for k in ("fragments", "pairs", "pairs_kept", "skipped_frames")}
+def _counts(scene_json: dict) -> dict:
+    return {k: scene_json[k] for k in ("fragments", "pairs", "pairs_kept", "skipped_frames")}
+
+
+def complete_scene(final: Path) -> dict | None:
+    """``scene.json`` of a complete scene folder, or None: complete means every file it lists
+    exists with the recorded size (a scene of a killed or concurrent run is redone)."""
+    if final.is_symlink() or not (final / SCENE_FILE).is_file():
+        return None
+    try:
+        d = json.loads((final / SCENE_FILE).read_text())
+        files = d["files"]  # absent in scenes of older versions: they are redone
+        ok = bool(files) and all((final / n).is_file() and (final / n).stat().st_size == size
+                                 for n, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return d if ok else None
+
+
+def _ours(path: Path) -> bool:
+    """True if ``path`` does not exist or is a real folder prep made (its marker, or the
+    ``scene.json`` of an older version)."""
+    if not os.path.lexists(path):
+        return True
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if (path / MARKER).is_file():
+        return True
+    try:
+        return "params" in json.loads((path / SCENE_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _not_ours(path: Path) -> OutputError:
+    what = (f"a symlink to {os.readlink(path)}" if path.is_symlink()
+            else "a file" if not path.is_dir() else "a folder prep did not create (no marker)")
+    return OutputError(f"{path} is {what}; prep only replaces or removes what it created and "
+                       "never follows symlinks in --out. Move it out of --out (or choose another "
+                       "--out) and rerun.")
+
+
+def _remove_ours(path: Path) -> None:
+    """Remove a folder prep created; OutputError for anything else at ``path``."""
+    if not os.path.lexists(path):
+        return
+    if not _ours(path):
+        raise _not_ours(path)
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        raise output_error(e, path, f"cannot remove the incomplete {path}") from None
 
 
 def _check_params(out: Path, params: PrepParams) -> None:
-    """Refuse to mix parameters in one output directory (pairs would silently disagree)."""
+    """Refuse to mix parameters in one output directory (pairs would silently disagree).
+    Without ``params.json`` (deleted, or an older version) the parameters recorded in the
+    folder's scenes are compared instead."""
     path = out / "params.json"
+    old = None
     if path.is_file():
         old = json.loads(path.read_text())
+    else:
+        for meta in sorted(out.glob(f"*/{SCENE_FILE}")):
+            try:
+                old = json.loads(meta.read_text())["params"]
+                break
+            except (OSError, ValueError, KeyError):
+                continue
+    if old is not None:
         diff = {k: (old.get(k), v) for k, v in asdict(params).items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{out} was prepared with other parameters "
                              f"{ {k: a for k, (a, b) in diff.items()} }, now "
                              f"{ {k: b for k, (a, b) in diff.items()} }; use a new --out "
                              "directory or the same parameters")
-    else:
+    if not path.is_file():
         from mink_ssl.io import atomic_path
 
         with atomic_path(path) as tmp:
@@ -210,21 +331,33 @@ def run(raw: Path, out: Path, params: PrepParams, workers: int = 1,
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     scene_dirs = list_scenes(raw, scenes)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_vs_raw([raw], out)
+    with prep_lock(out, "mink-ssl-prep scannet", log):
+        return _run_locked(raw, out, params, workers, scene_dirs, progress, log)
+
+
+def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
+                scene_dirs: list[Path], progress: bool, log: Callable[[str], None]) -> dict:
+    import mink_ssl
+    from mink_ssl.io import atomic_path
+
     _check_params(out, params)
-    for stale in out.glob(".tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob(".tmp-*"):  # left by a killed run (only ours are removed)
+        _remove_ours(stale)
 
     t0 = time.perf_counter()
     reports = _map(scene_dirs, out, params, workers, progress)
     reports.sort(key=lambda r: r.scene)
 
     done = [r for r in reports if r.status != "skipped"]
-    with atomic_path(out / "pairs.txt") as tmp, open(tmp, "w") as f:
-        for r in done:
-            for line in open(out / r.scene / "overlap.txt"):
-                if float(line.rsplit(" ", 1)[1]) >= params.min_overlap:
-                    f.write(line)
+    try:
+        with atomic_path(out / "pairs.txt") as tmp, open(tmp, "w") as f:
+            for r in done:
+                for line in open(out / r.scene / "overlap.txt"):
+                    if float(line.rsplit(" ", 1)[1]) >= params.min_overlap:
+                        f.write(line)
+    except OSError as e:
+        raise output_error(e, out / "pairs.txt", f"cannot write {out / 'pairs.txt'}") from None
     manifest = {
         "schema": SCHEMA, "mink_ssl_version": mink_ssl.__version__,
         "params": asdict(params), "raw": str(raw.resolve()),
@@ -239,8 +372,12 @@ def run(raw: Path, out: Path, params: PrepParams, workers: int = 1,
                              "skipped_frames": r.skipped_frames} for r in done},
         "skipped_scenes": {r.scene: r.reason for r in reports if r.status == "skipped"},
     }
-    with atomic_path(out / "manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    try:
+        with atomic_path(out / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
+    except OSError as e:
+        raise output_error(e, out / "manifest.json",
+                           f"cannot write {out / 'manifest.json'}") from None
     c = manifest["counts"]
     log(f"prep: {c['scenes_done']}/{c['scenes']} scenes done "
         f"({sum(r.status == 'already done' for r in reports)} already done), "
@@ -249,26 +386,13 @@ def run(raw: Path, out: Path, params: PrepParams, workers: int = 1,
         f"{time.perf_counter() - t0:.1f} s")
     for scene, reason in manifest["skipped_scenes"].items():
         log(f"  skipped {scene}: {reason}")
+    for r in done:  # damaged payloads and implausible poses (lost tracking is routine)
+        for reason, fids in r.skipped_frames.items():
+            if reason != "non-finite pose" and not reason.startswith("fewer than"):
+                log(f"  {r.scene}: skipped frame(s) {fids}: {reason}")
     return manifest
 
 
 def _map(scene_dirs: list[Path], out: Path, params: PrepParams, workers: int,
          progress: bool) -> list[SceneReport]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(scene_dirs), desc="scenes", unit="scene", disable=not progress)
-    reports = []
-    if workers == 1:
-        for d in scene_dirs:
-            reports.append(prepare_scene(d, out, params))
-            bar.update()
-    else:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(prepare_scene, d, out, params) for d in scene_dirs]
-            for fut in as_completed(futures):
-                reports.append(fut.result())
-                bar.update()
-    bar.close()
-    return reports
+    return map_scenes(prepare_scene, scene_dirs, (out, params), workers, progress, "scenes")

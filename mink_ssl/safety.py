@@ -1,0 +1,288 @@
+"""Run safety shared by data prep and training (standard library only: data prep imports it).
+
+- :class:`DirLock`: one writer per output directory. ``<dir>/.mink-ssl.lock`` holds the
+  holder's pid, host and command; the lock itself is an ``flock`` on that file, so it is held
+  exactly as long as the holder (or a process it forked) lives, and a lock file left by a
+  killed run is taken over with a notice.
+- :class:`StopSignals`: SIGINT / SIGTERM ask the run to stop at its next safe point instead of
+  killing it; a second signal interrupts at once.
+- :func:`output_error`: an ``OSError`` met while writing the output (disk full, read-only,
+  no permission) becomes an :class:`OutputError` that names the path: it aborts the run and is
+  never reported as bad input.
+- :func:`worker_init`: pool workers die with their parent and leave signals to it.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+LOCK_NAME = ".mink-ssl.lock"
+#: errors that only writing produces: always about the output side
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+class DirectoryLocked(RuntimeError):
+    """Another live process writes into the directory."""
+
+
+class OutputError(RuntimeError):
+    """Writing the output failed (disk full, read-only, no permission): the run aborts."""
+
+
+class Interrupted(RuntimeError):
+    """The run stopped on SIGINT / SIGTERM at a safe point; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signum)
+
+
+# -- lock -------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since "
+            f"{holder.get('started', '?')} ({holder.get('what', '?')}: "
+            f"{holder.get('command', '?')})")
+
+
+class DirLock:
+    """Exclusive lock of ``directory`` for one run (a context manager)::
+
+        with DirLock(out, "prep scannet"):
+            ...  # nobody else writes into out
+
+    A second writer gets :class:`DirectoryLocked` naming the holder. The directory is created
+    if needed and, when the lock is released, removed again if the run left it empty.
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str, notice=print):
+        self.dir, self.what, self.notice = Path(directory), what, notice
+        self.path = self.dir / LOCK_NAME
+        self._fd: int | None = None
+        self._created_dir = False
+
+    def __enter__(self) -> "DirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _info(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(sys.argv)[:500]}
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 65536)
+        try:
+            return json.loads(raw.decode("utf-8", "replace")) if raw.strip() else {}
+        except ValueError:
+            return {"pid": "?", "command": f"unreadable lock file ({raw[:80]!r})"}
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this DirLock")
+        try:
+            self._created_dir = not self.dir.exists()
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(e, self.dir, f"cannot create the output directory {self.dir}")
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise output_error(e, self.path, f"cannot create the lock file {self.path}")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                flocked = True
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                dead = (isinstance(holder.get("pid"), int)
+                        and holder.get("host") == socket.gethostname()
+                        and not _pid_alive(holder["pid"]))
+                extra = (" That process has ended but processes it started (pool or loader "
+                         "workers) still hold the lock; wait for them to exit or end them."
+                         if dead else "")
+                raise DirectoryLocked(
+                    f"{self.dir} is in use by another run: {_describe(holder)}.{extra} Two "
+                    f"runs writing into one directory corrupt it; wait for it to finish, or use "
+                    f"another directory. (Lock file: {self.path})") from None
+            except OSError:  # a file system without flock: fall back on the recorded pid
+                flocked = False
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # released (unlinked) between our open and flock: take the new file
+                os.close(fd)
+                continue
+            previous = self._read(fd)
+            if previous and not flocked and isinstance(previous.get("pid"), int) and (
+                    previous.get("host") != socket.gethostname() or _pid_alive(previous["pid"])):
+                os.close(fd)
+                raise DirectoryLocked(f"{self.dir} is in use by another run: "
+                                      f"{_describe(previous)}; if that run is gone, delete "
+                                      f"{self.path}")
+            if previous:
+                self.notice(f"note: taking over the lock of {self.dir} left by a run that is no "
+                            f"longer running ({_describe(previous)})")
+            try:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, json.dumps(self._info()).encode())
+                os.fsync(fd)
+            except OSError as e:
+                os.close(fd)
+                raise output_error(e, self.path, f"cannot write the lock file {self.path}")
+            self._fd = fd
+            return
+        raise DirectoryLocked(f"could not lock {self.dir}: its lock file {self.path} keeps "
+                              "being replaced by other processes")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: a waiter re-checks the inode
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        if self._created_dir:
+            try:
+                self.dir.rmdir()  # only if the run left it empty
+            except OSError:
+                pass
+
+
+# -- output errors ----------------------------------------------------------------------------
+def _inside(path, root: Path) -> bool:
+    """Whether ``path`` lies in ``root``, as spelled or with symlinks resolved."""
+    try:
+        p, r = Path(os.fsdecode(path)), Path(root)
+    except (TypeError, ValueError):
+        return False
+    for a, b in ((p.absolute(), r.absolute()), (p.resolve(), r.resolve())):
+        if a == b or b in a.parents:
+            return True
+    return False
+
+
+def is_output_error(e: BaseException, out: str | os.PathLike) -> bool:
+    """Whether ``e`` is about writing the output rooted at ``out`` (not about reading input):
+    disk full, quota, read-only file system and file-size limit always are; any other
+    ``OSError`` is when the path it names lies in ``out``."""
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in _WRITE_ERRNOS:
+        return True
+    return any(name is not None and _inside(name, Path(out)) for name in (e.filename, e.filename2))
+
+
+def output_error(e: OSError, path: str | os.PathLike, doing: str | None = None) -> OutputError:
+    """An :class:`OutputError` for ``e`` met while writing ``path``, with what to do about it."""
+    where = e.filename if e.filename is not None else path
+    hint = {errno.ENOSPC: "the disk is full: free space or choose another output directory",
+            errno.EDQUOT: "the disk quota is exhausted: free space or choose another output "
+                          "directory",
+            errno.EFBIG: "a file-size limit was hit (ulimit -f): raise it or choose another "
+                         "output directory",
+            errno.EROFS: "the file system is read-only: choose a writable output directory",
+            errno.EACCES: "no permission to write there: fix its permissions or choose another "
+                          "output directory",
+            errno.EPERM: "no permission to write there: fix its permissions or choose another "
+                         "output directory"}.get(e.errno, "check the output directory")
+    return OutputError(f"{doing or f'cannot write {path}'}: {e.strerror or e} ({where}); {hint}. "
+                       "Nothing was reported as bad input; rerun the same command when fixed "
+                       "(finished work is kept).")
+
+
+# -- signals ----------------------------------------------------------------------------------
+class StopSignals:
+    """Within the block, SIGINT / SIGTERM set :attr:`signum` (the run stops at its next safe
+    point) and print ``message``; a second signal raises KeyboardInterrupt at once. Only the
+    main thread can install signal handlers; elsewhere this does nothing."""
+
+    def __init__(self, message: str = "", print_fn=None):
+        self.message = message
+        self.print_fn = print_fn or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signum = signum
+        self.print_fn(f"\n{signal.Signals(signum).name} received: {self.message} "
+                      "(send it again to abort at once)")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+def ignore_stop_signals(*_args) -> None:
+    """In a worker process: SIGINT / SIGTERM are its parent's to handle (a Ctrl-C reaches the
+    whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: this process gets SIGKILL when its parent dies (no orphaned workers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
+
+
+def worker_init(parent_pid: int) -> None:
+    """Initializer of pool workers: die with the parent, leave SIGINT / SIGTERM to it."""
+    die_with_parent(parent_pid)
+    ignore_stop_signals()
