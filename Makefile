@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mink-ssl-setup
 export VENV
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean gpu-wheels gpu-check
 
 # Always runs the (idempotent) setup script; a second run takes seconds.
 setup:
@@ -31,6 +31,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_overlap.py
 	$(PY) benchmarks/bench_pretrain_step.py
 	$(PY) benchmarks/bench_objectives.py
+
+# GPU check (scripts/gpu_check.py): `make gpu-wheels` on a networked machine with the venv
+# prepares build/gpu-check (real fragments, ME sdist, wheels; < 64 MiB); `make gpu-check` on the
+# GPU machine (CUDA torch, nvcc, no network) builds ME for its GPU and checks and times the CUDA
+# path. GPU_CHECK_PYTHON: the interpreter holding the CUDA torch (default python3).
+gpu-wheels: $(STAMP)
+	$(PY) scripts/gpu_check.py prepare
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $${GPU_CHECK_PYTHON:-python3} scripts/gpu_check.py run
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

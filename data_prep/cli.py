@@ -10,7 +10,7 @@
                               [--label-map scannetv2-labels.combined.tsv]
     mink-ssl-prep scannet-det --raw scans/ --label-map scannetv2-labels.combined.tsv
                               --out data/scannet_det [--splits-dir Tasks/Benchmark]
-    mink-ssl-prep sunrgbd --raw sunrgbd_trainval/ --out data/sunrgbd_det [--labels label_v1]
+    mink-ssl-prep sunrgbd --raw sunrgbd_trainval/ --out data/sunrgbd_det [--labels label]
 """
 from __future__ import annotations
 
@@ -149,10 +149,11 @@ def _add_detection(sub) -> None:
                        "val_data_idx.txt: the upright depth points of depth/<id>.mat, the "
                        "oriented boxes of the 10 classes, and each point's box.")
     s.add_argument("--raw", type=Path, required=True,
-                   help="VoteNet's sunrgbd_trainval folder (depth/ label/ calib/ image/ and "
+                   help="VoteNet's sunrgbd_trainval folder (depth/ label_v1/ calib/ image/ and "
                    "the split files)")
-    s.add_argument("--labels", choices=("label", "label_v1"), default="label",
-                   help="box annotations: label/ (v2, default) or label_v1/")
+    s.add_argument("--labels", choices=("label_v1", "label"), default="label_v1",
+                   help="box annotations: label_v1/ (v1, default: the papers' SUN RGB-D "
+                   "numbers are on v1, VoteNet's use_v1) or label/ (v2)")
     s.add_argument("--ids", type=int, nargs="+", default=None, help="only these image ids")
     _common(s)
     s.set_defaults(func=_sunrgbd)

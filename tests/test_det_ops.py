@@ -288,7 +288,7 @@ def test_nms_oriented_per_scene_equals_greedy_over_the_iou_matrix():
     scene = rng.integers(0, 2, 80)
     m = box_iou(torch.from_numpy(boxes), torch.from_numpy(boxes)).numpy()  # (80, 80) oriented
     keep = nms_3d(torch.from_numpy(boxes), torch.from_numpy(scores), 0.2,
-                  batch_index=torch.from_numpy(scene))
+                  batch_index=torch.from_numpy(scene), mode="oriented")
     assert keep.tolist() == nms_brute(scores, lambda i, j: m[i, j], 0.2, groups=scene)
     # heading matters: dropping it changes the kept set
     aligned = nms_3d(torch.from_numpy(boxes[:, :6]), torch.from_numpy(scores), 0.2,

@@ -276,11 +276,11 @@ def write_image(root, idx, points, rgb, objects, calib=True, mat_key="instance")
     from scipy.io import savemat
 
     name = f"{idx:06d}"
-    for sub in ("depth", "label", "calib", "image"):
+    for sub in ("depth", "label_v1", "calib", "image"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     savemat(root / "depth" / f"{name}.mat", {mat_key: np.concatenate([points, rgb], 1)})
     lines = [f"{o[0]} 10 20 100 80 " + " ".join(f"{x:f}" for x in o[1:]) for o in objects]
-    (root / "label" / f"{name}.txt").write_text("".join(ln + "\n" for ln in lines))
+    (root / "label_v1" / f"{name}.txt").write_text("".join(ln + "\n" for ln in lines))
     if calib:  # MATLAB's dlmwrite of Rtilt(:)' and K(:)': column-major
         (root / "calib" / f"{name}.txt").write_text(
             " ".join(f"{x:f}" for x in TILT.ravel(order="F")) + "\n"
@@ -313,9 +313,9 @@ def sun_raw(tmp_path_factory):
     write_image(root, 3, floor, rgb[:400], [BED])
     (root / "depth" / "000003.mat").write_bytes(b"MATLAB 5.0 MAT-file, garbage" * 3)
     write_image(root, 4, floor, rgb[:400], [BED, CHAIR])
-    lines = (root / "label" / "000004.txt").read_text().splitlines()
+    lines = (root / "label_v1" / "000004.txt").read_text().splitlines()
     lines[1] = lines[1].rsplit(" ", 1)[0]  # the chair loses its last number
-    (root / "label" / "000004.txt").write_text("\n".join(lines) + "\n")
+    (root / "label_v1" / "000004.txt").write_text("\n".join(lines) + "\n")
     write_image(root, 6, floor, rgb[:400], [BED], calib=False)
     write_image(root, 7, floor, rgb[:400], [BED], mat_key="points")
     write_image(root, 8, floor, rgb[:400] * 255, [BED])
@@ -380,7 +380,7 @@ def test_sunrgbd_bad_images_are_reported_and_skipped(sun_raw, tmp_path):
     m = sunrgbd.run(root, tmp_path, workers=2, progress=False, log=str)
     reasons = {s["scene"]: s["reason"] for s in m["skipped"]}
     expect = {"000003": "depth/000003.mat is not a readable MATLAB file",
-              "000004": "label/000004.txt line 2: expected a class name and 12 numbers, "
+              "000004": "label_v1/000004.txt line 2: expected a class name and 12 numbers, "
                         "got 12 fields",
               "000005": "missing depth/000005.mat",
               "000006": "missing calib/000006.txt",
@@ -398,12 +398,12 @@ def test_sunrgbd_cli(sun_raw, tmp_path, capsys):
     assert prep_main(["sunrgbd", "--raw", str(root), "--out", str(out), "--ids", "2",
                       "--no-progress"]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert list(m["scenes"]) == ["000002"] and m["parameters"]["label_dir"] == "label"
+    assert list(m["scenes"]) == ["000002"] and m["parameters"]["label_dir"] == "label_v1"
     assert prep_main(["sunrgbd", "--raw", str(root), "--out", str(out), "--ids", "9",
                       "--no-progress"]) == 2
     assert "--ids [9] are not in train_data_idx.txt" in capsys.readouterr().err
-    assert prep_main(["sunrgbd", "--raw", str(root), "--out", str(out), "--labels", "label_v1",
+    assert prep_main(["sunrgbd", "--raw", str(root), "--out", str(out), "--labels", "label",
                       "--no-progress"]) == 2
-    assert "has no label_v1/ folder" in capsys.readouterr().err
+    assert "has no label/ folder" in capsys.readouterr().err
     assert prep_main(["sunrgbd", "--raw", str(root / "depth"), "--out", str(out)]) == 2
     assert "train_data_idx.txt is missing" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """SUN RGB-D detection prep: VoteNet's ``sunrgbd_trainval`` export -> per-image points and boxes.
 
-Input (``--raw``: the folder VoteNet's ``sunrgbd/matlab/extract_rgbd_data_v2.m`` and
-``extract_split.m`` write)::
+Input (``--raw``: the folder VoteNet's ``sunrgbd/matlab/extract_rgbd_data_v2.m``,
+``extract_rgbd_data_v1.m`` (``label_v1/``) and ``extract_split.m`` write)::
 
     depth/<id>.mat        MATLAB file, variable ``instance``: (N, 6) double, x y z r g b; the
                           points in *upright depth* coordinates (x right, y forward, z up,
                           metres), colours in 0..1
-    label/<id>.txt        one object per line (``label_v1/`` for the v1 boxes):
+    label_v1/<id>.txt     one object per line, the v1 boxes (``extract_rgbd_data_v1.m``; the
+                          default, as the papers' runs: VoteNet ``use_v1``, PointContrast
+                          ``use_sunrgbd_v2: False``); ``label/`` holds the v2 boxes, same format:
                           ``classname x y w h cx cy cz c1 c2 c3 o1 o2`` = the 2D box (image
                           pixels: corner and size), the 3D centroid, the half extents
                           (|coeffs| of SUN RGB-D's basis) and the orientation vector (x, y)
@@ -49,7 +51,7 @@ from data_prep.seg_common import SceneJob
 CLASSES = ("bed", "table", "sofa", "chair", "toilet", "desk", "dresser", "night_stand",
            "bookshelf", "bathtub")
 SPLIT_FILES = {"train": "train_data_idx.txt", "val": "val_data_idx.txt"}
-LABEL_DIRS = ("label", "label_v1")
+LABEL_DIRS = ("label_v1", "label")  # v1 (the reference) | v2
 
 
 def image_name(idx: int) -> str:
@@ -149,7 +151,7 @@ def label_boxes(objects: Sequence[tuple[str, np.ndarray]]
     return boxes[ok], labels[ok], notes
 
 
-def prepare_image(root: Path, name: str, label_dir: str = "label") -> DetScene:
+def prepare_image(root: Path, name: str, label_dir: str = "label_v1") -> DetScene:
     """One SUN RGB-D image of a ``sunrgbd_trainval`` folder as a :class:`DetScene`."""
     from data_prep.seg_common import SceneSkipped
 
@@ -198,7 +200,7 @@ def read_splits(root: Path) -> dict[str, list[int]]:
     return splits
 
 
-def run(raw: Path, out: Path, label_dir: str = "label", ids: Sequence[int] | None = None,
+def run(raw: Path, out: Path, label_dir: str = "label_v1", ids: Sequence[int] | None = None,
         workers: int = 1, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Prepare the images listed in the split files of ``raw`` (or only ``ids``) into ``out``;
     returns the manifest (also written)."""

@@ -55,6 +55,35 @@ from mink_ssl.data.features import input_features
 
 KNOWN_SCHEMAS = ("mink_ssl.det_scenes/1",)
 FEATURES = {"ones": 1, "rgb": 3}
+SIZE_CLUSTERS = ("reference", "train_mean")
+
+# VoteNet's fixed size clusters (full extents dx, dy, dz in metres, one row per class in the
+# order of the benchmark's classes), the values PointContrast's detection runs used:
+# ScanNet: ``scannet/meta_data/scannet_means.npz`` (arr_0, 18 x 3, axis-aligned extents);
+# SUN RGB-D: ``type_mean_size`` of ``sunrgbd/model_util_sunrgbd.py`` (l along the heading, w, h).
+REFERENCE_SIZE_CLUSTERS: dict[str, tuple[tuple[str, ...], tuple[tuple[float, float, float], ...]]] = {
+    "scannet": (
+        ("cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
+         "counter", "desk", "curtain", "refrigerator", "showercurtrain", "toilet", "sink",
+         "bathtub", "garbagebin"),
+        ((0.76966726, 0.81160211, 0.92573741), (1.876858, 1.84255952, 1.19315654),
+         (0.61327999, 0.61486087, 0.71827014), (1.39550063, 1.51215451, 0.83443565),
+         (0.97949596, 1.06751485, 0.63296875), (0.53166301, 0.59555772, 1.75001483),
+         (0.96247056, 0.72462326, 1.14818682), (0.83221924, 1.04909355, 1.68756634),
+         (0.21132214, 0.4206159, 0.53728459), (1.44400728, 1.89708334, 0.26985747),
+         (1.02942616, 1.40407966, 0.87554322), (1.37664116, 0.65521793, 1.68131292),
+         (0.66508189, 0.71111926, 1.29885307), (0.41999174, 0.37906947, 1.75139715),
+         (0.59359559, 0.59124924, 0.73919014), (0.50867595, 0.50656087, 0.30136236),
+         (1.15115265, 1.0546296, 0.49706794), (0.47535286, 0.49249493, 0.58021168))),
+    "sunrgbd": (
+        ("bed", "table", "sofa", "chair", "toilet", "desk", "dresser", "night_stand",
+         "bookshelf", "bathtub"),
+        ((2.114256, 1.620300, 0.927272), (0.791118, 1.279516, 0.718182),
+         (0.923508, 1.867419, 0.845495), (0.591958, 0.552978, 0.827272),
+         (0.699104, 0.454178, 0.756250), (0.695190, 1.346299, 0.736364),
+         (0.528526, 1.002642, 1.172878), (0.500618, 0.632163, 0.683424),
+         (0.404671, 1.071108, 1.688889), (0.765840, 1.398258, 0.472728))),
+}
 _CHUNK_ELEMENTS = 1 << 20  # (points x boxes) per chunk of the point-in-box test
 
 
@@ -371,6 +400,29 @@ class DetectionDataset(Dataset):
             boxes, labels = z["boxes"], z["box_labels"].astype(np.int64)
         self._check_boxes(path, boxes, labels)
         return boxes, labels
+
+    def size_clusters(self, source: str = "reference") -> np.ndarray:
+        """(C, 3) float32 size clusters of the head, one per class.
+
+        ``reference``: VoteNet's fixed values for the manifest's benchmark
+        (:data:`REFERENCE_SIZE_CLUSTERS`, what the papers' runs used); ``train_mean``: the
+        per-class mean extents of this split (:meth:`mean_sizes`), an option for other data.
+        """
+        if source not in SIZE_CLUSTERS:
+            raise ValueError(f"size clusters must be one of {SIZE_CLUSTERS}, got {source!r}")
+        if source == "train_mean":
+            return self.mean_sizes()
+        bench = self.manifest.get("benchmark")
+        if bench not in REFERENCE_SIZE_CLUSTERS:
+            raise ValueError(f"{self.root / 'manifest.json'}: benchmark {bench!r} has no "
+                             f"reference size clusters (known: {sorted(REFERENCE_SIZE_CLUSTERS)});"
+                             " set head.size_clusters=train_mean")
+        classes, sizes = REFERENCE_SIZE_CLUSTERS[bench]
+        if tuple(self.classes) != classes:
+            raise ValueError(f"{self.root / 'manifest.json'}: classes {self.classes} are not "
+                             f"VoteNet's {bench} classes {list(classes)} (in order); set "
+                             "head.size_clusters=train_mean")
+        return np.array(sizes, dtype=np.float32)
 
     def mean_sizes(self) -> np.ndarray:
         """(C, 3) float32 mean full extents of each class's boxes over the split (VoteNet's

@@ -80,6 +80,15 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> tuple[DistI
     return info, dev
 
 
+def sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every batch-norm layer synchronised over the ranks: the sparse ones
+    (``MinkowskiBatchNorm`` wraps a ``torch.nn.BatchNorm1d``) and the dense ones of task heads
+    alike, by converting each inner ``torch.nn`` batch norm to ``torch.nn.SyncBatchNorm`` (what
+    ``MinkowskiSyncBatchNorm`` holds too; its converter alone leaves dense heads unsynchronised).
+    Statistics are then those of the global batch, as on one process."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
 def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, sync_bn: bool,
              find_unused_parameters: bool) -> torch.nn.Module:
     """``module`` as this rank's DistributedDataParallel replica (unchanged on one process);
@@ -87,9 +96,7 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, sync
     if not info.enabled:
         return module
     if sync_bn and device.type == "cuda":
-        import MinkowskiEngine as ME
-
-        module = ME.MinkowskiSyncBatchNorm.convert_sync_batchnorm(module)
+        module = sync_batchnorm(module)
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=find_unused_parameters)

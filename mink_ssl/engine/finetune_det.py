@@ -75,6 +75,7 @@ class DetHeadConfig:
     """The VoteNet head (:class:`mink_ssl.models.votenet.VoteNetHead`)."""
 
     num_heading_bins: int = 1  # 1: axis-aligned boxes (ScanNet); SUN RGB-D 12
+    size_clusters: str = "reference"  # reference (VoteNet's fixed sizes) | train_mean
     num_seeds: int = 1024
     seed_channels: int = 256
     num_proposals: int = 256
@@ -103,6 +104,7 @@ class DetEvalConfig:
     iou_thresholds: list = field(default_factory=lambda: [0.25, 0.5])
     conf_threshold: float = 0.05  # objectness probability a proposal needs
     nms_iou: float = 0.25  # per-class 3D NMS
+    nms: str = "aligned_hull"  # aligned_hull (VoteNet: IoU of axis-aligned hulls) | oriented
     per_class_proposal: bool = True  # each kept box once per class, score p(class) p(object)
     batch_size: int = 4  # scenes per evaluation forward pass
     keep_best: bool = True  # best/model.pth: the best periodic evaluation's (first threshold)
@@ -255,7 +257,8 @@ class BNMomentumHook(Hook):
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, dataset, device: torch.device, *, batch_size: int = 4,
                       conf_threshold: float = 0.05, nms_iou: float = 0.25,
-                      per_class_proposal: bool = True, iou_thresholds=(0.25, 0.5)):
+                      per_class_proposal: bool = True, iou_thresholds=(0.25, 0.5),
+                      nms: str = "aligned_hull"):
     """Per-class AP of ``model`` (a :class:`~mink_ssl.models.votenet.VoteNetDetector`) on
     every scene of ``dataset`` (unaugmented), -> :class:`~mink_ssl.eval.detection.
     DetectionResult`. Axis-aligned heads (one heading bin) are scored with axis-aligned IoU."""
@@ -275,7 +278,7 @@ def evaluate_detector(model: nn.Module, dataset, device: torch.device, *, batch_
             out = model(batch.coords, batch.feats, batch.points)
             det = detect(out, head.mean_sizes, head.num_heading_bins,
                          conf_threshold=conf_threshold, nms_iou=nms_iou,
-                         per_class_proposal=per_class_proposal)
+                         per_class_proposal=per_class_proposal, nms=nms)
             gt = batch.boxes[:, :6] if head.num_heading_bins == 1 else batch.boxes
             evaluator.update(det.boxes, det.scores, det.labels, gt, batch.box_labels,
                              pred_batch=det.batch, gt_batch=batch.box_batch,
@@ -312,6 +315,10 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
     out_dir = Path(out_dir)
     if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {cfg.epochs!r}")
+    from mink_ssl.ops.nms import NMS_MODES
+
+    if cfg.eval.nms not in NMS_MODES:
+        raise ValueError(f"eval.nms must be one of {NMS_MODES}, got {cfg.eval.nms!r}")
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
     try:
         plain = asdict(cfg)
@@ -333,7 +340,7 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
                 raise ValueError(f"evaluation split {cfg.data.eval_split!r} is empty; choose "
                                  f"data.eval_split from {filled} or null (no evaluation)")
         classes = train_set.classes
-        mean_sizes = train_set.mean_sizes()  # VoteNet's size clusters: one per class
+        mean_sizes = train_set.size_clusters(cfg.head.size_clusters)  # one per class
         model = build_det_model(cfg.model, cfg.head, train_set.in_channels, len(classes),
                                 mean_sizes)
 
@@ -343,6 +350,11 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
         module = DetectionModule(model).to(device)
         module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
                           cfg.distributed.find_unused_parameters)
+        if info.is_main and info.world_size > 1 and not (cfg.distributed.sync_bn
+                                                         and device.type == "cuda"):
+            print_fn(f"finetune-det: batch norm sees {cfg.batch_size} scenes per rank, not the "
+                     f"global batch of {cfg.batch_size * info.world_size} (the reference ran one "
+                     "process); set distributed.sync_bn=true on CUDA to match it")
         per_rank = len(train_set) // info.world_size
         ipe = per_rank / cfg.batch_size  # iterations per epoch (fractional)
         max_iterations = math.ceil(cfg.epochs * ipe - 1e-9)
@@ -380,7 +392,7 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
             return evaluate_detector(model, eval_set, device, batch_size=e.batch_size,
                                      conf_threshold=e.conf_threshold, nms_iou=e.nms_iou,
                                      per_class_proposal=e.per_class_proposal,
-                                     iou_thresholds=e.iou_thresholds)
+                                     iou_thresholds=e.iou_thresholds, nms=e.nms)
 
         def export(trainer_, directory: Path) -> None:
             save_detection_model(model, directory / "model.pth", classes=classes,

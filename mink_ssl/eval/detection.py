@@ -83,6 +83,16 @@ def boxes_from_minmax(mins: torch.Tensor, maxs: torch.Tensor) -> torch.Tensor:
     return torch.cat([(mins + maxs) / 2, maxs - mins], dim=1)
 
 
+def aligned_hull(boxes) -> torch.Tensor:
+    """The axis-aligned boxes (K, 6) around boxes (K, 6|7): min and max of their 8 corners (an
+    axis-aligned box is its own hull). VoteNet's 3D NMS compares proposals by these hulls."""
+    boxes = check_boxes(boxes)
+    if boxes.shape[1] == 6:
+        return boxes
+    corners = box_corners(boxes)  # (K, 8, 3)
+    return boxes_from_minmax(corners.amin(1), corners.amax(1))
+
+
 def box_corners(boxes: torch.Tensor) -> torch.Tensor:
     """The 8 corners (K, 8, 3) of boxes (K, 6) or (K, 7), in the order of the module docstring."""
     boxes = _as_oriented(check_boxes(boxes))

@@ -453,10 +453,11 @@ def decode_proposals(out: VoteNetOutput, mean_sizes: torch.Tensor, num_heading_b
 @torch.no_grad()
 def detect(out: VoteNetOutput, mean_sizes: torch.Tensor, num_heading_bins: int, *,
            conf_threshold: float = 0.05, nms_iou: float = 0.25,
-           per_class_proposal: bool = True) -> Detections:
-    """Boxes of a batch after objectness threshold, per-class 3D NMS and, with
-    ``per_class_proposal``, one copy of each kept box per class scored ``p(c) p(obj)`` (else the
-    argmax class scored ``p(obj)``)."""
+           per_class_proposal: bool = True, nms: str = "aligned_hull") -> Detections:
+    """Boxes of a batch after objectness threshold, per-class 3D NMS (``nms``: ``aligned_hull``,
+    VoteNet's IoU of the boxes' axis-aligned hulls, or ``oriented``; see
+    :mod:`mink_ssl.ops.nms`) and, with ``per_class_proposal``, one copy of each kept box per
+    class scored ``p(c) p(obj)`` (else the argmax class scored ``p(obj)``)."""
     from mink_ssl.ops import nms_3d
 
     b, p = out.objectness.shape[:2]
@@ -467,7 +468,7 @@ def detect(out: VoteNetOutput, mean_sizes: torch.Tensor, num_heading_bins: int, 
     scene = torch.arange(b, device=boxes.device).repeat_interleave(p)
     keep = (obj > conf_threshold).nonzero()[:, 0]
     keep = keep[nms_3d(boxes[keep], obj[keep], nms_iou, labels=cls[keep],
-                       batch_index=scene[keep])]
+                       batch_index=scene[keep], mode=nms)]
     if not per_class_proposal:
         return Detections(boxes[keep], obj[keep], cls[keep], scene[keep])
     nc = sem.shape[1]

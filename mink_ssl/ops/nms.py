@@ -2,8 +2,18 @@
 
 VoteNet's evaluation suppresses proposals with axis-aligned 3D NMS (``nms_3d_faster``, per class
 with ``nms_3d_faster_samecls``): boxes are visited by decreasing score, each kept box removes the
-later boxes whose IoU with it is strictly above the threshold. Same here, with two changes of
-form: IoUs are computed vectorised (``mink_ssl.eval.detection.paired_iou``: axis-aligned for
+later boxes whose IoU with it is strictly above the threshold. For oriented boxes (SUN RGB-D)
+VoteNet's ``parse_predictions`` feeds that NMS the axis-aligned hull of each box's 8 corners
+(min / max per axis), so two boxes are compared by their hulls, not by their oriented volumes.
+``mode`` chooses:
+
+- ``aligned_hull`` (the reference, default): IoU of the axis-aligned hulls
+  (:func:`mink_ssl.eval.detection.aligned_hull`); for (K, 6) boxes this is their own IoU;
+- ``oriented``: the oriented 3D IoU of (K, 7) boxes, an option: it suppresses by the boxes' true
+  overlap (a diagonal box's hull is up to twice its volume and overlaps neighbours it does not
+  touch), but its kept sets differ from the reference's and so do the published APs.
+
+Same greedy pass as VoteNet, with two changes of form: IoUs are computed vectorised (``mink_ssl.eval.detection.paired_iou``: axis-aligned for
 ``(K, 6)`` boxes, oriented bird's-eye-view clipping for ``(K, 7)``) for all pairs that can
 suppress each other (same class and scene, when given), in blocks of rows so memory stays bounded,
 and only the over-threshold pairs are kept; the greedy pass then loops over the kept boxes only.
@@ -14,9 +24,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mink_ssl.eval.detection import check_boxes, group_pairs, paired_iou
+from mink_ssl.eval.detection import aligned_hull, check_boxes, group_pairs, paired_iou
 
 _ROW_BLOCK = 1024  # rows of the (K, K) IoU relation computed at once
+NMS_MODES = ("aligned_hull", "oriented")
 
 
 def _group_key(n: int, device, labels, batch_index) -> torch.Tensor:
@@ -38,7 +49,8 @@ def _group_key(n: int, device, labels, batch_index) -> torch.Tensor:
 
 def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, *,
            labels: torch.Tensor | None = None,
-           batch_index: torch.Tensor | None = None) -> torch.Tensor:
+           batch_index: torch.Tensor | None = None,
+           mode: str = "aligned_hull") -> torch.Tensor:
     """Greedy 3D NMS.
 
     Args:
@@ -49,11 +61,17 @@ def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, *,
         labels: (K,) int classes: boxes of different classes never suppress each other
             (per-class NMS); ``None`` suppresses across classes.
         batch_index: (K,) int scene of each box: scenes never suppress each other.
+        mode: ``aligned_hull`` (VoteNet: IoU of the boxes' axis-aligned hulls) or ``oriented``
+            (oriented 3D IoU), see the module docstring; the same for (K, 6) boxes.
 
     Returns:
         (K',) int64 indices of the kept boxes, by decreasing score.
     """
+    if mode not in NMS_MODES:
+        raise ValueError(f"nms mode must be one of {NMS_MODES}, got {mode!r}")
     boxes = check_boxes(boxes, "boxes")
+    if mode == "aligned_hull":
+        boxes = aligned_hull(boxes)
     k = len(boxes)
     if not isinstance(scores, torch.Tensor) or scores.shape != (k,):
         raise ValueError(f"scores must be a tensor of shape ({k},), got "
