@@ -45,7 +45,10 @@ def test_recipe_composes_with_the_protocol(recipe):
     elif recipe.startswith("pc_det"):
         assert (cfg.optim.name, cfg.optim.lr, cfg.epochs, cfg.optim.lr_steps) == (
             "adam", 1e-3, 180, [80, 120, 160])
-        assert cfg.batch_size * 8 == {"pc_det_scannet": 32, "pc_det_sunrgbd": 64}[recipe]
+        # one process with the reference's whole batch (votenet_det_new/scripts/train_*.sh)
+        assert cfg.batch_size == {"pc_det_scannet": 32, "pc_det_sunrgbd": 64}[recipe]
+        assert cfg.distributed.sync_bn  # split over GPUs, batch norm still sees the whole batch
+        assert (cfg.head.size_clusters, cfg.eval.nms) == ("reference", "aligned_hull")
         assert cfg.data.voxel_size == 0.025 and cfg.pretrained is None
     else:
         bench = recipe.rsplit("_", 1)[-1] if recipe.startswith("pc_seg") else "scannet"
@@ -93,6 +96,11 @@ def test_scripts_print_their_commands():
     assert done.returncode == 0, done.stderr
     assert "mink_ssl.cli.finetune_det" in cmd and "+experiment=pc_det_sunrgbd" in cmd
     assert "pretrained=null" in cmd and "data.root=/d/sun" in cmd
+    assert "batch_size=8" in cmd  # 64 / 8 GPUs
+    done, cmd = dry_run("finetune_det.sh", "scannet", "/d/scan", "scratch")
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "1" and "batch_size=32" in cmd
+    done, _ = dry_run("finetune_det.sh", "scannet", "/d/scan", "scratch", NGPUS="5")
+    assert done.returncode == 2 and "must divide the batch of 32" in done.stderr
 
     done, _ = dry_run("finetune_seg.sh", "kitti", "/d", "scratch")
     assert done.returncode == 2 and "unknown benchmark" in done.stderr
