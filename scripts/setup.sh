@@ -9,7 +9,8 @@
 #                 for a CUDA build elsewhere)
 #   TORCH_INDEX_URL  extra index for torch, e.g. https://download.pytorch.org/whl/cu124
 #   ME_CUDA       MinkowskiEngine build: auto (CUDA if nvcc + GPU), yes, no   (default: auto)
-#   TORCH_CUDA_ARCH_LIST  architectures for a CUDA build (default: the visible GPU, else 7.0;8.0;9.0)
+#   TORCH_CUDA_ARCH_LIST  architectures for a CUDA build (default: the visible GPUs, else 8.0;9.0
+#                 with nvcc 13, 7.0;8.0;9.0 with nvcc 12)
 #   MINK_SSL_CACHE  where built wheels are cached               (default: ~/.cache/mink-ssl)
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
