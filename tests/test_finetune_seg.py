@@ -145,12 +145,16 @@ def test_dataset_reads_the_contract_and_checks_it(rooms, tmp_path):
         SegmentationDataset(bad)[0]
 
 
-def test_voxel_labels_take_the_majority_of_labelled_points():
-    inverse = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])
-    labels = torch.tensor([-1, 2, 2, -1, -1, 1, 0, 3, -1])
-    # voxel 0: first point unlabelled, majority 2; voxel 1: nothing labelled; voxel 2: a tie
-    # (smaller class wins); voxel 3: one labelled point
-    assert voxel_labels(inverse, labels, 4, 4).tolist() == [2, -1, 0, 3]
+def test_voxel_labels_uniform_by_default_majority_as_option():
+    inverse = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    labels = torch.tensor([-1, 2, 2, -1, -1, 1, 0, 3, -1, 1, 1])
+    # uniform (the reference): only voxel 4's points agree; an unlabelled point mixes too
+    assert voxel_labels(inverse, labels, 5, 4).tolist() == [-1, -1, -1, -1, 1]
+    # majority: voxel 0: first point unlabelled, majority 2; voxel 1: nothing labelled;
+    # voxel 2: a tie (smaller class wins); voxel 3: one labelled point
+    assert voxel_labels(inverse, labels, 5, 4, rule="majority").tolist() == [2, -1, 0, 3, 1]
+    with pytest.raises(ValueError, match="label rule must be one of"):
+        voxel_labels(inverse, labels, 5, 4, rule="first")
 
 
 def test_augmentations(rooms):
@@ -202,7 +206,8 @@ def test_augmentations(rooms):
 
 def test_limited_labels_are_seeded_and_fixed(rooms):
     full = SegmentationDataset(rooms, "train")
-    few = SegmentationDataset(rooms, "train", labelled_points=5, label_seed=0)
+    few = SegmentationDataset(rooms, "train", labelled_points=5, label_seed=0,
+                              label_rule="majority")
     name = few.scenes[2]
     _, _, labels = few.load(name)
     kept = few.training_labels(name, labels)
@@ -212,6 +217,9 @@ def test_limited_labels_are_seeded_and_fixed(rooms):
     assert not np.array_equal(kept, other.training_labels(name, labels))
     s = few[(3, 2)]  # any epoch: at most 5 labelled voxels (two points may share one)
     assert 1 <= int((s.labels >= 0).sum()) <= 5 < int((full[(3, 2)].labels >= 0).sum())
+    # the reference rule ignores a labelled point's voxel when unlabelled points share it
+    uniform = SegmentationDataset(rooms, "train", labelled_points=5, label_seed=0)[(3, 2)]
+    assert int((uniform.labels >= 0).sum()) <= int((s.labels >= 0).sum())
     assert (limit_labels(labels, 10 ** 9, np.random.default_rng(0)) == labels).all()
 
     half = SegmentationDataset(rooms, "train", scene_fraction=0.5, label_seed=0)
@@ -557,12 +565,20 @@ def test_cli_fine_tunes_from_a_pretrained_backbone_end_to_end(rooms, tmp_path):
     assert results["best"]["iteration"] == 10 and (run / "best" / "model.pth").is_file()
     assert results["pretrained_loaded_fraction"] == pytest.approx(194 / 196)  # all but head
     assert results["miou"] > 0.5, results  # chance: about 0.15
-    assert results["oacc"] > 0.8 and results["points"] > 10000  # original points, not voxels
+    # the reference protocol: one vote per voxel whose points share a label
+    from mink_ssl.eval.segmentation import reference_voxels
+
+    manifest = json.loads((rooms / "manifest.json").read_text())
+    val = SegmentationDataset(rooms, "val", voxel_size=VOXEL)
+    voxels = sum(len(reference_voxels(val.load(n)[0], VOXEL).index) for n in val.scenes)
+    points = sum(manifest["scenes"][n]["points"] for n in val.scenes)
+    assert results["protocol"] == "voxels" and results["oacc"] > 0.8
+    assert 1000 < results["points"] <= voxels < points  # counted voxels, unmixed ones only
     assert "| wall |" in (run / "results.md").read_text()
     assert (run / "results_iou.png").stat().st_size > 5000
     ply = PlyData.read(str(run / "predictions" / "Area_5__room_0.ply"))["vertex"]
-    manifest = json.loads((rooms / "manifest.json").read_text())
-    assert len(ply["pred"]) == manifest["scenes"]["Area_5/room_0"]["points"]  # every point
+    room = val.load("Area_5/room_0")[0]
+    assert len(ply["pred"]) == len(reference_voxels(room, VOXEL).index)  # one vertex a voxel
     assert set(np.unique(ply["label"])) == {-1, 0, 1, 2, 3}
     model, meta = load_segmentation_model(run / "model.pth")
     assert meta["classes"] == CLASSES and meta["voxel_size"] == VOXEL

@@ -6,12 +6,22 @@ It reads what segmentation prep writes (schema ``mink_ssl.seg_scenes/1``)::
     <root>/manifest.json   classes, ignore_label (-1), recommended voxel_size, splits, scenes
     <root>/scenes/*.npz    coords (N, 3) float32 metres, colors (N, 3) uint8, labels (N,) int16
 
-Training augmentations, in the order applied (those of the MinkowskiEngine / PointContrast
-fine-tuning recipes; each is off when its parameter is at the neutral value):
+Every split, before anything else: with ``prevoxel_size`` (Synthia 7.5 cm, CSC
+``PREVOXELIZATION_VOXEL_SIZE``) the scene is thinned to the first point of each cell of that grid.
+
+Training augmentations, in the order applied (those of the released CSC / PointContrast
+fine-tuning code, ``downstream/semseg/datasets/{dataset,voxelizer,transforms}.py``; each is off
+when its parameter is at the neutral value):
 
 1. elastic distortion (``elastic``: list of (granularity, magnitude) metres, e.g. ScanNet's
    ((0.2, 0.4), (0.8, 1.6))): smoothed Gaussian noise on a grid, interpolated trilinearly and
    added to the points; applied with probability 0.95;
+   crop (``clip_bound`` h metres, S3DIS 4, Synthia 18; CSC ``CLIP_BOUND``, Voxelizer.clip): the
+   points inside the axis-aligned cube [c - h, c + h) per axis, where c is the centre of the
+   scene's bounding box moved by ``t * size`` (size: the bounding box's extents; t uniform in
+   [-r, r] per axis, r = ``clip_translation`` (horizontal, vertical) ratios, S3DIS (0.2, 0.05),
+   Synthia (0.1, 0)); CSC leaves a scene whose largest extent is under h uncropped, which is the
+   same (such a scene lies inside the moved cube); an empty crop keeps the whole scene;
 2. rotation about gravity by a uniform angle in [-rotation_deg, rotation_deg] and small tilts
    about the two horizontal axes in [-tilt_deg, tilt_deg] (S3DIS pi/32, ScanNet pi/64);
 3. uniform scaling in ``scale`` (0.9, 1.1);
@@ -21,7 +31,9 @@ fine-tuning recipes; each is off when its parameter is at the neutral value):
 6. chromatic translation (``color_translation`` ratio, 0.1): one random RGB offset in
    [-ratio, ratio] x 255 per scene, probability 0.95;
 7. chromatic jitter (``color_jitter`` std, 0.05): Gaussian noise of std x 255 per point,
-   probability 0.95.
+   probability 0.95;
+8. after voxelisation, voxel dropout (``dropout`` p, 0.2; CSC ``RandomDropout(0.2)``): with
+   probability p, a random ``int(M (1 - p))`` of the M voxels are kept.
 
 Limited labels (the data-efficient settings of Contrastive Scene Contexts), both seeded by
 ``label_seed`` and fixed for the whole run:
@@ -29,9 +41,17 @@ Limited labels (the data-efficient settings of Contrastive Scene Contexts), both
 - ``scene_fraction``: train on a random fraction of the split's scenes (at least one);
 - ``labelled_points``: per scene keep N random labelled points, set every other label to -1.
 
-Voxel labels: the majority label of a voxel's labelled points (-1 where none is labelled), so a
-voxel keeps a sparse annotation even when its first point is unlabelled. A voxel's input feature
-is the colour of its first point. Each training item is a pure function of (seed, epoch,
+Voxel labels (``label_rule``): ``uniform`` (the reference: MinkowskiEngine 0.4's
+``sparse_quantize(..., labels, ignore_label)`` that the released code calls) gives a voxel the
+label its points share and -1 where they differ, an unlabelled (-1) point differing too;
+``majority`` (an option) takes the majority label of the voxel's labelled points (-1 where none
+is labelled), so a voxel keeps a sparse annotation even when some of its points are unlabelled
+or of another class. A voxel's input feature is the colour of its first point.
+
+Evaluation (``eval_scene``): ``points`` protocol, the scene's original points as they are;
+``voxels`` protocol (the reference's), the scene after ``prevoxel_size`` and the evaluation crop
+``eval_clip_bound`` (Synthia 25 m about the bounding-box centre, CSC ``TEST_CLIP_BOUND``), to be
+scored per voxel (:func:`mink_ssl.eval.segmentation.evaluate_scenes`). Each training item is a pure function of (seed, epoch,
 index), as in :mod:`mink_ssl.data.pairs`, and is independent of the number of loader workers.
 """
 from __future__ import annotations
@@ -50,6 +70,8 @@ from mink_ssl.data.features import input_features
 KNOWN_SCHEMAS = ("mink_ssl.seg_scenes/1",)
 FEATURES = ("ones", "rgb")
 UP_AXES = {"x": 0, "y": 1, "z": 2}
+LABEL_RULES = ("uniform", "majority")
+EVAL_PROTOCOLS = ("voxels", "points")
 
 
 @dataclass
@@ -107,6 +129,9 @@ class Augmentation:
     color_auto_contrast: float = 0.2
     color_translation: float = 0.1
     color_jitter: float = 0.05
+    dropout: float = 0.2
+    clip_bound: float | None = None
+    clip_translation: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
@@ -119,6 +144,15 @@ class Augmentation:
         if not 0 <= self.color_auto_contrast <= 1:
             raise ValueError(f"color_auto_contrast is a probability in [0, 1], got "
                              f"{self.color_auto_contrast}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout}")
+        if self.clip_bound is not None and not self.clip_bound > 0:
+            raise ValueError(f"clip_bound is the crop's half size in metres (> 0) or None, got "
+                             f"{self.clip_bound}")
+        if len(self.clip_translation) != 2 or not all(0 <= r <= 0.5
+                                                      for r in self.clip_translation):
+            raise ValueError(f"clip_translation must be (horizontal, vertical) ratios in [0, 0.5],"
+                             f" got {self.clip_translation}")
         if self.rotation_deg < 0 or self.tilt_deg < 0 or self.color_translation < 0 \
                 or self.color_jitter < 0:
             raise ValueError("rotation_deg, tilt_deg, color_translation and color_jitter must "
@@ -128,7 +162,8 @@ class Augmentation:
     def none(cls) -> "Augmentation":
         """Every augmentation off (evaluation, tests)."""
         return cls(rotation_deg=0.0, tilt_deg=0.0, scale=(1.0, 1.0), flip=False, elastic=(),
-                   color_auto_contrast=0.0, color_translation=0.0, color_jitter=0.0)
+                   color_auto_contrast=0.0, color_translation=0.0, color_jitter=0.0,
+                   dropout=0.0, clip_bound=None)
 
 
 def rotation_matrix(angle: float, axis: int = 2) -> np.ndarray:
@@ -160,15 +195,65 @@ def elastic_distortion(points: np.ndarray, rng: np.random.Generator, granularity
     return points + (interp(points) * magnitude).astype(points.dtype)
 
 
-def augment(points: np.ndarray, colors: np.ndarray, aug: Augmentation,
-            rng: np.random.Generator, up_axis: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Apply ``aug`` to points (N, 3) float32 and colours (N, 3); returns (points float32,
-    colours float32 in [0, 255])."""
+def crop_mask(points: np.ndarray, half_size: float, shift_ratio) -> np.ndarray:
+    """(N,) bool: the points (N, 3) inside the cube [c - h, c + h) per axis, h = ``half_size``,
+    c = bounding-box centre + ``shift_ratio`` (3,) x bounding-box size (float64, as CSC's
+    ``Voxelizer.clip``)."""
+    p = np.asarray(points)
+    lo, hi = p.min(0).astype(np.float64), p.max(0).astype(np.float64)
+    size = hi - lo
+    centre = lo + size * 0.5 + np.multiply(np.asarray(shift_ratio, np.float64), size)
+    return ((p >= centre - half_size) & (p < centre + half_size)).all(1)
+
+
+def prevoxel_index(points: np.ndarray, size: float) -> np.ndarray:
+    """(M,) int64 index of the first point of each occupied cell of edge ``size`` metres, in
+    input order (CSC's prevoxelisation keeps one point per cell)."""
+    from mink_ssl.sparse import quantize
+
+    return np.sort(quantize(points, size).index.numpy())
+
+
+def voxel_dropout(num_voxels: int, p: float, rng: np.random.Generator) -> np.ndarray | None:
+    """CSC's ``RandomDropout(p)``: with probability ``p`` the sorted indices of a random
+    ``int(M (1 - p))`` of ``num_voxels`` = M voxels, else None (all kept)."""
+    if p and rng.random() < p:
+        return np.sort(rng.choice(num_voxels, int(num_voxels * (1 - p)), replace=False))
+    return None
+
+
+def augment_scene(points: np.ndarray, colors: np.ndarray, labels: np.ndarray, aug: Augmentation,
+                  rng: np.random.Generator, up_axis: int = 2
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Augmentations 1-7 of ``aug`` (the crop included) on points (N, 3), colours (N, 3) and
+    labels (N,); returns (points float32, colours float32 in [0, 255], labels) of the kept
+    points."""
     p = np.asarray(points, np.float32)
-    col = np.asarray(colors, np.float32).copy()
     if aug.elastic and rng.random() < 0.95:
         for granularity, magnitude in aug.elastic:
             p = elastic_distortion(p, rng, granularity, magnitude)
+    if aug.clip_bound is not None:
+        h, v = aug.clip_translation
+        bound = np.where(np.arange(3) == up_axis, v, h)  # (3,) ratio per axis
+        keep = crop_mask(p, aug.clip_bound, rng.uniform(-bound, bound))
+        if keep.any():
+            p, colors, labels = p[keep], colors[keep], labels[keep]
+    p, col = _transform(p, colors, aug, rng, up_axis)
+    return p, col, labels
+
+
+def augment(points: np.ndarray, colors: np.ndarray, aug: Augmentation,
+            rng: np.random.Generator, up_axis: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Apply augmentations 1-7 of ``aug`` to points (N, 3) and colours (N, 3); returns (points
+    float32, colours float32 in [0, 255]) (fewer points with a crop)."""
+    p, col, _ = augment_scene(points, colors, np.zeros(len(points), np.int64), aug, rng, up_axis)
+    return p, col
+
+
+def _transform(p: np.ndarray, colors: np.ndarray, aug: Augmentation, rng: np.random.Generator,
+               up_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Augmentations 2-7 (rotation, scale, flips, colours)."""
+    col = np.asarray(colors, np.float32).copy()
     horizontal = [a for a in range(3) if a != up_axis]
     R = rotation_matrix(np.deg2rad(rng.uniform(-aug.rotation_deg, aug.rotation_deg)), up_axis)
     for a in horizontal:
@@ -195,10 +280,22 @@ def augment(points: np.ndarray, colors: np.ndarray, aug: Augmentation,
 
 
 def voxel_labels(inverse: torch.Tensor, labels: torch.Tensor, num_voxels: int,
-                 num_classes: int) -> torch.Tensor:
-    """(M,) int64 majority label of each voxel's labelled points (-1 where none is labelled;
-    ties go to the smaller class index). ``inverse`` (N,) voxel of each point, ``labels`` (N,)."""
+                 num_classes: int, rule: str = "uniform") -> torch.Tensor:
+    """(M,) int64 label of each voxel. ``inverse`` (N,) voxel of each point, ``labels`` (N,).
+
+    ``uniform`` (the reference): the label all the voxel's points share, -1 where any two differ
+    (-1 counting as a label); ``majority``: the majority label of the voxel's labelled points (-1
+    where none is labelled; ties go to the smaller class index)."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label rule must be one of {LABEL_RULES}, got {rule!r}")
     labels = labels.long()
+    if rule == "uniform":
+        inverse = inverse.to(labels.device)
+        lo = torch.full((num_voxels,), num_classes, dtype=torch.int64, device=labels.device)
+        hi = torch.full((num_voxels,), -1, dtype=torch.int64, device=labels.device)
+        lo = lo.scatter_reduce(0, inverse, labels, reduce="amin")  # (M,)
+        hi = hi.scatter_reduce(0, inverse, labels, reduce="amax")
+        return torch.where(lo == hi, lo, torch.full_like(lo, -1))
     keep = labels >= 0
     counts = torch.zeros(num_voxels * num_classes, dtype=torch.int32, device=labels.device)
     counts.index_add_(0, inverse[keep] * num_classes + labels[keep],
@@ -262,12 +359,20 @@ class SegmentationDataset(Dataset):
         labelled_points: keep this many random labelled points per scene (None: all).
         label_seed: seed of both limited-label selections (fixed for the run).
         seed: base seed of the augmentations.
+        prevoxel_size: metres; thin every scene to one point per cell of this size first (CSC's
+            Synthia: 0.075); None: off.
+        eval_clip_bound: metres; the ``voxels`` evaluation keeps the points within this half
+            size of the bounding-box centre (CSC's Synthia: 25); None: all.
+        label_rule: voxel labels, ``uniform`` (the reference) or ``majority``
+            (:func:`voxel_labels`).
     """
 
     def __init__(self, root: str | Path, split: str = "train", *, voxel_size: float | None = None,
                  features: str = "rgb", augmentation: Augmentation | None = None,
                  up_axis: str = "z", scene_fraction: float = 1.0,
-                 labelled_points: int | None = None, label_seed: int = 0, seed: int = 0):
+                 labelled_points: int | None = None, label_seed: int = 0, seed: int = 0,
+                 prevoxel_size: float | None = None, eval_clip_bound: float | None = None,
+                 label_rule: str = "uniform"):
         if features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
         if up_axis not in UP_AXES:
@@ -292,6 +397,13 @@ class SegmentationDataset(Dataset):
         self.up_axis = UP_AXES[up_axis]
         self.scene_fraction, self.labelled_points = scene_fraction, labelled_points
         self.label_seed, self.seed = label_seed, seed
+        for key, value in (("prevoxel_size", prevoxel_size), ("eval_clip_bound", eval_clip_bound)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{key} must be positive metres or None (off), got {value!r}")
+        if label_rule not in LABEL_RULES:
+            raise ValueError(f"label_rule must be one of {LABEL_RULES}, got {label_rule!r}")
+        self.prevoxel_size, self.eval_clip_bound = prevoxel_size, eval_clip_bound
+        self.label_rule = label_rule
         self.scenes = select_scenes(splits[split], scene_fraction, label_seed)
 
     @property
@@ -351,23 +463,54 @@ class SegmentationDataset(Dataset):
         name = self.scenes[index]
         points, colors, labels = self.load(name)
         labels = self.training_labels(name, labels)
+        points, colors, labels = self._prevoxelise(points, colors, labels)
+        rng = None  # training (augmented) samples only
         if self.augmentation is not None:
             rng = np.random.default_rng([self.seed, epoch, index])
-            points, colors = augment(points, colors, self.augmentation, rng, self.up_axis)
+            points, colors, labels = augment_scene(points, colors, labels, self.augmentation,
+                                                   rng, self.up_axis)
         q = quantize(points, self.voxel_size)
-        first = q.index.numpy()  # (M,) first point of each voxel
-        feats = input_features(colors[first], self.in_channels, len(first))
+        first, coords = q.index.numpy(), q.coords  # (M,) first point of each voxel, (M, 3)
         vlabels = voxel_labels(q.inverse, torch.from_numpy(labels), len(q.coords),
-                               self.num_classes)
-        return SegSample(coords=q.coords, feats=feats, labels=vlabels, name=name)
+                               self.num_classes, self.label_rule)
+        if rng is not None:  # augmentation 8, dropout of voxels
+            kept = voxel_dropout(len(first), self.augmentation.dropout, rng)
+            if kept is not None:
+                t = torch.from_numpy(kept)
+                first, coords, vlabels = first[kept], coords[t], vlabels[t]
+        feats = input_features(colors[first], self.in_channels, len(first))
+        return SegSample(coords=coords, feats=feats, labels=vlabels, name=name)
 
-    def scenes_for_eval(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-        """(name, points, colours, full labels) of every scene, unaugmented."""
+    def _prevoxelise(self, points, colors, labels):
+        if self.prevoxel_size is None:
+            return points, colors, labels
+        keep = prevoxel_index(points, self.prevoxel_size)
+        return points[keep], colors[keep], labels[keep]
+
+    def eval_scene(self, name: str, protocol: str = "voxels"
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A scene's (points, colours, full labels) for evaluation: as they are (``points``), or
+        after ``prevoxel_size`` and the ``eval_clip_bound`` crop (``voxels``, the reference)."""
+        if protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"eval protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
+        points, colors, labels = self.load(name)
+        if protocol == "points":
+            return points, colors, labels
+        points, colors, labels = self._prevoxelise(points, colors, labels)
+        if self.eval_clip_bound is not None:
+            keep = crop_mask(points, self.eval_clip_bound, np.zeros(3))
+            points, colors, labels = points[keep], colors[keep], labels[keep]
+        return points, colors, labels
+
+    def scenes_for_eval(self, protocol: str = "points"
+                        ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """(name, points, colours, full labels) of every scene, unaugmented (:meth:`eval_scene`)."""
         for name in self.scenes:
-            yield (name, *self.load(name))
+            yield (name, *self.eval_scene(name, protocol))
 
 
 __all__ = [
-    "SegBatch", "SegSample", "SegmentationDataset", "Augmentation", "augment",
-    "collate_segmentation", "elastic_distortion", "limit_labels", "read_seg_manifest",
-    "rotation_matrix", "select_scenes", "voxel_labels"]
+    "EVAL_PROTOCOLS", "LABEL_RULES", "SegBatch", "SegSample", "SegmentationDataset",
+    "Augmentation", "augment", "augment_scene", "collate_segmentation", "crop_mask",
+    "elastic_distortion", "limit_labels", "prevoxel_index", "read_seg_manifest",
+    "rotation_matrix", "select_scenes", "voxel_dropout", "voxel_labels"]

@@ -57,6 +57,10 @@ class AugmentConfig:
     color_auto_contrast: float = 0.2  # probability
     color_translation: float = 0.1  # ratio of 255
     color_jitter: float = 0.05  # std, ratio of 255
+    dropout: float = 0.2  # CSC RandomDropout: with this probability keep int(M (1 - p)) voxels
+    clip_bound: Optional[float] = None  # metres, half size of the training crop (S3DIS 4)
+    clip_translation: list = field(default_factory=lambda: [0.0, 0.0])  # crop centre shift
+    #   ratios of the scene's extent (horizontal, vertical): S3DIS [0.2, 0.05], Synthia [0.1, 0]
 
 
 @dataclass
@@ -73,6 +77,9 @@ class SegDataConfig:
     labelled_points: Optional[int] = None  # limited labels: N random labelled points per scene
     label_seed: int = 0  # seed of both limited-label selections
     num_workers: Any = "auto"  # loader processes per rank; auto: free cores - 1, at most 8
+    prevoxel_size: Optional[float] = None  # metres, thin scenes first (Synthia 0.075); all splits
+    eval_clip_bound: Optional[float] = None  # metres, voxels evaluation crop (Synthia 25)
+    label_rule: str = "uniform"  # voxel labels: uniform (mixed voxels ignored) | majority
 
 
 @dataclass
@@ -94,6 +101,7 @@ class SegEvalConfig:
     rotations: int = 1  # final evaluation: average logits over this many rotations (TTA)
     ply_scenes: int = 2  # final evaluation: PLY files of predictions for the first k scenes
     keep_best: bool = True  # best/model.pth: the model of the best periodic evaluation (mIoU)
+    protocol: str = "voxels"  # voxels (the reference: one vote per voxel) | points
 
 
 @dataclass
@@ -131,12 +139,15 @@ def build_seg_dataset(cfg: SegDataConfig, split: str, *, train: bool, seed: int)
                            scale=tuple(a.scale), flip=a.flip,
                            elastic=tuple(tuple(e) for e in a.elastic),
                            color_auto_contrast=a.color_auto_contrast,
-                           color_translation=a.color_translation, color_jitter=a.color_jitter)
+                           color_translation=a.color_translation, color_jitter=a.color_jitter,
+                           dropout=a.dropout, clip_bound=a.clip_bound,
+                           clip_translation=tuple(a.clip_translation))
     return SegmentationDataset(
         cfg.root, split, voxel_size=cfg.voxel_size, features=cfg.features, augmentation=aug,
         up_axis=cfg.up_axis, scene_fraction=cfg.scene_fraction if train else 1.0,
         labelled_points=cfg.labelled_points if train else None, label_seed=cfg.label_seed,
-        seed=seed)
+        seed=seed, prevoxel_size=cfg.prevoxel_size, eval_clip_bound=cfg.eval_clip_bound,
+        label_rule=cfg.label_rule)
 
 
 def build_seg_model(cfg: ModelConfig, in_channels: int, num_classes: int):
@@ -261,12 +272,14 @@ def final_evaluation(model: nn.Module, eval_set, cfg: FinetuneSegConfig, out_dir
     from mink_ssl.eval.segmentation import evaluate_scenes, write_results
 
     e = cfg.eval
-    metrics = evaluate_scenes(model, eval_set.scenes_for_eval(), eval_set.classes,
+    metrics = evaluate_scenes(model, eval_set.scenes_for_eval(e.protocol), eval_set.classes,
                               eval_set.voxel_size, eval_set.in_channels, rotations=e.rotations,
                               up_axis=eval_set.up_axis, device=device,
-                              ply_dir=out_dir / "predictions", ply_scenes=e.ply_scenes)
+                              ply_dir=out_dir / "predictions", ply_scenes=e.ply_scenes,
+                              protocol=e.protocol, label_rule=eval_set.label_rule)
     extra = {"split": cfg.data.eval_split, "scenes": len(eval_set), **extra,
-             "rotations": e.rotations, "voxel_size": eval_set.voxel_size}
+             "rotations": e.rotations, "voxel_size": eval_set.voxel_size,
+             "protocol": e.protocol}
     title = f"{eval_set.manifest.get('benchmark', 'segmentation')} {cfg.data.eval_split}"
     write_results(out_dir, metrics, title=title, extra=extra)
     print_fn(f"finetune-seg: {cfg.data.eval_split} mIoU {100 * metrics.miou:.1f}, mAcc "
@@ -399,9 +412,10 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         eval_hook = None
         if eval_set is not None:
             def summary() -> dict[str, float]:  # periodic: one rotation, no PLY files
-                m = evaluate_scenes(model, eval_set.scenes_for_eval(), classes,
-                                    eval_set.voxel_size, eval_set.in_channels,
-                                    up_axis=eval_set.up_axis, device=device)
+                m = evaluate_scenes(model, eval_set.scenes_for_eval(cfg.eval.protocol),
+                                    classes, eval_set.voxel_size, eval_set.in_channels,
+                                    up_axis=eval_set.up_axis, device=device,
+                                    protocol=cfg.eval.protocol, label_rule=eval_set.label_rule)
                 return {"mIoU": m.miou, "mAcc": m.macc, "oAcc": m.oacc}
 
             eval_hook = EvalHook(summary, cfg.eval.every, out_dir, info.is_main, print_fn,

@@ -1,6 +1,6 @@
-"""Semantic segmentation evaluation: confusion matrix and metrics, predictions on the original
-points (voxel logits mapped back through the quantisation's inverse map, optionally averaged
-over rotations about gravity), and the run's products: a results table (Markdown + JSON), a
+"""Semantic segmentation evaluation: confusion matrix and metrics, predictions on voxels or on
+the original points (voxel logits mapped back through the quantisation's inverse map, optionally
+averaged over rotations about gravity), and the run's products: a results table (Markdown + JSON), a
 per-class IoU bar plot (PNG) and PLY files of predictions.
 
 Metrics follow the ScanNet / S3DIS benchmark conventions. The confusion matrix ``cm`` has ground
@@ -17,6 +17,19 @@ TP_c:
     oAcc  = sum_c TP_c / evaluated points
 
 Undefined per-class values are NaN in tensors and ``null`` in JSON ("n/a" in the table).
+
+Two protocols (``evaluate_scenes(protocol=...)``):
+
+- ``voxels`` (the reference, CSC / PointContrast ``lib/test.py``): every voxel of the evaluation
+  voxelisation counts once. The voxels are CSC's test-time ``Voxelizer`` grid, ``floor(p x
+  (1 / voxel_size))`` in float64 on the unmoved points; a voxel's label follows the dataset's
+  rule (the reference: the label its points share, ignored where they differ, see
+  :func:`mink_ssl.data.segmentation.voxel_labels`); its prediction is the network's output
+  there. The scenes come thinned and cropped as the reference's test split
+  (``SegmentationDataset.eval_scene``: Synthia's 7.5 cm prevoxelisation and 25 m crop).
+- ``points`` (an option): every original point counts once, with its voxel's prediction (all
+  points of a scene, none cropped): closer to the benchmarks' point-level scoring, and it
+  weighs dense regions as the annotation does rather than one vote per voxel.
 """
 from __future__ import annotations
 
@@ -280,13 +293,63 @@ def write_results(out_dir: str | os.PathLike, metrics: SegMetrics, *, title: str
     return paths
 
 
+def reference_voxels(points: np.ndarray, voxel_size: float):
+    """The reference's evaluation voxels of points (N, 3): unique cells of
+    ``floor(p x (1 / voxel_size))`` computed in float64 (CSC's ``Voxelizer`` without
+    augmentation), as a :class:`mink_ssl.sparse.Quantization` (first point, inverse map)."""
+    from mink_ssl.sparse import unique_voxels
+
+    cells = np.floor(np.asarray(points, np.float64) * (1.0 / voxel_size))  # (N, 3)
+    return unique_voxels(torch.from_numpy(cells.astype(np.int64)))
+
+
+@torch.no_grad()
+def predict_voxels(model: torch.nn.Module, points: np.ndarray, colors: np.ndarray | None,
+                   voxel_size: float, in_channels, *, angles: Sequence[float] = (0.0,),
+                   up_axis: int = 2, device: torch.device | str = "cpu"):
+    """(voxels, logits (M, C)) on the :func:`reference_voxels` of ``points``: at angle 0 the
+    network's output on those voxels (input feature: the first point's colour), at any other
+    angle that of their first point in :func:`predict_points`' rotated voxelisation; averaged
+    over ``angles``."""
+    from mink_ssl.sparse import batched_coordinates, sparse_tensor
+
+    q = reference_voxels(points, voxel_size)
+    index = q.index.numpy()  # (M,) first point of each voxel
+    total = None
+    for angle in angles:
+        if angle == 0:
+            picked = None if colors is None else colors[index]
+            if isinstance(in_channels, str):  # a feature mode of mink_ssl.data.features
+                from mink_ssl.data.features import make_features
+
+                feats = make_features(in_channels, picked, len(index))
+            else:
+                feats = input_features(picked, in_channels, len(index))
+            coords = q.coords - q.coords.amin(0)  # as CSC: shifted to the origin (integers)
+            x = sparse_tensor(batched_coordinates([coords]), feats, device=device)
+            logits = model(x).F.float()  # (M, C)
+        else:
+            logits = predict_points(model, points, colors, voxel_size, in_channels,
+                                    angles=[angle], up_axis=up_axis, device=device)[
+                q.index.to(device)]
+        total = logits if total is None else total + logits.to(total.device)
+    return q, total / len(angles)
+
+
 def evaluate_scenes(model: torch.nn.Module, scenes: Iterable, classes: Sequence[str],
                     voxel_size: float, in_channels: int, *, rotations: int = 1,
                     up_axis: int = 2, device: torch.device | str = "cpu",
-                    ply_dir: Path | None = None, ply_scenes: int = 0) -> SegMetrics:
-    """Evaluate on original points of ``scenes``: (name, points (N, 3), colors (N, 3) uint8,
-    labels (N,) int in [0, C) or -1) tuples; PLY files of the first ``ply_scenes`` go to
+                    ply_dir: Path | None = None, ply_scenes: int = 0,
+                    protocol: str = "points", label_rule: str = "uniform") -> SegMetrics:
+    """Evaluate on ``scenes``: (name, points (N, 3), colors (N, 3) uint8, labels (N,) int in
+    [0, C) or -1) tuples, per original point (``protocol="points"``) or per voxel
+    (``"voxels"``, the reference; voxel labels by ``label_rule``), see the module docstring;
+    PLY files of the first ``ply_scenes`` (points, or each voxel's first point) go to
     ``ply_dir`` as ``<name with / -> __>.ply``."""
+    from mink_ssl.data.segmentation import EVAL_PROTOCOLS, voxel_labels
+
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"eval protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
     C = len(classes)
     cm = torch.zeros(C, C, dtype=torch.int64)
     angles = tta_angles(rotations)
@@ -294,8 +357,15 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Iterable, classes: Sequence[
     model.eval()
     try:
         for k, (name, points, colors, labels) in enumerate(scenes):
-            logits = predict_points(model, points, colors, voxel_size, in_channels,
-                                    angles=angles, up_axis=up_axis, device=device)
+            if protocol == "voxels":
+                q, logits = predict_voxels(model, points, colors, voxel_size, in_channels,
+                                           angles=angles, up_axis=up_axis, device=device)
+                labels = voxel_labels(q.inverse, torch.as_tensor(labels), len(q.index), C,
+                                      label_rule).numpy()
+                points = np.asarray(points)[q.index.numpy()]
+            else:
+                logits = predict_points(model, points, colors, voxel_size, in_channels,
+                                        angles=angles, up_axis=up_axis, device=device)
             if logits.shape[1] != C:
                 raise ValueError(f"the model predicts {logits.shape[1]} classes but the data "
                                  f"has {C} ({list(classes)})")
