@@ -232,6 +232,7 @@ def table(res: dict) -> str:
                      f"{p['bare_ms']['median']:.1f} ms (IQR {p['bare_ms']['iqr']:.1f}), full/bare "
                      f"{rt['median']:.3f} (IQR {rt['iqr']:.3f}), {p['steps_per_s']:.2f} steps/s"
                      + (f", peak {p['peak_mem_mb']:.0f} MB" if p.get("peak_mem_mb") else ""))
+        lines.append(f"    {p['verdict']}")
     elif p:
         lines.append(f"  FAIL speed pretrain step: {p.get('error')}")
     s = res["speed"].get("segmentation_step", {})

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
-import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _timing import alternate, paired_ratio, ratio_verdict, summary, sync  # noqa: E402
 
 FRAME_SIZE = (60, 80)  # frames for the rendering objective
 # CUDA vs CPU: relative L2 error of features and of every parameter gradient (float32 sums in
@@ -29,11 +32,6 @@ class Sizes:
     batch: int = 8  # pairs in the speed batch
     repeats: int = 7  # alternated full/bare rounds
     check_pairs: int = 2  # pairs in the correctness batch
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def dataset(root: Path, sizes: Sizes, frames: bool = False):
@@ -221,11 +219,6 @@ def check_distributed(root: Path, dev: torch.device, sizes: Sizes) -> dict:
             "loss_sum": outs[0]["loss_sum"]}
 
 
-def _stats(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "iqr": q[2] - q[0], "n": len(xs)}
-
-
 def speed_pretrain(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     """Pretraining steps/s of the backbone at ``sizes`` (hardest contrastive, SGD): the full
     step (objective + backward + optimizer) and the bare forward+backward of both views, on the
@@ -260,33 +253,16 @@ def speed_pretrain(root: Path, dev: torch.device, sizes: Sizes) -> dict:
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
         peak = None
-    ratios = [f / b for f, b in zip(times["full"], times["bare"])]
-    s_full, s_bare, s_ratio = _stats(times["full"]), _stats(times["bare"]), _stats(ratios)
+    s_full, s_bare = summary(times["full"]), summary(times["bare"])
+    s_ratio = paired_ratio(times["full"], times["bare"])
     return {"pairs": len(batch), "voxels": sum(len(v.coords) for v in batch.views),
             "full_ms": _ms(s_full), "bare_ms": _ms(s_bare), "ratio_full_over_bare": s_ratio,
-            "steps_per_s": 1.0 / s_full["median"], "peak_mem_mb": peak}
+            "verdict": ratio_verdict(s_ratio), "steps_per_s": 1.0 / s_full["median"],
+            "peak_mem_mb": peak}
 
 
 def _ms(s: dict) -> dict:
     return {"median": s["median"] * 1e3, "iqr": s["iqr"] * 1e3, "n": s["n"]}
-
-
-def alternate(fns: dict, dev: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Time each callable ``repeats`` times, interleaved (a, b, b, a, a, b, ...) so that drift of
-    the machine's speed hits all alike; seconds per call, in round order."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            sync(dev)
-            t0 = time.perf_counter()
-            fns[n]()
-            sync(dev)
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def speed_segmentation(root: Path, dev: torch.device, sizes: Sizes) -> dict:
@@ -315,7 +291,7 @@ def speed_segmentation(root: Path, dev: torch.device, sizes: Sizes) -> dict:
         opt.step()
 
     t = alternate({"step": step}, dev, max(3, sizes.repeats // 2))["step"]
-    return {"voxels": len(v.coords), "step_ms": _ms(_stats(t))}
+    return {"voxels": len(v.coords), "step_ms": _ms(summary(t))}
 
 
 CHECKS = {"forward_backward": check_forward_backward, "objectives": check_objectives,
