@@ -2,6 +2,7 @@
 
     mink-ssl-prep scannet --raw scans/ --out data/scannet_pairs [--frame-skip 25]
                           [--min-overlap 0.3] [--workers N] [--scenes scene0000_00 ...]
+                          [--invalid-depth 65535] [--verify-pairs 32]
     mink-ssl-prep s3dis --raw Stanford3dDataset_v1.2_Aligned_Version --out data/s3dis
                         [--test-area 5] [--stairs ignore|clutter] [--no-room-check]
     mink-ssl-prep synthia --raw Synthia4D --out data/synthia [--keep-axes]
@@ -23,9 +24,12 @@ def _scannet(args) -> int:
     from data_prep.scannet.prep import PrepParams, run
 
     params = PrepParams(frame_skip=args.frame_skip, min_overlap=args.min_overlap,
-                        max_depth=args.max_depth, min_points=args.min_points)
+                        max_depth=args.max_depth, min_points=args.min_points,
+                        invalid_depth=args.invalid_depth)
     manifest = run(args.raw, args.out, params, workers=args.workers, scenes=args.scenes,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, verify_pairs=args.verify_pairs)
+    if manifest["failed_scenes"]:  # a self-check disagreement is a bug: never a quiet success
+        return 1
     return 0 if manifest["counts"]["scenes_done"] else 1
 
 
@@ -178,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore depth beyond this many metres (default: keep all, as the original)")
     s.add_argument("--min-points", type=int, default=1000,
                    help="skip frames with fewer valid depth points (default 1000)")
+    s.add_argument("--invalid-depth", type=int, default=None, metavar="VALUE",
+                   help="raw depth value that also marks an invalid pixel besides 0, e.g. 65535 "
+                   "for 7-Scenes-style exports (default: only 0, as the original pipeline)")
+    s.add_argument("--verify-pairs", type=int, default=32, metavar="N",
+                   help="per scene, recompute N sampled pairs by the overlap's definition and "
+                   "fail the scene on any disagreement (default 32; 0 turns the check off)")
     s.add_argument("--workers", type=int, default=1, help="parallel scene workers (default 1)")
     s.add_argument("--scenes", nargs="+", default=None, help="only these scene names")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -61,6 +61,7 @@ def _stencil(k: int) -> np.ndarray:
 _NEAR = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
 FINE_DIVISIONS = 4  # fine cells of edge r/4; the sure stencil has 57 cells
 _SURE = _stencil(FINE_DIVISIONS)
+_MAX_DENSE_CELLS = 1 << 26  # up to this a cell set is a bitmap over the keys (64 MB)
 _MAX_KEY = 1 << 62  # packed int64 cell keys (plus stencil offsets) stay below 2^63
 
 
@@ -70,9 +71,10 @@ class OverlapExtentError(ValueError):
 
 class _Grid:
     """Cells of one edge length over all clouds: int64 keys packed from the (x, y, z) cell
-    indices, renumbered ``0..U-1`` over the *occupied* cells, with a membership set over those
-    ids that is a reusable bitmap (reset cell by cell, never cleared wholesale). Its size is at
-    most the number of points however far the scene extends."""
+    indices, also renumbered ``0..U-1`` over the *occupied* cells, and one reusable membership
+    set (reset cell by cell, never cleared wholesale): a bitmap over the keys when the grid is
+    small enough (no lookups), else a bitmap over the occupied ids, whose size is at most the
+    number of points however far the scene extends (outliers at 65 m)."""
 
     def __init__(self, points: np.ndarray, edge: float, reach: int):
         cells = np.floor(points / edge).astype(np.int64)  # (P, 3) int64
@@ -87,11 +89,12 @@ class _Grid:
                 f"(2^62); a frame has an absurd pose or far outlier points (drop them with "
                 f"--max-depth or --invalid-depth, or use a larger voxel size)")
         c = cells - lo  # (P, 3) int64, >= 0
-        keys = (c[:, 0] * self.ext[1] + c[:, 1]) * self.ext[2] + c[:, 2]  # (P,) int64
-        self.cells, self.id = np.unique(keys, return_inverse=True)  # (U,) sorted, (P,) int64
+        self.keys = (c[:, 0] * self.ext[1] + c[:, 1]) * self.ext[2] + c[:, 2]  # (P,) int64
+        self.cells, self.id = np.unique(self.keys, return_inverse=True)  # (U,) sorted, (P,)
         self.id = self.id.astype(np.int64).reshape(-1)
-        self._bitmap = np.zeros(len(self.cells), bool)
-        self._set = np.zeros(0, np.int64)
+        self._by_key = np.zeros(size, bool) if size <= _MAX_DENSE_CELLS else None
+        self._by_id = np.zeros(len(self.cells), bool)
+        self._marked_keys = self._marked_ids = np.zeros(0, np.int64)
 
     def offsets(self, stencil: np.ndarray) -> np.ndarray:
         """(S,) int64 key offsets of a stencil of cell offsets (S, 3)."""
@@ -103,16 +106,31 @@ class _Grid:
         pos = np.minimum(np.searchsorted(self.cells, keys), len(self.cells) - 1)
         return pos[self.cells[pos] == keys]
 
-    def fill(self, ids: np.ndarray) -> None:
-        self._bitmap[ids] = True
-        self._set = ids
+    def mark_ids(self, ids: np.ndarray) -> None:
+        """Mark occupied cells by id."""
+        self._by_id[ids] = True
+        self._marked_ids = ids
 
-    def contains(self, ids: np.ndarray) -> np.ndarray:
-        return self._bitmap[ids]
+    def mark_keys(self, keys: np.ndarray) -> None:
+        """Mark cells by key, occupied or not."""
+        if self._by_key is None:
+            self.mark_ids(self.occupied(keys))
+        else:
+            self._by_key[keys] = True
+            self._marked_keys = keys
+
+    def holds(self, rows: np.ndarray) -> np.ndarray:
+        """(R,) bool: does each point (row of the concatenated clouds) lie in a marked cell?"""
+        inside = self._by_id[self.id[rows]]
+        if len(self._marked_keys):
+            inside |= self._by_key[self.keys[rows]]
+        return inside
 
     def clear(self) -> None:
-        self._bitmap[self._set] = False
-        self._set = np.zeros(0, np.int64)
+        self._by_id[self._marked_ids] = False
+        if self._by_key is not None:
+            self._by_key[self._marked_keys] = False
+        self._marked_keys = self._marked_ids = np.zeros(0, np.int64)
 
 
 def _unique(x: np.ndarray) -> np.ndarray:
@@ -188,13 +206,12 @@ def overlap_matrix(clouds: list[np.ndarray], radius: float = VOXEL_SIZE * RADIUS
         rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in partners])
         own = slice(starts[j], starts[j + 1])
         # 1. can match at all: in the 27-neighbourhood of a cell of j
-        coarse.fill(dil[dil_bounds[j]:dil_bounds[j + 1]] - j * U)
-        rows = rows[coarse.contains(coarse.id[rows])]
+        coarse.mark_ids(dil[dil_bounds[j]:dil_bounds[j + 1]] - j * U)
+        rows = rows[coarse.holds(rows)]
         coarse.clear()
         # 2. matches for sure: a fine cell of j in the sure stencil of the point's fine cell
-        own_cells = fine.cells[_unique(fine.id[own])]  # (Cj,) int64 keys
-        fine.fill(fine.occupied((own_cells[:, None] + sure_shift).ravel()))
-        sure = fine.contains(fine.id[rows])
+        fine.mark_keys((_unique(fine.keys[own])[:, None] + sure_shift).ravel())
+        sure = fine.holds(rows)
         fine.clear()
         directional[:, j] += np.bincount(owner[rows[sure]], minlength=F)
         # 3. exact answer for the rest
@@ -238,8 +255,7 @@ class SelfCheck:
     def summary(self) -> dict:
         return {"pairs_checked": self.pairs_checked, "max_abs_diff": self.max_abs_diff,
                 "worst_pair": list(self.worst_pair), "fast": list(self.fast),
-                "direct": list(self.direct), "groups": self.groups,
-                "seconds": round(self.seconds, 3)}
+                "direct": list(self.direct), "groups": self.groups}  # no time: reruns match
 
 
 def sample_pairs(clouds: list[np.ndarray], overlap: np.ndarray, n: int, min_overlap: float,

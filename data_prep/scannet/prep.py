@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +32,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data_prep.runner import check_out_vs_raw, map_scenes, prep_lock
-from data_prep.scannet.overlap import RADIUS_FACTOR, VOXEL_SIZE, overlap_matrix, voxel_downsample
+from data_prep.scannet.overlap import (RADIUS_FACTOR, SELF_CHECK_TOL, VOXEL_SIZE, overlap_matrix,
+                                       verify_overlap, voxel_downsample)
 from mink_ssl.safety import OutputError, is_output_error, output_error
 
 SCHEMA = "mink_ssl.scannet_pairs/1"
@@ -44,6 +46,20 @@ class SceneSkipped(Exception):
     """A scene that cannot be prepared; the message is the reason reported in the manifest."""
 
 
+class SelfCheckFailed(Exception):
+    """The fast overlap disagrees with the definition on a sampled pair: a bug, not bad input.
+    The scene is not written; the manifest lists it under ``failed_scenes``."""
+
+    def __init__(self, scene: str, check: dict):
+        i, j = check["worst_pair"]
+        super().__init__(
+            f"overlap self-check failed for {scene}: fragments {i} and {j} have overlap "
+            f"{check['fast']} by the fast path but {check['direct']} by the definition "
+            f"(|difference| {check['max_abs_diff']:.3g} > {SELF_CHECK_TOL:g}); the scene was not "
+            "written. This is a bug in mink-ssl: please report it with this message")
+        self.check = check
+
+
 @dataclass(frozen=True)
 class PrepParams:
     frame_skip: int = 25  # take frames whose index in the sequence is a multiple of this
@@ -53,6 +69,8 @@ class PrepParams:
     max_depth: float | None = None  # m; None keeps every valid depth (the original pipeline)
     min_points: int = 1000  # a frame with fewer valid depth points is skipped as empty
     jpeg_quality: int = 90
+    invalid_depth: int | None = None  # raw depth value marking invalid pixels besides 0 (e.g.
+    # 65535 in 7-Scenes-style exports); None treats only 0 as invalid, as the original pipeline
 
     def __post_init__(self):
         checks = [("frame_skip", self.frame_skip >= 1, "an integer >= 1"),
@@ -61,7 +79,9 @@ class PrepParams:
                   ("radius_factor", self.radius_factor > 0, "positive"),
                   ("max_depth", self.max_depth is None or self.max_depth > 0, "positive or None"),
                   ("min_points", self.min_points >= 1, "an integer >= 1"),
-                  ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "in 1..100")]
+                  ("jpeg_quality", 1 <= self.jpeg_quality <= 100, "in 1..100"),
+                  ("invalid_depth", self.invalid_depth is None
+                   or 1 <= self.invalid_depth <= 65535, "a raw uint16 depth value in 1..65535")]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
@@ -70,13 +90,14 @@ class PrepParams:
 @dataclass
 class SceneReport:
     scene: str
-    status: str  # "done" | "already done" | "skipped"
+    status: str  # "done" | "already done" | "skipped" | "failed" (self-check)
     reason: str = ""
     fragments: int = 0
     pairs: int = 0
     pairs_kept: int = 0
     skipped_frames: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
+    self_check: dict = field(default_factory=dict)  # overlap.SelfCheck.summary(); {} if off
 
 
 def open_scene(scene_dir: Path):
@@ -145,6 +166,9 @@ def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]
         except SensFormatError as e:
             skipped.setdefault(f"damaged payload: {e}", []).append(fid)
             continue
+        changed = params.invalid_depth is not None and bool((depth == params.invalid_depth).any())
+        if changed:  # a sensor's "no reading" value besides 0: stored and back-projected as 0
+            depth = np.where(depth == params.invalid_depth, np.uint16(0), depth)
         pts, _ = backproject(depth, h.intrinsic_depth, h.depth_shift, pose,
                              max_depth=params.max_depth)
         if len(pts) < params.min_points:
@@ -153,14 +177,20 @@ def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]
         same_size = (h.color_height, h.color_width) == depth.shape
         color_bytes = (frame.color_bytes if same_size and h.color_compression == "jpeg"
                        else encode_color(color, depth.shape, params.jpeg_quality))
-        depth_bytes = (frame.depth_bytes if h.depth_compression == "zlib_ushort"
+        depth_bytes = (frame.depth_bytes
+                       if h.depth_compression == "zlib_ushort" and not changed
                        else encode_depth(depth))
         writer.add(fid, pose, depth_bytes, color_bytes)
         yield voxel_downsample(pts, params.voxel_size)
 
 
-def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport:
-    """Prepare one scene atomically; returns its report (never raises for bad input data)."""
+def prepare_scene(scene_dir: Path, out: Path, params: PrepParams,
+                  verify_pairs: int = 32) -> SceneReport:
+    """Prepare one scene atomically; returns its report (never raises for bad input data).
+
+    ``verify_pairs`` sampled pairs are recomputed by the overlap's definition
+    (:func:`~data_prep.scannet.overlap.verify_overlap`); a disagreement fails the scene
+    (status "failed") instead of writing it. 0 turns the self-check off."""
     from mink_ssl.data.fragments import FragmentWriter, fragment_name
 
     scene, t0 = scene_dir.name, time.perf_counter()
@@ -191,14 +221,24 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport
         if len(clouds) < 2:
             raise SceneSkipped(f"fewer than 2 usable fragments ({len(clouds)}; skipped frames: "
                                f"{ {k: len(v) for k, v in skipped.items()} })")
-        ov = overlap_matrix(clouds, params.voxel_size * params.radius_factor).overlap
+        radius = params.voxel_size * params.radius_factor
+        result = overlap_matrix(clouds, radius)
+        ov = result.overlap
+        check = {}
+        if verify_pairs > 0:
+            seed = zlib.crc32(scene.encode())  # a fixed sample per scene, any process
+            sc = verify_overlap(clouds, result, verify_pairs, params.min_overlap, radius, seed)
+            check = sc.summary()
+            if not sc.ok():
+                raise SelfCheckFailed(scene, check)
         names = [fragment_name(scene, f) for f in frames]
         iu, ju = np.triu_indices(len(names), k=1)
         with open(tmp / "overlap.txt", "w") as f:
             f.writelines(f"{names[i]} {names[j]} {ov[i, j]:.6f}\n" for i, j in zip(iu, ju))
         report = SceneReport(scene, "done", fragments=len(names), pairs=len(iu),
                              pairs_kept=int((ov[iu, ju] >= params.min_overlap).sum()),
-                             skipped_frames=skipped, seconds=round(time.perf_counter() - t0, 3))
+                             skipped_frames=skipped, seconds=round(time.perf_counter() - t0, 3),
+                             self_check=check)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
                  if p.is_file() and p.name != MARKER}  # what "complete" means on a rerun
         with open(tmp / SCENE_FILE, "w") as f:
@@ -206,6 +246,10 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport
         _remove_ours(final)  # an incomplete scene of an earlier run (checked: ours)
         os.rename(tmp, final)
         return report
+    except SelfCheckFailed as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return SceneReport(scene, "failed", reason=str(e), skipped_frames=skipped,
+                           seconds=round(time.perf_counter() - t0, 3), self_check=e.check)
     except (SceneSkipped, OSError, ValueError, EOFError) as e:
         # bad input data (SensFormatError is a ValueError): report, skip, leave nothing behind;
         # an output-side I/O error aborts the run; anything else is a bug and propagates
@@ -221,7 +265,8 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams) -> SceneReport
 
 
 def _counts(scene_json: dict) -> dict:
-    return {k: scene_json[k] for k in ("fragments", "pairs", "pairs_kept", "skipped_frames")}
+    return {**{k: scene_json[k] for k in ("fragments", "pairs", "pairs_kept", "skipped_frames")},
+            "self_check": scene_json.get("self_check", {})}
 
 
 def complete_scene(final: Path) -> dict | None:
@@ -322,22 +367,27 @@ def list_scenes(raw: Path, scenes: Sequence[str] | None = None) -> list[Path]:
 
 def run(raw: Path, out: Path, params: PrepParams, workers: int = 1,
         scenes: Sequence[str] | None = None, progress: bool = True,
-        log: Callable[[str], None] = print) -> dict:
-    """Prepare every scene of ``raw`` into ``out``; returns the manifest (also written)."""
+        log: Callable[[str], None] = print, verify_pairs: int = 32) -> dict:
+    """Prepare every scene of ``raw`` into ``out``; returns the manifest (also written).
+    ``verify_pairs``: pairs per scene checked against the overlap's definition (0: off)."""
     import mink_ssl
     from mink_ssl.io import atomic_path
 
     raw, out = Path(raw), Path(out)
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if verify_pairs < 0:
+        raise ValueError(f"--verify-pairs must be >= 0 (0 turns the self-check off), got "
+                         f"{verify_pairs}")
     scene_dirs = list_scenes(raw, scenes)
     check_out_vs_raw([raw], out)
     with prep_lock(out, "mink-ssl-prep scannet", log):
-        return _run_locked(raw, out, params, workers, scene_dirs, progress, log)
+        return _run_locked(raw, out, params, workers, scene_dirs, progress, log, verify_pairs)
 
 
 def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
-                scene_dirs: list[Path], progress: bool, log: Callable[[str], None]) -> dict:
+                scene_dirs: list[Path], progress: bool, log: Callable[[str], None],
+                verify_pairs: int) -> dict:
     import mink_ssl
     from mink_ssl.io import atomic_path
 
@@ -346,10 +396,11 @@ def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
         _remove_ours(stale)
 
     t0 = time.perf_counter()
-    reports = _map(scene_dirs, out, params, workers, progress)
+    reports = _map(scene_dirs, out, params, workers, progress, verify_pairs)
     reports.sort(key=lambda r: r.scene)
 
-    done = [r for r in reports if r.status != "skipped"]
+    done = [r for r in reports if r.status in ("done", "already done")]
+    failed = [r for r in reports if r.status == "failed"]
     try:
         with atomic_path(out / "pairs.txt") as tmp, open(tmp, "w") as f:
             for r in done:
@@ -363,13 +414,21 @@ def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
         "params": asdict(params), "raw": str(raw.resolve()),
         "fragment_format": "mink_ssl.fragments/1", "pairs_file": "pairs.txt",
         "counts": {"scenes": len(reports), "scenes_done": len(done),
-                   "scenes_skipped": len(reports) - len(done),
+                   "scenes_skipped": sum(r.status == "skipped" for r in reports),
+                   "scenes_failed": len(failed),
                    "fragments": sum(r.fragments for r in done),
                    "pairs": sum(r.pairs for r in done),
                    "pairs_kept": sum(r.pairs_kept for r in done),
                    "frames_skipped": sum(len(v) for r in done for v in r.skipped_frames.values())},
         "scenes": {r.scene: {"fragments": r.fragments, "pairs_kept": r.pairs_kept,
-                             "skipped_frames": r.skipped_frames} for r in done},
+                             "skipped_frames": r.skipped_frames, "self_check": r.self_check}
+                   for r in done},
+        "self_check": {"pairs_per_scene": verify_pairs, "tolerance": SELF_CHECK_TOL,
+                       "pairs_checked": sum(r.self_check.get("pairs_checked", 0) for r in done),
+                       "max_abs_diff": max([r.self_check.get("max_abs_diff", 0.0)
+                                            for r in done], default=0.0)},
+        "failed_scenes": {r.scene: {"reason": r.reason, "self_check": r.self_check}
+                          for r in failed},
         "skipped_scenes": {r.scene: r.reason for r in reports if r.status == "skipped"},
     }
     try:
@@ -384,8 +443,15 @@ def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
         f"{c['fragments']} fragments, {c['pairs_kept']}/{c['pairs']} pairs >= "
         f"{params.min_overlap}, {c['frames_skipped']} frames skipped, "
         f"{time.perf_counter() - t0:.1f} s")
+    for r in done:
+        sc = r.self_check
+        log(f"  {r.scene}: {r.fragments} fragments, {r.pairs_kept}/{r.pairs} pairs kept; "
+            + (f"self-check: {sc['pairs_checked']} pairs against the definition, max |diff| "
+               f"{sc['max_abs_diff']:.1e}" if sc else "self-check off"))
     for scene, reason in manifest["skipped_scenes"].items():
         log(f"  skipped {scene}: {reason}")
+    for r in failed:
+        log(f"  FAILED {r.scene}: {r.reason}")
     for r in done:  # damaged payloads and implausible poses (lost tracking is routine)
         for reason, fids in r.skipped_frames.items():
             if reason != "non-finite pose" and not reason.startswith("fewer than"):
@@ -394,5 +460,6 @@ def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
 
 
 def _map(scene_dirs: list[Path], out: Path, params: PrepParams, workers: int,
-         progress: bool) -> list[SceneReport]:
-    return map_scenes(prepare_scene, scene_dirs, (out, params), workers, progress, "scenes")
+         progress: bool, verify_pairs: int) -> list[SceneReport]:
+    return map_scenes(prepare_scene, scene_dirs, (out, params, verify_pairs), workers, progress,
+                      "scenes")
