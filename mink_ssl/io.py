@@ -34,10 +34,25 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically; a failed write (disk full ...) is an ``OutputError`` naming
+    the file and the free space, not torch's serializer message."""
+    import shutil
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    from mink_ssl.safety import OutputError, output_error
+
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except OSError as e:
+        raise output_error(e, path, f"cannot write {path}") from None
+    except RuntimeError as e:  # torch's zip writer reports ENOSPC as "enforce fail ..."
+        free = shutil.disk_usage(Path(path).parent).free
+        raise OutputError(f"cannot write {path}: {free / 2**20:.1f} MiB free on its file "
+                          "system: is the disk full? Free space (or choose another run "
+                          "directory) and resume with resume=auto (torch's writer said: "
+                          f"{str(e).splitlines()[0][:160]})") from None
     return Path(path)
 
 

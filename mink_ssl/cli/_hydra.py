@@ -26,6 +26,27 @@ def check_group_choices(overrides: list[str], groups: tuple[str, ...],
                 raise ValueError(f"unknown {key} {name!r}; available: {', '.join(available)}")
 
 
+def _remove_if_unused(out_dir: Path) -> None:
+    """After a failed start: remove the run directory Hydra made for it if nothing but Hydra's
+    own files (``.hydra/``, the job log) is in it."""
+    import shutil
+
+    try:
+        entries = list(out_dir.iterdir())
+    except OSError:
+        return
+    hydra_only = all(p.name == ".hydra" or (p.suffix == ".log" and p.is_file()) for p in entries)
+    if hydra_only and not any(p.suffix == ".log" and p.stat().st_size for p in entries):
+        shutil.rmtree(out_dir / ".hydra", ignore_errors=True)
+        for p in entries:
+            if p.suffix == ".log":
+                p.unlink(missing_ok=True)
+        try:
+            out_dir.rmdir()
+        except OSError:
+            pass
+
+
 def register_schema(name: str, schema: type) -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -50,10 +71,30 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
     def run(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from omegaconf.errors import MissingMandatoryValue
+
+        from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
+
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        code = 0
         try:
-            task(OmegaConf.to_object(cfg), Path(HydraConfig.get().runtime.output_dir))
+            task(OmegaConf.to_object(cfg), out_dir)
+        except MissingMandatoryValue as e:  # a ??? key, e.g. data.root
+            key = getattr(e, "full_key", None) or str(e)
+            print(f"{prog}: error: {key} is not set: pass {key}=<value> on the command line",
+                  file=sys.stderr)
+            code = 2
         except INPUT_ERRORS as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            code = 2
+        except (OutputError, DirectoryLocked) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            code = 1
+        except Interrupted as e:  # SIGINT / SIGTERM: checkpoint saved at a step boundary
+            print(f"{prog}: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if code:
+            _remove_if_unused(out_dir)
+            sys.exit(code)
 
     run()

@@ -78,3 +78,5 @@ class PretrainConfig:
     log_every: int = 10
     progress: bool = True
     resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+    # resume with changed optimizer / schedule settings (recorded in config_history.json)
+    resume_override: bool = False

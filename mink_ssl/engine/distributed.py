@@ -102,16 +102,13 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, sync
         find_unused_parameters=find_unused_parameters)
 
 
-def start_run(out_dir: Path, config: dict, info: DistInfo) -> None:
-    """Rank 0 creates the run directory and writes the resolved ``config.json`` (atomically)."""
-    if info.is_main:
-        import json
+def start_run(out_dir: Path, config: dict, info: DistInfo, resume: str | None = None,
+              resume_override: bool = False, print_fn=print, what: str = "training run"):
+    """The run directory, locked (rank 0) and checked against ``config`` and ``resume``
+    (:class:`~mink_ssl.engine.rundir.RunDir`); nothing is written until ``record()``."""
+    from mink_ssl.engine.rundir import RunDir
 
-        from mink_ssl.io import atomic_path
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_dir / "config.json") as tmp:
-            tmp.write_text(json.dumps(config, indent=1))
+    return RunDir(out_dir, config, resume, resume_override, info.is_main, print_fn, what).open()
 
 
 def barrier(info: DistInfo) -> None:

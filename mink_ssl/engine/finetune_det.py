@@ -127,6 +127,8 @@ class FinetuneDetConfig:
     log_every: int = 10  # iterations
     progress: bool = True
     resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+    # resume with changed optimizer / schedule settings (recorded in config_history.json)
+    resume_override: bool = False
 
 
 # ---------------------------------------------------------------------------------- builders
@@ -320,9 +322,11 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
     if cfg.eval.nms not in NMS_MODES:
         raise ValueError(f"eval.nms must be one of {NMS_MODES}, got {cfg.eval.nms!r}")
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
+    run = None
     try:
         plain = asdict(cfg)
-        start_run(out_dir, plain, info)
+        run = start_run(out_dir, plain, info, cfg.resume, cfg.resume_override, print_fn,
+                        "finetune-det")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
         axis_aligned = cfg.head.num_heading_bins == 1
@@ -344,8 +348,9 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
         model = build_det_model(cfg.model, cfg.head, train_set.in_channels, len(classes),
                                 mean_sizes)
 
-        resume, pretrained_report = start_weights(model, cfg.resume, cfg.pretrained, out_dir,
-                                                  info.is_main, print_fn)
+        resume, ckpt = run.load_resume(partial(load_task_checkpoint, fmt=DET_CHECKPOINT_FORMAT))
+        resume, pretrained_report = start_weights(model, resume and str(resume), cfg.pretrained,
+                                                  out_dir, info.is_main, print_fn)
 
         module = DetectionModule(model).to(device)
         module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
@@ -373,11 +378,14 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
         trainer = Trainer(module, optimizer, scheduler, iter(()), max_iterations,
                           cfg.batch_size, device)
         if resume:
-            ckpt = load_task_checkpoint(Path(resume), DET_CHECKPOINT_FORMAT)
-            check_head(ckpt, trainer)
-            restore_task(ckpt, trainer)
+            def restore(ckpt_, trainer_) -> None:
+                check_head(ckpt_, trainer_)
+                restore_task(ckpt_, trainer_)
+
+            run.restore(ckpt, trainer, restore)
             if info.is_main:
                 print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
+        run.record(trainer.state.iteration, resume)  # the checks passed: config.json now
         from mink_ssl.data.detection import collate_detection
         from mink_ssl.engine.pretrain import build_loader, resolve_num_workers
 
@@ -425,7 +433,14 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
                                  save_fn=partial(save_task_checkpoint, fmt=DET_CHECKPOINT_FORMAT),
                                  export_fn=export)]
         trainer.hooks = hooks
-        trainer.train()
+        from mink_ssl.engine.rundir import stop_check
+        from mink_ssl.safety import StopSignals
+
+        with StopSignals("saving a checkpoint at the next step boundary, then stopping") as sig:
+            trainer.should_stop = stop_check(sig, info, device)
+            trainer.train()
+        if trainer.stopped:
+            raise run.interrupted(trainer, sig.signum)
 
         results: dict = {}
         if eval_set is not None and info.is_main:
@@ -444,4 +459,6 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
         barrier(info)
         return results
     finally:
+        if run is not None:
+            run.close()
         cleanup(info)

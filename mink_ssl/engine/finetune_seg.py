@@ -120,6 +120,8 @@ class FinetuneSegConfig:
     log_every: int = 10
     progress: bool = True
     resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+    # resume with changed optimizer / schedule settings (recorded in config_history.json)
+    resume_override: bool = False
     evaluate_only: Optional[str] = None  # a fine-tuned model.pth or checkpoint: evaluate it only
 
 
@@ -344,11 +346,14 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
     if cfg.evaluate_only:
         check_evaluate_only(cfg)
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
+    run = None
     try:
         plain = asdict(cfg)
-        start_run(out_dir, plain, info)
+        run = start_run(out_dir, plain, info, cfg.resume, cfg.resume_override, print_fn,
+                        "finetune-seg")
         if cfg.evaluate_only:  # rank 0 evaluates, the others wait
             results = evaluate_only(cfg, out_dir, device, print_fn) if info.is_main else {}
+            run.record()  # after the model's checks passed
             barrier(info)
             return results
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -367,8 +372,9 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         classes = train_set.classes
         model = build_seg_model(cfg.model, train_set.in_channels, len(classes))
 
-        resume, pretrained_report = start_weights(model, cfg.resume, cfg.pretrained, out_dir,
-                                                  info.is_main, print_fn)
+        resume, ckpt = run.load_resume(partial(load_task_checkpoint, fmt=SEG_CHECKPOINT_FORMAT))
+        resume, pretrained_report = start_weights(model, resume and str(resume), cfg.pretrained,
+                                                  out_dir, info.is_main, print_fn)
 
         module = SegmentationModule(model).to(device)
         module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
@@ -392,9 +398,10 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
                           cfg.batch_size, device)
         if resume:
-            restore_task(load_task_checkpoint(Path(resume), SEG_CHECKPOINT_FORMAT), trainer)
+            run.restore(ckpt, trainer, restore_task)
             if info.is_main:
                 print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
+        run.record(trainer.state.iteration, resume)  # the checks passed: config.json now
         from mink_ssl.data.segmentation import collate_segmentation
         from mink_ssl.engine.pretrain import build_loader, resolve_num_workers
 
@@ -428,7 +435,14 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
                                  save_fn=partial(save_task_checkpoint, fmt=SEG_CHECKPOINT_FORMAT),
                                  export_fn=export)]
         trainer.hooks = hooks
-        trainer.train()
+        from mink_ssl.engine.rundir import stop_check
+        from mink_ssl.safety import StopSignals
+
+        with StopSignals("saving a checkpoint at the next step boundary, then stopping") as sig:
+            trainer.should_stop = stop_check(sig, info, device)
+            trainer.train()
+        if trainer.stopped:
+            raise run.interrupted(trainer, sig.signum)
 
         results: dict = {}
         if eval_set is not None and info.is_main:
@@ -445,4 +459,6 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         barrier(info)
         return results
     finally:
+        if run is not None:
+            run.close()
         cleanup(info)

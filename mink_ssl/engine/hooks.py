@@ -34,6 +34,11 @@ class CheckpointHook(Hook):
         if self.enabled and self.every and trainer.state.iteration % self.every == 0:
             self._save(trainer)
 
+    def on_interrupt(self, trainer) -> None:
+        if self.enabled and not (self.out_dir / f"checkpoint_{trainer.state.iteration}.pth"
+                                 ).exists():
+            self._save(trainer)
+
     def after_train(self, trainer) -> None:
         if not self.enabled:
             return
@@ -86,6 +91,12 @@ class LoggingHook(Hook):
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.3g}")
+
+    def on_interrupt(self, trainer) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
 
     def after_train(self, trainer) -> None:
         if not self.enabled:

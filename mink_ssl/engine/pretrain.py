@@ -113,7 +113,11 @@ def build_loader(dataset, batch_size: int, num_workers: int, seed: int, rank: in
                                start=start)
     # its own generator: creating the iterator must not draw from the global RNG, which the
     # objectives sample from and a checkpoint restores
+    from mink_ssl.safety import ignore_stop_signals
+
+    # workers leave SIGINT / SIGTERM to the training process (it stops at a step boundary)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
                       collate_fn=collate_fn or collate_pairs, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed))
@@ -124,13 +128,20 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
     from mink_ssl.engine import checkpoint as ck
     from mink_ssl.engine.distributed import cleanup, init_distributed, start_run, wrap_ddp
     from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
+    from mink_ssl.engine.rundir import stop_check
     from mink_ssl.engine.trainer import PretrainModule, Trainer
+    from mink_ssl.safety import StopSignals
 
     out_dir = Path(out_dir)
+    if cfg.max_iterations < 1:
+        raise ValueError(f"max_iterations must be >= 1, got {cfg.max_iterations} (0 would export "
+                         "an untrained backbone)")
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
+    run = None
     try:
         plain = asdict(cfg)
-        start_run(out_dir, plain, info)
+        run = start_run(out_dir, plain, info, cfg.resume, cfg.resume_override, print_fn,
+                        "pretraining")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
         import_plugins(cfg.imports)
@@ -154,15 +165,14 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
                      f"{optimizer.param_groups[0]['lr']:g} ({scaling}), {workers} loader workers, "
                      f"device {device}, out {out_dir}")
 
-        resume = cfg.resume
-        if resume == "auto":
-            resume = ck.latest_checkpoint(out_dir)
         trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
                           cfg.batch_size, device)
+        resume, ckpt = run.load_resume(ck.load_checkpoint)
         if resume:
-            ck.restore(ck.load_checkpoint(Path(resume)), trainer)
+            run.restore(ckpt, trainer, ck.restore)
             if info.is_main:
                 print_fn(f"resumed from {resume} at iteration {trainer.state.iteration}")
+        run.record(trainer.state.iteration, resume)  # the checks passed: config.json now
         loader = build_loader(dataset, cfg.batch_size, workers, cfg.seed, info.rank,
                               info.world_size, trainer.state.samples)
         trainer.batches = iter(loader)
@@ -172,7 +182,13 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
                          LoggingHook(out_dir, cfg.log_every, info.is_main, cfg.progress, print_fn),
                          CheckpointHook(out_dir, cfg.checkpoint_every, plain,
                                         enabled=info.is_main)]
-        trainer.train()
+        with StopSignals("saving a checkpoint at the next step boundary, then stopping") as sig:
+            trainer.should_stop = stop_check(sig, info, device)
+            trainer.train()
+        if trainer.stopped:
+            raise run.interrupted(trainer, sig.signum)
         return out_dir / "backbone.pth"
     finally:
+        if run is not None:
+            run.close()
         cleanup(info)

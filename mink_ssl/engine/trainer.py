@@ -11,7 +11,7 @@ batches with ``.to(device)`` work too (fine-tuning uses it with segmentation bat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,8 @@ class Hook:
     def before_train(self, trainer: "Trainer") -> None: ...
     def after_step(self, trainer: "Trainer") -> None: ...
     def after_train(self, trainer: "Trainer") -> None: ...
+    # the run stops early at a step boundary (SIGINT / SIGTERM): keep what a resume needs
+    def on_interrupt(self, trainer: "Trainer") -> None: ...
 
 
 class Trainer:
@@ -112,6 +114,10 @@ class Trainer:
         self.batches, self.max_iterations, self.batch_size = batches, max_iterations, batch_size
         self.device, self.hooks = device, list(hooks)
         self.state = state or TrainState()
+        # asked after every step; True stops the run there (hooks' on_interrupt, not
+        # after_train) and sets ``stopped`` (see mink_ssl.engine.rundir.stop_check)
+        self.should_stop: Callable[[], bool] | None = None
+        self.stopped = False
 
     def _next_batch(self):
         while True:
@@ -151,6 +157,11 @@ class Trainer:
             self.state.iteration += 1
             for h in self.hooks:
                 h.after_step(self)
+            if self.should_stop is not None and self.should_stop():
+                self.stopped = True
+                for h in self.hooks:
+                    h.on_interrupt(self)
+                return self.state
         for h in self.hooks:
             h.after_train(self)
         return self.state

@@ -1,0 +1,277 @@
+"""A run directory belongs to one run: its lock, its config, and how a run may continue in it.
+
+    run = RunDir(out_dir, asdict(cfg), cfg.resume, cfg.resume_override, is_main).open()
+    path, ckpt = run.load_resume(load_fn)     # resume=auto: the newest intact checkpoint
+    ...restore...
+    run.record(iteration, path)               # only now config.json is (re)written
+    ...train...
+    run.close()
+
+Rules (checked before anything is written; :class:`RunConflict` names the differing keys):
+
+- a directory holding a run (``config.json`` or checkpoints) is not started over: without
+  ``resume`` the run is refused (it would overwrite that run's checkpoints and exports);
+- with ``resume``, model, objectives, data, seed and batch size must match the run's config (and
+  the checkpoint's); optimizer and schedule changes (``optim.*``, ``max_iterations``,
+  ``distributed.*``) need ``resume_override=true`` and are recorded in ``config_history.json``;
+  logging, progress, device, checkpoint frequency, loader workers and evaluation settings may
+  change freely (also recorded);
+- one run at a time per directory (:class:`mink_ssl.safety.DirLock`, rank 0);
+- temporaries of a killed checkpoint write (``.<name>.<random>.tmp``) are removed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from mink_ssl.safety import DirLock
+
+#: config keys (dotted prefixes) that do not change what a run computes
+FREE = ("resume", "resume_override", "progress", "log_every", "checkpoint_every", "device",
+        "data.num_workers", "eval.")
+#: optimizer and schedule: may change on resume with resume_override=true (not the optimizer
+#: type: its saved state would not fit)
+OVERRIDABLE = ("optim.", "max_iterations", "epochs", "distributed.")
+NEVER = ("optim.name",)
+
+
+class RunConflict(ValueError):
+    """Starting or resuming here would mix two runs."""
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple]:
+    """``{dotted key: (old, new)}`` for every key whose value differs (``<absent>`` if missing)."""
+    a, b = flatten(json.loads(json.dumps(old))), flatten(json.loads(json.dumps(new)))
+    missing = "<absent>"
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)}
+
+
+def _kind(key: str) -> str:
+    def hit(prefixes):
+        return any(key == p or (p.endswith(".") and key.startswith(p))
+                   or key.startswith(p + ".") for p in prefixes)
+
+    if hit(NEVER):
+        return "fixed"
+    return "free" if hit(FREE) else "override" if hit(OVERRIDABLE) else "fixed"
+
+
+def _fmt(diff: dict) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+
+def check_resume_compatible(old: dict, new: dict, override: bool, where: str) -> dict:
+    """The differences between the run's config ``old`` and ``new`` a resume may take (all of
+    them, for the record); RunConflict if any is not allowed."""
+    diff = config_diff(old, new)
+    fixed = {k: v for k, v in diff.items() if _kind(k) == "fixed"}
+    if fixed:
+        raise RunConflict(f"cannot resume {where}: it was made with another config, and a resumed "
+                          f"run must keep its model, objectives, data, seed and batch size. "
+                          f"Differences: {_fmt(fixed)}. Start a new run in a new directory "
+                          "instead (e.g. hydra.run.dir=<new dir>), or resume with the run's own "
+                          "settings.")
+    changed = {k: v for k, v in diff.items() if _kind(k) == "override"}
+    if changed and not override:
+        raise RunConflict(f"resuming {where} would change its optimizer / schedule: "
+                          f"{_fmt(changed)}. Pass resume_override=true to continue with the new "
+                          "settings (recorded in config_history.json), or drop these changes.")
+    return diff
+
+
+class RunDir:
+    def __init__(self, out_dir: Path, config: dict, resume: str | None, override: bool = False,
+                 is_main: bool = True, print_fn=print, what: str = "training run"):
+        self.dir, self.config, self.resume = Path(out_dir), config, resume
+        self.override, self.is_main, self.print_fn, self.what = override, is_main, print_fn, what
+        self.lock: DirLock | None = None
+        self.previous: dict | None = None  # the config.json found here
+        self.changes: dict = {}
+
+    # -- before anything is built --------------------------------------------------------------
+    def open(self) -> "RunDir":
+        """Lock (rank 0) and check the directory against the config; writes nothing but the
+        lock file."""
+        if self.is_main:
+            self.lock = DirLock(self.dir, self.what, notice=self.print_fn)
+            self.lock.acquire()
+        try:
+            self._check()
+            if self.is_main:
+                for sub in (self.dir, self.dir / "best"):  # a killed atomic write's temporary
+                    for stale in sub.glob(".*.tmp"):
+                        stale.unlink(missing_ok=True)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _existing(self) -> list[str]:
+        found = sorted(p.name for p in self.dir.glob("checkpoint_*.pth"))
+        return (["config.json"] if (self.dir / "config.json").is_file() else []) + found
+
+    def _check(self) -> None:
+        path = self.dir / "config.json"
+        if path.is_file():
+            try:
+                self.previous = json.loads(path.read_text())
+            except ValueError as e:
+                raise RunConflict(f"{path} is not readable JSON ({e}); this directory's run "
+                                  "cannot be checked: start the run in a new directory") from None
+        existing = self._existing()
+        if not self.resume:
+            if existing:
+                diff = config_diff(self.previous, self.config) if self.previous else {}
+                same = {k: v for k, v in diff.items() if _kind(k) != "free"}
+                how = (f"whose config differs: {_fmt(same)}" if same
+                       else "with the same config" if self.previous else "")
+                raise RunConflict(f"{self.dir} already holds a run ({', '.join(existing[:4])}"
+                                  f"{' ...' if len(existing) > 4 else ''}) {how}; starting here "
+                                  "would overwrite it. Continue it with resume=auto, or start a "
+                                  "new run in a new directory (e.g. hydra.run.dir=<new dir>).")
+            return
+        if self.previous is not None:
+            self.changes = check_resume_compatible(self.previous, self.config, self.override,
+                                                   f"the run in {self.dir}")
+
+    # -- resume ---------------------------------------------------------------------------------
+    def load_resume(self, load_fn: Callable[[Path], dict]) -> tuple[Path | None, dict | None]:
+        """The checkpoint to continue from and its content, or (None, None). ``resume=auto``
+        takes the newest checkpoint here that loads, naming any damaged newer one it passes
+        over; an explicit path must load. The checkpoint's own config must be compatible."""
+        if not self.resume:
+            return None, None
+        if self.resume == "auto":
+            found = sorted(self.dir.glob("checkpoint_*.pth"),
+                           key=lambda p: int(p.stem.split("_")[1]) if p.stem.split("_")[1]
+                           .isdigit() else -1)
+            if not found:
+                if self.is_main:
+                    self.print_fn(f"resume=auto: no checkpoint in {self.dir}; starting from "
+                                  "iteration 0")
+                return None, None
+            for path in reversed(found):
+                try:
+                    ckpt = load_fn(path)
+                except FileNotFoundError:
+                    raise
+                except Exception as e:  # a damaged file: torch raises several types
+                    if self.is_main:
+                        self.print_fn(f"warning: checkpoint {path} is damaged "
+                                      f"({type(e).__name__}: {str(e)[:200]}); trying the "
+                                      "previous one")
+                    continue
+                return path, self._checked(path, ckpt)
+            raise RunConflict(f"resume=auto: every checkpoint in {self.dir} is damaged "
+                              f"({[p.name for p in found]}); start a new run in a new directory")
+        path = Path(self.resume)
+        try:
+            ckpt = load_fn(path)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as e:
+            raise RunConflict(f"resume={path}: cannot read the checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]}); it is damaged or not a checkpoint: resume from "
+                              "another one (resume=<path> or resume=auto)") from None
+        return path, self._checked(path, ckpt)
+
+    def restore(self, ckpt: dict, trainer, restore_fn: Callable) -> None:
+        """``restore_fn(ckpt, trainer)``; with ``resume_override`` and changed ``optim.*``, the
+        new optimizer settings and schedule then apply from the resumed iteration (the
+        optimizer's state, e.g. momentum buffers, is kept)."""
+        import copy
+        import warnings
+
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"}
+                        for g in trainer.optimizer.param_groups]
+        fresh_schedule = copy.deepcopy(trainer.scheduler.state_dict())
+        restore_fn(ckpt, trainer)
+        if not any(k.startswith("optim.") for k in self.changes):
+            return
+        for group, fresh in zip(trainer.optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+        trainer.scheduler.load_state_dict(fresh_schedule)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore")
+            for _ in range(trainer.state.iteration):  # the new schedule, at this iteration
+                trainer.scheduler.step()
+
+    def _checked(self, path: Path, ckpt: dict) -> dict:
+        old = ckpt.get("config") if isinstance(ckpt, dict) else None
+        if isinstance(old, dict):
+            diff = check_resume_compatible(old, self.config, self.override, f"from {path}")
+            if self.previous is None:
+                self.changes = diff
+        return ckpt
+
+    # -- after a successful start ---------------------------------------------------------------
+    def record(self, iteration: int = 0, resumed_from: Path | None = None) -> None:
+        """Write ``config.json`` (rank 0, atomically) and, when a resume changed settings,
+        append them to ``config_history.json``."""
+        from mink_ssl.io import atomic_path
+
+        if not self.is_main:
+            return
+        if resumed_from is not None and self.changes:
+            hist_path = self.dir / "config_history.json"
+            history = json.loads(hist_path.read_text()) if hist_path.is_file() else []
+            history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "iteration": iteration, "resumed_from": str(resumed_from),
+                            "changes": {k: list(v) for k, v in self.changes.items()}})
+            with atomic_path(hist_path) as tmp:
+                tmp.write_text(json.dumps(history, indent=1))
+            self.print_fn(f"resume: settings changed from the run's config (recorded in "
+                          f"{hist_path}): {_fmt(self.changes)}")
+        with atomic_path(self.dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(self.config, indent=1))
+
+    def interrupted(self, trainer, signum: int | None):
+        """The :class:`~mink_ssl.safety.Interrupted` a run stopped by a signal ends with."""
+        import signal
+
+        from mink_ssl.safety import Interrupted
+
+        signum = signum or signal.SIGTERM  # another rank got the signal
+        it = trainer.state.iteration
+        return Interrupted(f"{self.what} stopped by {signal.Signals(signum).name} at iteration "
+                           f"{it} of {trainer.max_iterations}; checkpoint "
+                           f"{self.dir / f'checkpoint_{it}.pth'} saved. Resume with the same "
+                           f"command plus resume=auto hydra.run.dir={self.dir}", signum)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def stop_check(signals, info, device) -> Callable[[], bool]:
+    """``trainer.should_stop``: whether a stop signal arrived (``signals``, a
+    :class:`~mink_ssl.safety.StopSignals`); with several ranks, whether any rank got one, so all
+    stop at the same step."""
+    if not info.enabled:
+        return lambda: signals.requested
+
+    def agreed() -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if signals.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return agreed
