@@ -32,6 +32,7 @@ class Sizes:
     batch: int = 8  # pairs in the speed batch
     repeats: int = 7  # alternated full/bare rounds
     check_pairs: int = 2  # pairs in the correctness batch
+    ddp_world: int = 0  # DDP ranks; 0: 1 on CUDA (one GPU), 2 on CPU
 
 
 def dataset(root: Path, sizes: Sizes, frames: bool = False):
@@ -173,7 +174,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, dev_type: str, size
                 out: str) -> None:
     import torch.distributed as dist
 
-    from mink_ssl.engine.distributed import DistInfo, wrap_ddp
+    from mink_ssl.engine.distributed import DistInfo, sync_batchnorm, wrap_ddp
     from mink_ssl.sparse import sparse_tensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -185,16 +186,24 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, dev_type: str, size
         batch = pair_batch(dataset(Path(root), sizes), world)
         v = batch.views[0]
         mine = v.batch_index == rank  # this rank's pair
-        net = backbone(sizes).to(dev).train()
-        model = wrap_ddp(net, DistInfo(rank, world, rank), dev, sync_bn=dev_type == "cuda",
-                         find_unused_parameters=False)
         x = sparse_tensor(v.coords[mine].to(dev), v.feats[mine].to(dev))
+        plain = float(backbone(sizes).to(dev).train()(x).F.square().mean())  # no DDP, same seed
+        net = backbone(sizes).to(dev).train()
+        info = DistInfo(rank, world, rank)
+        if info.enabled:  # the library's wrapping, as pretraining does it
+            model = wrap_ddp(net, info, dev, sync_bn=dev_type == "cuda",
+                             find_unused_parameters=False)
+        else:  # one rank: wrap_ddp would leave the module alone; wrap it anyway
+            net = sync_batchnorm(net) if dev_type == "cuda" else net
+            model = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[0] if dev_type == "cuda" else None)
         loss = model(x).F.square().mean()
         loss.backward()
         t = torch.tensor([float(loss.detach())], device=dev)
         dist.all_reduce(t)
         grad = next(p.grad for p in net.parameters() if p.grad is not None).flatten()[:8]
         torch.save({"rank": rank, "loss_sum": float(t), "grad": grad.cpu(),
+                    "loss": float(loss.detach()), "plain_loss": plain,
                     "sync_bn": any("SyncBatchNorm" in type(m).__name__ for m in model.modules()),
                     "backend": backend}, f"{out}/rank{rank}.pt")
     finally:
@@ -207,16 +216,20 @@ def check_distributed(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     Ranks must agree on the all-reduced loss and on the (averaged) gradients."""
     import torch.multiprocessing as mp
 
-    world = 1 if dev.type == "cuda" else 2
+    world = sizes.ddp_world or (1 if dev.type == "cuda" else 2)
     with tempfile.TemporaryDirectory(prefix="gpu-check-ddp-") as tmp:
         mp.spawn(_ddp_worker, args=(world, _free_port(), str(root), dev.type, sizes, tmp),
                  nprocs=world, join=True)
         outs = [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
     same_grad = all(torch.allclose(o["grad"], outs[0]["grad"]) for o in outs)
     same_loss = all(o["loss_sum"] == outs[0]["loss_sum"] for o in outs)
-    return {"ok": same_grad and same_loss and (dev.type != "cuda" or outs[0]["sync_bn"]),
+    # DDP (and SyncBatchNorm) change no forward result: each rank's loss is the plain model's
+    ddp_err = max(abs(o["loss"] - o["plain_loss"]) / max(abs(o["plain_loss"]), 1e-30)
+                  for o in outs)
+    return {"ok": same_grad and same_loss and ddp_err < 1e-5
+            and (dev.type != "cuda" or outs[0]["sync_bn"]),
             "world_size": world, "backend": outs[0]["backend"], "sync_bn": outs[0]["sync_bn"],
-            "loss_sum": outs[0]["loss_sum"]}
+            "loss_sum": outs[0]["loss_sum"], "ddp_vs_plain_rel_err": ddp_err}
 
 
 def speed_pretrain(root: Path, dev: torch.device, sizes: Sizes) -> dict:

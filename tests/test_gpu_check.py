@@ -96,3 +96,18 @@ def test_no_wheels_prepared_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "NEEDS", {"geomloss_absent_here": "geomloss"})
     with pytest.raises(SystemExit, match="make gpu-wheels"):
         gpu_check.install_needs(tmp_path)
+
+
+@pytest.mark.skipif(not (REALDATA / "depth").is_dir(), reason=f"real frames absent: {REALDATA}")
+def test_one_rank_ddp_is_wrapped_and_matches_the_plain_model(tmp_path):
+    """The branch a one-GPU machine takes (world size 1, DDP wrapped by hand), here with gloo."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_checks
+
+    root = gpu_check.prepare_data(tmp_path / "gc", frame_skip=10)
+    sizes = gpu_checks.Sizes(model="Res16UNet14S", voxel_size=0.1, ddp_world=1)
+    r = gpu_checks.check_distributed(root, torch.device("cpu"), sizes)
+    assert r["ok"] and r["world_size"] == 1 and r["backend"] == "gloo", r
+    assert r["ddp_vs_plain_rel_err"] < 1e-5
