@@ -181,6 +181,16 @@ def parse_xyzrgb(data: bytes, where: str = "<bytes>"
         raise ValueError(f"{where}: {_diagnose(buf) or e}") from None
     if rows.shape[1] != 6:
         raise ValueError(f"{where}: lines hold {rows.shape[1]} numbers, expected 6 (x y z r g b)")
+    bad = ~np.isfinite(rows).all(1)
+    if bad.any():  # "nan" / "inf" parse as numbers: drop those points, naming each line
+        nl = np.flatnonzero(buf == 10)
+        word = buf > 32
+        first = np.flatnonzero(word & ~np.r_[False, word[:-1]])  # first byte of each number
+        lines = np.unique(np.searchsorted(nl, first))  # 0-based lines holding numbers
+        for k in np.flatnonzero(bad):
+            repairs.append((int(lines[k]) + 1, f"non-finite value(s) {rows[k].tolist()}: "
+                                               "point dropped"))
+        rows = rows[~bad]
     return rows, repairs
 
 

@@ -398,3 +398,34 @@ def test_scene_names_with_whitespace_are_skipped_with_the_reason(sens_file, tmp_
     assert "'my_scene'" in m["skipped_scenes"]["my scene"]
     lines = (tmp_path / "out" / "pairs.txt").read_text().splitlines()
     assert lines and all(len(line.split(" ")) == 3 for line in lines)
+
+
+# -- segmentation prep: the same run safety; item 8 details --------------------------------------
+def test_seg_prep_refuses_out_overlapping_raw(tmp_path, capsys):
+    from data_prep.synthetic import generate_s3dis_rooms
+
+    raw = tmp_path / "s3dis"
+    generate_s3dis_rooms(raw, areas=(1,), rooms_per_area=1, seed=0, defects=False)
+    before = tree_digest(raw)
+    assert prep_main(["s3dis", "--raw", str(raw), "--out", str(raw / "prepared"),
+                      "--no-progress"]) == 2
+    assert "lies inside --raw" in capsys.readouterr().err
+    assert tree_digest(raw) == before
+
+
+def test_s3dis_non_finite_point_is_dropped_naming_file_and_line(tmp_path):
+    from data_prep.s3dis import S3DISParams, run as run_s3dis
+    from data_prep.synthetic import generate_s3dis_rooms
+
+    raw = tmp_path / "s3dis"
+    generate_s3dis_rooms(raw, areas=(1, 5), rooms_per_area=1, seed=0, defects=False)
+    ann = sorted(raw.glob("Area_1/*/Annotations/*.txt"))[0]
+    lines = ann.read_text().splitlines(keepends=True)
+    parts = lines[2].split()
+    lines[2] = " ".join([parts[0], "nan", *parts[2:]]) + "\n"
+    ann.write_text("".join(lines))
+    m = run_s3dis(raw, tmp_path / "out", S3DISParams(), progress=False)
+    rel = ann.relative_to(raw).as_posix()
+    hits = [r for r in m["repairs"] if r["file"] == rel and r["line"] == 3]
+    assert hits and "non-finite value(s)" in hits[0]["what"] and "nan" in hits[0]["what"]
+    assert not m["skipped"] and len(m["scenes"]) == 2

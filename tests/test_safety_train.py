@@ -245,3 +245,21 @@ def test_disk_full_while_checkpointing_names_the_file(synthetic_pairs, tmp_path)
     assert "Traceback" not in res.stderr
     listing = (tmp_path / "listing").read_text().split()
     assert not [n for n in listing if n.endswith(".tmp")], listing  # no hidden leftovers
+
+
+def test_plus_prefixed_misspelled_key_is_refused(tmp_path):
+    from conftest import compose_config
+
+    from mink_ssl.cli._hydra import check_schema_keys
+
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) 'data.voxle_size' \(did you "
+                                         r"mean data.voxel_size\?\)"):
+        check_schema_keys(compose_config("pretrain", "data.root=/x", "+data.voxle_size=0.1"))
+    check_schema_keys(compose_config("finetune_seg", "data.root=/x"))  # the shipped configs pass
+    check_schema_keys(compose_config("finetune_det", "data.root=/x"))
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "mink_ssl.cli.pretrain", "data.root=/x",
+                          "+data.voxle_size=0.1", f"hydra.run.dir={run}"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "did you mean data.voxel_size?" in res.stderr, res.stderr
+    assert not run.exists()

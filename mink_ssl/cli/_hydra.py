@@ -47,6 +47,34 @@ def _remove_if_unused(out_dir: Path) -> None:
             pass
 
 
+def check_schema_keys(cfg, path: str = "") -> None:
+    """Every key of a composed config must be a field of its typed schema: Hydra lets
+    ``+data.voxle_size=0.1`` add a key to a schema node, which nothing would read. Free-form
+    ``dict`` fields (e.g. ``objectives``) are checked where they are used."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    fields = [f.name for f in dataclasses.fields(schema)]
+    extra = [k for k in cfg.keys() if k not in fields]
+    if extra:
+        import difflib
+
+        hints = {f"{path}{k}": difflib.get_close_matches(str(k), fields, n=1) for k in extra}
+        said = ", ".join(f"{k!r}" + (f" (did you mean {path}{m[0]}?)" if m else "")
+                         for k, m in hints.items())
+        raise ValueError(f"unknown config key(s) {said}: {path.rstrip('.') or 'the config'} "
+                         f"has {fields}. A leading '+' adds a key nothing reads; drop it and fix "
+                         "the name")
+    for name in fields:
+        node = cfg._get_node(name)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_schema_keys(node, f"{path}{name}.")
+
+
 def register_schema(name: str, schema: type) -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -78,6 +106,7 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         code = 0
         try:
+            check_schema_keys(cfg)
             task(OmegaConf.to_object(cfg), out_dir)
         except MissingMandatoryValue as e:  # a ??? key, e.g. data.root
             key = getattr(e, "full_key", None) or str(e)
