@@ -263,3 +263,41 @@ def test_plus_prefixed_misspelled_key_is_refused(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "did you mean data.voxel_size?" in res.stderr, res.stderr
     assert not run.exists()
+
+
+def test_finetune_seg_shares_the_run_dir_rules_and_the_signal(tmp_path):
+    """Fine-tuning (segmentation, via its CLI): SIGTERM checkpoints at a step boundary and exits
+    143; a fresh start in that directory is refused naming the differing key; resume=auto
+    continues."""
+    from test_finetune_seg import VOXEL, write_benchmark
+
+    rooms = write_benchmark(tmp_path / "rooms", {"train": [f"Area_1/room_{i}" for i in range(4)],
+                                                 "val": [], "test": []})
+    run = tmp_path / "run"
+
+    def cmd(*extra):
+        return [sys.executable, "-m", "mink_ssl.cli.finetune_seg", f"data.root={rooms}",
+                "model=res16unet14a", "model.out_channels=16", "pretrained=null",
+                f"data.voxel_size={VOXEL}", "data.num_workers=0", "data.eval_split=null",
+                "optim.name=adam", "optim.lr=3e-3", "batch_size=2", "checkpoint_every=2",
+                "progress=false", f"hydra.run.dir={run}", *extra]
+
+    proc = subprocess.Popen(cmd("max_iterations=1000"), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run / "checkpoint_2.pth").exists(), what="the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    stopped = max(int(p.stem.split("_")[1]) for p in run.glob("checkpoint_*.pth"))
+    assert f"finetune-seg stopped by SIGTERM at iteration {stopped} of 1000" in err
+    before = digest(run)
+    again = subprocess.run(cmd("max_iterations=1000", "optim.lr=1e-3"), cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "optim.lr: 0.003 -> 0.001" in again.stderr, again.stderr
+    assert "Continue it with resume=auto" in again.stderr and digest(run) == before
+    done = subprocess.run(cmd(f"max_iterations={stopped + 2}", "resume=auto",
+                              "resume_override=true"), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(run / f"checkpoint_{stopped + 2}.pth", weights_only=True)["state"][
+        "iteration"] == stopped + 2 and (run / "model.pth").exists()

@@ -94,6 +94,10 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     register()
+    # Hydra would write .hydra/*.yaml into the run directory before the run's checks (and over
+    # an existing run's); the run writes its resolved config.json itself once they pass
+    if not any(a.lstrip("+~").startswith("hydra.output_subdir") for a in sys.argv[1:]):
+        sys.argv.append("hydra.output_subdir=null")
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def run(cfg) -> None:
