@@ -301,3 +301,29 @@ def test_finetune_seg_shares_the_run_dir_rules_and_the_signal(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(run / f"checkpoint_{stopped + 2}.pth", weights_only=True)["state"][
         "iteration"] == stopped + 2 and (run / "model.pth").exists()
+
+
+def test_labelled_points_beyond_the_scenes_is_named(tmp_path):
+    from test_finetune_seg import tiny_config as seg_config
+    from test_finetune_seg import write_benchmark
+
+    from mink_ssl.engine.finetune_seg import finetune_seg
+
+    rooms = write_benchmark(tmp_path / "rooms", {"train": ["Area_1/room_0", "Area_1/room_1"],
+                                                 "val": [], "test": []})
+    sizes = {k: v["points"] for k, v in
+             json.loads((rooms / "manifest.json").read_text())["scenes"].items()}
+    base = seg_config(rooms, max_iterations=2, checkpoint_every=0)
+    data = replace(base.data, eval_split=None, labelled_points=max(sizes.values()))
+    with pytest.raises(ValueError, match=rf"data.labelled_points={max(sizes.values())} is at "
+                                         r"least the size of every training scene .*null"):
+        finetune_seg(replace(base, data=data), tmp_path / "all", print_fn=quiet)
+    assert not (tmp_path / "all").exists()
+    n = min(sizes.values())
+    logs = []
+    finetune_seg(replace(base, data=replace(data, labelled_points=n)), tmp_path / "some",
+                 print_fn=logs.append)
+    smallest = min(sizes, key=sizes.get)
+    assert any(f"{n} labelled points per scene" in s and f"1 of 2 training scenes have at most "
+               f"{n} points (smallest: {smallest}, {n} points) and keep all their labels" in s
+               for s in logs), logs

@@ -333,6 +333,26 @@ def evaluate_only(cfg: FinetuneSegConfig, out_dir: Path, device, print_fn=print)
 
 # ------------------------------------------------------------------------------------- run
 
+def check_labelled_points(train_set, n: int | None) -> str:
+    """What ``data.labelled_points`` means on ``train_set`` (from the manifest's point
+    counts): '' when every training scene has more points; a note naming the smaller scenes
+    (they keep all their labels); ValueError when no scene has more (the setting changes
+    nothing)."""
+    if n is None:
+        return ""
+    sizes = {s: int(train_set.manifest["scenes"][s]["points"]) for s in train_set.scenes}
+    small = sorted((p, s) for s, p in sizes.items() if p <= n)
+    if not small:
+        return ""
+    if len(small) == len(sizes):
+        raise ValueError(f"data.labelled_points={n} is at least the size of every training "
+                         f"scene (largest: {max(sizes.values())} points), so every label would "
+                         "be kept; use data.labelled_points=null for all labels, or a smaller "
+                         "number")
+    return (f"; {len(small)} of {len(sizes)} training scenes have at most {n} points (smallest: "
+            f"{small[0][1]}, {small[0][0]} points) and keep all their labels")
+
+
 def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
     """Fine-tune as ``cfg`` says, writing into ``out_dir``; returns the final evaluation
     (``results.json``'s content; empty without an evaluation split)."""
@@ -381,12 +401,13 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
                           cfg.distributed.find_unused_parameters)
         optimizer, scheduler = build_seg_optimizer(cfg.optim, module.parameters(),
                                                    cfg.max_iterations, info.world_size)
+        few = check_labelled_points(train_set, cfg.data.labelled_points)  # every rank
         if info.is_main:
             limited = ""
             if cfg.data.scene_fraction < 1 or cfg.data.labelled_points:
                 limited = (f" (limited labels: {100 * cfg.data.scene_fraction:g}% of scenes, "
                            f"{cfg.data.labelled_points or 'all'} labelled points per scene, "
-                           f"label_seed {cfg.data.label_seed})")
+                           f"label_seed {cfg.data.label_seed}{few})")
             print_fn(f"finetune-seg: {len(train_set)} {cfg.data.train_split} scenes{limited}, "
                      f"{len(eval_set) if eval_set else 0} {cfg.data.eval_split} scenes, "
                      f"{len(classes)} classes, voxel {train_set.voxel_size:g} m, "
