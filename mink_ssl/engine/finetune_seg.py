@@ -21,6 +21,9 @@ evaluation with the highest mIoU, ``eval.keep_best``); ``results.md`` / ``result
 
 ``evaluate_only=<model.pth or checkpoint>`` trains nothing: it evaluates that fine-tuned model on
 ``data.eval_split`` as the final evaluation does and writes the same results.
+
+``probe=linear|linear_multiscale|knn`` keeps the backbone frozen and trains (or, for kNN, fits)
+only a probe on its features (:mod:`mink_ssl.engine.probe_seg`).
 """
 from __future__ import annotations
 
@@ -112,6 +115,11 @@ class FinetuneSegConfig:
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
+    # a frozen backbone (mink_ssl.engine.probe_seg): null (fine-tune everything) | linear (a
+    # linear layer on the output features) | linear_multiscale (on the decoder stages) | knn
+    probe: Optional[str] = None
+    knn_k: int = 20  # probe=knn: neighbours that vote
+    knn_bank: int = 200000  # probe=knn: most labelled training voxels kept (seeded subset)
     seed: int = 0
     max_iterations: int = 10000
     batch_size: int = 6  # scenes per process (global batch = batch_size x world size)
@@ -390,17 +398,34 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
                 raise ValueError(f"evaluation split {cfg.data.eval_split!r} is empty; choose "
                                  f"data.eval_split from {filled} or null (no evaluation)")
         classes = train_set.classes
-        model = build_seg_model(cfg.model, train_set.in_channels, len(classes))
+        if cfg.probe:
+            from mink_ssl.engine.probe_seg import build_probe_model
+
+            model = build_probe_model(cfg, train_set.in_channels, len(classes))
+        else:
+            model = build_seg_model(cfg.model, train_set.in_channels, len(classes))
 
         resume, ckpt = run.load_resume(partial(load_task_checkpoint, fmt=SEG_CHECKPOINT_FORMAT))
         resume, pretrained_report = start_weights(model, resume and str(resume), cfg.pretrained,
                                                   out_dir, info.is_main, print_fn)
 
+        if cfg.probe == "knn":  # no training: rank 0 fills the bank and evaluates
+            from mink_ssl.engine.probe_seg import run_knn_probe
+
+            results = run_knn_probe(cfg, model, train_set, eval_set, run, out_dir, device, {
+                "model": cfg.model.name, "pretrained": cfg.pretrained, "probe": cfg.probe,
+                "pretrained_loaded_fraction": (pretrained_report.matched_fraction
+                                               if pretrained_report else None),
+                "train_scenes": len(train_set), "scene_fraction": cfg.data.scene_fraction,
+                "labelled_points": cfg.data.labelled_points}, print_fn) if info.is_main else {}
+            barrier(info)
+            return results
         module = SegmentationModule(model).to(device)
         module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
                           cfg.distributed.find_unused_parameters)
-        optimizer, scheduler = build_seg_optimizer(cfg.optim, module.parameters(),
-                                                   cfg.max_iterations, info.world_size)
+        trained = [p for p in module.parameters() if p.requires_grad]  # a probe: its head
+        optimizer, scheduler = build_seg_optimizer(cfg.optim, trained, cfg.max_iterations,
+                                                   info.world_size)
         few = check_labelled_points(train_set, cfg.data.labelled_points)  # every rank
         if info.is_main:
             limited = ""
@@ -411,7 +436,8 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
             print_fn(f"finetune-seg: {len(train_set)} {cfg.data.train_split} scenes{limited}, "
                      f"{len(eval_set) if eval_set else 0} {cfg.data.eval_split} scenes, "
                      f"{len(classes)} classes, voxel {train_set.voxel_size:g} m, "
-                     f"{cfg.model.name}, {'pretrained' if cfg.pretrained else 'from scratch'}, "
+                     f"{cfg.model.name}, {'pretrained' if cfg.pretrained else 'from scratch'}"
+                     f"{f', frozen, probe {cfg.probe}' if cfg.probe else ''}, "
                      f"batch {cfg.batch_size} per rank x {info.world_size} ranks, lr "
                      f"{optimizer.param_groups[0]['lr']:g} {cfg.optim.scheduler}, device "
                      f"{device}, out {out_dir}")
@@ -469,7 +495,7 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         if eval_set is not None and info.is_main:
             best = eval_hook.best  # of the periodic evaluations; None without any
             extra = {"iterations": trainer.state.iteration, "model": cfg.model.name,
-                     "pretrained": cfg.pretrained,
+                     "pretrained": cfg.pretrained, "probe": cfg.probe,
                      "pretrained_loaded_fraction": (pretrained_report.matched_fraction
                                                     if pretrained_report else None),
                      "train_scenes": len(train_set), "scene_fraction": cfg.data.scene_fraction,

@@ -101,10 +101,20 @@ def load_segmentation_model(path: str | os.PathLike, map_location="cpu"
 def segmentation_model_from_state(state: dict) -> SegmentationModel:
     """The model in ``state`` (strict keys): its ``model`` / ``head`` constructor configs and
     ``backbone`` / ``head_state`` weights, entries that a segmentation model file and a
-    segmentation fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) both hold."""
+    segmentation fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) both hold. A ``head``
+    config with ``probe`` is a :class:`~mink_ssl.models.probe.FrozenProbe`."""
     from mink_ssl.models import build_model
 
     cfg = dict(state["model"])
+    head = state["head"]
+    if "probe" in head:  # a frozen backbone with a probe head (mink_ssl.models.probe)
+        from mink_ssl.models.probe import FrozenProbe
+
+        model = FrozenProbe(build_model(cfg.pop("name"), **cfg), head["num_classes"],
+                            head["probe"], **({"knn_k": head["k"]} if "k" in head else {}))
+        model.backbone.load_state_dict(state["backbone"], strict=True)
+        model.head.load_state_dict(state["head_state"], strict=True)
+        return model
     model = SegmentationModel(build_model(cfg.pop("name"), **cfg), state["head"]["num_classes"])
     model.backbone.load_state_dict(state["backbone"], strict=True)
     model.head.load_state_dict(state["head_state"], strict=True)
