@@ -218,12 +218,13 @@ def test_missing_params_json_still_refuses_other_parameters(sens_file, tmp_path)
 
 
 # -- 4. signals ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_stops_scheduling_and_leaves_no_partial_scene(sig, sens_file, tmp_path):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 2), (signal.SIGTERM, 2),
+                                          (signal.SIGINT, 1)])
+def test_signal_stops_scheduling_and_leaves_no_partial_scene(sig, workers, sens_file, tmp_path):
     psutil = pytest.importorskip("psutil")
     raw = make_raw(tmp_path / "scans", sens_file, 6)
     out = tmp_path / "out"
-    proc = spawn(prep_cmd(raw, out, *SLOW, "--workers", "2"))
+    proc = spawn(prep_cmd(raw, out, *SLOW, "--workers", str(workers)))
     wait_for(lambda: len(list(out.glob(".tmp-*"))) >= 1, what="a scene in progress")
     workers = psutil.Process(proc.pid).children(recursive=True)
     t0 = time.time()

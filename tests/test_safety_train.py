@@ -131,7 +131,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(synthetic_pair
     assert any(f"checkpoint {out / 'checkpoint_4.pth'} is damaged" in s for s in logs), logs
     assert any(f"resumed from {out / 'checkpoint_2.pth'} at iteration 2" in s for s in logs)
     assert torch.load(out / "checkpoint_4.pth", weights_only=True)["state"]["iteration"] == 4
+    assert (out / "checkpoint_4.pth.damaged").stat().st_size == 1000  # set aside, not deleted
     assert not list(out.glob(".*.tmp"))
+    # resuming an older checkpoint of this directory while newer ones exist would mix timelines
+    with pytest.raises(RunConflict, match=r"holds newer checkpoints \['checkpoint_4.pth'\]"):
+        pretrain(replace(cfg, resume=str(out / "checkpoint_2.pth")), out, print_fn=quiet)
     # an explicit damaged path is an error naming it
     with open(out / "checkpoint_2.pth", "r+b") as f:
         f.truncate(1000)

@@ -37,6 +37,12 @@ OVERRIDABLE = ("optim.", "max_iterations", "epochs", "distributed.")
 NEVER = ("optim.name",)
 
 
+def _iteration(path: Path) -> int:
+    """``checkpoint_<it>.pth`` -> it (-1 for another name)."""
+    tail = Path(path).stem.split("_")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 class RunConflict(ValueError):
     """Starting or resuming here would mix two runs."""
 
@@ -102,6 +108,7 @@ class RunDir:
         self.lock: DirLock | None = None
         self.previous: dict | None = None  # the config.json found here
         self.changes: dict = {}
+        self.damaged: list[Path] = []  # checkpoints resume=auto passed over
 
     # -- before anything is built --------------------------------------------------------------
     def open(self) -> "RunDir":
@@ -157,9 +164,7 @@ class RunDir:
         if not self.resume:
             return None, None
         if self.resume == "auto":
-            found = sorted(self.dir.glob("checkpoint_*.pth"),
-                           key=lambda p: int(p.stem.split("_")[1]) if p.stem.split("_")[1]
-                           .isdigit() else -1)
+            found = sorted(self.dir.glob("checkpoint_*.pth"), key=_iteration)
             if not found:
                 if self.is_main:
                     self.print_fn(f"resume=auto: no checkpoint in {self.dir}; starting from "
@@ -168,9 +173,8 @@ class RunDir:
             for path in reversed(found):
                 try:
                     ckpt = load_fn(path)
-                except FileNotFoundError:
-                    raise
                 except Exception as e:  # a damaged file: torch raises several types
+                    self.damaged.append(path)  # set aside by record(), once the checks pass
                     if self.is_main:
                         self.print_fn(f"warning: checkpoint {path} is damaged "
                                       f"({type(e).__name__}: {str(e)[:200]}); trying the "
@@ -180,6 +184,14 @@ class RunDir:
             raise RunConflict(f"resume=auto: every checkpoint in {self.dir} is damaged "
                               f"({[p.name for p in found]}); start a new run in a new directory")
         path = Path(self.resume)
+        here = path.parent.resolve() == self.dir.resolve()
+        newer = [p.name for p in self.dir.glob("checkpoint_*.pth")
+                 if here and _iteration(p) > _iteration(path)]
+        if newer:
+            raise RunConflict(f"resume={path}: {self.dir} holds newer checkpoints {sorted(newer)} "
+                              "of this run, which the resumed run's checkpoint rotation would mix "
+                              "with its own; resume=auto continues from the newest, or move the "
+                              "newer ones out of the directory first")
         try:
             ckpt = load_fn(path)
         except (FileNotFoundError, ValueError):
@@ -223,10 +235,23 @@ class RunDir:
     def record(self, iteration: int = 0, resumed_from: Path | None = None) -> None:
         """Write ``config.json`` (rank 0, atomically) and, when a resume changed settings,
         append them to ``config_history.json``."""
-        from mink_ssl.io import atomic_path
-
         if not self.is_main:
             return
+        try:
+            self._record(iteration, resumed_from)
+        except OSError as e:
+            from mink_ssl.safety import output_error
+
+            raise output_error(e, self.dir, f"cannot write the run's config into {self.dir}"
+                               ) from None
+
+    def _record(self, iteration: int, resumed_from: Path | None) -> None:
+        from mink_ssl.io import atomic_path
+
+        for path in self.damaged:  # out of the checkpoint rotation, but not deleted
+            if path.exists():
+                path.rename(path.with_name(path.name + ".damaged"))
+                self.print_fn(f"the damaged {path.name} is kept as {path.name}.damaged")
         if resumed_from is not None and self.changes:
             hist_path = self.dir / "config_history.json"
             history = json.loads(hist_path.read_text()) if hist_path.is_file() else []
