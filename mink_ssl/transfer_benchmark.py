@@ -108,8 +108,9 @@ def objective_args(name: str, preset: Preset, seed: int) -> dict:
     n = preset.num_matches
     args = {
         "point_info_nce": {"num_matches": n},
-        # CSC samples npos anchors per scene (PointInfoNCE's npos per batch); r1, r2 = 2, 20 voxels
-        "shape_context_nce": {"num_matches_per_scene": n,
+        # anchors per scene, n per batch as every objective here (CSC: npos per scene);
+        # r1, r2 = 2, 20 voxels as CSC's script
+        "shape_context_nce": {"num_matches_per_scene": max(n // preset.pretrain_batch, 1),
                               "inner_radius": 2 * preset.pretrain_voxel,
                               "outer_radius": 20 * preset.pretrain_voxel},
         # per pair, as the released trainer scales them: n and max(n // 4, 64) per batch
