@@ -126,7 +126,8 @@ def test_dataset_reads_the_contract_and_checks_it(rooms, tmp_path):
     assert b.coords.shape == (len(ds[(0, 0)].coords) + len(s.coords), 4)
     assert b.coords[:, 0].unique().tolist() == [0, 1] and b.names[1] == "Area_1/room_3"
     ones = SegmentationDataset(rooms, "train", voxel_size=0.5, features="ones")[0]
-    assert ones.feats.shape == (len(ones.coords), 1) and len(ones.coords) < len(ds[0].coords)
+    assert ones.feats.shape == (len(ones.coords), 3) and len(ones.coords) < len(ds[0].coords)
+    assert (ones.feats == 1).all()  # 3-channel constant ones (fidelity row 7)
 
     manifest = json.loads((rooms / "manifest.json").read_text())
     bad = tmp_path / "bad"
@@ -250,8 +251,12 @@ def _pretrained_backbone(path: Path, seed: int = 123):
 
 
 def _fresh_model():
+    """final_layer="keep": every pretrained tensor loads, the head starts from scratch (the
+    default "rebuild", which drops the pretrained final layer, has its golden test in
+    test_fidelity_models.py)."""
     torch.manual_seed(0)
-    return build_seg_model(ModelConfig(name="Res16UNet14A", out_channels=16), 3, 4)
+    return build_seg_model(ModelConfig(name="Res16UNet14A", out_channels=16), 3, 4,
+                           final_layer="keep")
 
 
 def test_pretrained_weights_replace_the_scratch_initialisation(tmp_path):
@@ -274,7 +279,7 @@ def test_pretrained_weights_replace_the_scratch_initialisation(tmp_path):
     assert report.allowed_missing == ["head.conv.kernel", "head.conv.bias"]
     assert report.matched_fraction == pytest.approx(len(saved) / (len(saved) + 2))
     assert 0.99 < report.matched_elements < 1.0
-    assert "left at initialisation (allowed): 2 tensors of head" in report.summary()
+    assert "left at initialisation (task layers): 2 tensors of head" in report.summary()
 
     # a pretraining checkpoint (its "backbone" entry) loads the same way
     torch.manual_seed(5)
@@ -352,12 +357,16 @@ def test_resumed_run_ends_like_an_uninterrupted_one(rooms, tmp_path):
     a = torch.load(tmp_path / "straight" / "checkpoint_4.pth", weights_only=True)
     b = torch.load(run / "checkpoint_4.pth", weights_only=True)
     assert a["state"] == b["state"] == {"iteration": 4, "samples": 8}
-    assert b["scheduler"]["last_epoch"] == 4 and b["optimizer"]["param_groups"][0]["lr"] == 0
+    assert b["scheduler"]["last_epoch"] == 4  # the released PolyLR: (1 - t / (T + 1))^0.9
+    assert b["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * (1 - 4 / 5) ** 0.9)
     for part in ("backbone", "head_state"):
         for k in a[part]:
             torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-5, atol=1e-6, msg=k)
-    init = _fresh_model().state_dict()  # the run really trained
-    assert not torch.allclose(a["head_state"]["conv.kernel"], init["head.conv.kernel"])
+    torch.manual_seed(cfg.seed)
+    init = build_seg_model(cfg.model, 3, 4).state_dict()  # the run really trained
+    # the classifier is the backbone's rebuilt final layer (final_layer="rebuild")
+    assert a["head_state"] == {} and a["backbone"]["final.kernel"].shape == (96, 4)
+    assert not torch.allclose(a["backbone"]["final.kernel"], init["backbone.final.kernel"])
 
     with pytest.raises(ValueError, match=r"evaluation split 'test' is empty; choose "
                                          r"data.eval_split from \['train', 'val'\]"):
@@ -563,7 +572,9 @@ def test_cli_fine_tunes_from_a_pretrained_backbone_end_to_end(rooms, tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["split"] == "val" and results["rotations"] == 2
     assert results["best"]["iteration"] == 10 and (run / "best" / "model.pth").is_file()
-    assert results["pretrained_loaded_fraction"] == pytest.approx(194 / 196)  # all but head
+    # all but the rebuilt final layer (kernel, bias), which the loader drops from the file
+    assert results["pretrained_loaded_fraction"] == pytest.approx(192 / 194)
+    assert "dropped from the file (task layer rebuilt): final.kernel, final.bias" in done.stdout
     assert results["miou"] > 0.5, results  # chance: about 0.15
     # the reference protocol: one vote per voxel whose points share a label
     from mink_ssl.eval.segmentation import reference_voxels

@@ -74,11 +74,16 @@ def test_state_dict_keys_are_stable():
     assert not any(k.startswith(("relu", "inplanes")) for k in keys)
 
 
-def test_bn_momentum_reaches_every_batch_norm_and_stem_kernel_is_set():
+def test_bn_momentum_reaches_non_block_batch_norms_and_stem_kernel_is_set():
     net = build_model("Res16UNet18A", in_channels=1, out_channels=4, bn_momentum=0.02,
                       stem_kernel_size=5)
-    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert len(bns) > 30 and {m.momentum for m in bns} == {0.02}
+    bns = {n: m.momentum for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm1d)}
+    assert len(bns) > 30 and set(bns.values()) == {0.02, 0.1}
+    # the released code: blocks' own batch norms keep 0.1 (golden list: test_fidelity_models)
+    assert all((v == 0.1) == (".norm" in n) for n, v in bns.items())
+    every = build_model("Res16UNet18A", in_channels=1, out_channels=4, bn_momentum=0.02,
+                        block_bn_momentum=None)
+    assert {m.momentum for m in every.modules() if isinstance(m, torch.nn.BatchNorm1d)} == {0.02}
     assert net.conv0p1s1.kernel.shape == (125, 1, 32)
 
 

@@ -82,7 +82,7 @@ def test_collate_offsets_and_skips(kitchen_pairs):
     n0 = len(a.views[0].coords)
     assert batch.views[0].coords.shape == (n0 + len(b.views[0].coords), 4)
     assert batch.views[0].coords[:, 0].tolist() == [0] * n0 + [1] * len(b.views[0].coords)
-    assert batch.views[0].feats.shape[1] == 1
+    assert batch.views[0].feats.shape[1] == 3  # every constant mode has 3 channels (row 7)
     m = batch.matches
     assert len(m) == 1000
     torch.testing.assert_close(batch.views[0].world[m[:, 0]], batch.views[1].world[m[:, 1]],
@@ -108,7 +108,7 @@ def test_dataset_refuses_unknown_schema_and_bad_arguments(kitchen_pairs, tmp_pat
         PairDataset(copy)
     with pytest.raises(FileNotFoundError, match="manifest.json not found"):
         PairDataset(tmp_path)
-    with pytest.raises(ValueError, match="features must be one of"):
+    with pytest.raises(ValueError, match="unknown input feature mode .normals.; valid: .*ones_jitter"):
         PairDataset(kitchen_pairs, features="normals")
 
 

@@ -40,7 +40,10 @@ def synthetic_pairs(tmp_path_factory):
 def tiny_config(root, **kw) -> PretrainConfig:
     cfg = PretrainConfig(
         model=ModelConfig(name="Res16UNet14A", out_channels=16),
-        data=DataConfig(root=str(root), voxel_size=0.05, num_workers=0, max_matches=2000),
+        # rgb as the held-out PairDatasets below (the config default is PointContrast's
+        # ones_jitter, pinned in test_fidelity_models.py)
+        data=DataConfig(root=str(root), voxel_size=0.05, num_workers=0, max_matches=2000,
+                        features="rgb"),
         optim=OptimConfig(lr=0.05), objectives={"point_info_nce": {"num_matches": 512}},
         max_iterations=4, batch_size=2, device="cpu", checkpoint_every=2, log_every=1,
         progress=False)
@@ -249,7 +252,9 @@ def test_pretraining_learns_features_that_match_on_held_out_pairs(synthetic_pair
     batch = collate_pairs([held[(0, i)] for i in range(len(held))])
     before = feature_match_recall(untrained, batch, radius=2 * voxel)
     after = feature_match_recall(trained, batch, radius=2 * voxel)
-    assert after > 1.4 * before and after > before + 0.03, (before, after)
+    # with MinkowskiEngine's default init (the released code's, fidelity row 9) the untrained
+    # network already recalls 0.091 and 60 steps reach 0.119 (the Kaiming-init bound was 1.4x)
+    assert after > 1.25 * before and after > before + 0.025, (before, after)
 
 
 PLUGIN = """

@@ -75,7 +75,8 @@ def net():
     from mink_ssl.models.heads import SegmentationModel
 
     torch.manual_seed(0)
-    model = SegmentationModel(build_model("Res16UNet14A", in_channels=3, out_channels=8), 4)
+    model = SegmentationModel(build_model("Res16UNet14A", in_channels=3, out_channels=8), 4,
+                              final_layer="keep")  # a head on top, as when this was written
     for p in model.parameters():  # non-zero head so that logits vary between voxels
         p.data.add_(torch.randn_like(p) * 0.05)
     return model.eval()

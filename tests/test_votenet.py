@@ -98,7 +98,7 @@ def test_dataset_reads_the_contract_and_checks_it(det_root, tmp_path):
     assert b.coords[:, 0].unique().tolist() == [0, 1]
     assert b.box_batch.tolist() == [0] * len(ds[0].boxes) + [1] * k and b.names[1] == s.name
     ones = DetectionDataset(det_root, "train", voxel_size=VOXEL, features="ones")[0]
-    assert ones.feats.shape == (len(ones.coords), 1) and (ones.feats == 1).all()
+    assert ones.feats.shape == (len(ones.coords), 3) and (ones.feats == 1).all()  # row 7
     few = DetectionDataset(det_root, "train", voxel_size=0.05, num_points=500)[0]
     full = DetectionDataset(det_root, "train", voxel_size=0.05)[0]
     assert len(few.coords) <= 500 < len(full.coords)
@@ -243,8 +243,12 @@ def test_head_shapes_loss_terms_and_gradients_on_a_real_batch(det_root):
     ds = DetectionDataset(det_root, "train", voxel_size=VOXEL)
     b = collate_detection([ds[0], ds[1]])
     torch.manual_seed(0)
-    model = build_votenet(build_model("Res16UNet14A", in_channels=3, out_channels=16), 18,
-                          ds.mean_sizes(), num_heading_bins=12, num_seeds=64, num_proposals=32)
+    # Kaiming init: with this seed MinkowskiEngine's default init leaves no proposal near a box,
+    # and every loss term needs a positive one
+    model = build_votenet(build_model("Res16UNet14A", in_channels=3, out_channels=16,
+                                      init="kaiming"), 18,
+                          ds.mean_sizes(), num_heading_bins=12, num_seeds=64, num_proposals=32,
+                          seed_projection=True)  # the earlier variant: every layer kind
     out = model(b.coords, b.feats, b.points)
     assert out.seed_rows.shape == (2, 64) and out.vote_xyz.shape == (2, 64, 3)
     assert (b.coords[out.seed_rows, 0].long() == torch.arange(2)[:, None]).all()  # own scene
@@ -387,8 +391,8 @@ def test_pretrained_weights_load_strictly_into_the_detector(tmp_path):
     def fresh():
         torch.manual_seed(0)
         return build_det_model(ModelConfig(name="Res16UNet14A", out_channels=16),
-                               DetHeadConfig(num_seeds=64, num_proposals=32), 3, 4,
-                               np.ones((4, 3), np.float32))
+                               DetHeadConfig(num_seeds=64, num_proposals=32, final_layer="keep"),
+                               3, 4, np.ones((4, 3), np.float32))
 
     scratch = {k: v.clone() for k, v in fresh().state_dict().items()}
     model = fresh()
@@ -547,7 +551,8 @@ def test_cli_trains_a_detector_far_above_an_untrained_one(det_root, tmp_path):
     torch.testing.assert_close(model.head.state_dict(), final["head_state"], rtol=0, atol=0)
     assert meta["voxel_size"] == VOXEL and len(meta["classes"]) == 18
     # the same detector untrained: its boxes hardly ever match
-    ds = DetectionDataset(det_root, "train", voxel_size=VOXEL, axis_aligned=True)
+    ds = DetectionDataset(det_root, "train", voxel_size=VOXEL, axis_aligned=True,
+                          features=meta["features"])  # the run's input (the config's "ones")
     torch.manual_seed(0)
     untrained = build_det_model(ModelConfig(name="Res16UNet14A", out_channels=16),
                                 DetHeadConfig(num_seeds=256, num_proposals=256), 3, 18,

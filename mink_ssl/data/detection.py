@@ -51,10 +51,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mink_ssl.data.features import input_features
+from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 
 KNOWN_SCHEMAS = ("mink_ssl.det_scenes/1",)
-FEATURES = {"ones": 1, "rgb": 3}
+FEATURES = tuple(FEATURE_MODES)
 SIZE_CLUSTERS = ("reference", "train_mean")
 
 # VoteNet's fixed size clusters (full extents dx, dy, dz in metres, one row per class in the
@@ -295,7 +295,8 @@ class DetectionDataset(Dataset):
         root: output directory of detection prep (``manifest.json`` + ``scenes/``).
         split: ``train`` or ``val``.
         voxel_size: metres (PointContrast: 0.025 for ScanNet and SUN RGB-D).
-        features: ``ones`` (1 channel) or ``rgb`` (3 channels in [-0.5, 0.5]).
+        features: input feature mode (:mod:`mink_ssl.data.features`): ``ones`` (3 channels,
+            PointContrast), ``rgb`` (RGB / 255 - 0.5), a jitter mode (training only), ``ones1``.
         augmentation: training augmentations; None for none.
         num_points: random points kept per scene before voxelisation (None: all).
         max_votes: ground-truth votes per voxel (VoteNet: 3; see :func:`vote_targets`).
@@ -308,8 +309,7 @@ class DetectionDataset(Dataset):
                  features: str = "rgb", augmentation: DetAugmentation | None = None,
                  num_points: int | None = None, max_votes: int = 1, axis_aligned: bool = False,
                  seed: int = 0):
-        if features not in FEATURES:
-            raise ValueError(f"features must be one of {sorted(FEATURES)}, got {features!r}")
+        feature_mode(features)  # a known mode
         if not (isinstance(voxel_size, (int, float)) and voxel_size > 0):
             raise ValueError(f"voxel_size must be positive metres, got {voxel_size!r}")
         if num_points is not None and (not isinstance(num_points, int) or num_points < 1):
@@ -338,7 +338,7 @@ class DetectionDataset(Dataset):
 
     @property
     def in_channels(self) -> int:
-        return FEATURES[self.features]
+        return feature_mode(self.features).channels
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -460,8 +460,8 @@ class DetectionDataset(Dataset):
         first = q.index.numpy()  # (M,) the point representing each voxel
         votes, mask = vote_targets(points[first], instance[first], d["boxes"], self.max_votes)
         votes = (votes.astype(np.float64) @ A.T).astype(np.float32)  # offsets map like points
-        feats = input_features(colors[first] if self.in_channels == 3 else None,
-                               self.in_channels, len(first))
+        feats = make_features(self.features, colors[first], len(first),
+                              rng if self.augmentation is not None else None)  # jitter: training
         return DetSample(coords=q.coords, feats=feats, points=torch.from_numpy(moved[first]),
                          votes=torch.from_numpy(votes), vote_mask=torch.from_numpy(mask),
                          boxes=torch.from_numpy(boxes), box_labels=torch.from_numpy(

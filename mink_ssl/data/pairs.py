@@ -22,10 +22,10 @@ from torch.utils.data import Dataset, Sampler
 
 from mink_ssl.data.batch import PairBatch, View
 from mink_ssl.data.correspondence import find_matches, random_rigid_transform, to_tensor
-from mink_ssl.data.features import input_features
+from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 
 KNOWN_SCHEMAS = ("mink_ssl.scannet_pairs/1",)
-FEATURES = ("ones", "rgb")
+FEATURES = tuple(FEATURE_MODES)
 
 
 @dataclass
@@ -55,7 +55,8 @@ class PairDataset(Dataset):
         rotation_axis: ... about a random axis ('random', the original) or gravity ('z').
         scale: uniform scale range per view ((1, 1): none, the original).
         translation: uniform translation range per view, metres.
-        features: 'ones' (1 channel) or 'rgb' (3 channels, in [-0.5, 0.5]).
+        features: input feature mode (:mod:`mink_ssl.data.features`): ``ones_jitter``
+            (PointContrast), ``rgb_jitter`` (CSC), ``ones``, ``rgb`` or ``ones1``.
         match_radius: correspondence radius in voxels (1.5).
         max_matches: cap on matches per pair (random subset), None for all.
         min_matches: a pair with fewer matches is skipped (returned as None) and counted.
@@ -71,8 +72,7 @@ class PairDataset(Dataset):
                  max_matches: int | None = None, min_matches: int = 32,
                  max_depth: float | None = None, seed: int = 0,
                  frame_size: Sequence[int] | None = None):
-        if features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        feature_mode(features)  # a known mode
         if voxel_size <= 0 or match_radius <= 0:
             raise ValueError(f"voxel_size and match_radius must be positive, got {voxel_size}, "
                              f"{match_radius}")
@@ -112,7 +112,7 @@ class PairDataset(Dataset):
 
     @property
     def in_channels(self) -> int:
-        return 1 if self.features == "ones" else 3
+        return feature_mode(self.features).channels
 
     def _store(self, scene: str):
         from mink_ssl.data.fragments import FragmentStore
@@ -125,7 +125,7 @@ class PairDataset(Dataset):
         from mink_ssl.sparse import quantize
 
         frag = self._store(scene).by_frame(
-            frame, color=self.features == "rgb" or self.frame_size is not None)
+            frame, color=feature_mode(self.features).colour or self.frame_size is not None)
         points, colors = frag.points(self.max_depth)  # (P, 3) world, (P, 3) uint8
         T = random_rigid_transform(rng, self.rotation_deg, self.rotation_axis, self.scale,
                                    self.translation)
@@ -133,8 +133,8 @@ class PairDataset(Dataset):
         moved = centred @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32)
         q = quantize(moved, self.voxel_size)
         index = q.index.numpy()  # (N,) a point of each voxel
-        feats = input_features(None if colors is None else colors[index], self.in_channels,
-                               len(index))
+        feats = make_features(self.features, None if colors is None else colors[index],
+                              len(index), rng)  # jitter modes draw from the pair's rng
         view = View(coords=q.coords, feats=feats, world=to_tensor(points[index], torch.float32))
         if self.frame_size is not None:
             view.frames, view.intrinsics = resize_frame(frag.color, frag.intrinsics,

@@ -65,10 +65,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mink_ssl.data.features import input_features
+from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 
 KNOWN_SCHEMAS = ("mink_ssl.seg_scenes/1",)
-FEATURES = ("ones", "rgb")
+FEATURES = tuple(FEATURE_MODES)
 UP_AXES = {"x": 0, "y": 1, "z": 2}
 LABEL_RULES = ("uniform", "majority")
 EVAL_PROTOCOLS = ("voxels", "points")
@@ -352,7 +352,8 @@ class SegmentationDataset(Dataset):
         split: a split of the manifest ('train', 'val', 'test').
         voxel_size: metres; None takes the manifest's recommendation (S3DIS 5 cm, ScanNet 2 cm,
             Synthia 15 cm).
-        features: 'rgb' (3 channels in [-0.5, 0.5]) or 'ones' (1 channel).
+        features: input feature mode (:mod:`mink_ssl.data.features`): 'rgb' (RGB / 255 - 0.5,
+            the released segmentation), 'ones', a jitter mode (jitter in training only), 'ones1'.
         augmentation: training augmentations; None for none.
         up_axis: the gravity axis of the scenes' coordinates ('z', or 'y' for raw Synthia).
         scene_fraction: use this seeded fraction of the split's scenes.
@@ -373,8 +374,7 @@ class SegmentationDataset(Dataset):
                  labelled_points: int | None = None, label_seed: int = 0, seed: int = 0,
                  prevoxel_size: float | None = None, eval_clip_bound: float | None = None,
                  label_rule: str = "uniform"):
-        if features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        feature_mode(features)  # a known mode
         if up_axis not in UP_AXES:
             raise ValueError(f"up_axis must be one of {sorted(UP_AXES)}, got {up_axis!r}")
         if labelled_points is not None and (not isinstance(labelled_points, int)
@@ -416,7 +416,7 @@ class SegmentationDataset(Dataset):
 
     @property
     def in_channels(self) -> int:
-        return 1 if self.features == "ones" else 3
+        return feature_mode(self.features).channels
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -464,7 +464,7 @@ class SegmentationDataset(Dataset):
         points, colors, labels = self.load(name)
         labels = self.training_labels(name, labels)
         points, colors, labels = self._prevoxelise(points, colors, labels)
-        rng = None  # training (augmented) samples only
+        rng = None  # training (augmented) samples only: augmentations and feature jitter
         if self.augmentation is not None:
             rng = np.random.default_rng([self.seed, epoch, index])
             points, colors, labels = augment_scene(points, colors, labels, self.augmentation,
@@ -478,7 +478,7 @@ class SegmentationDataset(Dataset):
             if kept is not None:
                 t = torch.from_numpy(kept)
                 first, coords, vlabels = first[kept], coords[t], vlabels[t]
-        feats = input_features(colors[first], self.in_channels, len(first))
+        feats = make_features(self.features, colors[first], len(first), rng)
         return SegSample(coords=coords, feats=feats, labels=vlabels, name=name)
 
     def _prevoxelise(self, points, colors, labels):

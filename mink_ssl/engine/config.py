@@ -13,7 +13,9 @@ class ModelConfig:
     name: str = "Res16UNet34C"
     out_channels: int = 32
     stem_kernel_size: int = 3
-    bn_momentum: float = 0.05
+    bn_momentum: float = 0.05  # stem, strided, transposed and projection batch norms
+    block_bn_momentum: Optional[float] = 0.1  # inside residual blocks (released code); null: same
+    init: str = "me"  # me: MinkowskiEngine's default kernels (released code) | kaiming
     normalize_output: bool = True
 
 
@@ -25,7 +27,7 @@ class DataConfig:
     rotation_axis: str = "random"
     scale: list = field(default_factory=lambda: [1.0, 1.0])
     translation: float = 0.0
-    features: str = "rgb"
+    features: str = "ones_jitter"  # mink_ssl.data.features mode (PointContrast pretraining)
     match_radius: float = 1.5
     max_matches: Optional[int] = None
     min_matches: int = 32
@@ -41,6 +43,7 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adam
     lr: float = 0.1
     momentum: float = 0.8
+    dampening: float = 0.0  # sgd only; pretraining in the released code has none
     weight_decay: float = 1e-4
     lr_step: int = 250  # lr x lr_gamma every lr_step iterations
     lr_gamma: float = 0.99

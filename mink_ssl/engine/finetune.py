@@ -47,11 +47,27 @@ def load_task_checkpoint(path: Path, fmt: str) -> dict:
     return ckpt
 
 
+def check_layout(ckpt: dict, model) -> None:
+    """The checkpoint's task layer must be the configured one (``final_layer``): a checkpoint
+    written before ``final_layer`` existed holds a ``keep`` model."""
+    def layout(head: dict) -> str:
+        if "seed_projection" in head:  # detection
+            return "keep" if head["seed_projection"] else "rebuild"
+        return head.get("final_layer", "keep")
+
+    saved, want = layout(ckpt["head"]), layout(model.head.config())
+    if saved != want:
+        raise ValueError(f"the checkpoint (format {ckpt.get('format')!r}) holds a "
+                         f"final_layer={saved!r} model but final_layer={want!r} is configured; "
+                         f"resume with final_layer={saved}")
+
+
 def restore_task(ckpt: dict, trainer) -> TrainState:
     """Put a trainer back where the checkpoint left it (the sampler restarts from samples)."""
     from mink_ssl.engine.checkpoint import set_rng_state
 
     module = _unwrap(trainer.module)
+    check_layout(ckpt, module.model)
     module.model.backbone.load_state_dict(ckpt["backbone"], strict=True)
     module.model.head.load_state_dict(ckpt["head_state"], strict=True)
     trainer.optimizer.load_state_dict(ckpt["optimizer"])

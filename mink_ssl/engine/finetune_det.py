@@ -60,7 +60,7 @@ class DetAugmentConfig:
 class DetDataConfig:
     root: str = "???"  # output directory of detection prep (manifest.json + scenes/)
     voxel_size: float = 0.025  # metres (PointContrast's detection runs: 2.5 cm)
-    features: str = "rgb"  # rgb | ones
+    features: str = "ones"  # mink_ssl.data.features mode; ones: PointContrast's detection
     num_points: Optional[int] = 40000  # random points per scene before voxelisation; null: all
     max_votes: int = 1  # ground-truth votes per voxel (VoteNet: 3 for SUN RGB-D)
     train_split: str = "train"
@@ -81,6 +81,9 @@ class DetHeadConfig:
     num_proposals: int = 256
     radius: float = 0.3  # metres, vote aggregation ball
     group_size: int = 16  # votes per ball
+    # rebuild: the backbone's final layer gives the seeds' seed_channels (96 -> 256, the released
+    # SparseConvBackbone) | keep: the pretrained 96 -> 32 final + Linear/BN/ReLU to seed_channels
+    final_layer: str = "rebuild"
 
 
 @dataclass
@@ -153,13 +156,20 @@ def build_det_dataset(cfg: DetDataConfig, split: str, *, train: bool, axis_align
 
 def build_det_model(cfg: ModelConfig, head: DetHeadConfig, in_channels: int, num_classes: int,
                     mean_sizes):
+    from dataclasses import replace
+
     from mink_ssl.engine.pretrain import build_backbone
+    from mink_ssl.models.heads import check_final_layer
     from mink_ssl.models.votenet import build_votenet
 
+    rebuild = check_final_layer(head.final_layer) == "rebuild"
+    if rebuild:  # the backbone's final layer gives the seed features
+        cfg = replace(cfg, out_channels=head.seed_channels)
     return build_votenet(build_backbone(cfg, in_channels), num_classes, mean_sizes,
                          num_heading_bins=head.num_heading_bins, num_seeds=head.num_seeds,
                          seed_channels=head.seed_channels, num_proposals=head.num_proposals,
-                         radius=head.radius, group_size=head.group_size)
+                         radius=head.radius, group_size=head.group_size,
+                         seed_projection=not rebuild)
 
 
 def epoch_milestones(epochs: list, iterations_per_epoch: float) -> list[int]:

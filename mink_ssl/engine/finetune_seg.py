@@ -6,8 +6,10 @@ results.
     from mink_ssl.engine.finetune_seg import finetune_seg
     finetune_seg(config, out_dir=Path("runs/seg"))      # what `mink-ssl-finetune-seg` calls
 
-The default schedule is the PointContrast / MinkowskiEngine fine-tuning protocol: SGD (lr 0.1,
-momentum 0.9, weight decay 1e-4), poly decay lr_t = lr (1 - t / T)^0.9 stepped every iteration,
+The default schedule is the PointContrast / CSC fine-tuning protocol (``downstream/semseg``
+``config/default.yaml``, ``lib/solvers.py``): SGD (momentum 0.9, dampening 0.1, weight decay 1e-4,
+no Nesterov; lr per benchmark: 0.1, ScanNet 0.8), poly decay lr_t = lr (1 - t / (T + 1))^0.9
+stepped every iteration,
 cross-entropy over labelled voxels (label -1 ignored); batch size and iterations per benchmark
 live in ``configs/finetune/<benchmark>.yaml``.
 
@@ -70,7 +72,7 @@ class AugmentConfig:
 class SegDataConfig:
     root: str = "???"  # output directory of segmentation prep (manifest.json + scenes/)
     voxel_size: Optional[float] = None  # metres; null: the manifest's recommendation
-    features: str = "rgb"  # rgb | ones
+    features: str = "rgb"  # mink_ssl.data.features mode; rgb: the released normalize_color
     up_axis: str = "z"  # gravity axis of the prepared coordinates
     train_split: str = "train"
     eval_split: Optional[str] = "val"  # null: no evaluation
@@ -90,8 +92,9 @@ class SegOptimConfig:
     name: str = "sgd"  # sgd | adam
     lr: float = 0.1
     momentum: float = 0.9
+    dampening: float = 0.1  # sgd only: the released downstream configs' sgd_dampening
     weight_decay: float = 1e-4
-    scheduler: str = "poly"  # poly: lr (1 - t/T)^poly_power | step: x lr_gamma every lr_step
+    scheduler: str = "poly"  # poly: lr (1 - t/(T+1))^poly_power | step: x lr_gamma every lr_step
     poly_power: float = 0.9
     lr_step: int = 1000
     lr_gamma: float = 0.5
@@ -115,6 +118,9 @@ class FinetuneSegConfig:
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
+    # rebuild: the backbone's final layer becomes the classifier (96 -> C, the released code;
+    # model.out_channels is then the class count) | keep: a new head on the 96 -> 32 final
+    final_layer: str = "rebuild"
     # a frozen backbone (mink_ssl.engine.probe_seg): null (fine-tune everything) | linear (a
     # linear layer on the output features) | linear_multiscale (on the decoder stages) | knn
     probe: Optional[str] = None
@@ -160,17 +166,26 @@ def build_seg_dataset(cfg: SegDataConfig, split: str, *, train: bool, seed: int)
         label_rule=cfg.label_rule)
 
 
-def build_seg_model(cfg: ModelConfig, in_channels: int, num_classes: int):
-    from mink_ssl.engine.pretrain import build_backbone
-    from mink_ssl.models.heads import SegmentationModel
+def build_seg_model(cfg: ModelConfig, in_channels: int, num_classes: int,
+                    final_layer: str = "rebuild"):
+    """Backbone + classifier; ``final_layer="rebuild"`` builds the backbone with
+    ``out_channels=num_classes`` (its final layer is the classifier), ``"keep"`` with
+    ``cfg.out_channels`` and a head on top (:mod:`mink_ssl.models.heads`)."""
+    from dataclasses import replace
 
-    return SegmentationModel(build_backbone(cfg, in_channels), num_classes)
+    from mink_ssl.engine.pretrain import build_backbone
+    from mink_ssl.models.heads import SegmentationModel, check_final_layer
+
+    if check_final_layer(final_layer) == "rebuild":
+        cfg = replace(cfg, out_channels=num_classes)
+    return SegmentationModel(build_backbone(cfg, in_channels), num_classes, final_layer)
 
 
 def poly_lambda(max_iterations: int, power: float) -> Callable[[int], float]:
-    """lr factor (1 - t / T)^power, 0 from T on."""
+    """lr factor (1 - t / (T + 1))^power, 0 from T + 1 on: the released code's ``PolyLR``
+    (PointContrast / CSC ``downstream/semseg/lib/solvers.py``), so the last step's lr is not 0."""
     def factor(t: int) -> float:
-        return max(0.0, 1.0 - t / max_iterations) ** power
+        return max(0.0, 1.0 - t / (max_iterations + 1)) ** power
 
     return factor
 
@@ -182,7 +197,7 @@ def build_seg_optimizer(cfg: SegOptimConfig, params, max_iterations: int, world_
     if cfg.scheduler not in ("poly", "step"):
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}; valid choices: poly, step")
     opt, step = build_optimizer(
-        OptimConfig(name=cfg.name, lr=cfg.lr, momentum=cfg.momentum,
+        OptimConfig(name=cfg.name, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
                     weight_decay=cfg.weight_decay, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma,
                     scale_lr_with_world_size=cfg.scale_lr_with_world_size), params, world_size)
     if cfg.scheduler == "step":
@@ -283,7 +298,7 @@ def final_evaluation(model: nn.Module, eval_set, cfg: FinetuneSegConfig, out_dir
 
     e = cfg.eval
     metrics = evaluate_scenes(model, eval_set.scenes_for_eval(e.protocol), eval_set.classes,
-                              eval_set.voxel_size, eval_set.in_channels, rotations=e.rotations,
+                              eval_set.voxel_size, eval_set.features, rotations=e.rotations,
                               up_axis=eval_set.up_axis, device=device,
                               ply_dir=out_dir / "predictions", ply_scenes=e.ply_scenes,
                               protocol=e.protocol, label_rule=eval_set.label_rule)
@@ -403,7 +418,8 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
 
             model = build_probe_model(cfg, train_set.in_channels, len(classes))
         else:
-            model = build_seg_model(cfg.model, train_set.in_channels, len(classes))
+            model = build_seg_model(cfg.model, train_set.in_channels, len(classes),
+                                    cfg.final_layer)
 
         resume, ckpt = run.load_resume(partial(load_task_checkpoint, fmt=SEG_CHECKPOINT_FORMAT))
         resume, pretrained_report = start_weights(model, resume and str(resume), cfg.pretrained,
@@ -467,7 +483,7 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
         if eval_set is not None:
             def summary() -> dict[str, float]:  # periodic: one rotation, no PLY files
                 m = evaluate_scenes(model, eval_set.scenes_for_eval(cfg.eval.protocol),
-                                    classes, eval_set.voxel_size, eval_set.in_channels,
+                                    classes, eval_set.voxel_size, eval_set.features,
                                     up_axis=eval_set.up_axis, device=device,
                                     protocol=cfg.eval.protocol, label_rule=eval_set.label_rule)
                 return {"mIoU": m.miou, "mAcc": m.macc, "oAcc": m.oacc}

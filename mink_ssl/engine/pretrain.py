@@ -23,6 +23,7 @@ def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
 
     return build_model(cfg.name, in_channels=in_channels, out_channels=cfg.out_channels,
                        stem_kernel_size=cfg.stem_kernel_size, bn_momentum=cfg.bn_momentum,
+                       block_bn_momentum=cfg.block_bn_momentum, init=cfg.init,
                        normalize_output=cfg.normalize_output)
 
 
@@ -79,7 +80,10 @@ def build_dataset(cfg: DataConfig, seed: int):
 def build_optimizer(cfg: OptimConfig, params, world_size: int = 1):
     lr = cfg.lr * (world_size if cfg.scale_lr_with_world_size else 1)
     if cfg.name == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if not 0.0 <= cfg.dampening < 1.0:
+            raise ValueError(f"optim.dampening must be in [0, 1), got {cfg.dampening!r}")
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, dampening=cfg.dampening,
+                              weight_decay=cfg.weight_decay)
     elif cfg.name == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     else:

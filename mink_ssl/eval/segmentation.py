@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from mink_ssl.data.features import input_features
+from mink_ssl.data.features import input_features, make_features
 from mink_ssl.data.segmentation import rotation_matrix
 
 
@@ -154,7 +154,8 @@ def tta_angles(rotations: int) -> list[float]:
 
 @torch.no_grad()
 def predict_points(model: torch.nn.Module, points: np.ndarray, colors: np.ndarray | None,
-                   voxel_size: float, in_channels: int, *, angles: Sequence[float] = (0.0,),
+                   voxel_size: float, in_channels: int | str, *,
+                   angles: Sequence[float] = (0.0,),
                    up_axis: int = 2, device: torch.device | str = "cpu") -> torch.Tensor:
     """Class logits (N, C) for every original point, averaged over rotations about gravity.
 
@@ -162,7 +163,9 @@ def predict_points(model: torch.nn.Module, points: np.ndarray, colors: np.ndarra
     voxelised (``mink_ssl.sparse.quantize``; a voxel's input feature is its first point's
     colour, as in training), the network predicts (M, C) voxel logits, and each point takes
     its voxel's logits through the inverse map. ``model`` maps a sparse tensor to a sparse
-    tensor of logits on the same coordinates; call ``model.eval()`` first.
+    tensor of logits on the same coordinates; call ``model.eval()`` first. ``in_channels``: a
+    feature mode of :mod:`mink_ssl.data.features` (e.g. ``"rgb"``, ``"ones"``), or a width
+    (1: ones1, 3: rgb).
     """
     from mink_ssl.sparse import batched_coordinates, quantize, sparse_tensor
 
@@ -173,7 +176,9 @@ def predict_points(model: torch.nn.Module, points: np.ndarray, colors: np.ndarra
         R = rotation_matrix(angle, up_axis).astype(np.float32)
         q = quantize(centred @ R.T, voxel_size)
         index = q.index.numpy()  # (M,) first point of each voxel
-        feats = input_features(None if colors is None else colors[index], in_channels, len(index))
+        picked = None if colors is None else colors[index]
+        feats = (make_features(in_channels, picked, len(index)) if isinstance(in_channels, str)
+                 else input_features(picked, in_channels, len(index)))
         x = sparse_tensor(batched_coordinates([q.coords]), feats, device=device)
         logits = model(x).F  # (M, C) on device, rows in the input order
         per_point = logits[q.inverse.to(logits.device)].float()  # (N, C)
@@ -337,7 +342,7 @@ def predict_voxels(model: torch.nn.Module, points: np.ndarray, colors: np.ndarra
 
 
 def evaluate_scenes(model: torch.nn.Module, scenes: Iterable, classes: Sequence[str],
-                    voxel_size: float, in_channels: int, *, rotations: int = 1,
+                    voxel_size: float, in_channels: int | str, *, rotations: int = 1,
                     up_axis: int = 2, device: torch.device | str = "cpu",
                     ply_dir: Path | None = None, ply_scenes: int = 0,
                     protocol: str = "points", label_rule: str = "uniform") -> SegMetrics:

@@ -1,14 +1,24 @@
 """Task heads on the shared Res16UNet backbone, and the segmentation model (backbone + head).
 
-The segmentation head reads the backbone's output features (the ``final`` layer's
-``out_channels``, 32 in PointContrast pretraining) and maps each voxel to class logits with a
-1x1x1 ``MinkowskiConvolution`` (with bias). Keeping the pretrained ``final`` layer and adding the
-head on top means every pretrained tensor is used; only the head starts from scratch (it is the
-one allow-listed missing part when pretrained weights are loaded, see
-:mod:`mink_ssl.models.pretrained`).
+Two ways to put a classifier on a pretrained backbone (``final_layer``):
 
-State-dict keys of :class:`SegmentationModel`: ``backbone.<backbone keys>`` and
-``head.conv.{kernel,bias}``.
+- ``rebuild`` (default, the released code: PointContrast / CSC ``downstream/semseg``
+  ``ddp_main.py`` build ``Res16UNet34C(in_channels, num_classes)`` and load the pretrained weights
+  of matching shape): the backbone's own ``final`` 1x1x1 convolution is the classifier, rebuilt
+  as last-block width -> C (96 -> C for Res16UNet34C) with MinkowskiEngine's default
+  initialisation. Loading pretrained weights drops the file's ``final.*`` (see
+  :mod:`mink_ssl.models.pretrained`); the head (:class:`FinalLayerHead`) has no weights.
+  State-dict keys: ``backbone.<backbone keys>``.
+- ``keep`` (our earlier variant): the pretrained ``final`` layer (96 -> 32) is kept and a new
+  1x1x1 convolution (:class:`SegmentationHead`, 32 -> C, with bias) goes on top, so every
+  pretrained tensor is used. State-dict keys: ``backbone.<backbone keys>``,
+  ``head.conv.{kernel,bias}``.
+
+``model.task_layers`` names the model keys that start from scratch (``backbone.final.`` or
+``head.``); they are the only keys that pretrained loading may leave unset.
+
+Files written before ``final_layer`` existed hold a ``head`` config without it: they are ``keep``
+models and still load.
 """
 from __future__ import annotations
 
@@ -19,6 +29,16 @@ import torch
 import torch.nn as nn
 
 SEG_MODEL_FORMAT = "mink_ssl.seg_model/1"
+#: ways to attach the task layer: rebuild the backbone's final layer (released) | keep it + head
+FINAL_LAYERS = ("rebuild", "keep")
+
+
+def check_final_layer(final_layer: str) -> str:
+    if final_layer not in FINAL_LAYERS:
+        raise ValueError(f"final_layer must be one of {FINAL_LAYERS} (rebuild: the backbone's "
+                         f"final layer becomes the task layer, as the released code; keep: a "
+                         f"new head on the pretrained final layer), got {final_layer!r}")
+    return final_layer
 
 
 class SegmentationHead(nn.Module):
@@ -38,28 +58,57 @@ class SegmentationHead(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def config(self) -> dict:
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes,
-                "dimension": self.dimension}
+        return {"final_layer": "keep", "in_channels": self.in_channels,
+                "num_classes": self.num_classes, "dimension": self.dimension}
 
     def forward(self, x):
         return self.conv(x)
 
 
+class FinalLayerHead(nn.Module):
+    """The head of a ``rebuild`` model: the backbone's final layer already gives the logits,
+    so this passes them through (no weights)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def config(self) -> dict:
+        return {"final_layer": "rebuild", "num_classes": self.num_classes}
+
+    def forward(self, x):
+        return x
+
+
 class SegmentationModel(nn.Module):
-    """``backbone`` (a Res16UNet) followed by a :class:`SegmentationHead`.
+    """``backbone`` (a Res16UNet) and its classifier (see the module docstring).
 
     ``forward(x)``: sparse tensor (N, in_channels) at stride 1 -> logits (N, num_classes) on the
-    same coordinates.
+    same coordinates. With ``final_layer="rebuild"`` the backbone must have been built with
+    ``out_channels=num_classes``.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    def __init__(self, backbone: nn.Module, num_classes: int, final_layer: str = "rebuild"):
         super().__init__()
+        self.final_layer = check_final_layer(final_layer)
         self.backbone = backbone
-        self.head = SegmentationHead(backbone.out_channels, num_classes, backbone.dimension)
+        if final_layer == "rebuild":
+            if backbone.out_channels != num_classes:
+                raise ValueError(f"final_layer='rebuild' makes the backbone's final layer the "
+                                 f"classifier: build the backbone with out_channels={num_classes}"
+                                 f" (got {backbone.out_channels})")
+            self.head = FinalLayerHead(num_classes)
+        else:
+            self.head = SegmentationHead(backbone.out_channels, num_classes, backbone.dimension)
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    @property
+    def task_layers(self) -> tuple[str, ...]:
+        """Model key prefixes that start from scratch (never from pretrained weights)."""
+        return ("backbone.final.",) if self.final_layer == "rebuild" else ("head.",)
 
     def forward(self, x):
         return self.head(self.backbone(x))
@@ -102,7 +151,8 @@ def segmentation_model_from_state(state: dict) -> SegmentationModel:
     """The model in ``state`` (strict keys): its ``model`` / ``head`` constructor configs and
     ``backbone`` / ``head_state`` weights, entries that a segmentation model file and a
     segmentation fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) both hold. A ``head``
-    config with ``probe`` is a :class:`~mink_ssl.models.probe.FrozenProbe`."""
+    config without ``final_layer`` (written before it existed) is a ``keep`` model; one with
+    ``probe`` is a :class:`~mink_ssl.models.probe.FrozenProbe`."""
     from mink_ssl.models import build_model
 
     cfg = dict(state["model"])
@@ -115,7 +165,8 @@ def segmentation_model_from_state(state: dict) -> SegmentationModel:
         model.backbone.load_state_dict(state["backbone"], strict=True)
         model.head.load_state_dict(state["head_state"], strict=True)
         return model
-    model = SegmentationModel(build_model(cfg.pop("name"), **cfg), state["head"]["num_classes"])
+    model = SegmentationModel(build_model(cfg.pop("name"), **cfg), head["num_classes"],
+                              head.get("final_layer", "keep"))
     model.backbone.load_state_dict(state["backbone"], strict=True)
     model.head.load_state_dict(state["head_state"], strict=True)
     return model

@@ -12,15 +12,22 @@ Accepted files (all read with ``torch.load(weights_only=True)``):
 
 Rules: a missing file is an error; the file's architecture (where it records one) must match the
 model's; every key of the file must land on a key of the target module (after ``prefix``) with
-the same shape, and every key of the model must come from the file except those starting with an
-allow-listed prefix (the task head). Anything else raises ``ValueError`` naming the keys, with a
-hint when all unexpected keys share an extra prefix such as ``module.`` (DistributedDataParallel)
-or ``backbone.``. Nothing is ever loaded partially.
+the same shape, and every key of the model must come from the file, except the task layers
+(``model.task_layers``: the head, or ``backbone.final.`` where the backbone's final layer is
+rebuilt for the task as the released code does). File keys that land on a task layer (the
+pretrained ``final.kernel`` / ``final.bias``) are dropped, whatever their shape, and listed in the
+report. Anything else raises ``ValueError`` naming the keys, with a hint when all unexpected keys
+share an extra prefix such as ``module.`` (DistributedDataParallel) or ``backbone.``. Nothing is
+ever loaded partially.
+
+The released code (``load_state_with_same_shape``) loads every key whose name and shape match and
+silently skips the rest; on a rebuilt final layer that skips exactly ``final.kernel`` and
+``final.bias``, which is what is dropped here, but here any other mismatch is an error.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -52,8 +59,9 @@ class LoadReport:
     """What :func:`load_pretrained` did.
 
     loaded: model keys set from the file; allowed_missing: model keys left at their
-    initialisation (allow-listed); matched_fraction: loaded / all model keys; matched_elements:
-    the same fraction counted in tensor elements.
+    initialisation (the task layers); dropped: keys of the file not loaded because they land on
+    a task layer (e.g. ``final.kernel``, ``final.bias``); matched_fraction: loaded / all model
+    keys; matched_elements: the same fraction counted in tensor elements.
     """
 
     path: Path
@@ -62,15 +70,19 @@ class LoadReport:
     allowed_missing: list[str]
     matched_fraction: float
     matched_elements: float
+    dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         n, total = len(self.loaded), len(self.loaded) + len(self.allowed_missing)
-        heads = sorted({k.split(".")[0] for k in self.allowed_missing})
-        kept = (f"; left at initialisation (allowed): {len(self.allowed_missing)} tensors of "
-                f"{', '.join(heads)}" if self.allowed_missing else "")
+        layers = sorted({".".join(k.split(".")[:2]) if k.startswith("backbone.") else
+                         k.split(".")[0] for k in self.allowed_missing})
+        kept = (f"; left at initialisation (task layers): {len(self.allowed_missing)} tensors of "
+                f"{', '.join(layers)}" if self.allowed_missing else "")
+        dropped = (f"; dropped from the file (task layer rebuilt): {', '.join(self.dropped)}"
+                   if self.dropped else "")
         return (f"pretrained: {self.path} ({self.source}): loaded {n}/{total} tensors "
                 f"({100 * self.matched_fraction:.1f}% of keys, {100 * self.matched_elements:.1f}%"
-                f" of elements){kept}")
+                f" of elements){kept}{dropped}")
 
 
 def _read(path: Path) -> tuple[dict, dict | None, str]:
@@ -114,7 +126,7 @@ def _extra_prefix(unexpected: list[str], targets: set[str], prefix: str) -> str 
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = "backbone.",
-                    allow_missing: Sequence[str] = ("head.",),
+                    allow_missing: Sequence[str] | None = None,
                     architecture: dict | None = None) -> LoadReport:
     """Load the backbone weights of ``path`` into ``model`` strictly (see the module docstring).
 
@@ -123,7 +135,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
         path: pretrained file.
         prefix: where the file's keys live in ``model`` (``"backbone."``; ``""`` for a bare
             backbone).
-        allow_missing: key prefixes of ``model`` that may stay at their initialisation.
+        allow_missing: key prefixes of ``model`` that stay at their initialisation (the task
+            layers; file keys landing there are dropped); None: ``model.task_layers``, or
+            ``("head.",)`` for a model without it.
         architecture: the model's backbone constructor arguments (``backbone.config()``), checked
             against the file's where it records them; None: taken from ``model.backbone``.
     """
@@ -132,20 +146,31 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
         raise FileNotFoundError(f"pretrained weights {path} do not exist; give an existing file "
                                 "or pretrained=null to train from scratch")
     source, file_arch, desc = _read(path)
+    if allow_missing is None:
+        allow_missing = tuple(getattr(model, "task_layers", ("head.",)))
+    allow = tuple(allow_missing)
     if architecture is None and hasattr(model, "backbone") and hasattr(model.backbone, "config"):
         architecture = model.backbone.config()
+    # a rebuilt final layer makes the file's output width irrelevant
+    arch_keys = [k for k in ARCHITECTURE_KEYS
+                 if not (k == "out_channels" and (prefix + "final.").startswith(allow))]
     if file_arch is not None and architecture is not None:
         diff = [f"{k}: file {file_arch.get(k)!r} vs model {architecture.get(k)!r}"
-                for k in ARCHITECTURE_KEYS if file_arch.get(k) != architecture.get(k)]
+                for k in arch_keys if file_arch.get(k) != architecture.get(k)]
         if diff:
+            hint = ("; a 1-channel backbone was pretrained on data.features=ones1: fine-tune with "
+                    "data.features=ones1, or pretrain on a 3-channel mode (ones_jitter)"
+                    if file_arch.get("in_channels") == 1 else "")
             raise ValueError(f"{path} holds a different backbone architecture ({'; '.join(diff)}); "
                              "configure the model like the pretraining run (e.g. model=<same> "
-                             "model.out_channels=<same>)")
+                             f"model.out_channels=<same>){hint}")
     target = model.state_dict()
     mapped = {prefix + k: v for k, v in source.items()}
+    dropped = [k[len(prefix):] for k in mapped if k.startswith(allow)]
+    mapped = {k: v for k, v in mapped.items() if not k.startswith(allow)}
     unexpected = [k[len(prefix):] for k in mapped if k not in target]
     missing = [k for k in target if k not in mapped]
-    not_allowed = [k for k in missing if not k.startswith(tuple(allow_missing))]
+    not_allowed = [k for k in missing if not k.startswith(allow)]
     shapes = [f"{k[len(prefix):]} {tuple(v.shape)} vs {tuple(target[k].shape)}"
               for k, v in mapped.items() if k in target and v.shape != target[k].shape]
     if unexpected or not_allowed or shapes:
@@ -173,4 +198,4 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
     total_elements = sum(v.numel() for v in target.values()) or 1
     return LoadReport(path=path, source=desc, loaded=loaded, allowed_missing=missing,
                       matched_fraction=len(loaded) / max(len(target), 1),
-                      matched_elements=elements / total_elements)
+                      matched_elements=elements / total_elements, dropped=dropped)

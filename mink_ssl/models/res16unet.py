@@ -29,6 +29,16 @@ Forward (N voxels in, the same N voxels out, in the input's order):
       convtr4 -> cat(b3) -> block5 @ 8 ; convtr5 -> cat(b2) -> block6 @ 4
       convtr6 -> cat(b1) -> block7 @ 2 ; convtr7 -> cat(p1) -> block8 @ 1
       final -> (N, out_channels), optionally L2-normalised per row
+
+Batch norm and initialisation follow the released code (PointContrast / CSC ``models/
+res16unet.py``, ``resnet.py``, ``modules/resnet_block.py``): the model's ``bn_momentum`` (0.05 in
+pretraining, 0.02 in fine-tuning) reaches the stem, strided, transposed and 1x1 projection
+(``downsample``) batch norms, while the batch norms inside the residual blocks (``norm1..3``) are
+built without it and keep PyTorch's 0.1 (``block_bn_momentum``; None gives them ``bn_momentum``
+too). Convolution kernels keep MinkowskiEngine's default initialisation, uniform in
++-1/sqrt(fan) with fan = in_channels x kernel volume (out_channels x kernel volume for transposed
+convolutions), the ``final`` bias likewise; batch norms start at weight 1, bias 0
+(``init="me"``). ``init="kaiming"`` is our earlier variant (Kaiming-normal kernels, fan-out).
 """
 from __future__ import annotations
 
@@ -39,6 +49,9 @@ import torch.nn as nn
 
 from mink_ssl.models.registry import MODELS
 
+#: kernel initialisations: MinkowskiEngine's default (the released code) or Kaiming-normal
+INITS = ("me", "kaiming")
+
 
 def _me():
     import MinkowskiEngine as ME
@@ -47,7 +60,8 @@ def _me():
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3x3 convolutions with batch norm and a residual connection (expansion 1)."""
+    """Two 3x3x3 convolutions with batch norm and a residual connection (expansion 1).
+    ``bn_momentum`` is that of the block's own batch norms (``norm1``, ``norm2``)."""
 
     expansion: ClassVar[int] = 1
 
@@ -109,7 +123,12 @@ class Res16UNetBase(nn.Module):
         out_channels: output feature channels (32 for pretraining, the class count downstream).
         stem_kernel_size: kernel of the stride-1 stem convolution; 3 as in PointContrast's
             pretraining, 5 as in the MinkowskiEngine model zoo.
-        bn_momentum: momentum of every batch norm, including those inside residual blocks.
+        bn_momentum: momentum of the stem, strided, transposed and projection batch norms.
+        block_bn_momentum: momentum of the batch norms inside residual blocks; 0.1 as in the
+            released code (its blocks are built without the model's momentum); None: the same
+            as ``bn_momentum`` (our earlier variant).
+        init: ``"me"`` (MinkowskiEngine's default uniform kernels, the released code) or
+            ``"kaiming"`` (Kaiming-normal kernels, fan-out; our earlier variant).
         normalize_output: L2-normalise each output row (used by the contrastive objectives).
         dimension: spatial dimension of the sparse tensors (3).
     """
@@ -122,7 +141,8 @@ class Res16UNetBase(nn.Module):
     TOTAL_STRIDE: ClassVar[int] = 16
 
     def __init__(self, in_channels: int, out_channels: int, *, stem_kernel_size: int = 3,
-                 bn_momentum: float = 0.1, normalize_output: bool = False, dimension: int = 3):
+                 bn_momentum: float = 0.1, block_bn_momentum: float | None = 0.1,
+                 init: str = "me", normalize_output: bool = False, dimension: int = 3):
         super().__init__()
         if self.BLOCK is None:
             raise TypeError(f"{type(self).__name__} is abstract: use a concrete network such as "
@@ -132,12 +152,19 @@ class Res16UNetBase(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if stem_kernel_size not in (1, 3, 5, 7):
             raise ValueError(f"stem_kernel_size must be 1, 3, 5 or 7, got {stem_kernel_size!r}")
-        if not 0.0 < bn_momentum <= 1.0:
-            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
+        for name, value in (("bn_momentum", bn_momentum),
+                            ("block_bn_momentum", 0.1 if block_bn_momentum is None
+                             else block_bn_momentum)):
+            if not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if len(self.LAYERS) != 8 or len(self.PLANES) != 8:
             raise TypeError(f"{type(self).__name__}: LAYERS and PLANES need 8 entries each")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stem_kernel_size, self.bn_momentum = stem_kernel_size, bn_momentum
+        self.block_bn_momentum = None if block_bn_momentum is None else float(block_bn_momentum)
+        self.init = init
         self.normalize_output, self.dimension = normalize_output, dimension
 
         ME = _me()
@@ -195,17 +222,17 @@ class Res16UNetBase(nn.Module):
                                         dimension=self.dimension),
                 ME.MinkowskiBatchNorm(planes * exp, momentum=self.bn_momentum),
             )
-        layers = [block(self.inplanes, planes, self.bn_momentum, self.dimension,
-                        downsample=downsample)]
+        m = self.bn_momentum if self.block_bn_momentum is None else self.block_bn_momentum
+        layers = [block(self.inplanes, planes, m, self.dimension, downsample=downsample)]
         self.inplanes = planes * exp
-        layers += [block(self.inplanes, planes, self.bn_momentum, self.dimension)
-                   for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, m, self.dimension) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
         ME = _me()
         for m in self.modules():
-            if isinstance(m, ME.MinkowskiConvolution | ME.MinkowskiConvolutionTranspose):
+            if self.init == "kaiming" and isinstance(
+                    m, ME.MinkowskiConvolution | ME.MinkowskiConvolutionTranspose):
                 nn.init.kaiming_normal_(m.kernel, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, ME.MinkowskiBatchNorm):
                 nn.init.constant_(m.bn.weight, 1.0)
@@ -216,7 +243,8 @@ class Res16UNetBase(nn.Module):
         return {
             "name": type(self).__name__, "in_channels": self.in_channels,
             "out_channels": self.out_channels, "stem_kernel_size": self.stem_kernel_size,
-            "bn_momentum": self.bn_momentum, "normalize_output": self.normalize_output,
+            "bn_momentum": self.bn_momentum, "block_bn_momentum": self.block_bn_momentum,
+            "init": self.init, "normalize_output": self.normalize_output,
             "dimension": self.dimension,
         }
 

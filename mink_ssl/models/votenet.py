@@ -5,8 +5,11 @@ PointContrast fine-tunes VoteNet with its SR-UNet in place of PointNet++ (``vote
 seeds are 1,024 farthest-point samples of the voxels, the UNet's output their features, the
 rest of VoteNet unchanged). Same here, with the facts of VoteNet's code (read, not copied):
 
-- backbone: a Res16UNet on the voxels; its ``final`` layer is kept (so a pretrained backbone is
-  used whole) and a linear layer (+ batch norm, ReLU) lifts the seeds' features to 256 channels;
+- backbone: a Res16UNet on the voxels whose ``final`` layer is rebuilt to give the seeds' 256
+  channels directly (``SparseConvBackbone``: ``Res16UNet34C(3, 256)``, 96 -> 256, pretrained
+  weights loaded without ``final.*``), the seeds' features going straight to voting. Option
+  ``seed_projection=True`` (our earlier variant): the pretrained ``final`` (96 -> 32) is kept and
+  a linear layer (+ batch norm, ReLU) lifts the seeds' features to 256 channels;
 - seeds: ``num_seeds`` (1,024) farthest point samples of each scene's voxel coordinates, in
   voxel units so that ties are exact (:func:`mink_ssl.ops.farthest_point_sampling`); a scene with
   fewer voxels takes all of them, repeated;
@@ -202,17 +205,21 @@ class VoteNetHead(nn.Module):
     docstring). ``forward(features (N, C), coords (N, 4), points (N, 3))`` -> VoteNetOutput.
 
     Args:
-        in_channels: backbone output channels C.
+        in_channels: backbone output channels C (= ``seed_channels`` without a projection).
         num_classes: NC (also the number of size clusters NS).
         mean_sizes: (NC, 3) mean full extents per class (metres), from the training set.
         num_heading_bins: NH (12 for SUN RGB-D; 1 = axis-aligned, ScanNet).
         num_seeds, seed_channels, num_proposals: S (1024), seed feature width (256), P (256).
         radius, group_size: vote aggregation ball (0.3 m) and votes per ball (16).
+        seed_projection: lift the backbone features to ``seed_channels`` with a linear layer,
+            batch norm and ReLU (``seed_proj``); False (the released code): the backbone's
+            rebuilt final layer already gives ``seed_channels`` = ``in_channels``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, mean_sizes, *,
                  num_heading_bins: int = 12, num_seeds: int = 1024, seed_channels: int = 256,
-                 num_proposals: int = 256, radius: float = 0.3, group_size: int = 16):
+                 num_proposals: int = 256, radius: float = 0.3, group_size: int = 16,
+                 seed_projection: bool = False):
         super().__init__()
         mean_sizes = torch.as_tensor(mean_sizes, dtype=torch.float32)
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
@@ -229,13 +236,18 @@ class VoteNetHead(nn.Module):
                              f"class), got shape {tuple(mean_sizes.shape)}")
         if not radius > 0:
             raise ValueError(f"radius must be positive metres, got {radius!r}")
+        if not seed_projection and in_channels != seed_channels:
+            raise ValueError(f"without a seed projection the backbone gives the seed features: "
+                             f"build it with out_channels={seed_channels} (seed_channels), got "
+                             f"in_channels={in_channels}; or set seed_projection=True")
         self.in_channels, self.num_classes = in_channels, num_classes
         self.num_heading_bins, self.num_seeds = num_heading_bins, num_seeds
         self.seed_channels, self.num_proposals = seed_channels, num_proposals
         self.radius, self.group_size = float(radius), group_size
+        self.seed_projection = bool(seed_projection)
         self.register_buffer("mean_sizes", mean_sizes, persistent=False)  # in config() instead
         c = seed_channels
-        self.seed_proj = SharedMLP([in_channels, c])
+        self.seed_proj = SharedMLP([in_channels, c]) if seed_projection else nn.Identity()
         self.vote_mlp = SharedMLP([c, c, c])
         self.vote_out = nn.Linear(c, 3 + c)  # offset (3), feature residual (c)
         self.aggregation = SharedMLP([3 + c, 128, 128, 128])
@@ -249,7 +261,8 @@ class VoteNetHead(nn.Module):
                 "mean_sizes": self.mean_sizes.cpu().tolist(),
                 "num_heading_bins": self.num_heading_bins, "num_seeds": self.num_seeds,
                 "seed_channels": self.seed_channels, "num_proposals": self.num_proposals,
-                "radius": self.radius, "group_size": self.group_size}
+                "radius": self.radius, "group_size": self.group_size,
+                "seed_projection": self.seed_projection}
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor, points: torch.Tensor
                 ) -> VoteNetOutput:
@@ -310,6 +323,12 @@ class VoteNetDetector(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    @property
+    def task_layers(self) -> tuple[str, ...]:
+        """Model key prefixes that start from scratch (never from pretrained weights): the head,
+        and the backbone's final layer where it is rebuilt (no seed projection)."""
+        return ("head.",) if self.head.seed_projection else ("backbone.final.", "head.")
 
     def forward(self, coords: torch.Tensor, feats: torch.Tensor, points: torch.Tensor
                 ) -> VoteNetOutput:
@@ -498,10 +517,12 @@ def save_detection_model(model: VoteNetDetector, path: str | os.PathLike, *,
 
 
 def detector_from_configs(model_cfg: dict, head_cfg: dict) -> VoteNetDetector:
-    """Rebuild an (untrained) detector from ``backbone.config()`` and ``head.config()``."""
+    """Rebuild an (untrained) detector from ``backbone.config()`` and ``head.config()``; a head
+    config without ``seed_projection`` (written before it existed) had the projection."""
     from mink_ssl.models import build_model
 
     cfg, head = dict(model_cfg), dict(head_cfg)
+    head.setdefault("seed_projection", True)
     backbone = build_model(cfg.pop("name"), **cfg)
     return VoteNetDetector(backbone, VoteNetHead(head.pop("in_channels"),
                                                  head.pop("num_classes"),
