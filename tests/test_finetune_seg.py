@@ -475,7 +475,8 @@ def test_evaluate_only_scores_a_saved_model_like_its_run(evaluated_run, tmp_path
 
 
 def test_evaluate_only_rejects_what_does_not_fit(rooms, evaluated_run, tmp_path):
-    from mink_ssl.models.heads import load_segmentation_model, save_segmentation_model
+    from mink_ssl.models.heads import (SegmentationModel, load_segmentation_model,
+                                       save_segmentation_model)
 
     cfg, run, _, _ = evaluated_run
     only = replace(cfg, evaluate_only=str(run / "model.pth"))
@@ -506,6 +507,13 @@ def test_evaluate_only_rejects_what_does_not_fit(rooms, evaluated_run, tmp_path)
              "fine-tuned on 'ones' features but data.features='rgb'; set data.features=ones")):
         save_segmentation_model(model, tmp_path / name / "model.pth", **kw)
         fails(replace(only, evaluate_only=str(tmp_path / name / "model.pth")), match)
+    # a model fine-tuned on 1-channel ones (written before every constant mode had 3 channels)
+    one = SegmentationModel(build_model("Res16UNet14A", in_channels=1, out_channels=4), 4)
+    save_segmentation_model(one, tmp_path / "ones1" / "model.pth", classes=CLASSES,
+                            voxel_size=VOXEL, features="ones")
+    fails(replace(only, evaluate_only=str(tmp_path / "ones1" / "model.pth"),
+                  data=replace(cfg.data, features="ones")),
+          r"takes 1-channel input but data.features='ones' gives 3 channels; .*ones1")
     torch.save({"format": "mink_ssl.model/1"}, tmp_path / "backbone.pth")
     fails(replace(only, evaluate_only=str(tmp_path / "backbone.pth")),
           r"format 'mink_ssl.model/1', expected a segmentation model .*or a segmentation "

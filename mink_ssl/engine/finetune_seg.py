@@ -344,6 +344,11 @@ def evaluate_only(cfg: FinetuneSegConfig, out_dir: Path, device, print_fn=print)
         raise ValueError(f"evaluation split {cfg.data.eval_split!r} is empty; choose "
                          f"data.eval_split from {filled}")
     check_fine_tuned(path, meta, model.num_classes, eval_set, cfg.data)
+    width = model.backbone.config()["in_channels"]
+    if width != eval_set.in_channels:  # e.g. a 1-channel 'ones' model from before 'ones1'
+        raise ValueError(f"evaluate_only={path} takes {width}-channel input but data.features="
+                         f"{cfg.data.features!r} gives {eval_set.in_channels} channels; every "
+                         f"constant mode but ones1 has 3 channels: set data.features=ones1")
     name = model.backbone.config()["name"]
     print_fn(f"finetune-seg: evaluating {path} ({name}, "
              f"{meta['iterations'] if meta['iterations'] is not None else 'unknown'} iterations) "
