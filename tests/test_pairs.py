@@ -177,3 +177,19 @@ def test_collate_stacks_frames_and_moves_them(kitchen_pairs):
 def test_bad_frame_size_is_reported(kitchen_pairs, bad):
     with pytest.raises(ValueError, match="frame_size must be"):
         PairDataset(kitchen_pairs, frame_size=bad)
+
+
+def test_dataset_build_checks_correspondences_against_brute_force(kitchen_pairs, monkeypatch):
+    ds = PairDataset(kitchen_pairs, voxel_size=0.025, seed=3, verify_matches=2)
+    assert ds.match_check["pairs_checked"] == 2 and ds.match_check["rows_checked"] == 512
+    assert ds.match_check["matches_checked"] > 100
+    assert PairDataset(kitchen_pairs, voxel_size=0.025, verify_matches=0).match_check[
+        "pairs_checked"] == 0
+
+    def dropping(w0, w1, radius, *args, **kw):  # a fast path that loses every other match
+        return find_matches(w0, w1, radius, *args, **kw)[::2]
+
+    monkeypatch.setattr("mink_ssl.data.pairs.find_matches", dropping)
+    with pytest.raises(ValueError, match=r"correspondence self-check failed: voxels \d+ \(view 0\)"
+                                         r" and \d+ \(view 1\) are 0.0\d+ m apart .* missed"):
+        PairDataset(kitchen_pairs, voxel_size=0.025, seed=3)

@@ -64,6 +64,8 @@ class PairDataset(Dataset):
         seed: base seed of the augmentation.
         frame_size: (h, w): add each view's RGB frame resized to h x w, its intrinsics and
             pose (see :class:`~mink_ssl.data.batch.View`); ``None`` (default): no frames.
+        verify_matches: pairs whose correspondences are checked against brute force when the
+            dataset is built (a few hundred voxels each; 0: off). A disagreement raises.
     """
 
     def __init__(self, root: str | Path, *, voxel_size: float = 0.025, rotation_deg: float = 360.0,
@@ -71,7 +73,7 @@ class PairDataset(Dataset):
                  translation: float = 0.0, features: str = "rgb", match_radius: float = 1.5,
                  max_matches: int | None = None, min_matches: int = 32,
                  max_depth: float | None = None, seed: int = 0,
-                 frame_size: Sequence[int] | None = None):
+                 frame_size: Sequence[int] | None = None, verify_matches: int = 2):
         feature_mode(features)  # a known mode
         if voxel_size <= 0 or match_radius <= 0:
             raise ValueError(f"voxel_size and match_radius must be positive, got {voxel_size}, "
@@ -89,6 +91,25 @@ class PairDataset(Dataset):
         self.frame_size = check_frame_size(frame_size)
         self.pairs = self._read_pairs(self.root / self.manifest.get("pairs_file", "pairs.txt"))
         self._stores: dict = {}
+        self.match_check = self.verify_matches(verify_matches)
+
+    def verify_matches(self, n: int) -> dict:
+        """Check the correspondence search of ``n`` seeded pairs against brute force
+        (:func:`~mink_ssl.data.correspondence.check_matches`); raises on a disagreement."""
+        from mink_ssl.data.correspondence import check_matches
+
+        rng = np.random.default_rng([self.seed, 2**31])  # apart from the items' streams
+        total = {"pairs_checked": 0, "rows_checked": 0, "matches_checked": 0}
+        for index in rng.choice(len(self.pairs), min(n, len(self.pairs)), replace=False):
+            scene, fa, fb = self.pairs[index]
+            v0, v1 = self._view(scene, fa, rng), self._view(scene, fb, rng)
+            w0, w1 = v0.world.numpy(), v1.world.numpy()
+            radius = self.match_radius * self.voxel_size
+            got = check_matches(w0, w1, radius, find_matches(w0, w1, radius), rng=rng)
+            total = {"pairs_checked": total["pairs_checked"] + 1,
+                     **{k: total[k] + v for k, v in got.items()}}
+        self._stores = {}  # loader workers open their own
+        return total
 
     @staticmethod
     def _read_pairs(path: Path) -> list[tuple[str, int, int]]:
