@@ -193,12 +193,22 @@ def _changed(asked: dict, found: dict, default: dict) -> list[str]:
 
 def _check_same_config(run_dir: Path, cfg) -> None:
     """A finished run is reused only if it was made with the config asked for now."""
-    asked = json.loads(json.dumps(asdict(cfg)))
-    default = json.loads(json.dumps(asdict(type(cfg)())))
-    diff = _changed(asked, json.loads((run_dir / "config.json").read_text()), default)
+    def plain(d: dict) -> dict:  # how a run was started is not what it computes
+        return {k: v for k, v in d.items() if k not in ("resume", "resume_override")}
+
+    asked = plain(json.loads(json.dumps(asdict(cfg))))
+    default = plain(json.loads(json.dumps(asdict(type(cfg)()))))
+    diff = _changed(asked, plain(json.loads((run_dir / "config.json").read_text())), default)
     if diff:
         raise ValueError(f"{run_dir} was made with another config (differs in {diff}): use a new "
                          "--out for another preset, or delete that run to redo it")
+
+
+def _continuing(cfg, run_dir: Path):
+    """``cfg``, with ``resume="auto"`` when ``run_dir`` holds an interrupted run (its
+    ``config.json`` but no result): the run directory refuses a fresh start over it, and the run
+    continues from its last checkpoint (its config is checked to be the same)."""
+    return replace(cfg, resume="auto") if (run_dir / "config.json").is_file() else cfg
 
 
 def _write_json(path: Path, obj) -> None:
@@ -233,7 +243,7 @@ def pretrain_run(out: Path, pairs: Path, objective: str, seed: int, preset: Pres
         _check_same_config(run_dir, cfg)
         return backbone, json.loads(timing.read_text())["seconds"]
     t0 = time.perf_counter()
-    pretrain(cfg, run_dir, print_fn=log)
+    pretrain(_continuing(cfg, run_dir), run_dir, print_fn=log)
     seconds = time.perf_counter() - t0
     _write_json(timing, {"seconds": seconds})
     return backbone, seconds
@@ -266,7 +276,7 @@ def finetune_run(out: Path, seg: Path, objective: str, setting: str, seed: int,
         _check_same_config(run_dir, cfg)
     else:
         t0 = time.perf_counter()
-        finetune_seg(cfg, run_dir, print_fn=log)
+        finetune_seg(_continuing(cfg, run_dir), run_dir, print_fn=log)
         _write_json(timing, {"seconds": time.perf_counter() - t0})
     r = json.loads(results.read_text())
     return {"miou": r["miou"], "macc": r["macc"], "oacc": r["oacc"],
