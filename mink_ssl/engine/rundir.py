@@ -12,12 +12,14 @@ Rules (checked before anything is written; :class:`RunConflict` names the differ
 - a directory holding a run (``config.json`` or checkpoints) is not started over: without
   ``resume`` the run is refused (it would overwrite that run's checkpoints and exports);
 - with ``resume``, model, objectives, data, seed and batch size must match the run's config (and
-  the checkpoint's); optimizer and schedule changes (``optim.*``, ``max_iterations``,
-  ``distributed.*``) need ``resume_override=true`` and are recorded in ``config_history.json``;
+  the checkpoint's); optimizer and schedule changes (``optim.*`` but the optimizer type,
+  ``max_iterations``, ``epochs``, ``distributed.*``) need ``resume_override=true``, apply from
+  the resumed iteration and are recorded in ``config_history.json``;
   logging, progress, device, checkpoint frequency, loader workers and evaluation settings may
   change freely (also recorded);
 - one run at a time per directory (:class:`mink_ssl.safety.DirLock`, rank 0);
-- temporaries of a killed checkpoint write (``.<name>.<random>.tmp``) are removed.
+- temporaries of a killed checkpoint write (``.<name>.<random>.tmp``) are removed;
+- ``resume=auto`` passes over a damaged newest checkpoint (named, kept as ``<name>.damaged``).
 """
 from __future__ import annotations
 
