@@ -175,6 +175,17 @@ def test_cli_knn_probe_end_to_end(rooms, tmp_path):
     assert not list(run.glob("checkpoint_*.pth"))
 
 
+def test_knn_bank_follows_the_limited_labels(rooms, tmp_path):
+    """data.labelled_points=N: the bank holds only the voxels of the N labelled points kept in
+    each training room (at most N per room), no other voxel."""
+    from mink_ssl.engine.finetune_seg import finetune_seg
+
+    cfg = tiny_config(rooms, probe="knn", knn_k=3)
+    cfg = replace(cfg, data=replace(cfg.data, voxel_size=VOXEL, labelled_points=20))
+    results = finetune_seg(cfg, tmp_path / "run", print_fn=lambda *a: None)
+    assert 0 < results["knn_bank"] <= 4 * 20 and results["labelled_points"] == 20
+
+
 def test_unknown_probe_is_an_error_naming_the_choices(rooms, tmp_path):
     from mink_ssl.engine.finetune_seg import finetune_seg
 

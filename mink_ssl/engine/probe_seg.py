@@ -1,5 +1,6 @@
-"""Segmentation probes on a frozen backbone, run by :func:`mink_ssl.engine.finetune_seg.finetune_seg`
-when ``probe`` is set (the probes themselves: :mod:`mink_ssl.models.probe`).
+"""Segmentation probes on a frozen backbone, run by
+:func:`mink_ssl.engine.finetune_seg.finetune_seg` when ``probe`` is set (the probes themselves:
+:mod:`mink_ssl.models.probe`).
 
     mink-ssl-finetune-seg finetune=s3dis data.root=... pretrained=runs/pt/backbone.pth probe=linear
     ... probe=linear_multiscale     # one linear layer on the four decoder stages, concatenated
