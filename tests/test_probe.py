@@ -186,6 +186,19 @@ def test_knn_bank_follows_the_limited_labels(rooms, tmp_path):
     assert 0 < results["knn_bank"] <= 4 * 20 and results["labelled_points"] == 20
 
 
+def test_config_takes_the_probe_keys():
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    default = OmegaConf.to_object(compose_config("finetune_seg", "data.root=/x"))
+    assert default.probe is None and (default.knn_k, default.knn_bank) == (20, 200000)
+    knn = OmegaConf.to_object(compose_config("finetune_seg", "data.root=/x", "probe=knn",
+                                             "knn_k=5"))
+    assert knn.probe == "knn" and knn.knn_k == 5
+    with pytest.raises(Exception, match="knn_kk"):
+        compose_config("finetune_seg", "data.root=/x", "knn_kk=5")
+
+
 def test_unknown_probe_is_an_error_naming_the_choices(rooms, tmp_path):
     from mink_ssl.engine.finetune_seg import finetune_seg
 
