@@ -389,7 +389,7 @@ def test_pretrain_runs_the_objective_and_lowers_its_loss(synthetic_pairs, tmp_pa
     from mink_ssl.engine.pretrain import build_dataset, pretrain
 
     data = DataConfig(root=str(synthetic_pairs), voxel_size=0.1, num_workers=0,
-                      max_matches=1000, frame_size=[24, 32])
+                      max_matches=1000, frame_size=[24, 32], features="rgb")
     assert build_dataset(data, 0).frame_size == (24, 32)
     cfg = PretrainConfig(
         model=ModelConfig(name="Res16UNet14A", out_channels=16), data=data,
