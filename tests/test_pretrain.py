@@ -371,7 +371,7 @@ def test_objectives_sharing_stat_names_combine(synthetic_pairs):
     batch = collate_pairs([ds[(0, 0)]])
     objectives, weights = build_objectives({"point_info_nce": {"num_matches": 128},
                                             "shape_context_nce": {"weight": 0.5,
-                                                                  "num_matches": 128}})
+                                                                  "num_matches_per_scene": 128}})
     torch.manual_seed(0)
     module = PretrainModule(build_model("Res16UNet14A", in_channels=3, out_channels=8),
                             objectives, weights)
