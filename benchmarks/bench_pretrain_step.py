@@ -1,17 +1,21 @@
 """A full pretraining step vs the bare forward+backward of the same network on the same batch.
 
-The full step is ``Trainer.run_step``: waiting for the loader (which reads fragments,
-voxelises, augments and computes correspondences in its workers), the objective (hardest
-contrastive by default), backward and the optimizer. The bare step is only
-``backbone(view0)``, ``backbone(view1)`` and a backward of their sum, on batches fetched in
-advance. Target: full / bare <= 1.15 with the default loader workers (the loader must not be
-the bottleneck). It also prints the loader's pairs/s on its own.
+The full step is ``Trainer.run_step`` on a batch fetched in advance: the objective (hardest
+contrastive by default), backward, the optimizer and scheduler. The bare step is only
+``backbone(view0)``, ``backbone(view1)`` and a backward of their sum. Both run on the SAME
+batches, alternated round by round (benchmarks/_timing.py), so that a loaded machine slows both
+alike; the report is the median and IQR of each and of the per-round ratio full / bare (>= 1 by
+construction: the full step contains the bare one), with a warning when the spread is larger
+than the effect. Target: full / bare <= 1.15. The loader (reading fragments, voxelising,
+augmenting, matching in its workers) is timed on its own and compared with the pairs/s the full
+step consumes: it must keep up.
 
 Data: the real 7-Scenes frames (../shared/realdata), prepared every 25 frames, or synthetic
 scenes where those are absent.
 
     .venv/bin/python benchmarks/bench_pretrain_step.py [--model Res16UNet34C] [--batch 2]
-        [--steps 5] [--workers 2] [--voxel-size 0.025] [--objective hardest_contrastive]
+        [--steps 3] [--repeats 5] [--workers auto] [--voxel-size 0.025]
+        [--objective hardest_contrastive]
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import KITCHEN, workdir  # noqa: E402
+from _timing import alternate, paired_ratio, ratio_verdict, summary  # noqa: E402
 
 
 def main() -> int:
@@ -33,14 +38,14 @@ def main() -> int:
     from mink_ssl.engine.pretrain import (build_backbone, build_dataset, build_loader,
                                           build_objectives, build_optimizer,
                                           resolve_num_workers)
-    from mink_ssl.engine.profiling import sync_device
     from mink_ssl.engine.trainer import PretrainModule, Trainer
     from mink_ssl.sparse import sparse_tensor
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="Res16UNet34C")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="distinct batches")
+    p.add_argument("--repeats", type=int, default=5, help="alternated rounds per batch")
     p.add_argument("--workers", default="auto", help="loader workers: auto (the default of "
                    "data.num_workers: cores - 1, at most 8) or a number")
     p.add_argument("--voxel-size", type=float, default=0.025)
@@ -79,49 +84,55 @@ def main() -> int:
         loader_pps = n / (time.perf_counter() - t0)
         del it, loader
 
+        # the batches both steps run on, fetched in advance
+        it = iter(build_loader(dataset, args.batch, args.workers, 0, 0, 1, 0))
+        batches = []
+        while len(batches) < args.steps:
+            b = next(it)
+            if b is not None:
+                batches.append(b.to(dev))
+        del it
+
         torch.manual_seed(0)
         backbone = build_backbone(ModelConfig(name=args.model), dataset.in_channels)
         objectives, weights = build_objectives({args.objective: {}}, ModelConfig().out_channels)
-        module = PretrainModule(backbone, objectives, weights).to(dev)
+        module = PretrainModule(backbone, objectives, weights).to(dev).train()
         optimizer, scheduler = build_optimizer(OptimConfig(), module.parameters())
-        trainer = Trainer(module, optimizer, scheduler,
-                          iter(build_loader(dataset, args.batch, args.workers, 0, 0, 1, 0)),
-                          max_iterations=10**9, batch_size=args.batch, device=dev)
-        module.train()
-        trainer.run_step()  # warm-up: workers start, first allocations
-        # alternate a full step and a bare step (on a batch taken from the same loader), so
-        # that drift of the machine's speed affects both alike
-        full, bare, batches = [], [], []
-        for _ in range(args.steps):
-            sync_device(dev)
-            t0 = time.perf_counter()
-            trainer.run_step()
-            sync_device(dev)
-            full.append(time.perf_counter() - t0)
-            batch = trainer._next_batch()
-            batches.append(batch)
-            sync_device(dev)
-            t0 = time.perf_counter()
-            v0, v1 = batch.views
-            out = (backbone(sparse_tensor(v0.coords, v0.feats)).F.sum()
-                   + backbone(sparse_tensor(v1.coords, v1.feats)).F.sum())
-            out.backward()
-            backbone.zero_grad(set_to_none=True)
-            sync_device(dev)
-            bare.append(time.perf_counter() - t0)
+        trainer = Trainer(module, optimizer, scheduler, iter(()), max_iterations=10**9,
+                          batch_size=args.batch, device=dev)
+        full, bare = [], []
+        for batch in batches:
+            def full_step(batch=batch):
+                trainer.batches = iter((batch,))
+                trainer.run_step()
+
+            def bare_step(batch=batch):
+                v0, v1 = batch.views
+                (backbone(sparse_tensor(v0.coords, v0.feats)).F.sum()
+                 + backbone(sparse_tensor(v1.coords, v1.feats)).F.sum()).backward()
+                backbone.zero_grad(set_to_none=True)
+
+            t = alternate({"full": full_step, "bare": bare_step}, dev, args.repeats)
+            full += t["full"]
+            bare += t["bare"]
         voxels = sum(len(b.views[0].coords) + len(b.views[1].coords) for b in batches) / len(batches)
 
-    med = lambda xs: sorted(xs)[len(xs) // 2]
+    f, b, r = summary(full), summary(bare), paired_ratio(full, bare)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {dev_name} | data: {source}, {len(dataset)} pairs | {args.model}, batch "
-          f"{args.batch} pairs (~{voxels:,.0f} voxels), {args.objective}, {args.workers} workers")
-    print(f"  full step (loader + matching + forward + loss + backward + optimizer): "
-          f"{med(full) * 1e3:9.1f} ms (median of {len(full)}, alternated)")
-    print(f"  bare forward+backward on the same batches:                           "
-          f"{med(bare) * 1e3:9.1f} ms")
-    print(f"  ratio full / bare: {med(full) / med(bare):.3f} (target <= 1.15)")
-    print(f"  loader alone: {loader_pps:.2f} pairs/s ({args.workers} workers)")
+          f"{args.batch} pairs (~{voxels:,.0f} voxels), {args.objective}")
+    print(f"  {args.steps} batches x {args.repeats} alternated rounds, the same batches for both")
+    print(f"  full step (matching + forward + loss + backward + optimizer): "
+          f"{f['median'] * 1e3:9.1f} ms  IQR {f['iqr'] * 1e3:7.1f} ms")
+    print(f"  bare forward+backward:                                        "
+          f"{b['median'] * 1e3:9.1f} ms  IQR {b['iqr'] * 1e3:7.1f} ms")
+    print(f"  ratio full / bare (per round): median {r['median']:.3f}, IQR {r['iqr']:.3f} "
+          f"(target <= 1.15)")
+    print(f"  {ratio_verdict(r)}")
+    need = args.batch / f["median"]
+    print(f"  loader alone: {loader_pps:.2f} pairs/s ({args.workers} workers); the full step "
+          f"consumes {need:.2f} pairs/s: {'keeps up' if loader_pps >= need else 'BOTTLENECK'}")
     return 0
 
 
