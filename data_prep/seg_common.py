@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from data_prep.runner import write_manifest
+
 SCHEMA = "mink_ssl.seg_scenes/1"
 IGNORE_LABEL = -1
 SPLITS = ("train", "val", "test")
@@ -237,18 +239,6 @@ def prep_run(out: Path, benchmark: str, inputs: dict, params: dict,
             for stale in (out / sub).glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
         yield
-
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    from mink_ssl.io import atomic_path
-    from mink_ssl.safety import output_error
-
-    try:
-        with atomic_path(out / "manifest.json") as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1))
-    except OSError as e:
-        raise output_error(e, out / "manifest.json",
-                           f"cannot write {out / 'manifest.json'}") from None
 
 
 def _finish(out, benchmark, classes, voxel_size, names, results, params, inputs, skipped, t0,

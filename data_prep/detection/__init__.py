@@ -37,7 +37,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.seg_common import SceneJob, map_jobs, prep_run, scene_file, write_manifest
+from data_prep.runner import write_manifest
+from data_prep.seg_common import SceneJob, map_jobs, prep_run, scene_file
 
 SCHEMA = "mink_ssl.det_scenes/1"
 SPLITS = ("train", "val")

@@ -84,7 +84,7 @@ class _Grid:
     small enough (no lookups), else a bitmap over the occupied ids, whose size is at most the
     number of points however far the scene extends (outliers at 65 m)."""
 
-    def __init__(self, points: np.ndarray, edge: float, reach: int):
+    def __init__(self, points: np.ndarray, edge: float, reach: int, by_key: bool = True):
         cells = np.floor(points / edge).astype(np.int64)  # (P, 3) int64
         lo = cells.min(axis=0) - reach  # margins: a stencil of this reach stays inside
         self.ext = (cells.max(axis=0) - lo + reach + 1).astype(np.int64)  # (3,) int64
@@ -100,7 +100,7 @@ class _Grid:
         self.keys = (c[:, 0] * self.ext[1] + c[:, 1]) * self.ext[2] + c[:, 2]  # (P,) int64
         self.cells, self.id = np.unique(self.keys, return_inverse=True)  # (U,) sorted, (P,)
         self.id = self.id.astype(np.int64).reshape(-1)
-        self.dense = size <= _MAX_DENSE_CELLS  # membership by key bitmap (no lookups)
+        self.dense = by_key and size <= _MAX_DENSE_CELLS  # membership by key (no lookups)
         self._by_key = np.zeros(size, bool) if self.dense else None
         self._by_id = np.zeros(len(self.cells), bool)
         self._marked_keys = self._marked_ids = np.zeros(0, np.int64)
@@ -190,7 +190,7 @@ def overlap_matrix(clouds: list[np.ndarray], radius: float = VOXEL_SIZE * RADIUS
     points = np.concatenate(clouds)  # (P, 3) all clouds
     owner = np.repeat(np.arange(F, dtype=np.int64), sizes)  # (P,) int64 cloud of each point
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (F + 1,)
-    coarse = _Grid(points, radius, reach=1)  # cells of edge r: matches lie in the 27-neighbourhood
+    coarse = _Grid(points, radius, reach=1, by_key=False)  # edge r: matches in 27 neighbours
     for k in FINE_DIVISIONS:  # the finest that still fits a key bitmap, else the last
         fine = _Grid(points, radius / k * (1 - 1e-9), reach=k)
         if fine.dense:

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.runner import check_out_vs_raw, map_scenes, prep_lock
+from data_prep.runner import check_out_vs_raw, map_scenes, prep_lock, write_manifest
 from data_prep.scannet.overlap import (RADIUS_FACTOR, SELF_CHECK_TOL, VOXEL_SIZE, overlap_matrix,
                                        verify_overlap, voxel_downsample)
 from mink_ssl.safety import OutputError, is_output_error, output_error
@@ -431,12 +431,7 @@ def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
                           for r in failed},
         "skipped_scenes": {r.scene: r.reason for r in reports if r.status == "skipped"},
     }
-    try:
-        with atomic_path(out / "manifest.json") as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1))
-    except OSError as e:
-        raise output_error(e, out / "manifest.json",
-                           f"cannot write {out / 'manifest.json'}") from None
+    write_manifest(out, manifest)
     c = manifest["counts"]
     log(f"prep: {c['scenes_done']}/{c['scenes']} scenes done "
         f"({sum(r.status == 'already done' for r in reports)} already done), "
