@@ -193,8 +193,9 @@ def _changed(asked: dict, found: dict, default: dict) -> list[str]:
 
 def _check_same_config(run_dir: Path, cfg) -> None:
     """A finished run is reused only if it was made with the config asked for now."""
-    def plain(d: dict) -> dict:  # how a run was started is not what it computes
-        return {k: v for k, v in d.items() if k not in ("resume", "resume_override")}
+    def plain(d: dict) -> dict:  # how a run was started or logged is not what it computes
+        return {k: v for k, v in d.items()
+                if k not in ("resume", "resume_override", "log_every", "progress")}
 
     asked = plain(json.loads(json.dumps(asdict(cfg))))
     default = plain(json.loads(json.dumps(asdict(type(cfg)()))))
@@ -237,7 +238,7 @@ def pretrain_run(out: Path, pairs: Path, objective: str, seed: int, preset: Pres
         optim=OptimConfig(lr=preset.pretrain_lr),
         objectives={n: objective_args(n, preset, seed) for n in names},
         max_iterations=preset.pretrain_iterations, batch_size=preset.pretrain_batch,
-        device=device, checkpoint_every=0, log_every=max(preset.pretrain_iterations // 5, 1),
+        device=device, checkpoint_every=0, log_every=1,  # every loss: the curve in the table
         progress=False, seed=seed)
     if backbone.is_file() and timing.is_file():
         _check_same_config(run_dir, cfg)

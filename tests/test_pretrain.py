@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from data_prep.scannet.prep import PrepParams, run as run_prep
 from data_prep.synthetic import generate_scene
 from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
+from mink_ssl.engine.hooks import read_metrics
 from mink_ssl.engine.pretrain import build_objectives, pretrain
 from mink_ssl.models import load_model
 from mink_ssl.objectives import OBJECTIVES, Objective
@@ -101,7 +102,7 @@ def _cli(root, run_dir, *extra):
             "data.num_workers=0", "data.max_matches=2000", "objective=[hardest_contrastive]",
             "objectives.hardest_contrastive.num_pos_per_pair=128",
             "objectives.hardest_contrastive.num_hn_per_pair=64", "max_iterations=6",
-            "batch_size=2", "device=cpu", "checkpoint_every=2", "progress=false",
+            "batch_size=2", "device=cpu", "checkpoint_every=2", "log_every=1", "progress=false",
             f"hydra.run.dir={run_dir}", *extra]
 
 
@@ -132,6 +133,11 @@ def test_killed_run_resumed_ends_with_identical_weights(synthetic_pairs, tmp_pat
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # metrics.jsonl: the resumed run's lines replace the killed run's from its checkpoint on,
+    # so the curve is the uninterrupted run's, every iteration once
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(killed)
+    assert list(straight) == list(resumed) == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in resumed.values()] == [m["loss"] for m in straight.values()]
 
 
 def test_cli_rejects_unknown_objective_and_key(tmp_path):
@@ -247,6 +253,9 @@ def test_pretraining_learns_features_that_match_on_held_out_pairs(synthetic_pair
     events.Reload()
     loss = [e.value for e in events.Scalars("loss/loss")]
     assert np.mean(loss[-3:]) < np.mean(loss[:3]) - 0.1
+    logged = read_metrics(tmp_path / "run")  # the same scalars as lines of metrics.jsonl
+    assert list(logged) == list(range(5, 61, 5))
+    np.testing.assert_allclose([m["loss"] for m in logged.values()], loss, rtol=1e-6)
 
     held = PairDataset(tmp_path / "held", voxel_size=voxel, rotation_axis="z", seed=123)
     batch = collate_pairs([held[(0, i)] for i in range(len(held))])

@@ -1,6 +1,7 @@
 """Trainer hooks: checkpointing, TensorBoard scalars and a progress bar (rank 0 only)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mink_ssl.engine.trainer import Hook
@@ -54,7 +55,9 @@ class CheckpointHook(Hook):
 
 
 class LoggingHook(Hook):
-    """TensorBoard scalars every ``every`` iterations, a tqdm bar, a final summary line."""
+    """TensorBoard scalars every ``every`` iterations, the same metrics as lines of
+    ``metrics.jsonl`` (``{"iteration": i, "loss": ..., ...}``; read them with
+    :func:`read_metrics`), a tqdm bar, a final summary line."""
 
     def __init__(self, out_dir: Path, every: int = 10, enabled: bool = True,
                  progress: bool = True, print_fn=print, desc: str = "pretrain",
@@ -62,7 +65,7 @@ class LoggingHook(Hook):
         self.out_dir, self.every, self.enabled = Path(out_dir), every, enabled
         self.progress, self.print_fn = progress and enabled, print_fn
         self.desc, self.report_skipped = desc, report_skipped  # bar / summary; pair skips
-        self.writer = self.bar = None
+        self.writer = self.bar = self.jsonl = None
 
     def before_train(self, trainer) -> None:
         if not self.enabled:
@@ -72,6 +75,7 @@ class LoggingHook(Hook):
         except ImportError as e:  # pragma: no cover - tensorboard is a dependency
             raise ImportError("TensorBoard logging needs `pip install tensorboard`") from e
         self.writer = SummaryWriter(str(self.out_dir / "tb"))
+        self.jsonl = _open_metrics(self.out_dir / "metrics.jsonl")
         if self.progress:
             from tqdm import tqdm
 
@@ -88,24 +92,58 @@ class LoggingHook(Hook):
                 self.writer.add_scalar(f"{group}/{k}", v, it)
             if self.report_skipped:
                 self.writer.add_scalar("stat/skipped_pairs", trainer.state.skipped_pairs, it)
+            row = {"iteration": it, **{k: float(v) for k, v in m.items()}}
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.3g}")
 
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        self.jsonl.close()
+
     def on_interrupt(self, trainer) -> None:
         if self.enabled:
-            if self.bar is not None:
-                self.bar.close()
-            self.writer.close()
+            self._close()
 
     def after_train(self, trainer) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.close()
-        self.writer.close()
+        self._close()
         s = trainer.state
         skipped = (f", {s.skipped_pairs} pairs skipped (too few matches)"
                    if self.report_skipped else "")
         self.print_fn(f"{self.desc}: {s.iteration} iterations, final loss "
                       f"{s.last_metrics.get('loss', float('nan')):.4f}{skipped}")
+
+
+def _open_metrics(path: Path):
+    """``path`` opened for appending, without the partial last line a killed run may have left
+    (its iteration is logged again by the resumed run)."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+    return open(path, "a")
+
+
+def read_metrics(path: Path) -> dict[int, dict[str, float]]:
+    """iteration -> metrics, from a run's ``metrics.jsonl`` (or its folder). A resumed run
+    appends again from its checkpoint: a later line for the same iteration replaces the
+    earlier one, as the resumed run's values are the ones its result continues from."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    rows: dict[int, dict[str, float]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[int(row.pop("iteration"))] = row
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}:{n} is not a metrics line ({e}): {line[:80]!r}") from e
+    return dict(sorted(rows.items()))
