@@ -67,6 +67,13 @@ class Preset:
     finetune_batch: int = 2
     finetune_lr: float = 2e-3
     settings: tuple = ("pts20", "pts200", "full")
+    # probes on the frozen backbone of every objective (scratch's row: the random
+    # initialisation, the floor), trained on the labels of ``probe_setting``
+    probes: tuple = ("linear", "linear_multiscale", "knn")
+    probe_setting: str = "full"
+    probe_iterations: int = 200  # linear probes: Adam, finetune_lr, poly decay, batch as above
+    knn_k: int = 20
+    knn_bank: int = 20000  # labelled training voxels in the kNN probe's bank (seeded subset)
     objectives: tuple = (SCRATCH, "point_info_nce", "hardest_contrastive")
     seeds: tuple = (0, 1, 2)
     data_seed: int = 0
@@ -75,12 +82,13 @@ class Preset:
 PRESETS = {
     "full": Preset(),
     "demo": Preset(scannet_scenes=3, pretrain_iterations=300, rooms_per_area=2, test_rooms=4,
-                   finetune_iterations=60, settings=("pts200",),
+                   finetune_iterations=60, settings=("pts200",), probes=(),
                    objectives=(SCRATCH, "point_info_nce"), seeds=(0,)),
     "tiny": Preset(out_channels=16, scannet_scenes=2, frames=60, pretrain_iterations=2,
                    pretrain_batch=2, max_matches=1000, num_matches=256, rooms_per_area=1,
                    test_rooms=2, points_per_m2=40.0, seg_voxel=0.2, finetune_iterations=2,
-                   finetune_batch=2, settings=("pts20", "full"),
+                   finetune_batch=2, settings=("pts20", "full"), probe_iterations=2,
+                   knn_k=3, knn_bank=500,
                    objectives=(SCRATCH, "point_info_nce", "hardest_contrastive"), seeds=(0,)),
 }
 
@@ -250,29 +258,29 @@ def pretrain_run(out: Path, pairs: Path, objective: str, seed: int, preset: Pres
     return backbone, seconds
 
 
-def finetune_run(out: Path, seg: Path, objective: str, setting: str, seed: int,
-                 backbone: Path | None, preset: Preset, device: str = "cpu",
-                 log: Callable[[str], None] = print) -> dict:
-    """Fine-tune (unless its ``results.json`` exists); returns mIoU, mAcc, oAcc and seconds."""
+def _seg_run(run_dir: Path, seg: Path, setting: str, seed: int, backbone: Path | None,
+             preset: Preset, device: str, log: Callable[[str], None], **extra) -> dict:
+    """One segmentation run on the preset's rooms (unless its ``results.json`` exists):
+    fine-tuning, or with ``probe=...`` in ``extra`` a probe on the frozen backbone. Returns
+    mIoU, mAcc, oAcc and seconds."""
     from mink_ssl.engine.config import ModelConfig
     from mink_ssl.engine.finetune_seg import (FinetuneSegConfig, SegDataConfig, SegEvalConfig,
                                               SegOptimConfig, finetune_seg)
 
-    run_dir = out / "finetune" / objective / setting / f"seed{seed}"
     results, timing = run_dir / "results.json", run_dir / "bench_time.json"
-    limits = parse_setting(setting)
+    iterations = extra.pop("max_iterations", preset.finetune_iterations)
     cfg = FinetuneSegConfig(
         model=ModelConfig(name=preset.model, out_channels=preset.out_channels,
                           normalize_output=False),
         data=SegDataConfig(root=str(seg), voxel_size=preset.seg_voxel, eval_split="test",
                            features=preset.features,
-                           num_workers=0, label_seed=seed, **limits),
+                           num_workers=0, label_seed=seed, **parse_setting(setting)),
         optim=SegOptimConfig(name="adam", lr=preset.finetune_lr),
         eval=SegEvalConfig(every=0, ply_scenes=0),
         pretrained=str(backbone) if backbone is not None else None, seed=seed,
-        max_iterations=preset.finetune_iterations, batch_size=preset.finetune_batch,
+        max_iterations=iterations, batch_size=preset.finetune_batch,
         device=device, checkpoint_every=0,
-        log_every=max(preset.finetune_iterations // 10, 1), progress=False)
+        log_every=max(iterations // 10, 1), progress=False, **extra)
     if results.is_file() and timing.is_file():
         _check_same_config(run_dir, cfg)
     else:
@@ -281,8 +289,47 @@ def finetune_run(out: Path, seg: Path, objective: str, setting: str, seed: int,
         _write_json(timing, {"seconds": time.perf_counter() - t0})
     r = json.loads(results.read_text())
     return {"miou": r["miou"], "macc": r["macc"], "oacc": r["oacc"],
-            "seconds": json.loads(timing.read_text())["seconds"],
-            "dir": str(run_dir.relative_to(out))}
+            "seconds": json.loads(timing.read_text())["seconds"]}
+
+
+def finetune_run(out: Path, seg: Path, objective: str, setting: str, seed: int,
+                 backbone: Path | None, preset: Preset, device: str = "cpu",
+                 log: Callable[[str], None] = print) -> dict:
+    """Fine-tune (unless its ``results.json`` exists); returns mIoU, mAcc, oAcc and seconds."""
+    run_dir = out / "finetune" / objective / setting / f"seed{seed}"
+    r = _seg_run(run_dir, seg, setting, seed, backbone, preset, device, log)
+    return {**r, "dir": str(run_dir.relative_to(out))}
+
+
+def probe_run(out: Path, seg: Path, objective: str, probe: str, seed: int,
+              backbone: Path | None, preset: Preset, device: str = "cpu",
+              log: Callable[[str], None] = print) -> dict:
+    """Probe ``probe`` on the frozen backbone (``None``: the random initialisation of ``seed``)
+    with the labels of ``preset.probe_setting`` (unless its ``results.json`` exists)."""
+    run_dir = out / "probe" / objective / probe / f"seed{seed}"
+    extra = ({"knn_k": preset.knn_k, "knn_bank": preset.knn_bank} if probe == "knn"
+             else {"max_iterations": preset.probe_iterations})
+    r = _seg_run(run_dir, seg, preset.probe_setting, seed, backbone, preset, device, log,
+                 probe=probe, **extra)
+    return {**r, "dir": str(run_dir.relative_to(out))}
+
+
+def loss_curve(run_dir: Path, windows: int = 8) -> dict:
+    """A pretraining run's loss from its ``metrics.jsonl``: ``start`` and ``end``, the mean
+    over the first and the last tenth of its iterations (single steps are noisy: each batch
+    holds other scenes), and ``curve``, the mean over each of ``windows`` equal spans."""
+    import numpy as np
+
+    from mink_ssl.engine.hooks import read_metrics
+
+    rows = read_metrics(run_dir)
+    loss = np.array([m["loss"] for m in rows.values()], dtype=np.float64)
+    if len(loss) == 0:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no loss")
+    tenth = max(len(loss) // 10, 1)
+    return {"start": float(loss[:tenth].mean()), "end": float(loss[-tenth:].mean()),
+            "iterations": len(loss),
+            "curve": [float(c.mean()) for c in np.array_split(loss, min(windows, len(loss)))]}
 
 
 # --------------------------------------------------------------------------------- results
@@ -328,20 +375,39 @@ def paired_gains(runs: list[dict], summary: dict, objectives: Sequence[str],
     return out
 
 
-def results_table(summary: dict, objectives: Sequence[str], settings: Sequence[str]) -> str:
-    """Markdown table of mIoU (%) mean +- std over seeds, and the gain over scratch."""
-    head = "| objective | " + " | ".join(settings) + " |"
-    lines = [head, "|" + "---|" * (len(settings) + 1)]
+def results_table(summary: dict, objectives: Sequence[str], settings: Sequence[str],
+                  losses: dict | None = None, scratch: str = "scratch") -> str:
+    """Markdown table of mIoU (%) mean +- std over seeds, and the gain over scratch (named
+    ``scratch`` in the first column); with ``losses`` (objective -> {start, end}, means over
+    seeds) a first column of the pretraining loss, first -> last tenth of the iterations."""
+    head = ("| objective | " + ("pretraining loss | " if losses is not None else "")
+            + " | ".join(settings) + " |")
+    lines = [head, "|" + "---|" * (len(settings) + 1 + (losses is not None))]
     for obj in objectives:
         cells = []
+        if losses is not None:
+            e = losses.get(obj)
+            cells.append("-" if e is None else f"{e['start']:.3g} → {e['end']:.3g}"
+                         + ("" if e["end"] < e["start"] else " (does not fall)"))
         for s in settings:
             e = summary[obj][s]
             cell = f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"
             if obj != SCRATCH and SCRATCH in summary:
                 cell += f" ({100 * (e['mean'] - summary[SCRATCH][s]['mean']):+.1f})"
             cells.append(cell)
-        lines.append(f"| {'scratch' if obj == SCRATCH else obj} | " + " | ".join(cells) + " |")
+        lines.append(f"| {scratch if obj == SCRATCH else obj} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gains_table(gains: dict, settings: Sequence[str]) -> str:
+    """Markdown rows of the paired per-seed gains and whether each is beyond the spread."""
+    md = "| objective | " + " | ".join(settings) + " |\n|" + "---|" * (len(settings) + 1) + "\n"
+    for obj, per in gains.items():
+        md += f"| {obj} | " + " | ".join(
+            " / ".join(f"{100 * g:+.1f}" for g in per[s]["values"])
+            + (" **beyond spread**" if per[s]["beyond_spread"] else "")
+            for s in settings) + " |\n"
+    return md
 
 
 def write_plot(path: Path, summary: dict, objectives: Sequence[str], settings: Sequence[str]
@@ -408,7 +474,7 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
     pairs, seg = prepare_data(out, preset, log, pairs)
     t_data = time.perf_counter() - t_start
 
-    runs, pretrain_s = [], {}
+    runs, probe_runs, pretrain_s, losses = [], [], {}, {}
     for obj in objectives:
         for seed in seeds:
             backbone = None
@@ -416,21 +482,38 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
                 log(f"== pretrain {obj} seed {seed}")
                 backbone, sec = pretrain_run(out, pairs, obj, seed, preset, device, log)
                 pretrain_s[f"{obj}/seed{seed}"] = sec
+                losses.setdefault(obj, {})[seed] = loss_curve(backbone.parent)
             for s in settings:
                 log(f"== finetune {obj} {s} seed {seed}")
                 r = finetune_run(out, seg, obj, s, seed, backbone, preset, device, log)
                 runs.append({"objective": obj, "setting": s, "seed": seed, **r})
                 log(f"   mIoU {100 * r['miou']:.1f}")
+            for probe in preset.probes:
+                log(f"== probe {probe} {obj} seed {seed} ({preset.probe_setting} labels)")
+                r = probe_run(out, seg, obj, probe, seed, backbone, preset, device, log)
+                probe_runs.append({"objective": obj, "setting": probe, "seed": seed, **r})
+                log(f"   mIoU {100 * r['miou']:.1f}")
 
     summary = summarise(runs, objectives, settings)
     gains = paired_gains(runs, summary, objectives, settings)
     table = results_table(summary, objectives, settings)
+    probes = list(preset.probes)
+    probe_summary = summarise(probe_runs, objectives, probes) if probes else {}
+    probe_gains = paired_gains(probe_runs, probe_summary, objectives, probes) if probes else {}
+    mean_loss = {obj: {k: float(sum(c[k] for c in per.values()) / len(per))
+                       for k in ("start", "end")} for obj, per in losses.items()}
+    probe_table = (results_table(probe_summary, objectives, probes, mean_loss, "random init")
+                   if probes else "")
     seg_manifest = json.loads((seg / "manifest.json").read_text())
     result = {
-        "schema": "mink_ssl.transfer_benchmark/1", "preset": name, "config": asdict(preset),
+        "schema": "mink_ssl.transfer_benchmark/2", "preset": name, "config": asdict(preset),
         "objectives": objectives, "settings": {s: parse_setting(s) for s in settings},
         "seeds": seeds, "metric": "test mIoU (Area 5), fraction in [0, 1]",
         "summary": summary, "gain_over_scratch": gains, "runs": runs,
+        "probes": {"setting": preset.probe_setting, "summary": probe_summary,
+                   "gain_over_random_init": probe_gains, "runs": probe_runs},
+        "pretraining_loss": {obj: {str(seed): c for seed, c in per.items()}
+                             for obj, per in losses.items()},
         "data": {"pairs": str(pairs),
                  "pretrain_pairs": len((Path(pairs) / "pairs.txt").read_text().splitlines()),
                  "train_rooms": len(seg_manifest["splits"].get("train", [])),
@@ -440,27 +523,36 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
         "timings": {"this_call_s": time.perf_counter() - t_start, "data_this_call_s": t_data,
                     "pretrain_s": pretrain_s,
                     "pretrain_total_s": sum(pretrain_s.values()),
-                    "finetune_total_s": sum(r["seconds"] for r in runs)},
+                    "finetune_total_s": sum(r["seconds"] for r in runs),
+                    "probe_total_s": sum(r["seconds"] for r in probe_runs)},
     }
     _write_json(out / "results.json", result)
     md = (f"# Synthetic transfer benchmark ({name} preset)\n\n"
           f"Test mIoU (%) on synthetic S3DIS Area 5, mean ± std over seeds {seeds} "
           f"(pretraining and fine-tuning seed); in brackets: gain over scratch.\n\n"
-          f"{table}\n")
+          f"## Fine-tuning\n\n{table}\n")
     if gains:
         md += ("\nGain over scratch (mIoU points) paired by seed (same labels), per seed; "
                "**beyond spread**: the mean gain exceeds both seed stds above.\n\n"
-               "| objective | " + " | ".join(settings) + " |\n|" + "---|" * (len(settings) + 1)
-               + "\n")
-        for obj, per in gains.items():
-            md += f"| {obj} | " + " | ".join(
-                " / ".join(f"{100 * g:+.1f}" for g in per[s]["values"])
-                + (" **beyond spread**" if per[s]["beyond_spread"] else "")
-                for s in settings) + " |\n"
+               + gains_table(gains, settings))
+    if probes:
+        md += (f"\n## Probes on the frozen backbone ({preset.probe_setting} labels)\n\n"
+               f"linear: one linear layer on the output features, {preset.probe_iterations} "
+               f"iterations; linear_multiscale: on the four decoder stages concatenated; knn: "
+               f"k = {preset.knn_k} cosine neighbours among at most {preset.knn_bank} labelled "
+               f"training voxels. In brackets: gain over the random initialisation of the same "
+               f"seed. Pretraining loss: mean over the first -> the last tenth of the "
+               f"iterations, mean over seeds.\n\n{probe_table}\n")
+        if probe_gains:
+            md += ("\nGain over the random initialisation (mIoU points), paired by seed; "
+                   "**beyond spread**: the mean gain exceeds both seed stds above.\n\n"
+                   + gains_table(probe_gains, probes))
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(md)
     write_plot(out / "results.png", summary, objectives, settings)
     log(table)
+    if probe_table:
+        log(probe_table)
     return result
 
 

@@ -25,7 +25,7 @@ def test_tiny_benchmark_writes_results_json_md_png(tiny_run):
     out, result, logs = tiny_run
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(result))  # what it returns is what it wrote
-    assert saved["schema"] == "mink_ssl.transfer_benchmark/1" and saved["preset"] == "tiny"
+    assert saved["schema"] == "mink_ssl.transfer_benchmark/2" and saved["preset"] == "tiny"
     assert saved["objectives"] == OBJECTIVES and saved["seeds"] == [0]
     assert saved["settings"] == {"pts20": {"scene_fraction": 1.0, "labelled_points": 20},
                                  "full": {"scene_fraction": 1.0, "labelled_points": None}}
@@ -74,6 +74,56 @@ def test_tiny_benchmark_writes_results_json_md_png(tiny_run):
     assert f"({gain:+.1f})" in rows[2]
     assert rows[4] == "| objective | pts20 | full |"  # the paired-gain table
     assert rows[5].startswith(f"| point_info_nce | {gain:+.1f} | ")
+    # the probe table: the pretraining loss, then one column per probe; scratch's row is the
+    # random initialisation, the probes' floor
+    assert rows[7] == "| objective | pretraining loss | linear | linear_multiscale | knn |"
+    assert rows[8].startswith("| random init | - | ")
+    curve = saved["pretraining_loss"]["point_info_nce"]["0"]
+    assert f"| point_info_nce | {curve['start']:.3g} → {curve['end']:.3g}" in rows[9]
+    assert rows[11] == "| objective | linear | linear_multiscale | knn |"  # probe gains
+
+
+def test_tiny_benchmark_probes_every_backbone_frozen(tiny_run):
+    """Every objective's backbone (and the random initialisation) gets every probe, on the
+    probe setting's labels; the probed backbone is the pretrained one, untouched; the loss
+    curve is read from the pretraining run's metrics.jsonl."""
+    import torch
+
+    from mink_ssl.engine.finetune_seg import load_fine_tuned
+    from mink_ssl.engine.hooks import read_metrics
+
+    out, result, _ = tiny_run
+    preset = bench.PRESETS["tiny"]
+    probes = result["probes"]
+    assert probes["setting"] == "full" and preset.probes == ("linear", "linear_multiscale", "knn")
+    assert {(r["objective"], r["setting"], r["seed"]) for r in probes["runs"]} == {
+        (o, p, 0) for o in OBJECTIVES for p in preset.probes}
+    for r in probes["runs"]:
+        per_run = json.loads((out / r["dir"] / "results.json").read_text())
+        assert per_run["miou"] == r["miou"] and per_run["probe"] == r["setting"]
+        assert per_run["labelled_points"] is None  # probe_setting "full"
+        if r["objective"] == "none":
+            assert per_run["pretrained"] is None
+            continue
+        backbone = out / "pretrain" / r["objective"] / "seed0" / "backbone.pth"
+        assert per_run["pretrained"] == str(backbone)
+        if r["setting"] == "linear":  # the model file holds the frozen backbone unchanged
+            probed = load_fine_tuned(out / r["dir"] / "model.pth")[0].backbone.state_dict()
+            pretrained = torch.load(backbone, weights_only=True)["state_dict"]
+            assert probed.keys() == pretrained.keys()
+            for k, v in pretrained.items():
+                assert torch.equal(probed[k], v), k
+    knn = json.loads((out / "probe/point_info_nce/knn/seed0/results.json").read_text())
+    assert knn["knn_k"] == 3 and 0 < knn["knn_bank"] <= 500
+    for o in OBJECTIVES[1:]:
+        curve = result["pretraining_loss"][o]["0"]
+        loss = [m["loss"] for m in read_metrics(out / "pretrain" / o / "seed0").values()]
+        assert curve["iterations"] == len(loss) == preset.pretrain_iterations
+        assert curve["start"] == pytest.approx(loss[0]) and curve["end"] == pytest.approx(loss[-1])
+        g = probes["gain_over_random_init"][o]["knn"]
+        assert g["values"] == [pytest.approx(probes["summary"][o]["knn"]["mean"]
+                                             - probes["summary"]["none"]["knn"]["mean"])]
+    assert "none" not in result["pretraining_loss"]
 
     import matplotlib.image
 
