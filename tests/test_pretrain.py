@@ -388,3 +388,48 @@ def test_objectives_sharing_stat_names_combine(synthetic_pairs):
     assert {"stat_point_info_nce/accuracy", "stat_shape_context_nce/accuracy"} <= set(out)
     torch.testing.assert_close(out["loss"], out["loss_point_info_nce"]
                                + 0.5 * out["loss_shape_context_nce"])
+
+
+def test_learning_rate_warm_up_then_cosine_or_step():
+    """optim.warmup_iterations, optim.schedule and adamw: the learning rate each step runs with,
+    read from the optimizer the scheduler drives, against the formulas written out."""
+    import math
+
+    from mink_ssl.engine.pretrain import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cfg = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.04, schedule="cosine",
+                      warmup_iterations=4)
+    opt, sched = build_optimizer(cfg, params, max_iterations=10)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.04
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [1e-3 * (t + 1) / 4 for t in range(4)]
+    want += [1e-3 * 0.5 * (1 + math.cos(math.pi * (t - 4) / 6)) for t in range(4, 10)]
+    np.testing.assert_allclose(seen, want, rtol=1e-12)
+    assert seen[4] == pytest.approx(1e-3) and seen[-1] < 1e-4  # full lr after warm-up, -> 0
+
+    # step schedule after warm-up: the same factors as without, counted from the run's start
+    step = OptimConfig(lr=0.1, lr_step=3, lr_gamma=0.5, warmup_iterations=2)
+    opt, sched = build_optimizer(step, [torch.nn.Parameter(torch.zeros(1))], max_iterations=9)
+    seen = []
+    for _ in range(9):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(seen, [0.05, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.025])
+    # without warm-up: PointContrast's StepLR, as runs before these options were made
+    _, sched = build_optimizer(OptimConfig(), [torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(sched, torch.optim.lr_scheduler.StepLR)
+
+    with pytest.raises(ValueError, match=r"optim.warmup_iterations must be an int in \[0, "
+                                         r"max_iterations=10\), got 10"):
+        build_optimizer(replace(cfg, warmup_iterations=10), params, max_iterations=10)
+    with pytest.raises(ValueError, match="unknown optim.schedule 'poly'; valid choices: step, "
+                                         "cosine"):
+        build_optimizer(replace(cfg, schedule="poly"), params, max_iterations=10)
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'; valid choices: adam, adamw"):
+        build_optimizer(replace(cfg, name="lamb"), params, max_iterations=10)

@@ -40,13 +40,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam
+    name: str = "sgd"  # sgd | adam | adamw (decoupled weight decay, DCGLR's and DINO's)
     lr: float = 0.1
     momentum: float = 0.8
     dampening: float = 0.0  # sgd only; pretraining in the released code has none
     weight_decay: float = 1e-4
-    lr_step: int = 250  # lr x lr_gamma every lr_step iterations
+    schedule: str = "step"  # step (PointContrast's) | cosine (to 0 at max_iterations)
+    lr_step: int = 250  # step: lr x lr_gamma every lr_step iterations
     lr_gamma: float = 0.99
+    warmup_iterations: int = 0  # lr rises linearly from lr / warmup to lr, then the schedule
     scale_lr_with_world_size: bool = False  # lr x world_size (linear scaling rule)
 
 

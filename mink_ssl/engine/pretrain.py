@@ -8,6 +8,7 @@ One build function per plug-in point; each takes explicit arguments.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -77,7 +78,29 @@ def build_dataset(cfg: DataConfig, seed: int):
                        frame_size=None if cfg.frame_size is None else tuple(cfg.frame_size))
 
 
-def build_optimizer(cfg: OptimConfig, params, world_size: int = 1):
+def lr_factor(cfg: OptimConfig, max_iterations: int):
+    """The learning rate's factor at step t (0-based): ``warmup_iterations`` steps rising
+    linearly to 1 ((t + 1) / W), then ``step`` (lr_gamma ** (t // lr_step), counted from the
+    start of the run as without warm-up) or ``cosine`` ((1 + cos(pi (t - W) / (T - W))) / 2,
+    0 at T = max_iterations)."""
+    w, total = cfg.warmup_iterations, max(max_iterations, 1)
+    if not isinstance(w, int) or not 0 <= w < total:
+        raise ValueError(f"optim.warmup_iterations must be an int in [0, max_iterations="
+                         f"{total}), got {w!r}")
+    if cfg.schedule not in ("step", "cosine"):
+        raise ValueError(f"unknown optim.schedule {cfg.schedule!r}; valid choices: step, cosine")
+
+    def factor(t: int) -> float:
+        if t < w:
+            return (t + 1) / w
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(t - w, total - w) / (total - w)))
+        return cfg.lr_gamma ** (t // cfg.lr_step)
+    return factor
+
+
+def build_optimizer(cfg: OptimConfig, params, world_size: int = 1, max_iterations: int = 1):
+    """The optimizer and its learning-rate scheduler (stepped once per iteration)."""
     lr = cfg.lr * (world_size if cfg.scale_lr_with_world_size else 1)
     if cfg.name == "sgd":
         if not 0.0 <= cfg.dampening < 1.0:
@@ -86,10 +109,15 @@ def build_optimizer(cfg: OptimConfig, params, world_size: int = 1):
                               weight_decay=cfg.weight_decay)
     elif cfg.name == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     else:
-        raise ValueError(f"unknown optimizer {cfg.name!r}; valid choices: adam, sgd")
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    return opt, sched
+        raise ValueError(f"unknown optimizer {cfg.name!r}; valid choices: adam, adamw, sgd")
+    factor = lr_factor(cfg, max_iterations)
+    if cfg.schedule == "step" and cfg.warmup_iterations == 0:  # checkpoints of earlier runs
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step,
+                                                    gamma=cfg.lr_gamma)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def resolve_num_workers(value, local_world_size: int = 1) -> int:
@@ -158,7 +186,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
         module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
                           cfg.distributed.find_unused_parameters)
         trainable = [p for p in module.parameters() if p.requires_grad]  # not an EMA teacher
-        optimizer, scheduler = build_optimizer(cfg.optim, trainable, info.world_size)
+        optimizer, scheduler = build_optimizer(cfg.optim, trainable, info.world_size,
+                                               cfg.max_iterations)
         if info.is_main:
             scaling = (f"{cfg.optim.lr:g} x {info.world_size} ranks (linear scaling)"
                        if cfg.optim.scale_lr_with_world_size and info.world_size > 1
