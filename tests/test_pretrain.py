@@ -68,6 +68,9 @@ def test_config_composes_and_rejects_bad_keys():
     only = OmegaConf.to_object(compose("data.root=/x", "objective=[point_info_nce]"))
     assert set(only.objectives) == {"point_info_nce"}
     assert set(OmegaConf.to_object(compose("data.root=/x")).objectives) == {"hardest_contrastive"}
+    dcglr = OmegaConf.to_object(compose("data.root=/x", "objective=[distillation]",
+                                        "optim=adamw_cosine")).optim
+    assert (dcglr.name, dcglr.schedule, dcglr.warmup_iterations) == ("adamw", "cosine", 6000)
     with pytest.raises(Exception, match="lrr"):
         compose("optim.lrr=0.1")
     from mink_ssl.cli.pretrain import check_group_choices

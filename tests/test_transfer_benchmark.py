@@ -234,3 +234,22 @@ def test_runs_made_before_a_setting_was_added_are_reused_at_its_default():
                           default) == ["eval"]
     assert bench._changed({"lr": 0.2, "eval": {"every": 0}}, old_run, default) == ["lr"]
     assert bench._changed(default, {**old_run, "removed": 1}, default) == ["removed"]
+
+
+def test_distillation_pretrains_with_its_papers_optimizer(tiny_run):
+    """Distillation trains with DCGLR's AdamW, warm-up and cosine schedule and a teacher
+    momentum for short runs; the other objectives with the preset's SGD."""
+    out, _, _ = tiny_run
+    full = bench.PRESETS["full"]
+    assert bench.objective_optim("point_info_nce", full) == {"lr": 0.1}
+    want = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.04, "schedule": "cosine",
+            "warmup_iterations": 80}
+    assert bench.objective_optim("distillation", full) == want
+    assert bench.objective_optim("point_info_nce+distillation", full) == want
+    tiny = bench.PRESETS["tiny"]
+    backbone, _ = bench.pretrain_run(out, out / "data" / "pairs", "distillation", 0, tiny,
+                                     log=lambda s: None)
+    cfg = json.loads((backbone.parent / "config.json").read_text())
+    assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["schedule"] == "cosine"
+    assert cfg["objectives"]["distillation"]["momentum"] == 0.99
+    assert len(bench.loss_curve(backbone.parent)["curve"]) == tiny.pretrain_iterations
