@@ -218,9 +218,9 @@ def _changed(asked: dict, found: dict, default: dict) -> list[str]:
 
 def _check_same_config(run_dir: Path, cfg) -> None:
     """A finished run is reused only if it was made with the config asked for now."""
-    def plain(d: dict) -> dict:  # how a run was started or logged is not what it computes
-        return {k: v for k, v in d.items()
-                if k not in ("resume", "resume_override", "log_every", "progress")}
+    def plain(d: dict) -> dict:  # how a run was started, logged or saved: not what it computes
+        return {k: v for k, v in d.items() if k not in (
+            "resume", "resume_override", "log_every", "progress", "checkpoint_every")}
 
     asked = plain(json.loads(json.dumps(asdict(cfg))))
     default = plain(json.loads(json.dumps(asdict(type(cfg)()))))
@@ -263,7 +263,8 @@ def pretrain_run(out: Path, pairs: Path, objective: str, seed: int, preset: Pres
         optim=OptimConfig(**objective_optim(objective, preset)),
         objectives={n: objective_args(n, preset, seed) for n in names},
         max_iterations=preset.pretrain_iterations, batch_size=preset.pretrain_batch,
-        device=device, checkpoint_every=0, log_every=1,  # every loss: the curve in the table
+        # a checkpoint every 100 steps: a run killed mid-way resumes (bit for bit) from there
+        device=device, checkpoint_every=100, log_every=1,  # every loss: the table's curve
         progress=False, seed=seed)
     if backbone.is_file() and timing.is_file():
         _check_same_config(run_dir, cfg)

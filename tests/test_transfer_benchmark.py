@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mink_ssl import transfer_benchmark as bench
 
@@ -155,6 +156,18 @@ def test_rerun_does_no_work_and_an_interrupted_run_continues(tiny_run):
     assert len(starts) == 1 and str(victim) in starts[0]
     assert not any(line.startswith("pretrain:") for line in logs)
     assert (victim / "results.json").is_file() and len(redone["runs"]) == len(result["runs"])
+
+    # as if killed during pretraining after its last checkpoint: it resumes from there
+    pre = out / "pretrain" / "point_info_nce" / "seed0"
+    before = torch.load(pre / "backbone.pth", weights_only=True)["state_dict"]
+    (pre / "backbone.pth").unlink()
+    (pre / "bench_time.json").unlink()
+    logs.clear()
+    bench.run_benchmark(out, "tiny", objectives=OBJECTIVES, seeds=[0], settings=SETTINGS,
+                        log=logs.append)
+    assert sum("resumed from" in line and str(pre) in line for line in logs) == 1, logs
+    after = torch.load(pre / "backbone.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
     # a finished run is not silently reused for another preset
     from dataclasses import replace
