@@ -132,7 +132,8 @@ def test_linear_multiscale_probe_run_keeps_the_pretrained_backbone(rooms, tmp_pa
     cfg = replace(cfg, data=replace(cfg.data, voxel_size=VOXEL))
     results = finetune_seg(cfg, run, print_fn=lambda *a: None)
     assert results["probe"] == "linear_multiscale"  # every backbone tensor, final included:
-    assert results["pretrained_loaded_fraction"] == pytest.approx(len(saved) / (len(saved) + 2))
+    # the head's tensors: linear weight and bias, its norm's mean, variance and batch count
+    assert results["pretrained_loaded_fraction"] == pytest.approx(len(saved) / (len(saved) + 5))
     assert 0 <= results["miou"] <= 1 and (run / "results.md").is_file()
     model, meta = load_segmentation_model(run / "model.pth")
     assert isinstance(model, FrozenProbe) and model.probe == "linear_multiscale"
@@ -205,3 +206,26 @@ def test_unknown_probe_is_an_error_naming_the_choices(rooms, tmp_path):
     with pytest.raises(ValueError, match=r"probe must be one of \('linear', 'linear_multi"):
         finetune_seg(tiny_config(rooms, probe="linaer"), tmp_path / "run",
                      print_fn=lambda *a: None)
+
+
+def test_linear_probe_normalises_its_input_and_stays_linear():
+    """The linear probes' batch norm without affine parameters (MAE's linear probing): in
+    training the logits do not depend on the features' scale or offset per channel; at
+    evaluation the head is one affine map of the features; without ``norm`` (model files made
+    before it) the head is the plain layer."""
+    from mink_ssl.models.probe import LinearProbeHead
+
+    torch.manual_seed(0)
+    head = LinearProbeHead(6, 3, "linear")
+    assert [n for n, _ in head.named_parameters()] == ["linear.weight", "linear.bias"]
+    x = torch.randn(500, 6)
+    scale, shift = torch.rand(6) * 100 + 0.1, torch.randn(6) * 50
+    head.train()
+    torch.testing.assert_close(head(x * scale + shift), head(x), rtol=1e-3, atol=1e-3)
+    head.eval()  # running statistics: an affine map, W x + b
+    a, b, c = head(x[:1]), head(x[1:2]), head(0.5 * x[:1] + 0.5 * x[1:2])
+    torch.testing.assert_close(c, 0.5 * a + 0.5 * b)
+    assert head.config()["norm"] is True
+    plain = LinearProbeHead(6, 3, "linear", norm=False)
+    assert plain.config()["norm"] is False and plain.norm is None
+    torch.testing.assert_close(plain(x), plain.linear(x))

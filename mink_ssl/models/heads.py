@@ -161,7 +161,8 @@ def segmentation_model_from_state(state: dict) -> SegmentationModel:
         from mink_ssl.models.probe import FrozenProbe
 
         model = FrozenProbe(build_model(cfg.pop("name"), **cfg), head["num_classes"],
-                            head["probe"], **({"knn_k": head["k"]} if "k" in head else {}))
+                            head["probe"], **({"knn_k": head["k"]} if "k" in head else {}),
+                            norm=head.get("norm", False))  # files made before it: none
         model.backbone.load_state_dict(state["backbone"], strict=True)
         model.head.load_state_dict(state["head_state"], strict=True)
         return model

@@ -11,6 +11,12 @@ Three probes (``FinetuneSegConfig.probe``), each on a Res16UNet whose weights ne
   Sonata's unpooling does). Width ``(PLANES[4] + PLANES[5] + PLANES[6] + PLANES[7]) x
   expansion``: 576 for Res16UNet34C, 448 for Res16UNet14A, 224 for Res16UNet14S
   (:func:`multiscale_width`). The ``final`` layer is not part of it.
+- both linear probes put a batch norm without affine parameters before the layer (MAE's linear
+  probing, He et al. 2022, App. A.1): features of different backbones, stages and objectives
+  come at different scales, and a random initialisation's frozen batch norms (running mean 0,
+  variance 1) pass activations through at whatever scale they have; the normalisation makes one
+  learning rate fit them all. It is part of the head (its statistics are the training split's)
+  and at evaluation an affine map, so the probe stays linear in the features;
 - ``knn``: no training; every evaluation voxel takes the classes of its ``k`` nearest labelled
   training voxels in the space of the backbone's output features under cosine similarity (a
   plain vote: the logits are the neighbour counts per class, ties to the lower class index).
@@ -82,21 +88,23 @@ def parent_coordinates(coords: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 class LinearProbeHead(nn.Module):
-    """One linear layer on dense features (N, in_channels) -> logits (N, num_classes)."""
+    """One linear layer on dense features (N, in_channels) -> logits (N, num_classes), after a
+    batch norm without affine parameters (``norm``; model files made before it have none)."""
 
-    def __init__(self, in_channels: int, num_classes: int, probe: str):
+    def __init__(self, in_channels: int, num_classes: int, probe: str, norm: bool = True):
         super().__init__()
         self.in_channels, self.num_classes, self.probe = in_channels, num_classes, probe
+        self.norm = nn.BatchNorm1d(in_channels, affine=False) if norm else None
         self.linear = nn.Linear(in_channels, num_classes)
         nn.init.normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
     def config(self) -> dict:
         return {"probe": self.probe, "in_channels": self.in_channels,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "norm": self.norm is not None}
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.linear(feats)
+        return self.linear(feats if self.norm is None else self.norm(feats))
 
 
 class KnnHead(nn.Module):
@@ -146,7 +154,8 @@ class FrozenProbe(nn.Module):
     same coordinates; ``features(x)``: the probe's input (N, W) as a dense tensor.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, probe: str, knn_k: int = 20):
+    def __init__(self, backbone: nn.Module, num_classes: int, probe: str, knn_k: int = 20,
+                 norm: bool = True):
         super().__init__()
         self.probe = check_probe(probe)
         self.backbone = backbone
@@ -161,7 +170,7 @@ class FrozenProbe(nn.Module):
         else:
             width = multiscale_width(backbone) if probe == "linear_multiscale" else \
                 backbone.out_channels
-            self.head = LinearProbeHead(width, num_classes, probe)
+            self.head = LinearProbeHead(width, num_classes, probe, norm)
         self.backbone.eval()
 
     def _keep(self, name: str):
