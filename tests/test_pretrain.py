@@ -393,6 +393,16 @@ def test_objectives_sharing_stat_names_combine(synthetic_pairs):
                                + 0.5 * out["loss_shape_context_nce"])
 
 
+def _learning_rates(opt, sched, steps: int) -> list[float]:
+    """The learning rate each of ``steps`` optimizer steps runs with."""
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return seen
+
+
 def test_learning_rate_warm_up_then_cosine_or_step():
     """optim.warmup_iterations, optim.schedule and adamw: the learning rate each step runs with,
     read from the optimizer the scheduler drives, against the formulas written out."""
@@ -405,11 +415,7 @@ def test_learning_rate_warm_up_then_cosine_or_step():
                       warmup_iterations=4)
     opt, sched = build_optimizer(cfg, params, max_iterations=10)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.04
-    seen = []
-    for _ in range(10):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen = _learning_rates(opt, sched, 10)
     want = [1e-3 * (t + 1) / 4 for t in range(4)]
     want += [1e-3 * 0.5 * (1 + math.cos(math.pi * (t - 4) / 6)) for t in range(4, 10)]
     np.testing.assert_allclose(seen, want, rtol=1e-12)
@@ -418,11 +424,7 @@ def test_learning_rate_warm_up_then_cosine_or_step():
     # step schedule after warm-up: the same factors as without, counted from the run's start
     step = OptimConfig(lr=0.1, lr_step=3, lr_gamma=0.5, warmup_iterations=2)
     opt, sched = build_optimizer(step, [torch.nn.Parameter(torch.zeros(1))], max_iterations=9)
-    seen = []
-    for _ in range(9):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    seen = _learning_rates(opt, sched, 9)
     np.testing.assert_allclose(seen, [0.05, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.025])
     # without warm-up: PointContrast's StepLR, as runs before these options were made
     _, sched = build_optimizer(OptimConfig(), [torch.nn.Parameter(torch.zeros(1))])
