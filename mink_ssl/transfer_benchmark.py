@@ -457,15 +457,42 @@ def write_plot(path: Path, summary: dict, objectives: Sequence[str], settings: S
     plt.close(fig)
 
 
+def _objective_seed(out: Path, pairs: Path, seg: Path, obj: str, seed: int, preset: Preset,
+                    device: str, log: Callable[[str], None], runs: list, probe_runs: list,
+                    pretrain_s: dict, losses: dict) -> None:
+    """Every run of ``obj`` and ``seed``: pretraining, fine-tuning in each setting, each probe;
+    results are appended to ``runs`` / ``probe_runs``, times and loss curves recorded."""
+    backbone = None
+    if obj != SCRATCH:
+        log(f"== pretrain {obj} seed {seed}")
+        backbone, sec = pretrain_run(out, pairs, obj, seed, preset, device, log)
+        pretrain_s[f"{obj}/seed{seed}"] = sec
+        losses.setdefault(obj, {})[seed] = loss_curve(backbone.parent)
+    for s in preset.settings:
+        log(f"== finetune {obj} {s} seed {seed}")
+        r = finetune_run(out, seg, obj, s, seed, backbone, preset, device, log)
+        runs.append({"objective": obj, "setting": s, "seed": seed, **r})
+        log(f"   mIoU {100 * r['miou']:.1f}")
+    for probe in preset.probes:
+        log(f"== probe {probe} {obj} seed {seed} ({preset.probe_setting} labels)")
+        r = probe_run(out, seg, obj, probe, seed, backbone, preset, device, log)
+        probe_runs.append({"objective": obj, "setting": probe, "seed": seed, **r})
+        log(f"   mIoU {100 * r['miou']:.1f}")
+
+
 def run_benchmark(out: Path, preset: Preset | str = "full", *,
                   objectives: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                   settings: Sequence[str] | None = None, device: str = "cpu",
                   pairs: Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Run (or continue) the benchmark into ``out``; returns ``results.json``'s content.
 
-    ``pairs``: pretrain on this pair-prep output instead of generating scans (the demo's)."""
+    ``pairs``: pretrain on this pair-prep output instead of generating scans (the demo's).
+    Several processes may share the work: an objective and seed whose run another process
+    holds is skipped (logged), and then nothing is summarised: the call returns
+    ``{"incomplete": [<objective>/seed<s>, ...]}`` and a later call writes the summary."""
     from mink_ssl.io import atomic_path, library_versions
     from mink_ssl.objectives import OBJECTIVES
+    from mink_ssl.safety import DirectoryLocked
 
     name = preset if isinstance(preset, str) else "custom"
     if isinstance(preset, str):
@@ -492,25 +519,19 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
     pairs, seg = prepare_data(out, preset, log, pairs)
     t_data = time.perf_counter() - t_start
 
-    runs, probe_runs, pretrain_s, losses = [], [], {}, {}
+    runs, probe_runs, pretrain_s, losses, busy = [], [], {}, {}, []
     for obj in objectives:
         for seed in seeds:
-            backbone = None
-            if obj != SCRATCH:
-                log(f"== pretrain {obj} seed {seed}")
-                backbone, sec = pretrain_run(out, pairs, obj, seed, preset, device, log)
-                pretrain_s[f"{obj}/seed{seed}"] = sec
-                losses.setdefault(obj, {})[seed] = loss_curve(backbone.parent)
-            for s in settings:
-                log(f"== finetune {obj} {s} seed {seed}")
-                r = finetune_run(out, seg, obj, s, seed, backbone, preset, device, log)
-                runs.append({"objective": obj, "setting": s, "seed": seed, **r})
-                log(f"   mIoU {100 * r['miou']:.1f}")
-            for probe in preset.probes:
-                log(f"== probe {probe} {obj} seed {seed} ({preset.probe_setting} labels)")
-                r = probe_run(out, seg, obj, probe, seed, backbone, preset, device, log)
-                probe_runs.append({"objective": obj, "setting": probe, "seed": seed, **r})
-                log(f"   mIoU {100 * r['miou']:.1f}")
+            try:
+                _objective_seed(out, pairs, seg, obj, seed, preset, device, log, runs,
+                                probe_runs, pretrain_s, losses)
+            except DirectoryLocked as e:  # another process of this benchmark runs it
+                busy.append(f"{obj}/seed{seed}")
+                log(f"== skipped {obj} seed {seed}: {e}")
+    if busy:
+        log(f"== not summarised: {len(busy)} objective/seed unit(s) in use by another process "
+            f"({', '.join(busy)}); call again when they have finished")
+        return {"incomplete": busy}
 
     summary = summarise(runs, objectives, settings)
     gains = paired_gains(runs, summary, objectives, settings)
@@ -584,12 +605,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     args = p.parse_args(argv)
     try:
-        run_benchmark(args.out, args.preset, objectives=args.objectives, seeds=args.seeds,
-                      settings=args.settings, device=args.device)
+        result = run_benchmark(args.out, args.preset, objectives=args.objectives,
+                               seeds=args.seeds, settings=args.settings, device=args.device)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mink-ssl-transfer: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 3 if "incomplete" in result else 0  # 3: other processes still run some of it
 
 
 if __name__ == "__main__":

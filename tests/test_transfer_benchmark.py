@@ -178,6 +178,31 @@ def test_rerun_does_no_work_and_an_interrupted_run_continues(tiny_run):
         bench.run_benchmark(out, other, objectives=OBJECTIVES, seeds=[0], settings=SETTINGS)
 
 
+def test_a_run_held_by_another_process_is_skipped_and_nothing_summarised(tiny_run):
+    """Processes sharing a benchmark: a run whose directory another process holds is skipped,
+    the others go on, no summary is written (exit code 3) until a later call finds it done."""
+    from mink_ssl.safety import DirLock
+
+    out, result, _ = tiny_run
+    summary = out / "results.json"
+    stamp = summary.stat().st_mtime_ns
+    held = out / "finetune" / "none" / "pts20" / "seed0"
+    (held / "results.json").unlink()
+    logs: list[str] = []
+    with DirLock(held, "finetune-seg"):
+        partial = bench.run_benchmark(out, "tiny", objectives=OBJECTIVES, seeds=[0],
+                                      settings=SETTINGS, log=logs.append)
+        assert bench.main(["--out", str(out), "--preset", "tiny"]) == 3
+    assert partial == {"incomplete": ["none/seed0"]}
+    assert any(line.startswith("== skipped none seed 0: ") and "in use by another run" in line
+               for line in logs), logs
+    assert any("== probe knn hardest_contrastive seed 0" in line for line in logs)  # went on
+    assert summary.stat().st_mtime_ns == stamp and not (held / "results.json").exists()
+    done = bench.run_benchmark(out, "tiny", objectives=OBJECTIVES, seeds=[0], settings=SETTINGS,
+                               log=lambda s: None)
+    assert (held / "results.json").is_file() and done["summary"].keys() == result["summary"].keys()
+
+
 def test_bad_arguments_name_the_value_and_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"unknown objective\(s\) \['infonce'\].*point_info_nce"):
         bench.run_benchmark(tmp_path, "tiny", objectives=["none", "infonce"])
