@@ -44,8 +44,8 @@ Adaptation here:
   separation into labels sharper than the scores. Measured on the synthetic transfer
   benchmark's pairs (Res16UNet14S, SGD 0.1, batch 4; clustering only): the earlier 0.5 mean
   costs (``cost_scale`` 2e-3) gave labels whose largest entry averaged 0.018 (uniform
-  1/64 = 0.016) at initialisation and 0.017 after 150 steps, with ``loss_cluster_soft`` at
-  ln 64 = 4.16 throughout; 0.02 mean costs gave 0.057 at initialisation, 0.26 after 70 steps
+  1/64 = 0.016) at initialisation and 0.016-0.017 over the benchmark's first 224 steps, with
+  ``loss_cluster_soft`` at ln 64 = 4.16 throughout; 0.02 mean costs gave 0.057 at initialisation, 0.26 after 70 steps
   and a loss of 3.69; the paper's sharpness (about 0.0025 mean costs for unit-sphere objects,
   ``cost_scale`` 0.4) made labels nearly hard at once but, unbalanced after 20 iterations,
   let the argmax collapse onto 3-10 of the 64 clusters. At 0.02 mean costs the cluster masses
