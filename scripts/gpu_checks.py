@@ -206,6 +206,10 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, dev_type: str, size
                     "loss": float(loss.detach()), "plain_loss": plain,
                     "sync_bn": any("SyncBatchNorm" in type(m).__name__ for m in model.modules()),
                     "backend": backend}, f"{out}/rank{rank}.pt")
+        # no rank tears the group down while another still talks over it: under load, gloo
+        # aborted a rank ("terminate called without an active exception") without this
+        dist.barrier()
+        del model, net
     finally:
         dist.destroy_process_group()
 
