@@ -285,8 +285,10 @@ def test_distillation_pretrains_with_its_papers_optimizer(tiny_run):
     assert bench.objective_optim("distillation", full) == want
     assert bench.objective_optim("point_info_nce+distillation", full) == want
     tiny = bench.PRESETS["tiny"]
+    logs: list[str] = []
     backbone, _ = bench.pretrain_run(out, out / "data" / "pairs", "distillation", 0, tiny,
-                                     log=lambda s: None)
+                                     log=logs.append)
+    assert "lr 0.001 (not scaled with world size, cosine)" in logs[0], logs[0]  # the peak lr
     cfg = json.loads((backbone.parent / "config.json").read_text())
     assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["schedule"] == "cosine"
     assert cfg["objectives"]["distillation"]["momentum"] == 0.99

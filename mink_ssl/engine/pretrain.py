@@ -99,6 +99,12 @@ def lr_factor(cfg: OptimConfig, max_iterations: int):
     return factor
 
 
+def _schedule(cfg: OptimConfig) -> str:
+    """How the learning rate moves, for the run's first line; nothing for the step default."""
+    warm = f", {cfg.warmup_iterations} warm-up steps" if cfg.warmup_iterations else ""
+    return f"{warm}, {cfg.schedule}" if warm or cfg.schedule != "step" else ""
+
+
 def build_optimizer(cfg: OptimConfig, params, world_size: int = 1, max_iterations: int = 1):
     """The optimizer and its learning-rate scheduler (stepped once per iteration)."""
     lr = cfg.lr * (world_size if cfg.scale_lr_with_world_size else 1)
@@ -195,7 +201,8 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
             print_fn(f"pretrain: {len(dataset)} pairs, {cfg.model.name}, objectives "
                      f"{weights}, batch {cfg.batch_size} per rank x {info.world_size} ranks = "
                      f"{cfg.batch_size * info.world_size} global, lr "
-                     f"{optimizer.param_groups[0]['lr']:g} ({scaling}), {workers} loader workers, "
+                     f"{optimizer.defaults['lr']:g} ({scaling}{_schedule(cfg.optim)}), "
+                     f"{workers} loader workers, "
                      f"device {device}, out {out_dir}")
 
         trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
