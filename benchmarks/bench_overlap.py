@@ -81,7 +81,7 @@ def baseline_overlap(paths: list[Path], voxel: float = 0.05) -> np.ndarray:
 def our_clouds(scene: Path, frames: list[int] | None = None, shift: np.ndarray | None = None
                ) -> list[np.ndarray]:
     from data_prep.scannet.overlap import voxel_downsample
-    from mink_ssl.data.fragments import FragmentStore
+    from mink_ssl.formats.fragments import FragmentStore
 
     store = FragmentStore(scene)
     frames = store.frames.tolist() if frames is None else frames

@@ -37,7 +37,7 @@ def voxel_set(points: np.ndarray, voxel: float = 0.025) -> set:
 def main() -> int:
     from data_prep.scannet.exported import ExportedFrames
     from data_prep.scannet.sens import SensReader
-    from mink_ssl.data.fragments import INDEX_FILE, PAYLOAD_FILE, FragmentStore
+    from mink_ssl.formats.fragments import INDEX_FILE, PAYLOAD_FILE, FragmentStore
 
     with workdir() as tmp:
         tmp = Path(tmp)

@@ -114,17 +114,3 @@ def _pool_map(run_job, jobs, args, workers, stop: StopSignals, results: list, ba
     pool.shutdown(wait=True)
     return failure
 
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    """``out/manifest.json``, atomically; an I/O error is an :class:`OutputError` naming it."""
-    import json
-
-    from mink_ssl.io import atomic_path
-    from mink_ssl.safety import output_error
-
-    try:
-        with atomic_path(out / "manifest.json") as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1))
-    except OSError as e:
-        raise output_error(e, out / "manifest.json",
-                           f"cannot write {out / 'manifest.json'}") from None

@@ -32,9 +32,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from data_prep.runner import write_manifest
+from mink_ssl.formats.manifest import SEG_SCHEMA, write_manifest
 
-SCHEMA = "mink_ssl.seg_scenes/1"
 IGNORE_LABEL = -1
 SPLITS = ("train", "val", "test")
 
@@ -246,7 +245,7 @@ def _finish(out, benchmark, classes, voxel_size, names, results, params, inputs,
     ordered = [results[n] for n in names]
     done = [r for r in ordered if r.status != "skipped"]
     manifest = {
-        "schema": SCHEMA, "benchmark": benchmark, "classes": list(classes),
+        "schema": SEG_SCHEMA, "benchmark": benchmark, "classes": list(classes),
         "ignore_label": IGNORE_LABEL, "voxel_size": voxel_size,
         "splits": {s: [r.name for r in done if r.split == s] for s in SPLITS},
         "scenes": {r.name: {"file": scene_file(r.name), "points": r.points} for r in done},

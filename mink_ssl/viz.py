@@ -351,8 +351,8 @@ def parse_fragment(name: str) -> tuple[str, int]:
 
 
 def load_fragment(data: str | os.PathLike, fragment: str):
-    """The :class:`~mink_ssl.data.fragments.Fragment` named ``fragment`` under ``data``."""
-    from mink_ssl.data.fragments import INDEX_FILE, FragmentStore
+    """The :class:`~mink_ssl.formats.fragments.Fragment` named ``fragment`` under ``data``."""
+    from mink_ssl.formats.fragments import INDEX_FILE, FragmentStore
 
     data = Path(data)
     _check_data_dir(data)

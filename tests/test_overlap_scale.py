@@ -205,7 +205,7 @@ def test_invalid_depth_sentinel(kitchen, tmp_path):
 
     from PIL import Image
 
-    from mink_ssl.data.fragments import FragmentStore
+    from mink_ssl.formats.fragments import FragmentStore
 
     scene = tmp_path / "raw" / "kitchen65535"
     for sub in ("color", "pose", "intrinsic"):

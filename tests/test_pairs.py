@@ -127,7 +127,7 @@ def test_sampler_splits_ranks_and_resumes():
 def test_frames_intrinsics_and_poses_of_the_views(kitchen_pairs):
     from PIL import Image
 
-    from mink_ssl.data.fragments import FragmentStore
+    from mink_ssl.formats.fragments import FragmentStore
 
     plain = PairDataset(kitchen_pairs, seed=3)
     ds = PairDataset(kitchen_pairs, seed=3, frame_size=(60, 80))

@@ -384,7 +384,7 @@ def test_damaged_jpeg_and_absurd_poses_skip_the_frame_with_its_values(sens_file,
     assert m["counts"]["fragments"] == 2
     log = capsys.readouterr().out
     assert "scene0000_00: skipped frame(s) [1]: damaged payload" in log
-    from mink_ssl.data.fragments import FragmentStore
+    from mink_ssl.formats.fragments import FragmentStore
 
     store = FragmentStore(out / "scene0000_00")  # every kept colour payload decodes
     assert all(store[k].color.shape == (120, 160, 3) for k in range(len(store)))

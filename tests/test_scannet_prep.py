@@ -16,7 +16,7 @@ from data_prep.scannet.exported import ExportedFrames
 from data_prep.scannet.overlap import overlap_matrix, voxel_downsample
 from data_prep.scannet.prep import PrepParams, run
 from data_prep.scannet.sens import write_sens
-from mink_ssl.data.fragments import FragmentStore
+from mink_ssl.formats.fragments import FragmentStore
 from mink_ssl.geometry import backproject
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,10 +37,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.runner import write_manifest
 from data_prep.seg_common import SceneJob, map_jobs, prep_run, scene_file
+from mink_ssl.formats.manifest import DET_SCHEMA, write_manifest
 
-SCHEMA = "mink_ssl.det_scenes/1"
 SPLITS = ("train", "val")
 NO_BOX = -1
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
@@ -223,7 +222,7 @@ def _finish(out, benchmark, classes, names, results, params, inputs, skipped, t0
     ordered = [results[n] for n in names]
     done = [r for r in ordered if r.status != "skipped"]
     manifest = {
-        "schema": SCHEMA, "benchmark": benchmark, "classes": list(classes),
+        "schema": DET_SCHEMA, "benchmark": benchmark, "classes": list(classes),
         "splits": {s: [r.name for r in done if r.split == s] for s in SPLITS},
         "scenes": {r.name: {"file": scene_file(r.name), "points": r.points, "boxes": r.boxes}
                    for r in done},

@@ -2,7 +2,7 @@
 
 Output layout (``out/``)::
 
-    <scene>/fragments.{npz,bin}   the scene's fragments (see mink_ssl.data.fragments)
+    <scene>/fragments.{npz,bin}   the scene's fragments (see mink_ssl.formats.fragments)
     <scene>/overlap.txt           every pair of the scene: ``frag_a frag_b overlap``
     <scene>/scene.json            what was done: fragments, skipped frames with reasons, counts
     pairs.txt                     kept pairs (overlap >= min_overlap) of all scenes, same format
@@ -31,12 +31,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.runner import check_out_vs_raw, map_scenes, prep_lock, write_manifest
+from data_prep.runner import check_out_vs_raw, map_scenes, prep_lock
 from data_prep.scannet.overlap import (RADIUS_FACTOR, SELF_CHECK_TOL, VOXEL_SIZE, overlap_matrix,
                                        verify_overlap, voxel_downsample)
+from mink_ssl.formats.fragments import SCHEMA as FRAGMENTS_SCHEMA
+from mink_ssl.formats.manifest import PAIRS_SCHEMA, write_manifest
 from mink_ssl.safety import OutputError, is_output_error, output_error
 
-SCHEMA = "mink_ssl.scannet_pairs/1"
 SCENE_FILE = "scene.json"
 MARKER = ".mink-ssl-scene"  # in every folder prep creates: the only folders it may remove
 MAX_TRANSLATION = 1000.0  # m; a camera farther than this from the origin is a broken pose
@@ -148,7 +149,7 @@ def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]
     unusable (:func:`pose_problem`) or its colour or depth payload does not decode: every
     payload that is kept is decoded here, so training never meets a damaged one."""
     from data_prep.scannet.sens import SensFormatError
-    from mink_ssl.data.fragments import encode_color, encode_depth
+    from mink_ssl.formats.fragments import encode_color, encode_depth
     from mink_ssl.geometry import backproject
 
     h = reader.header
@@ -191,7 +192,7 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams,
     ``verify_pairs`` sampled pairs are recomputed by the overlap's definition
     (:func:`~data_prep.scannet.overlap.verify_overlap`); a disagreement fails the scene
     (status "failed") instead of writing it. 0 turns the self-check off."""
-    from mink_ssl.data.fragments import FragmentWriter, fragment_name
+    from mink_ssl.formats.fragments import FragmentWriter, fragment_name
 
     scene, t0 = scene_dir.name, time.perf_counter()
     bad_name = scene_name_problem(scene)
@@ -410,9 +411,9 @@ def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
     except OSError as e:
         raise output_error(e, out / "pairs.txt", f"cannot write {out / 'pairs.txt'}") from None
     manifest = {
-        "schema": SCHEMA, "mink_ssl_version": mink_ssl.__version__,
+        "schema": PAIRS_SCHEMA, "mink_ssl_version": mink_ssl.__version__,
         "params": asdict(params), "raw": str(raw.resolve()),
-        "fragment_format": "mink_ssl.fragments/1", "pairs_file": "pairs.txt",
+        "fragment_format": FRAGMENTS_SCHEMA, "pairs_file": "pairs.txt",
         "counts": {"scenes": len(reports), "scenes_done": len(done),
                    "scenes_skipped": sum(r.status == "skipped" for r in reports),
                    "scenes_failed": len(failed),

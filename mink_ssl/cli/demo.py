@@ -91,7 +91,7 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
 
     from data_prep.scannet.prep import PrepParams, run as run_prep
     from mink_ssl.data.features import input_features
-    from mink_ssl.data.fragments import FragmentStore
+    from mink_ssl.formats.fragments import FragmentStore
     from mink_ssl.models import MODELS
     from mink_ssl.objectives import OBJECTIVES
     from mink_ssl.sparse import quantize

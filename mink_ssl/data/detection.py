@@ -52,8 +52,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
+from mink_ssl.formats.manifest import DET_SCHEMA, read_manifest
 
-KNOWN_SCHEMAS = ("mink_ssl.det_scenes/1",)
+KNOWN_SCHEMAS = (DET_SCHEMA,)
 FEATURES = tuple(FEATURE_MODES)
 SIZE_CLUSTERS = ("reference", "train_mean")
 
@@ -282,7 +283,6 @@ def vote_targets(points: np.ndarray, instance: np.ndarray, boxes: np.ndarray,
 def read_det_manifest(root: Path) -> dict:
     """``root/manifest.json`` of detection prep after checking the schema and the fields
     training needs."""
-    from mink_ssl.data.manifest import read_manifest
 
     return read_manifest(root, KNOWN_SCHEMAS, "detection prep (mink-ssl-prep scannet-det|sunrgbd)",
                          ("classes", "splits", "scenes"))

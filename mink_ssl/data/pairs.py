@@ -23,8 +23,10 @@ from torch.utils.data import Dataset, Sampler
 from mink_ssl.data.batch import PairBatch, View
 from mink_ssl.data.correspondence import find_matches, random_rigid_transform, to_tensor
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
+from mink_ssl.formats import manifest
+from mink_ssl.formats.manifest import PAIRS_SCHEMA
 
-KNOWN_SCHEMAS = ("mink_ssl.scannet_pairs/1",)
+KNOWN_SCHEMAS = (PAIRS_SCHEMA,)
 FEATURES = tuple(FEATURE_MODES)
 
 
@@ -40,8 +42,6 @@ class PairSample:
 
 def read_manifest(root: Path) -> dict:
     """``root/manifest.json`` of ScanNet pair prep, schema checked."""
-    from mink_ssl.data import manifest
-
     return manifest.read_manifest(root, KNOWN_SCHEMAS, "`mink-ssl-prep scannet`")
 
 
@@ -136,7 +136,7 @@ class PairDataset(Dataset):
         return feature_mode(self.features).channels
 
     def _store(self, scene: str):
-        from mink_ssl.data.fragments import FragmentStore
+        from mink_ssl.formats.fragments import FragmentStore
 
         if scene not in self._stores:
             self._stores[scene] = FragmentStore(self.root / scene)

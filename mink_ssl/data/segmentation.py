@@ -66,8 +66,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
+from mink_ssl.formats.manifest import SEG_SCHEMA, read_manifest
 
-KNOWN_SCHEMAS = ("mink_ssl.seg_scenes/1",)
+KNOWN_SCHEMAS = (SEG_SCHEMA,)
 FEATURES = tuple(FEATURE_MODES)
 UP_AXES = {"x": 0, "y": 1, "z": 2}
 LABEL_RULES = ("uniform", "majority")
@@ -333,7 +334,6 @@ def _scene_seed(seed: int, name: str) -> list[int]:
 
 def read_seg_manifest(root: Path) -> dict:
     """``root/manifest.json`` of segmentation prep, checked (schema, fields, ignore label -1)."""
-    from mink_ssl.data.manifest import read_manifest
 
     manifest = read_manifest(root, KNOWN_SCHEMAS, "segmentation prep (mink-ssl-prep "
                              "s3dis|synthia|scannet-seg)",

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from mink_ssl.engine.trainer import TrainState
-
-FORMAT = "mink_ssl.checkpoint/1"
+from mink_ssl.formats.model_files import CHECKPOINT_FORMAT, load_tagged
 
 
 def _unwrap(module):
@@ -66,7 +65,7 @@ def save_checkpoint(path: Path, trainer, config: dict) -> Path:
     module = _unwrap(trainer.module)
     s = trainer.state
     ckpt = {
-        "format": FORMAT, "versions": library_versions(), "config": config,
+        "format": CHECKPOINT_FORMAT, "versions": library_versions(), "config": config,
         "model": module.backbone.config(),
         "backbone": module.backbone.state_dict(),
         "objectives": module.objectives.state_dict(),
@@ -80,14 +79,7 @@ def save_checkpoint(path: Path, trainer, config: dict) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a mink-ssl training checkpoint (format "
-                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)!r})")
-    return ckpt
+    return load_tagged(path, [CHECKPOINT_FORMAT], "a mink-ssl pretraining checkpoint")
 
 
 def restore(ckpt: dict, trainer) -> TrainState:

@@ -16,6 +16,7 @@ import torch
 
 from mink_ssl.engine.checkpoint import _unwrap
 from mink_ssl.engine.trainer import Hook, TrainState
+from mink_ssl.formats.model_files import load_tagged
 
 
 def save_task_checkpoint(path: Path, trainer, config: dict, fmt: str) -> Path:
@@ -36,15 +37,7 @@ def save_task_checkpoint(path: Path, trainer, config: dict, fmt: str) -> Path:
 
 
 def load_task_checkpoint(path: Path, fmt: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a checkpoint of this fine-tuning task (format "
-                         f"{found!r}, expected {fmt!r})")
-    return ckpt
+    return load_tagged(path, [fmt], "a checkpoint of this fine-tuning task")
 
 
 def check_layout(ckpt: dict, model) -> None:

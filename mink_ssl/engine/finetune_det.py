@@ -40,8 +40,7 @@ from mink_ssl.engine.checkpoint import _unwrap
 from mink_ssl.engine.finetune import (EvalHook, load_task_checkpoint, restore_task,
                                       save_task_checkpoint, start_weights)
 from mink_ssl.engine.trainer import Hook
-
-DET_CHECKPOINT_FORMAT = "mink_ssl.det_checkpoint/1"
+from mink_ssl.formats.model_files import DET_CHECKPOINT_FORMAT
 
 
 # ----------------------------------------------------------------------------------- config

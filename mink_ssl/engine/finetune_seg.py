@@ -44,8 +44,7 @@ from mink_ssl.engine.config import DistributedConfig, ModelConfig, OptimConfig
 from mink_ssl.engine.finetune import (EvalHook, load_task_checkpoint, restore_task,
                                       save_task_checkpoint, start_weights)
 from mink_ssl.engine.trainer import Hook
-
-SEG_CHECKPOINT_FORMAT = "mink_ssl.seg_checkpoint/1"
+from mink_ssl.formats.model_files import SEG_CHECKPOINT_FORMAT, SEG_MODEL_FORMAT, load_tagged
 
 
 # ----------------------------------------------------------------------------------- config
@@ -244,26 +243,21 @@ def load_fine_tuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     ``iterations``, None where it does not say (a checkpoint has no class names, and no voxel
     size when its run took the manifest's; ``model.pth`` has no iteration, but the
     ``best.json`` next to ``best/model.pth`` has)."""
-    from mink_ssl.models.heads import SEG_MODEL_FORMAT, segmentation_model_from_state
+    from mink_ssl.models.heads import segmentation_model_from_state
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluate_only={path} does not exist; pass a fine-tuned "
-                                "model.pth or a checkpoint_<it>.pth of segmentation fine-tuning")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
-    if fmt == SEG_MODEL_FORMAT:
+    state = load_tagged(path, [SEG_MODEL_FORMAT, SEG_CHECKPOINT_FORMAT],
+                        "a segmentation model (model.pth of fine-tuning) or a segmentation "
+                        "checkpoint", missing="; pass a fine-tuned model.pth or a "
+                        "checkpoint_<it>.pth of segmentation fine-tuning to evaluate_only=")
+    if state["format"] == SEG_MODEL_FORMAT:
         best = path.parent / "best.json"
         meta = {k: state[k] for k in ("classes", "voxel_size", "features")}
         meta["iterations"] = json.loads(best.read_text())["iteration"] if best.is_file() else None
-    elif fmt == SEG_CHECKPOINT_FORMAT:
+    else:
         data = state.get("config", {}).get("data", {})
         meta = {"classes": None, "voxel_size": data.get("voxel_size"),
                 "features": data.get("features"), "iterations": state["state"]["iteration"]}
-    else:
-        raise ValueError(f"evaluate_only={path} has format {fmt!r}, expected a segmentation "
-                         f"model ({SEG_MODEL_FORMAT!r}, model.pth of fine-tuning) or a "
-                         f"segmentation checkpoint ({SEG_CHECKPOINT_FORMAT!r})")
     return segmentation_model_from_state(state), meta
 
 

@@ -12,9 +12,8 @@ import torch
 
 from mink_ssl.models.registry import MODELS
 from mink_ssl.models import res16unet  # noqa: F401  (registers the family)
+from mink_ssl.formats.model_files import MODEL_FORMAT, load_tagged
 from mink_ssl.models.res16unet import Res16UNetBase
-
-MODEL_FORMAT = "mink_ssl.model/1"
 
 
 def build_model(name: str, **kwargs) -> Res16UNetBase:
@@ -39,14 +38,7 @@ def save_model(model: Res16UNetBase, path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Res16UNetBase:
     """Rebuild a model saved by :func:`save_model` (architecture from the file, strict keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a mink-ssl model file (format {found!r}, expected "
-                         f"{MODEL_FORMAT!r})")
+    state = load_tagged(path, [MODEL_FORMAT], "a mink-ssl model file", map_location)
     cfg = dict(state["model"])
     model = build_model(cfg.pop("name"), **cfg)
     model.load_state_dict(state["state_dict"], strict=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-SEG_MODEL_FORMAT = "mink_ssl.seg_model/1"
+from mink_ssl.formats.model_files import SEG_MODEL_FORMAT, load_tagged
 #: ways to attach the task layer: rebuild the backbone's final layer (released) | keep it + head
 FINAL_LAYERS = ("rebuild", "keep")
 
@@ -135,14 +135,7 @@ def load_segmentation_model(path: str | os.PathLike, map_location="cpu"
                             ) -> tuple[SegmentationModel, dict]:
     """Rebuild a model written by :func:`save_segmentation_model` (strict keys); returns it
     and the file's metadata (classes, voxel_size, features)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmentation model {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != SEG_MODEL_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a mink-ssl segmentation model (format {found!r}, "
-                         f"expected {SEG_MODEL_FORMAT!r})")
+    state = load_tagged(path, [SEG_MODEL_FORMAT], "a mink-ssl segmentation model", map_location)
     meta = {k: state[k] for k in ("classes", "voxel_size", "features")}
     return segmentation_model_from_state(state), meta
 

@@ -34,20 +34,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from mink_ssl.models import MODEL_FORMAT
-from mink_ssl.models.heads import SEG_MODEL_FORMAT
+from mink_ssl.formats.model_files import BACKBONE_ENTRY
 
-#: where each file format keeps the backbone's weights (the checkpoint formats are those of
-#: mink_ssl.engine.checkpoint and mink_ssl.engine.finetune_seg, spelled out to keep models/
-#: free of engine imports)
-ENTRY_OF_FORMAT = {
-    MODEL_FORMAT: "state_dict",
-    "mink_ssl.checkpoint/1": "backbone",
-    "mink_ssl.seg_checkpoint/1": "backbone",
-    SEG_MODEL_FORMAT: "backbone",
-    "mink_ssl.det_checkpoint/1": "backbone",
-    "mink_ssl.det_model/1": "backbone",
-}
 #: constructor arguments that decide tensor names and shapes (bn_momentum, normalize_output
 #: do not, and may differ between pretraining and fine-tuning)
 ARCHITECTURE_KEYS = ("name", "in_channels", "out_channels", "stem_kernel_size", "dimension")
@@ -96,10 +84,10 @@ def _read(path: Path) -> tuple[dict, dict | None, str]:
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
     fmt = obj.get("format")
     if fmt is not None:
-        if fmt not in ENTRY_OF_FORMAT:
+        if fmt not in BACKBONE_ENTRY:
             raise ValueError(f"{path} has format {fmt!r}; pretrained weights can come from "
-                             f"{sorted(ENTRY_OF_FORMAT)} or an untagged state dict")
-        entry = ENTRY_OF_FORMAT[fmt]
+                             f"{sorted(BACKBONE_ENTRY)} or an untagged state dict")
+        entry = BACKBONE_ENTRY[fmt]
         if not isinstance(obj.get(entry), dict):
             raise ValueError(f"{path} (format {fmt!r}) has no {entry!r} entry")
         return obj[entry], obj.get("model"), f"{fmt}, entry {entry!r}"

@@ -66,7 +66,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DET_MODEL_FORMAT = "mink_ssl.det_model/1"
+from mink_ssl.formats.model_files import DET_MODEL_FORMAT, load_tagged
+
 NEAR_THRESHOLD = 0.3  # metres: a proposal this near a ground-truth centre is an object
 FAR_THRESHOLD = 0.6  # metres: this far from every centre is background; between: ignored
 OBJECTNESS_WEIGHTS = (0.2, 0.8)  # cross-entropy weights of background / object
@@ -533,14 +534,7 @@ def load_detection_model(path: str | os.PathLike, map_location="cpu"
                          ) -> tuple[VoteNetDetector, dict]:
     """Rebuild a detector written by :func:`save_detection_model` (strict keys); returns it and
     the file's metadata (classes, voxel_size, features)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detection model {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != DET_MODEL_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a mink-ssl detection model (format {found!r}, expected "
-                         f"{DET_MODEL_FORMAT!r})")
+    state = load_tagged(path, [DET_MODEL_FORMAT], "a mink-ssl detection model", map_location)
     model = detector_from_configs(state["model"], state["head"])
     model.backbone.load_state_dict(state["backbone"], strict=True)
     model.head.load_state_dict(state["head_state"], strict=True)

@@ -1,0 +1,11 @@
+"""The on-disk contracts that ``data_prep`` writes and ``mink_ssl`` reads, in one place.
+
+- :mod:`~mink_ssl.formats.fragments`: the fragment store of RGB-D views (writer and reader);
+- :mod:`~mink_ssl.formats.manifest`: the prep outputs' ``manifest.json`` schemas, written and
+  checked;
+- :mod:`~mink_ssl.formats.model_files`: the format tags of model files and checkpoints, and the
+  one checked loader every reader of them goes through.
+
+Nothing here imports torch or MinkowskiEngine at import time (the model-file loader imports
+torch when it is called), so a prep machine needs neither.
+"""
