@@ -41,7 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mink-ssl-demo=mink_ssl.cli.demo:main",
-            "mink-ssl-transfer=mink_ssl.transfer_benchmark:main",
+            "mink-ssl-transfer=mink_ssl.cli.transfer:main",
             "mink-ssl-prep=data_prep.cli:main",
             "mink-ssl-pretrain=mink_ssl.cli.pretrain:main",
             "mink-ssl-viz=mink_ssl.cli.viz:main",

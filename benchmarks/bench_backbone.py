@@ -54,7 +54,7 @@ def load_frame(voxel_size: float, real: bool) -> tuple[torch.Tensor, torch.Tenso
 
 
 def child(model_name: str, device: str, repeats: int, voxel_size: float, real: bool) -> dict:
-    from mink_ssl.engine.profiling import measure
+    from mink_ssl.tools.profiling import measure
     from mink_ssl.models import build_model
     from mink_ssl.sparse import sparse_tensor
 

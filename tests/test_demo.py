@@ -1,6 +1,7 @@
 import json
 
-from mink_ssl.cli.demo import main, run_demo
+from mink_ssl.cli.demo import main
+from mink_ssl.tools.demo import run_demo
 
 
 def test_demo_runs_prep_pretraining_backbone_and_finetuning_end_to_end(tmp_path):

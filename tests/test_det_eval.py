@@ -10,10 +10,10 @@ import torch
 from scipy.spatial import ConvexHull
 
 from data_prep.synthetic import make_room
-from mink_ssl.eval.detection import (DetectionEvaluator, average_precision, bev_intersection_area,
-                                     bev_intersection_polygon, box_corners, box_iou,
-                                     evaluate_detection, iou_aligned, iou_oriented, paired_iou,
+from mink_ssl.eval.detection import (DetectionEvaluator, average_precision, evaluate_detection,
                                      write_detection_report)
+from mink_ssl.ops.boxes import (bev_intersection_area, bev_intersection_polygon, box_corners,
+                                box_iou, iou_aligned, iou_oriented, paired_iou)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SQRT2 = math.sqrt(2)

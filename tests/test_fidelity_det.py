@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mink_ssl.eval.detection import aligned_hull, box_corners
+from mink_ssl.ops.boxes import aligned_hull, box_corners
 from mink_ssl.ops import nms_3d
 
 # ------------------------------------------------------------------ row 12: SUN RGB-D NMS

@@ -13,7 +13,7 @@ from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.cluster_render import (ClusterRender, clustering_loss, fitting_l1,
                                                 fitting_sinkhorn, prototypes,
                                                 sinkhorn_soft_labels)
-from mink_ssl.render import render_points
+from mink_ssl.objectives.render import render_points
 from mink_ssl.sparse import batched_coordinates
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,4 +1,4 @@
-"""Synthetic transfer benchmark (mink_ssl/transfer_benchmark.py): the tiny preset end to
+"""Synthetic transfer benchmark (mink_ssl/tools/transfer_benchmark.py): the tiny preset end to
 end (real synthetic scans and rooms, real pretraining and fine-tuning), the structure of
 results.json / results.md / results.png, and resumability."""
 import json
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mink_ssl import transfer_benchmark as bench
+from mink_ssl.cli import transfer as transfer_cli
+from mink_ssl.tools import transfer_benchmark as bench
+from mink_ssl.tools.transfer_benchmark import runs as bench_runs
 
 OBJECTIVES = ["none", "point_info_nce", "hardest_contrastive"]
 SETTINGS = ["pts20", "full"]
@@ -192,7 +194,7 @@ def test_a_run_held_by_another_process_is_skipped_and_nothing_summarised(tiny_ru
     with DirLock(held, "finetune-seg"):
         partial = bench.run_benchmark(out, "tiny", objectives=OBJECTIVES, seeds=[0],
                                       settings=SETTINGS, log=logs.append)
-        assert bench.main(["--out", str(out), "--preset", "tiny"]) == 3
+        assert transfer_cli.main(["--out", str(out), "--preset", "tiny"]) == 3
     assert partial == {"incomplete": ["none/seed0"]}
     assert any(line.startswith("== skipped none seed 0: ") and "in use by another run" in line
                for line in logs), logs
@@ -211,12 +213,13 @@ def test_bad_arguments_name_the_value_and_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"unknown preset 'huge'; valid choices: \['demo'"):
         bench.run_benchmark(tmp_path, "huge")
     assert bench.parse_setting("frac0.1") == {"scene_fraction": 0.1, "labelled_points": None}
-    assert bench.main(["--out", str(tmp_path), "--preset", "tiny", "--settings", "frac0"]) == 2
+    assert transfer_cli.main(["--out", str(tmp_path), "--preset", "tiny",
+                              "--settings", "frac0"]) == 2
     assert not (tmp_path / "data").exists()  # arguments are checked before any work
 
 
 def test_checkout_script_is_the_library_command(tmp_path):
-    """experiments/synthetic_transfer/run.py runs mink_ssl.transfer_benchmark's CLI."""
+    """experiments/synthetic_transfer/run.py runs mink_ssl.tools.transfer_benchmark's CLI."""
     import subprocess
     import sys
     from pathlib import Path
@@ -267,11 +270,11 @@ def test_random_room_colours_say_nothing_about_the_class(tmp_path):
 def test_runs_made_before_a_setting_was_added_are_reused_at_its_default():
     default = {"lr": 0.1, "eval": {"every": 0, "keep_best": True}}
     old_run = {"lr": 0.1, "eval": {"every": 0}}  # finished before eval.keep_best existed
-    assert bench._changed(default, old_run, default) == []
-    assert bench._changed({"lr": 0.1, "eval": {"every": 0, "keep_best": False}}, old_run,
+    assert bench_runs._changed(default, old_run, default) == []
+    assert bench_runs._changed({"lr": 0.1, "eval": {"every": 0, "keep_best": False}}, old_run,
                           default) == ["eval"]
-    assert bench._changed({"lr": 0.2, "eval": {"every": 0}}, old_run, default) == ["lr"]
-    assert bench._changed(default, {**old_run, "removed": 1}, default) == ["removed"]
+    assert bench_runs._changed({"lr": 0.2, "eval": {"every": 0}}, old_run, default) == ["lr"]
+    assert bench_runs._changed(default, {**old_run, "removed": 1}, default) == ["removed"]
 
 
 def test_distillation_pretrains_with_its_papers_optimizer(tiny_run):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mink_ssl.cli.viz import main
-from mink_ssl.viz import (Camera, backbone_features, layout_pair, load_fragment, open_pairs,
+from mink_ssl.tools.viz import (Camera, backbone_features, layout_pair, load_fragment, open_pairs,
                           pca_colors, render_points, write_ply)
 
 o3d = pytest.importorskip("open3d")
@@ -153,7 +153,7 @@ def test_features_with_random_init_and_ones_input(prepped, tmp_path):
 def test_backbone_features_follow_the_input_row_order(prepped):
     from mink_ssl.models import build_model
     from mink_ssl.data.features import input_features
-    from mink_ssl.viz import fragment_voxels
+    from mink_ssl.tools.viz import fragment_voxels
 
     torch.manual_seed(0)
     model = build_model("Res16UNet14A", in_channels=3, out_channels=8)

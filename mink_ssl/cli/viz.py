@@ -29,7 +29,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _pair(args) -> int:
-    from mink_ssl.viz import visualize_pair
+    from mink_ssl.tools.viz import visualize_pair
 
     res = visualize_pair(args.data, args.index, args.out, voxel_size=args.voxel_size,
                          max_lines=args.max_lines, augment=not args.no_augment, color=args.color,
@@ -46,7 +46,7 @@ def _features(args) -> int:
     import torch
 
     from mink_ssl.models import build_model, load_model
-    from mink_ssl.viz import resolve_device, visualize_features
+    from mink_ssl.tools.viz import resolve_device, visualize_features
 
     if args.model is not None:
         if not args.model.is_file():

@@ -24,7 +24,7 @@ rest of VoteNet unchanged). Same here, with the facts of VoteNet's code (read, n
   (NS, one cluster per class: the class's mean size on the training set, as VoteNet), semantic
   scores (NC). Every hidden layer has batch norm and ReLU.
 
-Boxes: centre, full extents, heading about +z (:mod:`mink_ssl.eval.detection`). Heading bin
+Boxes: centre, full extents, heading about +z (:mod:`mink_ssl.ops.boxes`). Heading bin
 ``c`` of NH covers angles around ``c 2 pi / NH``; the residual is normalised by ``pi / NH``; the
 size residual by the cluster's mean size. NH = 1 means axis-aligned boxes (VoteNet's ScanNet):
 heading targets are 0 and decoded boxes have no heading column.

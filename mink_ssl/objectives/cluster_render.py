@@ -13,7 +13,7 @@ CluRender trains a point encoder on *single objects* with two heads, usable toge
   ``L_orth = |C*^T C* - E|_F`` of the normalised prototypes, ``L_c = L_soft + omega L_orth``
   with omega = 0.01 (eq. 14);
 - **neural rendering** (Sec. 5): a colour head phi_beta predicts an RGB colour per point; a
-  differentiable point-splatting renderer (:mod:`mink_ssl.render`, eq. 15) renders the points
+  differentiable point-splatting renderer (:mod:`mink_ssl.objectives.render`, eq. 15) renders the points
   into the cameras of the RGB frames, and a fitting loss compares the rendering with the real
   frame (eqs. 17-18): an entropic-OT (Sinkhorn) distance between the two images as point sets
   over pixel position and colour with cost ``lambda |x - y|^2 + (1 - lambda) |c - c'|^2``,
@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.sampling import SeededGenerator, random_subset, zero_loss
-from mink_ssl.render import render_points
+from mink_ssl.objectives.render import render_points
 
 FITTING_LOSSES = ("sinkhorn", "l1")
 
@@ -264,7 +264,7 @@ class ClusterRender(Objective):
         views: which views of the pair are clustered and rendered.
         render_other_view: also render each view into the other view's camera.
         radius, sigma, k, eta: splatting disk radius and Gaussian fall-off (pixels), splats
-            composited per pixel, blending exponent (see :func:`mink_ssl.render.render_points`).
+            composited per pixel, blending exponent (see :func:`mink_ssl.objectives.render.render_points`).
         fitting_loss: 'sinkhorn' (the paper's OT fitting loss) or 'l1' (cheaper).
         render_weight: weight of the fitting loss against the clustering loss (1 in eq. 1).
         fit_lambda: lambda of eq. 18 (position vs colour).

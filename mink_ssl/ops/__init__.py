@@ -1,4 +1,4 @@
-"""Geometric ops for detection heads: farthest point sampling, ball query, 3D NMS."""
+"""Geometric ops: boxes and their IoU, farthest point sampling, ball query, 3D NMS."""
 from mink_ssl.ops.nms import nms_3d
 from mink_ssl.ops.sampling import ball_query, farthest_point_sampling, pad_by_scene
 

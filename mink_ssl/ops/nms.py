@@ -8,12 +8,12 @@ VoteNet's ``parse_predictions`` feeds that NMS the axis-aligned hull of each box
 ``mode`` chooses:
 
 - ``aligned_hull`` (the reference, default): IoU of the axis-aligned hulls
-  (:func:`mink_ssl.eval.detection.aligned_hull`); for (K, 6) boxes this is their own IoU;
+  (:func:`mink_ssl.ops.boxes.aligned_hull`); for (K, 6) boxes this is their own IoU;
 - ``oriented``: the oriented 3D IoU of (K, 7) boxes, an option: it suppresses by the boxes' true
   overlap (a diagonal box's hull is up to twice its volume and overlaps neighbours it does not
   touch), but its kept sets differ from the reference's and so do the published APs.
 
-Same greedy pass as VoteNet, with two changes of form: IoUs are computed vectorised (``mink_ssl.eval.detection.paired_iou``: axis-aligned for
+Same greedy pass as VoteNet, with two changes of form: IoUs are computed vectorised (``mink_ssl.ops.boxes.paired_iou``: axis-aligned for
 ``(K, 6)`` boxes, oriented bird's-eye-view clipping for ``(K, 7)``) for all pairs that can
 suppress each other (same class and scene, when given), in blocks of rows so memory stays bounded,
 and only the over-threshold pairs are kept; the greedy pass then loops over the kept boxes only.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mink_ssl.eval.detection import aligned_hull, check_boxes, group_pairs, paired_iou
+from mink_ssl.ops.boxes import aligned_hull, check_boxes, group_pairs, paired_iou
 
 _ROW_BLOCK = 1024  # rows of the (K, K) IoU relation computed at once
 NMS_MODES = ("aligned_hull", "oriented")
@@ -55,7 +55,7 @@ def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, *,
 
     Args:
         boxes: (K, 6) axis-aligned ``[cx, cy, cz, dx, dy, dz]`` or (K, 7) oriented, with a
-            heading about +z (conventions of ``mink_ssl.eval.detection``).
+            heading about +z (conventions of ``mink_ssl.ops.boxes``).
         scores: (K,) confidences; higher is kept first.
         iou_threshold: a box is suppressed by a kept one when their IoU is strictly above it.
         labels: (K,) int classes: boxes of different classes never suppress each other

@@ -46,7 +46,7 @@ def write_ply(path: str | os.PathLike, points: np.ndarray, colors: np.ndarray,
                                     ("red", "u1"), ("green", "u1"), ("blue", "u1")])
     vertex["x"], vertex["y"], vertex["z"] = points.T
     vertex["red"], vertex["green"], vertex["blue"] = np.clip(colors, 0, 255).astype(np.uint8).T
-    header = ["ply", "format binary_little_endian 1.0", "comment written by mink_ssl.viz",
+    header = ["ply", "format binary_little_endian 1.0", "comment written by mink_ssl.tools.viz",
               f"element vertex {len(points)}", "property float x", "property float y",
               "property float z", "property uchar red", "property uchar green",
               "property uchar blue"]
