@@ -53,6 +53,7 @@ from torch.utils.data import Dataset
 
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 from mink_ssl.formats.manifest import DET_SCHEMA, read_manifest
+from mink_ssl.geometry import points_in_boxes
 
 KNOWN_SCHEMAS = (DET_SCHEMA,)
 FEATURES = tuple(FEATURE_MODES)
@@ -85,7 +86,6 @@ REFERENCE_SIZE_CLUSTERS: dict[str, tuple[tuple[str, ...], tuple[tuple[float, flo
          (0.528526, 1.002642, 1.172878), (0.500618, 0.632163, 0.683424),
          (0.404671, 1.071108, 1.688889), (0.765840, 1.398258, 0.472728))),
 }
-_CHUNK_ELEMENTS = 1 << 20  # (points x boxes) per chunk of the point-in-box test
 
 
 @dataclass
@@ -225,29 +225,6 @@ def wrap_angle(angle):
 
 
 # ------------------------------------------------------------------------------ vote targets
-
-def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """(N, K) bool: point n lies in (or on) oriented box k; points (N, 3), boxes (K, 7).
-
-    Each point is expressed in each box's frame (rotated by -heading about the centre) and
-    compared with the half extents, in chunks of points so temporaries stay small.
-    """
-    points, boxes = np.asarray(points, np.float64), np.asarray(boxes, np.float64)
-    n, k = len(points), len(boxes)
-    inside = np.zeros((n, k), bool)
-    if n == 0 or k == 0:
-        return inside
-    half = boxes[:, 3:6] / 2  # (K, 3)
-    cos, sin = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])  # (K,)
-    step = max(1, _CHUNK_ELEMENTS // k)
-    for lo in range(0, n, step):  # chunks of points
-        d = points[lo:lo + step, None, :] - boxes[None, :, :3]  # (n, K, 3)
-        u = d[..., 0] * cos + d[..., 1] * sin  # (n, K) along the box's dx axis
-        v = d[..., 1] * cos - d[..., 0] * sin  # along its dy axis
-        inside[lo:lo + step] = ((np.abs(u) <= half[:, 0]) & (np.abs(v) <= half[:, 1])
-                                & (np.abs(d[..., 2]) <= half[:, 2]))
-    return inside
-
 
 def vote_targets(points: np.ndarray, instance: np.ndarray, boxes: np.ndarray,
                  max_votes: int = 1) -> tuple[np.ndarray, np.ndarray]:
