@@ -16,7 +16,7 @@ def require_kitchen() -> Path:
 
 def prepare(scene_dir: Path, work: Path, frame_skip: int = 1) -> Path:
     """Run our prep on one scene folder; returns the scene's fragment directory."""
-    from data_prep.scannet.prep import PrepParams, prepare_scene
+    from data_prep.pairs.scene import PrepParams, prepare_scene
 
     work.mkdir(parents=True, exist_ok=True)
     report = prepare_scene(scene_dir, work, PrepParams(frame_skip=frame_skip))

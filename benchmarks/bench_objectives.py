@@ -38,7 +38,7 @@ FRAME_SIZE = (60, 80)  # frames for cluster_render's renderer
 
 
 def prepare(tmp: Path) -> tuple[Path, str]:
-    from data_prep.scannet.prep import PrepParams, run as run_prep
+    from data_prep.pairs.prep import PrepParams, run as run_prep
 
     if (KITCHEN / "depth").is_dir():
         (tmp / "raw").mkdir()

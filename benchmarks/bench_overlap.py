@@ -80,7 +80,7 @@ def baseline_overlap(paths: list[Path], voxel: float = 0.05) -> np.ndarray:
 
 def our_clouds(scene: Path, frames: list[int] | None = None, shift: np.ndarray | None = None
                ) -> list[np.ndarray]:
-    from data_prep.scannet.overlap import voxel_downsample
+    from data_prep.pairs.overlap import voxel_downsample
     from mink_ssl.formats.fragments import FragmentStore
 
     store = FragmentStore(scene)
@@ -90,7 +90,7 @@ def our_clouds(scene: Path, frames: list[int] | None = None, shift: np.ndarray |
 
 
 def real_comparison(n_frames: int, repeats: int) -> None:
-    from data_prep.scannet.overlap import overlap_matrix, verify_overlap
+    from data_prep.pairs.overlap import overlap_matrix, verify_overlap
 
     kitchen = require_kitchen()
     ids = list(range(0, 500, 5))[:n_frames]
@@ -186,7 +186,7 @@ def child(path: str) -> None:
     """Overlap and self-check of the clouds in ``path``; one JSON line with times and peak RSS."""
     import resource
 
-    from data_prep.scannet.overlap import overlap_matrix, verify_overlap
+    from data_prep.pairs.overlap import overlap_matrix, verify_overlap
 
     with np.load(path) as z:
         clouds = [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]

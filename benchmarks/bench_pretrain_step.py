@@ -33,7 +33,7 @@ from _timing import alternate, paired_ratio, ratio_verdict, summary  # noqa: E40
 
 
 def main() -> int:
-    from data_prep.scannet.prep import PrepParams, run as run_prep
+    from data_prep.pairs.prep import PrepParams, run as run_prep
     from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig
     from mink_ssl.engine.pretrain import (build_backbone, build_dataset, build_loader,
                                           build_objectives, build_optimizer,

@@ -19,15 +19,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.detection import scannet_det, sunrgbd
+from data_prep.pairs.prep import PrepParams, run as run_pairs
+from data_prep.segmentation import s3dis, scannet_seg, synthia
+from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
+
 
 def _scannet(args) -> int:
-    from data_prep.scannet.prep import PrepParams, run
-
     params = PrepParams(frame_skip=args.frame_skip, min_overlap=args.min_overlap,
                         max_depth=args.max_depth, min_points=args.min_points,
                         invalid_depth=args.invalid_depth)
-    manifest = run(args.raw, args.out, params, workers=args.workers, scenes=args.scenes,
-                   progress=not args.no_progress, verify_pairs=args.verify_pairs)
+    manifest = run_pairs(args.raw, args.out, params, workers=args.workers, scenes=args.scenes,
+                         progress=not args.no_progress, verify_pairs=args.verify_pairs)
     if manifest["failed_scenes"]:  # a self-check disagreement is a bug: never a quiet success
         return 1
     return 0 if manifest["counts"]["scenes_done"] else 1
@@ -38,43 +41,35 @@ def _seg_done(manifest: dict) -> int:
 
 
 def _s3dis(args) -> int:
-    from data_prep.s3dis import S3DISParams, run
-
-    params = S3DISParams(test_area=args.test_area, stairs=args.stairs,
-                         check_room_file=not args.no_room_check)
-    return _seg_done(run(args.raw, args.out, params, workers=args.workers, rooms=args.rooms,
-                         progress=not args.no_progress))
+    params = s3dis.S3DISParams(test_area=args.test_area, stairs=args.stairs,
+                               check_room_file=not args.no_room_check)
+    return _seg_done(s3dis.run(args.raw, args.out, params, workers=args.workers,
+                               rooms=args.rooms, progress=not args.no_progress))
 
 
 def _synthia(args) -> int:
-    from data_prep.synthia import SynthiaParams, run
-
-    return _seg_done(run(args.raw, args.out, SynthiaParams(keep_axes=args.keep_axes),
-                         workers=args.workers, sequences=args.sequences,
-                         progress=not args.no_progress))
+    return _seg_done(synthia.run(args.raw, args.out,
+                                 synthia.SynthiaParams(keep_axes=args.keep_axes),
+                                 workers=args.workers, sequences=args.sequences,
+                                 progress=not args.no_progress))
 
 
 def _scannet_seg(args) -> int:
-    from data_prep.scannet_seg import ScanNetSegParams, run
-
-    return _seg_done(run(args.raw, args.splits_dir, args.out, ScanNetSegParams(args.labels),
-                         label_map=args.label_map, workers=args.workers, scenes=args.scenes,
-                         progress=not args.no_progress))
+    return _seg_done(scannet_seg.run(args.raw, args.splits_dir, args.out,
+                                     scannet_seg.ScanNetSegParams(args.labels),
+                                     label_map=args.label_map, workers=args.workers,
+                                     scenes=args.scenes, progress=not args.no_progress))
 
 
 def _scannet_det(args) -> int:
-    from data_prep.detection.scannet_det import run
-
-    return _seg_done(run(args.raw, args.out, args.label_map, splits_dir=args.splits_dir,
-                         scenes=args.scenes, workers=args.workers,
-                         progress=not args.no_progress))
+    return _seg_done(scannet_det.run(args.raw, args.out, args.label_map,
+                                     splits_dir=args.splits_dir, scenes=args.scenes,
+                                     workers=args.workers, progress=not args.no_progress))
 
 
 def _sunrgbd(args) -> int:
-    from data_prep.detection.sunrgbd import run
-
-    return _seg_done(run(args.raw, args.out, label_dir=args.labels, ids=args.ids,
-                         workers=args.workers, progress=not args.no_progress))
+    return _seg_done(sunrgbd.run(args.raw, args.out, label_dir=args.labels, ids=args.ids,
+                                 workers=args.workers, progress=not args.no_progress))
 
 
 def _common(s: argparse.ArgumentParser) -> None:
@@ -198,8 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,10 +1,20 @@
-"""What every prep run shares around its per-scene work: the raw / output path check, the output
-lock, and the scene scheduler (pool workers, signals, output-side I/O errors).
+"""The run machinery every prep shares (pairs, segmentation, detection): the raw / output path
+check, the output lock, the parameter check, the scene scheduler, and the facts a manifest
+records (versions, JSON-friendly parameters).
+
+A prep run is: refuse an ``--out`` that overlaps a raw folder, lock ``--out``, refuse parameters
+other than those ``--out`` was prepared with, remove the temporaries of a killed run
+(:func:`prep_run`), prepare every scene that is not done yet, in worker processes
+(:func:`map_scenes`; a scene with bad input raises :class:`SceneSkipped` inside the prep and is
+reported, not fatal), then write the manifest (:func:`mink_ssl.formats.manifest.write_manifest`)
+and log the skipped scenes (:func:`log_skipped`). The scene-file layout segmentation and
+detection share is :mod:`data_prep.scene_store`.
 
 - ``--out`` must not overlap any raw input folder, however spelled (same folder, either one
   inside the other, through symlinks): prep only ever deletes what it created, and an output
   inside the input (or the reverse) would mix the two.
 - One prep per output folder (:class:`mink_ssl.safety.DirLock`).
+- One set of processing parameters per output folder (``params.json``).
 - SIGINT / SIGTERM: no new scene is started, the scenes in progress finish (each is written
   atomically), and the run ends with :class:`mink_ssl.safety.Interrupted` (exit 128 + signal);
   rerunning the command continues. A second signal aborts at once (in-progress scenes leave
@@ -14,11 +24,23 @@ lock, and the scene scheduler (pool workers, signals, output-side I/O errors).
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
+import mink_ssl
+from mink_ssl.io import atomic_path
 from mink_ssl.safety import DirLock, Interrupted, OutputError, StopSignals, worker_init
+
+
+class SceneSkipped(Exception):
+    """A scene that cannot be prepared; the message is the reason reported in the manifest."""
 
 
 def check_out_vs_raw(raws: Iterable[str | os.PathLike], out: str | os.PathLike,
@@ -45,6 +67,77 @@ def check_out_vs_raw(raws: Iterable[str | os.PathLike], out: str | os.PathLike,
 def prep_lock(out: Path, what: str, log: Callable[[str], None] = print) -> DirLock:
     """The exclusive lock of a prep's output folder (creates the folder)."""
     return DirLock(out, what, notice=log)
+
+
+def check_params(out: Path, params: dict, *, recorded: Callable[[], dict | None] | None = None,
+                 asked_only: bool = False) -> None:
+    """Refuse to mix processing parameters in one output directory: ValueError naming the
+    differences if ``out/params.json`` holds others than ``params``; writes it when absent.
+
+    Args:
+        recorded: without ``params.json`` (deleted, or written by an older version), the
+            parameters the folder records elsewhere (None: none), compared instead.
+        asked_only: compare only the keys of ``params`` (a key recorded by an older version and
+            since dropped is no difference); otherwise every key of either side.
+    """
+    path = out / "params.json"
+    params = json.loads(json.dumps(params))  # as it reads back (tuples -> lists)
+    old = json.loads(path.read_text()) if path.is_file() else recorded() if recorded else None
+    if old is not None:
+        keys = list(params) if asked_only else sorted(set(old) | set(params))
+        diff = [k for k in keys if old.get(k) != params.get(k)]
+        if diff:
+            raise ValueError(f"{out} was prepared with other parameters "
+                             f"{ {k: old.get(k) for k in diff} }, now "
+                             f"{ {k: params.get(k) for k in diff} }; use a new --out directory "
+                             "or the same parameters")
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(params, indent=1))
+
+
+@contextmanager
+def prep_run(out: Path, what: str, raws: Iterable[str | os.PathLike], params: dict, *,
+             clean: Callable[[], None], recorded: Callable[[], dict | None] | None = None,
+             asked_only: bool = False, log: Callable[[str], None] = print) -> Iterator[None]:
+    """What every prep does around its scenes: refuse an ``out`` that overlaps ``raws``, lock
+    ``out`` (held inside the block; ``what`` names the command in the lock's messages), check
+    the parameters (:func:`check_params`) and ``clean()`` away the temporaries of a killed run."""
+    check_out_vs_raw(raws, out)
+    with prep_lock(out, what, log):
+        check_params(out, params, recorded=recorded, asked_only=asked_only)
+        clean()
+        yield
+
+
+def log_skipped(log: Callable[[str], None], skipped: Iterable[tuple[str, str]]) -> None:
+    """One line per skipped scene: ``  skipped <scene>: <reason>``."""
+    for scene, reason in skipped:
+        log(f"  skipped {scene}: {reason}")
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Versions of what produced the files: mink_ssl, numpy, python and ``packages`` (no torch
+    import: prep does not need it)."""
+    out = {"mink_ssl": mink_ssl.__version__, "numpy": np.__version__,
+           "python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # pragma: no cover - dependencies of prep
+            out[name] = "missing"
+    return out
+
+
+def as_json(value: Any) -> Any:
+    """Paths and tuples as JSON-friendly values (for the parameters of the manifest)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [as_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items()}
+    return value
 
 
 def map_scenes(run_job: Callable, jobs: Sequence, args: tuple, workers: int, progress: bool,

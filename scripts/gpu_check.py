@@ -67,7 +67,7 @@ def prepare_data(d: Path, frame_skip: int) -> Path:
     if not (REALDATA / "depth").is_dir():
         raise SystemExit(f"no real frames at {REALDATA}: gpu-check's data is prepared from "
                          "../shared/realdata (run `make gpu-wheels` where it exists)")
-    from data_prep.scannet.prep import PrepParams, run as run_prep
+    from data_prep.pairs.prep import PrepParams, run as run_prep
 
     raw = d / "data" / "raw"
     raw.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ def kitchen_frame(kitchen):
 @pytest.fixture(scope="session")
 def synthetic_pairs(tmp_path_factory) -> Path:
     """Pair prep output of one synthetic ScanNet scene (76 frames, fragments every 25)."""
-    from data_prep.scannet.prep import PrepParams, run as run_prep
+    from data_prep.pairs.prep import PrepParams, run as run_prep
     from data_prep.synthetic import generate_scene
 
     root = tmp_path_factory.mktemp("one_scene")

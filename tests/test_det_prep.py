@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main as prep_main
-from data_prep.detection import first_box, points_in_boxes
 from data_prep.detection import scannet_det, sunrgbd
+from data_prep.detection.writer import first_box
 from data_prep.synthetic import make_room
 from data_prep.synthetic.scannet_scene import generate_scenes
+from mink_ssl.geometry import points_in_boxes
 
 # VoteNet's ScanNet classes (model_util_scannet.py): NYU40 id -> class id
 VOTENET_NYU40 = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39]

@@ -100,7 +100,7 @@ def test_submitit_launcher_config_composes():
 
 def test_two_slurm_style_tasks_form_one_process_group(tmp_path):
     """What each submitit/srun task does: no torchrun, ranks from SLURM_* variables."""
-    from data_prep.scannet.prep import PrepParams, run as run_prep
+    from data_prep.pairs.prep import PrepParams, run as run_prep
     from data_prep.synthetic import generate_scene
 
     generate_scene(tmp_path / "raw", "scene0000_00", 0, n_frames=76)

@@ -219,7 +219,7 @@ def test_renderer_gradients_reach_colours_and_opacities():
 
 @pytest.fixture(scope="module")
 def kitchen_pairs(kitchen, tmp_path_factory):
-    from data_prep.scannet.prep import PrepParams, run
+    from data_prep.pairs.prep import PrepParams, run
 
     raw = tmp_path_factory.mktemp("raw")
     (raw / "redkitchen").symlink_to(kitchen)
@@ -402,7 +402,7 @@ def test_hydra_config_turns_on_frames_and_passes_the_backbone_channels():
 
 @pytest.fixture(scope="module")
 def synthetic_pairs(tmp_path_factory):
-    from data_prep.scannet.prep import PrepParams, run as run_prep
+    from data_prep.pairs.prep import PrepParams, run as run_prep
     from data_prep.synthetic import generate_scene
 
     root = tmp_path_factory.mktemp("clurender_synthetic")

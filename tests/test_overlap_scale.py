@@ -12,10 +12,10 @@ import pytest
 from scipy.spatial import cKDTree
 
 from data_prep.cli import main as prep_main
-from data_prep.scannet import overlap as overlap_mod
-from data_prep.scannet.overlap import (OverlapExtentError, direct_overlap, overlap_matrix,
+from data_prep.pairs import overlap as overlap_mod
+from data_prep.pairs.overlap import (OverlapExtentError, direct_overlap, overlap_matrix,
                                        sample_pairs, verify_overlap)
-from data_prep.scannet.prep import PrepParams, run
+from data_prep.pairs.prep import PrepParams, run
 
 R = 0.075
 
@@ -167,7 +167,7 @@ def test_prep_fails_a_scene_whose_fast_path_drops_pairs(kitchen_raw, tmp_path, m
         res.directional[half:, :] = 0.0
         return res
 
-    monkeypatch.setattr("data_prep.scannet.prep.overlap_matrix", dropping)
+    monkeypatch.setattr("data_prep.pairs.scene.overlap_matrix", dropping)
     out = tmp_path / "out"
     assert prep_main(["scannet", "--raw", str(kitchen_raw), "--out", str(out),
                       "--frame-skip", "25", "--no-progress"]) == 1

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.scannet.prep import PrepParams, run
+from data_prep.pairs.prep import PrepParams, run
 from mink_ssl.data.correspondence import find_matches, random_rigid_transform
 from mink_ssl.data.pairs import PairDataset, ResumableSampler, collate_pairs
 from mink_ssl.sparse import quantize

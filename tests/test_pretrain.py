@@ -17,7 +17,7 @@ from conftest import compose_config
 import torch
 import torch.multiprocessing as mp
 
-from data_prep.scannet.prep import PrepParams, run as run_prep
+from data_prep.pairs.prep import PrepParams, run as run_prep
 from data_prep.synthetic import generate_scene
 from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
 from mink_ssl.engine.hooks import read_metrics

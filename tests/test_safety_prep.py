@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main as prep_main
-from data_prep.scannet.prep import PrepParams, run
-from data_prep.scannet.sens import SensReader, write_sens
+from data_prep.pairs.prep import PrepParams, run
+from data_prep.scannet.sens import SensReader
+from data_prep.scannet.sens_writer import write_sens
 from mink_ssl.safety import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,7 +416,7 @@ def test_seg_prep_refuses_out_overlapping_raw(tmp_path, capsys):
 
 
 def test_s3dis_non_finite_point_is_dropped_naming_file_and_line(tmp_path):
-    from data_prep.s3dis import S3DISParams, run as run_s3dis
+    from data_prep.segmentation.s3dis import S3DISParams, run as run_s3dis
     from data_prep.synthetic import generate_s3dis_rooms
 
     raw = tmp_path / "s3dis"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import seg_common
 from data_prep.cli import main as prep_main
-from data_prep.s3dis import S3DISParams, parse_xyzrgb
-from data_prep.s3dis import run as run_s3dis
+from data_prep.segmentation import writer as seg_writer
+from data_prep.segmentation.s3dis import S3DISParams, parse_xyzrgb
+from data_prep.segmentation.s3dis import run as run_s3dis
 from data_prep.synthetic.s3dis_rooms import generate_s3dis_rooms
 from data_prep.synthetic.synthia_frames import (SYNTHIA_CLASSES, generate_synthia_frames,
                                                 write_frame_ply)
@@ -158,7 +158,7 @@ def test_s3dis_bad_rooms_are_reported_and_a_rerun_resumes(tmp_path):
     assert f"{a}/Annotations/{truth.rooms[a].files[1]}: line {n_lines} is not 6 numbers" \
         in reasons[a] and "six" in reasons[a]
     assert "has no Annotations/ folder" in reasons[b]
-    assert set(m["scenes"]) == {c, d} and not (out / seg_common.scene_file(a)).exists()
+    assert set(m["scenes"]) == {c, d} and not (out / seg_writer.scene_file(a)).exists()
     _, _, labels_c = load(out, m, c)
     assert (labels_c[-2:] == -1).all() and len(labels_c) == len(truth.rooms[c].coords) + 2
     np.testing.assert_array_equal(names_of(m, labels_c[:-2]), np.where(
@@ -191,28 +191,28 @@ def test_s3dis_bad_rooms_are_reported_and_a_rerun_resumes(tmp_path):
 def test_interrupted_run_leaves_only_complete_scenes(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     generate_s3dis_rooms(raw, areas=(4, 5), rooms_per_area=2, seed=5, defects=False)
-    real_write, calls = seg_common.write_scene, []
+    real_write, calls = seg_writer.write_scene, []
 
     def dying_write(out, name, data, num_classes):  # dies between report and .npz of scene 3
         calls.append(name)
         if len(calls) == 3:
             from mink_ssl.io import atomic_path
-            report = out / "reports" / (Path(seg_common.scene_file(name)).stem + ".json")
+            report = out / "reports" / (Path(seg_writer.scene_file(name)).stem + ".json")
             report.write_text(json.dumps({"scene": name, "points": 1, "repairs": []}))
-            with atomic_path(out / seg_common.scene_file(name)) as tmp:
+            with atomic_path(out / seg_writer.scene_file(name)) as tmp:
                 tmp.write_bytes(b"partial")
                 raise KeyboardInterrupt
         return real_write(out, name, data, num_classes)
 
-    monkeypatch.setattr(seg_common, "write_scene", dying_write)
+    monkeypatch.setattr(seg_writer, "write_scene", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run_s3dis(raw, tmp_path / "out", progress=False, log=lambda s: None)
     scenes = tmp_path / "out" / "scenes"
     assert sorted(p.name for p in scenes.iterdir()) == sorted(
-        seg_common.scene_file(n)[7:] for n in calls[:2])  # no partial file, no temp file
+        seg_writer.scene_file(n)[7:] for n in calls[:2])  # no partial file, no temp file
     assert not (tmp_path / "out" / "manifest.json").exists()
     (scenes / ".Area_9__x.npz.abc.tmp").write_bytes(b"stale")  # as left by a killed process
-    monkeypatch.setattr(seg_common, "write_scene", real_write)
+    monkeypatch.setattr(seg_writer, "write_scene", real_write)
     logs = []
     m = run_s3dis(raw, tmp_path / "out", progress=False, log=logs.append)
     assert "4/4 scenes done (2 already done)" in logs[0]
@@ -404,8 +404,8 @@ def test_scannet_labels_from_ply_aggregation_and_label_map(scannet_raw, tmp_path
     mesh = d0 / "scene0000_00_vh_clean_2.ply"
     mesh.write_bytes(mesh.read_bytes()[:2000])
     logs = []
-    from data_prep.scannet_seg import ScanNetSegParams
-    from data_prep.scannet_seg import run as run_scannet
+    from data_prep.segmentation.scannet_seg import ScanNetSegParams
+    from data_prep.segmentation.scannet_seg import run as run_scannet
     m3 = run_scannet(raw, splits, tmp_path / "out3", ScanNetSegParams("ply"), progress=False,
                      log=logs.append)
     reasons = {s["scene"]: s["reason"] for s in m3["skipped"]}

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from data_prep.scannet.exported import ExportedFrames, export_to_sens
-from data_prep.scannet.sens import (SensFormatError, SensHeader, SensReader, write_sens)
+from data_prep.scannet.sens import SensFormatError, SensHeader, SensReader
+from data_prep.scannet.sens_writer import write_sens
 
 NAME = "StructureSensor"
 HEADER_LEN = 4 + 8 + len(NAME) + 4 * 64 + 36  # version, name length, name, 4 matrices, tail

@@ -15,7 +15,7 @@ o3d = pytest.importorskip("open3d")
 
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory) -> Path:
-    from data_prep.scannet.prep import PrepParams, run
+    from data_prep.pairs.prep import PrepParams, run
     from data_prep.synthetic import generate_scene
 
     root = tmp_path_factory.mktemp("viz")

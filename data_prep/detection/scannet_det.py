@@ -42,9 +42,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.detection import NO_BOX, DetScene, run_prep
-from data_prep.seg_common import SceneJob
+from data_prep.detection.writer import NO_BOX, DetScene, run_prep
+from data_prep.ply import colors_uint8, ply_fields, read_ply_vertices
+from data_prep.runner import SceneSkipped, as_json
 from data_prep.scannet.labels import LABEL_MAP_NAME, read_label_map
+from data_prep.scannet.scans import list_scenes
+from data_prep.scene_store import SceneJob
 
 CLASSES = ("cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
            "counter", "desk", "curtain", "refrigerator", "showercurtrain", "toilet", "sink",
@@ -82,8 +85,6 @@ def read_axis_alignment(path: Path) -> np.ndarray:
 
 
 def _load_json(path: Path) -> dict:
-    from data_prep.seg_common import SceneSkipped
-
     if not path.is_file():
         raise SceneSkipped(f"missing {path.name}")
     try:
@@ -97,8 +98,6 @@ def _load_json(path: Path) -> dict:
 
 def _groups(agg: dict, name: str) -> list[tuple[int, str, np.ndarray]]:
     """[(objectId, label, segments (S,) int64)] of an aggregation, in file order."""
-    from data_prep.seg_common import SceneSkipped
-
     groups = agg.get("segGroups")
     if not isinstance(groups, list):
         raise SceneSkipped(f"{name} has no segGroups list")
@@ -157,8 +156,6 @@ def group_bounds(points: np.ndarray, group: np.ndarray, n_groups: int
 def prepare_scene(scene_dir: Path, classes_of: dict[str, int]) -> DetScene:
     """One ScanNet scan as a :class:`DetScene`; ``classes_of`` maps raw categories to class ids
     (-1: not a detection class). Raises SceneSkipped / ValueError for bad input."""
-    from data_prep.seg_common import SceneSkipped, colors_uint8, ply_fields, read_ply_vertices
-
     scene_dir, sid = Path(scene_dir), Path(scene_dir).name
     mesh = scene_dir / f"{sid}_vh_clean_2.ply"
     meta = scene_dir / f"{sid}.txt"
@@ -239,9 +236,6 @@ def run(raw: Path, out: Path, label_map: Path, splits_dir: Path | None = None,
     Scenes of ``raw`` not in the split lists, and listed scenes missing from ``raw`` (when
     ``scenes`` is not given), are reported as skipped.
     """
-    from data_prep.scannet.prep import list_scenes
-    from data_prep.seg_common import as_json
-
     raw, out, label_map = Path(raw), Path(out), Path(label_map)
     classes_of = raw_to_class(read_label_map(label_map))
     scene_dirs = list_scenes(raw, scenes)

@@ -45,8 +45,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.detection import DetScene, first_box, run_prep
-from data_prep.seg_common import SceneJob
+from data_prep.detection.writer import DetScene, first_box, run_prep
+from data_prep.runner import SceneSkipped, as_json
+from data_prep.scene_store import SceneJob
 
 CLASSES = ("bed", "table", "sofa", "chair", "toilet", "desk", "dresser", "night_stand",
            "bookshelf", "bathtub")
@@ -61,8 +62,6 @@ def image_name(idx: int) -> str:
 def read_depth_mat(path: Path) -> np.ndarray:
     """(N, 6) float64 x y z r g b of a VoteNet ``depth/<id>.mat``."""
     from scipy.io import loadmat
-
-    from data_prep.seg_common import SceneSkipped
 
     if not path.is_file():
         raise SceneSkipped(f"missing depth/{path.name}")
@@ -83,8 +82,6 @@ def read_depth_mat(path: Path) -> np.ndarray:
 
 def read_labels(path: Path) -> list[tuple[str, np.ndarray]]:
     """[(classname, (12,) float64 numbers)] of a label file, one per non-empty line."""
-    from data_prep.seg_common import SceneSkipped
-
     if not path.is_file():
         raise SceneSkipped(f"missing {path.parent.name}/{path.name}")
     objects = []
@@ -108,8 +105,6 @@ def read_labels(path: Path) -> list[tuple[str, np.ndarray]]:
 
 def read_calib(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(Rtilt (3, 3), K (3, 3)) float64 of a ``calib/<id>.txt`` (column-major lines)."""
-    from data_prep.seg_common import SceneSkipped
-
     if not path.is_file():
         raise SceneSkipped(f"missing calib/{path.name}")
     lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -153,8 +148,6 @@ def label_boxes(objects: Sequence[tuple[str, np.ndarray]]
 
 def prepare_image(root: Path, name: str, label_dir: str = "label_v1") -> DetScene:
     """One SUN RGB-D image of a ``sunrgbd_trainval`` folder as a :class:`DetScene`."""
-    from data_prep.seg_common import SceneSkipped
-
     root = Path(root)
     pc = read_depth_mat(root / "depth" / f"{name}.mat")  # (N, 6)
     objects = read_labels(root / label_dir / f"{name}.txt")
@@ -204,8 +197,6 @@ def run(raw: Path, out: Path, label_dir: str = "label_v1", ids: Sequence[int] | 
         workers: int = 1, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Prepare the images listed in the split files of ``raw`` (or only ``ids``) into ``out``;
     returns the manifest (also written)."""
-    from data_prep.seg_common import as_json
-
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         raise FileNotFoundError(f"--raw {raw} is not a directory; pass VoteNet's "

@@ -1,1 +1,2 @@
-"""ScanNet: ``.sens`` and exported-frame IO, fragments, overlap and view pairs."""
+"""ScanNet raw data: ``.sens`` and exported-frame IO, the scene folders of a ``scans/`` folder,
+label maps."""

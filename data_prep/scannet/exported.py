@@ -21,7 +21,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .sens import SensFormatError, SensFrame, SensHeader, write_sens
+from data_prep.scannet.sens import SensFormatError, SensFrame, SensHeader
+from data_prep.scannet.sens_writer import write_sens
 
 _FIX = ("re-export the scene with ScanNet's reader.py (--export_depth_images "
         "--export_color_images --export_poses --export_intrinsics)")

@@ -1,4 +1,5 @@
-"""ScanNet SensorData ``.sens`` (version 4): a streaming reader and an atomic writer.
+"""ScanNet SensorData ``.sens`` (version 4): the format and a streaming reader (the writer is
+:mod:`data_prep.scannet.sens_writer`).
 
 Binary layout (little endian), as ScanNet's ``SensorData.h``::
 
@@ -21,11 +22,10 @@ import io
 import operator
 import os
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -35,11 +35,11 @@ MAX_NAME = 4096  # largest plausible sensor-name length, in bytes
 COLOR_COMPRESSION = {-1: "unknown", 0: "raw", 1: "png", 2: "jpeg"}
 DEPTH_COMPRESSION = {-1: "unknown", 0: "raw_ushort", 1: "zlib_ushort", 2: "occi_ushort"}
 
-_HEAD_START = struct.Struct("<IQ")  # version, sensor-name length
-_HEAD_MATS = struct.Struct("<64f")  # 4 x (4x4) intrinsic/extrinsic matrices
-_HEAD_TAIL = struct.Struct("<iiIIIIfQ")  # compressions, sizes, depth_shift, num_frames
-_FRAME_HEAD = struct.Struct("<16fQQQQ")  # pose, timestamps, payload sizes: 96 bytes
-_U64 = struct.Struct("<Q")
+HEAD_START = struct.Struct("<IQ")  # version, sensor-name length
+HEAD_MATS = struct.Struct("<64f")  # 4 x (4x4) intrinsic/extrinsic matrices
+HEAD_TAIL = struct.Struct("<iiIIIIfQ")  # compressions, sizes, depth_shift, num_frames
+FRAME_HEAD = struct.Struct("<16fQQQQ")  # pose, timestamps, payload sizes: 96 bytes
+U64 = struct.Struct("<Q")
 
 
 class SensFormatError(ValueError):
@@ -190,7 +190,7 @@ class SensReader:
             self.size = os.fstat(self._file.fileno()).st_size
             self.header, end = self._read_header()
             self._offsets = [end]  # _offsets[i]: byte offset of frame i's header (lazy)
-            if self.header.num_frames * _FRAME_HEAD.size > self.size - end:
+            if self.header.num_frames * FRAME_HEAD.size > self.size - end:
                 self._locate(self.header.num_frames)  # raises at the first truncated frame
                 raise self._error(None, end, "file too short for the frame count")  # unreachable
         except BaseException:
@@ -243,20 +243,20 @@ class SensReader:
         return b"".join(chunks)
 
     def _read_header(self) -> tuple[SensHeader, int]:
-        version, name_len = _HEAD_START.unpack(self._read(0, _HEAD_START.size, "header"))
+        version, name_len = HEAD_START.unpack(self._read(0, HEAD_START.size, "header"))
         if version != VERSION:
             raise self._error(None, 0, f"version {version}, expected {VERSION} (not a ScanNet "
                                        "SensorData .sens file, or an unsupported version)")
         if name_len > MAX_NAME:
             raise self._error(None, 4, f"sensor name length {name_len} bytes, "
                                        f"expected at most {MAX_NAME}")
-        off = _HEAD_START.size
+        off = HEAD_START.size
         name = self._read(off, name_len, "sensor name").decode("utf-8", errors="replace")
         off += name_len
-        mats = np.array(_HEAD_MATS.unpack(self._read(off, _HEAD_MATS.size, "header matrices")),
+        mats = np.array(HEAD_MATS.unpack(self._read(off, HEAD_MATS.size, "header matrices")),
                         np.float32).reshape(4, 4, 4)  # (matrix, row, col)
-        off += _HEAD_MATS.size
-        tail = _HEAD_TAIL.unpack(self._read(off, _HEAD_TAIL.size, "header"))
+        off += HEAD_MATS.size
+        tail = HEAD_TAIL.unpack(self._read(off, HEAD_TAIL.size, "header"))
         ccomp, dcomp, cw, ch, dw, dh, shift, num_frames = tail
         if ccomp not in COLOR_COMPRESSION:
             raise self._error(None, off, f"unknown color compression type {ccomp}, "
@@ -274,7 +274,7 @@ class SensReader:
                                               "number of depth units per metre (e.g. 1000)")
         header = SensHeader(version, name, *mats, COLOR_COMPRESSION[ccomp],
                             DEPTH_COMPRESSION[dcomp], cw, ch, dw, dh, float(shift), num_frames)
-        return header, off + _HEAD_TAIL.size
+        return header, off + HEAD_TAIL.size
 
     def _frame_head(self, i: int) -> tuple[tuple, int]:
         """Parse and check frame ``i``'s 96-byte header; record where frame ``i + 1`` starts.
@@ -282,15 +282,15 @@ class SensReader:
         Returns (pose 16 floats, ts_color, ts_depth, color_size, depth_size) and the offset.
         """
         off = self._offsets[i]
-        *pose, tsc, tsd, csize, dsize = _FRAME_HEAD.unpack(
-            self._read(off, _FRAME_HEAD.size, "frame header", i))
-        left = self.size - off - _FRAME_HEAD.size
+        *pose, tsc, tsd, csize, dsize = FRAME_HEAD.unpack(
+            self._read(off, FRAME_HEAD.size, "frame header", i))
+        left = self.size - off - FRAME_HEAD.size
         if csize + dsize > left:
             raise self._error(i, off, f"color_size_bytes {csize} + depth_size_bytes {dsize} "
                                       f"exceed the {left} bytes left in the file (truncated or "
                                       "corrupt frame header)")
         if len(self._offsets) == i + 1:
-            self._offsets.append(off + _FRAME_HEAD.size + csize + dsize)
+            self._offsets.append(off + FRAME_HEAD.size + csize + dsize)
         return (pose, tsc, tsd, csize, dsize), off
 
     def _locate(self, i: int) -> int:
@@ -307,7 +307,7 @@ class SensReader:
             raise IndexError(f"frame index {i} out of range: {self.path} has {len(self)} frames")
         self._locate(i)
         (pose, tsc, tsd, csize, dsize), off = self._frame_head(i)
-        payload = off + _FRAME_HEAD.size
+        payload = off + FRAME_HEAD.size
         cbytes = self._read(payload, csize, "color payload", i) if color else None
         dbytes = self._read(payload + csize, dsize, "depth payload", i) if depth else None
         return SensFrame(i, np.array(pose, np.float32).reshape(4, 4), tsc, tsd, cbytes, dbytes,
@@ -328,132 +328,3 @@ class SensReader:
         Cheap (one 96-byte read per frame); lets data prep reject a truncated scene up front.
         """
         self._locate(len(self))
-
-
-# -- writer --------------------------------------------------------------------------------
-_COLOR_CODES = {v: k for k, v in COLOR_COMPRESSION.items()}
-_DEPTH_CODES = {v: k for k, v in DEPTH_COMPRESSION.items()}
-WRITABLE_COLOR = ("jpeg", "png", "raw")
-WRITABLE_DEPTH = ("zlib_ushort", "raw_ushort")
-
-
-def _pack_header(h: SensHeader, color_compression: str, depth_compression: str) -> bytes:
-    for name in ("color_width", "color_height", "depth_width", "depth_height"):
-        if not 0 < getattr(h, name) <= MAX_SIDE:
-            raise ValueError(f"header {name} = {getattr(h, name)}, expected 1..{MAX_SIDE}")
-    if not (np.isfinite(h.depth_shift) and h.depth_shift > 0):
-        raise ValueError(f"header depth_shift = {h.depth_shift}, expected > 0")
-    name = h.sensor_name.encode("utf-8")
-    mats = np.stack([h.intrinsic_color, h.extrinsic_color, h.intrinsic_depth,
-                     h.extrinsic_depth]).astype("<f4")  # (4, 4, 4)
-    return (_HEAD_START.pack(VERSION, len(name)) + name + mats.tobytes()
-            + _HEAD_TAIL.pack(_COLOR_CODES[color_compression], _DEPTH_CODES[depth_compression],
-                              h.color_width, h.color_height, h.depth_width, h.depth_height,
-                              h.depth_shift, 0))
-
-
-def _encode_color(color, h: SensHeader, comp: str, quality: int, i: int) -> bytes:
-    """Colour payload; ``bytes`` are taken as already encoded in ``comp`` (checked, not decoded)."""
-    H, W = h.color_height, h.color_width
-    if isinstance(color, (bytes, bytearray, memoryview)):
-        color = bytes(color)
-        if comp == "raw":
-            if len(color) != H * W * 3:
-                raise ValueError(f"frame {i}: raw colour bytes {len(color)} != {H}*{W}*3")
-            return color
-        from PIL import Image
-
-        try:
-            img = Image.open(io.BytesIO(color), formats=[comp.upper()])  # reads the header only
-        except Exception as e:
-            raise ValueError(f"frame {i}: colour bytes are not a {comp} image ({e})") from None
-        if img.size != (W, H):
-            raise ValueError(f"frame {i}: colour image is {img.size[0]}x{img.size[1]}, header "
-                             f"says {W}x{H}")
-        return color
-    color = np.asarray(color)
-    if color.shape != (H, W, 3) or color.dtype != np.uint8:
-        raise ValueError(f"frame {i}: colour must be ({H}, {W}, 3) uint8 as the header says, "
-                         f"got {color.shape} {color.dtype}")
-    if comp == "raw":
-        return np.ascontiguousarray(color).tobytes()
-    from PIL import Image
-
-    buf = io.BytesIO()
-    img = Image.fromarray(np.ascontiguousarray(color))
-    img.save(buf, format="JPEG", quality=quality) if comp == "jpeg" else img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _encode_depth(depth, h: SensHeader, comp: str, level: int, i: int) -> bytes:
-    depth = np.asarray(depth)
-    H, W = h.depth_height, h.depth_width
-    if depth.shape != (H, W) or depth.dtype != np.uint16:
-        raise ValueError(f"frame {i}: depth must be ({H}, {W}) uint16 as the header says, "
-                         f"got {depth.shape} {depth.dtype} (convert with .astype(np.uint16))")
-    raw = np.ascontiguousarray(depth, dtype="<u2").tobytes()
-    return zlib.compress(raw, level) if comp == "zlib_ushort" else raw
-
-
-def write_sens(path, header: SensHeader,
-               frames: Iterable[Sequence], *, color_compression: str = "jpeg",
-               depth_compression: str = "zlib_ushort", jpeg_quality: int = 95,
-               zlib_level: int = 6) -> Path:
-    """Write a ``.sens`` file atomically, streaming ``frames``.
-
-    Args:
-        path: output file; its parent is created. Written to a temp file beside it, then
-            renamed: an exception leaves neither a partial file nor the temp file.
-        header: sizes, intrinsics/extrinsics, sensor name and depth_shift are written from it;
-            its compressions and num_frames are ignored (the counted frames are written).
-        frames: iterable of ``(camera_to_world (4, 4), color (H, W, 3) uint8, depth (h, w)
-            uint16[, timestamp_color, timestamp_depth])``; timestamps default to 0. ``color``
-            may also be ``bytes`` already encoded as ``color_compression`` (passed through,
-            e.g. the JPEGs of an exported folder).
-        color_compression: 'jpeg' (lossy), 'png' or 'raw'.
-        depth_compression: 'zlib_ushort' or 'raw_ushort'.
-
-    Returns:
-        ``path`` as a Path.
-    """
-    if color_compression not in WRITABLE_COLOR:
-        raise ValueError(f"color_compression {color_compression!r}, expected one of "
-                         f"{WRITABLE_COLOR}")
-    if depth_compression not in WRITABLE_DEPTH:
-        raise ValueError(f"depth_compression {depth_compression!r}, expected one of "
-                         f"{WRITABLE_DEPTH}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    head = _pack_header(header, color_compression, depth_compression)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(head)
-            count = 0
-            for i, item in enumerate(frames):
-                if len(item) not in (3, 5):
-                    raise ValueError(f"frame {i}: expected (pose, color, depth[, ts_color, "
-                                     f"ts_depth]), got {len(item)} items")
-                pose, color, depth, *ts = item
-                tsc, tsd = ts or (0, 0)
-                pose = np.asarray(pose, dtype="<f4")
-                if pose.shape != (4, 4):
-                    raise ValueError(f"frame {i}: pose must be 4x4, got shape {pose.shape}")
-                cbytes = _encode_color(color, header, color_compression, jpeg_quality, i)
-                dbytes = _encode_depth(depth, header, depth_compression, zlib_level, i)
-                f.write(pose.tobytes()
-                        + _U64.pack(int(tsc)) + _U64.pack(int(tsd))
-                        + _U64.pack(len(cbytes)) + _U64.pack(len(dbytes)))
-                f.write(cbytes)
-                f.write(dbytes)
-                count += 1
-            f.write(_U64.pack(0))  # no IMU records
-            f.seek(len(head) - _U64.size)  # patch num_frames, the header's last field
-            f.write(_U64.pack(count))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.synthetic.room import CLASS_COLORS, NYU40, Room
+from mink_ssl.io import atomic_path
 
 # ScanNet's NYU40 visualisation palette (util.create_color_palette) for the ids our rooms use;
 # the labels ply colours its vertices with it, as ScanNet does.
@@ -193,8 +194,6 @@ def write_scannet_ply(path: str | os.PathLike, mesh: BoxMesh, colors: np.ndarray
     byte-for-byte what plyfile would write.
     """
     from plyfile import PlyData, PlyElement
-
-    from mink_ssl.io import atomic_path
 
     colors = np.asarray(colors)
     if colors.shape != (len(mesh.vertices), 3):

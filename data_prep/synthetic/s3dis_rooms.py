@@ -41,6 +41,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mink_ssl.io import atomic_path
+
 CLASS_COLORS = {"ceiling": (222, 222, 214), "floor": (120, 105, 90), "wall": (200, 196, 180),
                 "beam": (170, 165, 150), "column": (185, 180, 170), "window": (110, 150, 190),
                 "door": (140, 95, 60), "table": (160, 120, 75), "chair": (60, 70, 130),
@@ -233,8 +235,6 @@ def _inject(data: bytes, line: int, kind: str) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
-    from mink_ssl.io import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

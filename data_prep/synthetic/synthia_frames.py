@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mink_ssl.io import atomic_path
+
 # Synthia's class ids and label colours (the dataset's table)
 SYNTHIA_CLASSES = {0: ("void", (0, 0, 0)), 1: ("sky", (128, 128, 128)),
                    2: ("building", (128, 0, 0)), 3: ("road", (128, 64, 128)),
@@ -99,8 +101,6 @@ def _frame(frame: int, n_points: int, rng: np.random.Generator
 def write_frame_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray, label: np.ndarray) -> None:
     """Binary little-endian PLY, vertex x y z float, r g b uchar, l uchar (atomic)."""
     from plyfile import PlyData, PlyElement
-
-    from mink_ssl.io import atomic_path
 
     v = np.empty(len(xyz), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("r", "u1"),
                                   ("g", "u1"), ("b", "u1"), ("l", "u1")])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.scannet.prep import PrepParams, run as run_prep
+from data_prep.pairs.prep import PrepParams, run as run_prep
 from data_prep.synthetic import generate_scene
 from mink_ssl.data.features import input_features
 from mink_ssl.formats.fragments import FragmentStore

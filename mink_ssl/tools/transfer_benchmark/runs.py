@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.s3dis import run as run_s3dis
-from data_prep.scannet.prep import PrepParams, run as run_pairs
+from data_prep.pairs.prep import PrepParams, run as run_pairs
+from data_prep.segmentation.s3dis import run as run_s3dis
 from data_prep.synthetic import generate_s3dis_rooms, generate_scene
 from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
 from mink_ssl.engine.finetune_seg import (FinetuneSegConfig, SegDataConfig, SegEvalConfig,

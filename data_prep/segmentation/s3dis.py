@@ -42,8 +42,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.seg_common import (IGNORE_LABEL, SceneData, SceneJob, SceneSkipped, as_json,
-                                  colors_uint8, repair, run_prep)
+from data_prep.ply import colors_uint8
+from data_prep.runner import SceneSkipped, as_json
+from data_prep.scene_store import SceneJob
+from data_prep.segmentation.writer import IGNORE_LABEL, SceneData, repair, run_prep
 
 CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair",
            "sofa", "bookcase", "board", "clutter")

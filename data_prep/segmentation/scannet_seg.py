@@ -30,9 +30,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from data_prep.ply import colors_uint8, ply_fields, read_ply_vertices
+from data_prep.runner import SceneSkipped, as_json
 from data_prep.scannet.labels import read_label_map
-from data_prep.seg_common import (IGNORE_LABEL, SceneData, SceneJob, SceneSkipped, as_json,
-                                  colors_uint8, ply_fields, read_ply_vertices, repair, run_prep)
+from data_prep.scene_store import SceneJob
+from data_prep.segmentation.writer import IGNORE_LABEL, SceneData, repair, run_prep
 
 VALID_CLASS_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",

@@ -33,8 +33,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.seg_common import (IGNORE_LABEL, SceneData, SceneJob, SceneSkipped, as_json,
-                                  colors_uint8, ply_fields, read_ply_vertices, repair, run_prep)
+from data_prep.ply import colors_uint8, ply_fields, read_ply_vertices
+from data_prep.runner import SceneSkipped, as_json
+from data_prep.scene_store import SceneJob
+from data_prep.segmentation.writer import IGNORE_LABEL, SceneData, repair, run_prep
 
 RAW_CLASSES = ("void", "sky", "building", "road", "sidewalk", "fence", "vegetation", "pole",
                "car", "traffic sign", "pedestrian", "bicycle", "lanemarking", "reserved",

@@ -1,22 +1,11 @@
-"""ScanNet pair prep: scenes -> fragments every ``frame_skip`` frames -> overlap -> pair lists.
-
-Output layout (``out/``)::
-
-    <scene>/fragments.{npz,bin}   the scene's fragments (see mink_ssl.formats.fragments)
-    <scene>/overlap.txt           every pair of the scene: ``frag_a frag_b overlap``
-    <scene>/scene.json            what was done: fragments, skipped frames with reasons, counts
-    pairs.txt                     kept pairs (overlap >= min_overlap) of all scenes, same format
-    manifest.json                 schema, parameters, counts, code version, skipped scenes
+"""One scene of ScanNet pair prep: its fragments every ``frame_skip`` frames, the overlap of every
+pair of them and ``scene.json``, written into ``out/<scene>/`` atomically (see
+:mod:`data_prep.pairs.prep` for the layout).
 
 A scene is prepared in ``out/.tmp-<scene>/`` and renamed into place when complete, so a scene
-directory either is whole or does not exist; a rerun skips complete scenes (every file that
-``scene.json`` lists is there with its recorded size) and redoes the rest, and ``pairs.txt`` /
-``manifest.json`` are rebuilt (atomically) from the scene directories.
-
-Safety (see :mod:`data_prep.runner`): ``--out`` may not overlap ``--raw``; one prep at a time per
-``--out`` (a lock file); prep removes only folders that carry its marker file
-(``.mink-ssl-scene``) and never follows a symlink out of ``--out``; an output-side I/O error
-aborts the run; SIGINT / SIGTERM finish the scenes in progress and stop.
+directory either is whole or does not exist; a complete scene (every file that ``scene.json``
+lists is there with its recorded size) is not redone. Prep removes only folders that carry its
+marker file (``.mink-ssl-scene``) and never follows a symlink out of ``--out``.
 """
 from __future__ import annotations
 
@@ -27,24 +16,21 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.runner import check_out_vs_raw, map_scenes, prep_lock
-from data_prep.scannet.overlap import (RADIUS_FACTOR, SELF_CHECK_TOL, VOXEL_SIZE, overlap_matrix,
-                                       verify_overlap, voxel_downsample)
-from mink_ssl.formats.fragments import SCHEMA as FRAGMENTS_SCHEMA
-from mink_ssl.formats.manifest import PAIRS_SCHEMA, write_manifest
+from data_prep.pairs.overlap import (RADIUS_FACTOR, SELF_CHECK_TOL, VOXEL_SIZE, overlap_matrix,
+                                     verify_overlap, voxel_downsample)
+from data_prep.runner import SceneSkipped
+from data_prep.scannet.scans import open_scene
+from data_prep.scannet.sens import SensFormatError
+from mink_ssl.formats.fragments import FragmentWriter, encode_color, encode_depth, fragment_name
+from mink_ssl.geometry import backproject
 from mink_ssl.safety import OutputError, is_output_error, output_error
 
 SCENE_FILE = "scene.json"
 MARKER = ".mink-ssl-scene"  # in every folder prep creates: the only folders it may remove
 MAX_TRANSLATION = 1000.0  # m; a camera farther than this from the origin is a broken pose
-
-
-class SceneSkipped(Exception):
-    """A scene that cannot be prepared; the message is the reason reported in the manifest."""
 
 
 class SelfCheckFailed(Exception):
@@ -101,22 +87,6 @@ class SceneReport:
     self_check: dict = field(default_factory=dict)  # overlap.SelfCheck.summary(); {} if off
 
 
-def open_scene(scene_dir: Path):
-    """A frame reader for a scene folder: ``<scene>.sens`` or an exported-frames layout."""
-    from data_prep.scannet.exported import ExportedFrames
-    from data_prep.scannet.sens import SensReader
-
-    sens = scene_dir / f"{scene_dir.name}.sens"
-    if sens.is_file():
-        reader = SensReader(sens)
-        reader.check()  # walk the frame headers: a truncated file fails here, before any work
-        return reader
-    if (scene_dir / "depth").is_dir():
-        return ExportedFrames(scene_dir)
-    raise SceneSkipped(f"{scene_dir} has neither {sens.name} nor an exported-frames layout "
-                       "(color/, depth/, pose/, intrinsic/)")
-
-
 def pose_problem(pose: np.ndarray) -> str | None:
     """Why a camera-to-world pose is unusable (None if it is fine): non-finite (ScanNet's lost
     tracking), not a rigid transform, or a camera farther than MAX_TRANSLATION from the origin."""
@@ -148,10 +118,6 @@ def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]
     A frame is skipped (its index recorded under the reason in ``skipped``) when its pose is
     unusable (:func:`pose_problem`) or its colour or depth payload does not decode: every
     payload that is kept is decoded here, so training never meets a damaged one."""
-    from data_prep.scannet.sens import SensFormatError
-    from mink_ssl.formats.fragments import encode_color, encode_depth
-    from mink_ssl.geometry import backproject
-
     h = reader.header
     ids = list(getattr(reader, "frame_ids", range(len(reader))))
     for fid in (i for i in ids if i % params.frame_skip == 0):
@@ -190,10 +156,8 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams,
     """Prepare one scene atomically; returns its report (never raises for bad input data).
 
     ``verify_pairs`` sampled pairs are recomputed by the overlap's definition
-    (:func:`~data_prep.scannet.overlap.verify_overlap`); a disagreement fails the scene
+    (:func:`~data_prep.pairs.overlap.verify_overlap`); a disagreement fails the scene
     (status "failed") instead of writing it. 0 turns the self-check off."""
-    from mink_ssl.formats.fragments import FragmentWriter, fragment_name
-
     scene, t0 = scene_dir.name, time.perf_counter()
     bad_name = scene_name_problem(scene)
     if bad_name is not None:
@@ -320,142 +284,7 @@ def _remove_ours(path: Path) -> None:
         raise output_error(e, path, f"cannot remove the incomplete {path}") from None
 
 
-def _check_params(out: Path, params: PrepParams) -> None:
-    """Refuse to mix parameters in one output directory (pairs would silently disagree).
-    Without ``params.json`` (deleted, or an older version) the parameters recorded in the
-    folder's scenes are compared instead."""
-    path = out / "params.json"
-    old = None
-    if path.is_file():
-        old = json.loads(path.read_text())
-    else:
-        for meta in sorted(out.glob(f"*/{SCENE_FILE}")):
-            try:
-                old = json.loads(meta.read_text())["params"]
-                break
-            except (OSError, ValueError, KeyError):
-                continue
-    if old is not None:
-        diff = {k: (old.get(k), v) for k, v in asdict(params).items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"{out} was prepared with other parameters "
-                             f"{ {k: a for k, (a, b) in diff.items()} }, now "
-                             f"{ {k: b for k, (a, b) in diff.items()} }; use a new --out "
-                             "directory or the same parameters")
-    if not path.is_file():
-        from mink_ssl.io import atomic_path
-
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(asdict(params), indent=1))
-
-
-def list_scenes(raw: Path, scenes: Sequence[str] | None = None) -> list[Path]:
-    if not raw.is_dir():
-        raise FileNotFoundError(f"--raw {raw} is not a directory; pass ScanNet's scans/ folder "
-                                "(one sub-folder per scene)")
-    found = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if scenes:
-        names = {p.name for p in found}
-        missing = [s for s in scenes if s not in names]
-        if missing:
-            raise FileNotFoundError(f"scenes {missing} not found in {raw} "
-                                    f"(it has {len(found)} scene folders)")
-        found = [p for p in found if p.name in set(scenes)]
-    if not found:
-        raise FileNotFoundError(f"no scene folders in {raw}")
-    return found
-
-
-def run(raw: Path, out: Path, params: PrepParams, workers: int = 1,
-        scenes: Sequence[str] | None = None, progress: bool = True,
-        log: Callable[[str], None] = print, verify_pairs: int = 32) -> dict:
-    """Prepare every scene of ``raw`` into ``out``; returns the manifest (also written).
-    ``verify_pairs``: pairs per scene checked against the overlap's definition (0: off)."""
-    import mink_ssl
-    from mink_ssl.io import atomic_path
-
-    raw, out = Path(raw), Path(out)
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    if verify_pairs < 0:
-        raise ValueError(f"--verify-pairs must be >= 0 (0 turns the self-check off), got "
-                         f"{verify_pairs}")
-    scene_dirs = list_scenes(raw, scenes)
-    check_out_vs_raw([raw], out)
-    with prep_lock(out, "mink-ssl-prep scannet", log):
-        return _run_locked(raw, out, params, workers, scene_dirs, progress, log, verify_pairs)
-
-
-def _run_locked(raw: Path, out: Path, params: PrepParams, workers: int,
-                scene_dirs: list[Path], progress: bool, log: Callable[[str], None],
-                verify_pairs: int) -> dict:
-    import mink_ssl
-    from mink_ssl.io import atomic_path
-
-    _check_params(out, params)
-    for stale in out.glob(".tmp-*"):  # left by a killed run (only ours are removed)
+def remove_temporaries(out: Path) -> None:
+    """The ``.tmp-<scene>`` folders a killed run left in ``out`` (only ours are removed)."""
+    for stale in out.glob(".tmp-*"):
         _remove_ours(stale)
-
-    t0 = time.perf_counter()
-    reports = _map(scene_dirs, out, params, workers, progress, verify_pairs)
-    reports.sort(key=lambda r: r.scene)
-
-    done = [r for r in reports if r.status in ("done", "already done")]
-    failed = [r for r in reports if r.status == "failed"]
-    try:
-        with atomic_path(out / "pairs.txt") as tmp, open(tmp, "w") as f:
-            for r in done:
-                for line in open(out / r.scene / "overlap.txt"):
-                    if float(line.rsplit(" ", 1)[1]) >= params.min_overlap:
-                        f.write(line)
-    except OSError as e:
-        raise output_error(e, out / "pairs.txt", f"cannot write {out / 'pairs.txt'}") from None
-    manifest = {
-        "schema": PAIRS_SCHEMA, "mink_ssl_version": mink_ssl.__version__,
-        "params": asdict(params), "raw": str(raw.resolve()),
-        "fragment_format": FRAGMENTS_SCHEMA, "pairs_file": "pairs.txt",
-        "counts": {"scenes": len(reports), "scenes_done": len(done),
-                   "scenes_skipped": sum(r.status == "skipped" for r in reports),
-                   "scenes_failed": len(failed),
-                   "fragments": sum(r.fragments for r in done),
-                   "pairs": sum(r.pairs for r in done),
-                   "pairs_kept": sum(r.pairs_kept for r in done),
-                   "frames_skipped": sum(len(v) for r in done for v in r.skipped_frames.values())},
-        "scenes": {r.scene: {"fragments": r.fragments, "pairs_kept": r.pairs_kept,
-                             "skipped_frames": r.skipped_frames, "self_check": r.self_check}
-                   for r in done},
-        "self_check": {"pairs_per_scene": verify_pairs, "tolerance": SELF_CHECK_TOL,
-                       "pairs_checked": sum(r.self_check.get("pairs_checked", 0) for r in done),
-                       "max_abs_diff": max([r.self_check.get("max_abs_diff", 0.0)
-                                            for r in done], default=0.0)},
-        "failed_scenes": {r.scene: {"reason": r.reason, "self_check": r.self_check}
-                          for r in failed},
-        "skipped_scenes": {r.scene: r.reason for r in reports if r.status == "skipped"},
-    }
-    write_manifest(out, manifest)
-    c = manifest["counts"]
-    log(f"prep: {c['scenes_done']}/{c['scenes']} scenes done "
-        f"({sum(r.status == 'already done' for r in reports)} already done), "
-        f"{c['fragments']} fragments, {c['pairs_kept']}/{c['pairs']} pairs >= "
-        f"{params.min_overlap}, {c['frames_skipped']} frames skipped, "
-        f"{time.perf_counter() - t0:.1f} s")
-    for r in done:
-        sc = r.self_check
-        log(f"  {r.scene}: {r.fragments} fragments, {r.pairs_kept}/{r.pairs} pairs kept; "
-            + (f"self-check: {sc['pairs_checked']} pairs against the definition, max |diff| "
-               f"{sc['max_abs_diff']:.1e}" if sc else "self-check off"))
-    for scene, reason in manifest["skipped_scenes"].items():
-        log(f"  skipped {scene}: {reason}")
-    for r in failed:
-        log(f"  FAILED {r.scene}: {r.reason}")
-    for r in done:  # damaged payloads and implausible poses (lost tracking is routine)
-        for reason, fids in r.skipped_frames.items():
-            if reason != "non-finite pose" and not reason.startswith("fewer than"):
-                log(f"  {r.scene}: skipped frame(s) {fids}: {reason}")
-    return manifest
-
-
-def _map(scene_dirs: list[Path], out: Path, params: PrepParams, workers: int,
-         progress: bool, verify_pairs: int) -> list[SceneReport]:
-    return map_scenes(prepare_scene, scene_dirs, (out, params, verify_pairs), workers, progress,
-                      "scenes")
