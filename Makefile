@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mink-ssl-setup
 export VENV
 
-.PHONY: setup test demo bench clean gpu-wheels gpu-check
+.PHONY: setup test test-fast demo bench clean gpu-wheels gpu-check
 
 # Always runs the (idempotent) setup script; a second run takes seconds.
 setup:
@@ -20,6 +20,10 @@ $(STAMP): setup.py scripts/setup.sh scripts/build_minkowski.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# everything but the end-to-end runs marked slow (a quick check while editing)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # one OpenMP thread unless set: MinkowskiEngine's CPU kernels ran 2.3x slower with 2 threads on 2 cores
 demo: $(STAMP)

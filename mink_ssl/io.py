@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from mink_ssl.safety import OutputError, output_error
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -39,8 +41,6 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     import shutil
 
     import torch
-
-    from mink_ssl.safety import OutputError, output_error
 
     try:
         with atomic_path(path) as tmp:

@@ -104,8 +104,8 @@ def check_forward_backward(root: Path, dev: torch.device, sizes: Sizes) -> dict:
 def check_objectives(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     """Every registered objective: one training step on the device (finite loss and grads)."""
     import mink_ssl.objectives  # noqa: F401
-    from mink_ssl.engine.pretrain import build_objectives
-    from mink_ssl.engine.trainer import PretrainModule
+    from mink_ssl.tasks.pretrain import build_objectives
+    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.objectives import OBJECTIVES
 
     batch = pair_batch(dataset(root, sizes, frames=True), sizes.check_pairs).to(dev)
@@ -241,8 +241,9 @@ def speed_pretrain(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     step (objective + backward + optimizer) and the bare forward+backward of both views, on the
     same batch, alternated; peak device memory of the full step."""
     from mink_ssl.engine.config import OptimConfig
-    from mink_ssl.engine.pretrain import build_objectives, build_optimizer
-    from mink_ssl.engine.trainer import PretrainModule
+    from mink_ssl.engine.build import build_optimizer
+    from mink_ssl.tasks.pretrain import build_objectives
+    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.sparse import sparse_tensor
 
     batch = pair_batch(dataset(root, sizes), sizes.batch).to(dev)
@@ -288,7 +289,7 @@ def speed_segmentation(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     Labels: 13 bins of the voxels' world height, a stand-in for annotations (the step's cost
     does not depend on their values)."""
     from mink_ssl.engine.config import ModelConfig
-    from mink_ssl.engine.finetune_seg import build_seg_model
+    from mink_ssl.tasks.segmentation import build_seg_model
     from mink_ssl.sparse import sparse_tensor
 
     v = pair_batch(dataset(root, sizes), sizes.batch).views[0].to(dev)

@@ -169,7 +169,7 @@ def test_row13_size_clusters_default_to_votenets_fixed_values(scannet_det_root, 
     from dataclasses import replace
 
     from mink_ssl.data.detection import DetectionDataset
-    from mink_ssl.engine.finetune_det import DetHeadConfig, FinetuneDetConfig
+    from mink_ssl.tasks.detection import DetHeadConfig, FinetuneDetConfig
 
     assert FinetuneDetConfig().head.size_clusters == DetHeadConfig().size_clusters == "reference"
     ds = DetectionDataset(scannet_det_root, "train", axis_aligned=True)
@@ -204,7 +204,7 @@ def test_row14_recipes_keep_the_references_global_batch_for_batch_norm():
     from omegaconf import OmegaConf
 
     from mink_ssl.engine.distributed import sync_batchnorm
-    from mink_ssl.engine.finetune_det import DetHeadConfig, build_det_model
+    from mink_ssl.tasks.detection import DetHeadConfig, build_det_model
     from mink_ssl.engine.config import ModelConfig
 
     for bench, batch in (("scannet", 32), ("sunrgbd", 64)):

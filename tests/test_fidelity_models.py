@@ -92,7 +92,7 @@ RELEASED_POLY_LRS = [
 def _seg_optimizer(*overrides):
     from omegaconf import OmegaConf
 
-    from mink_ssl.engine.finetune_seg import build_seg_optimizer
+    from mink_ssl.tasks.segmentation import build_seg_optimizer
 
     cfg = OmegaConf.to_object(compose_config("finetune_seg", "data.root=/x", *overrides))
     w = torch.tensor(W0, dtype=torch.float64, requires_grad=True)
@@ -225,8 +225,8 @@ RELEASED_FINAL_KERNEL = {"seg": (96, 20), "det": (96, 256)}
 
 def test_row6_final_layer_rebuilt_for_the_task_and_pretrained_final_dropped(tmp_path):
     from mink_ssl.engine.config import ModelConfig
-    from mink_ssl.engine.finetune_det import DetHeadConfig, build_det_model
-    from mink_ssl.engine.finetune_seg import build_seg_model
+    from mink_ssl.tasks.detection import DetHeadConfig, build_det_model
+    from mink_ssl.tasks.segmentation import build_seg_model
     from mink_ssl.models import build_model, save_model
     from mink_ssl.models.heads import (load_segmentation_model, save_segmentation_model)
     from mink_ssl.models.pretrained import load_pretrained

@@ -17,7 +17,7 @@ import torch
 
 from mink_ssl.data.segmentation import (Augmentation, SegmentationDataset, augment_scene,
                                         crop_mask, prevoxel_index, voxel_dropout, voxel_labels)
-from mink_ssl.eval.segmentation import evaluate_scenes, reference_voxels
+from mink_ssl.tasks.segmentation.inference import evaluate_scenes, reference_voxels
 
 
 def kronecker(n: int, extent) -> np.ndarray:

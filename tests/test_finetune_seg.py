@@ -7,108 +7,23 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import (SEG_CLASSES as CLASSES, SEG_VOXEL as VOXEL, REPO, compose_config,
+                      pretrained_backbone as _pretrained_backbone, tiny_seg_config as tiny_config)
 import torch
 
 from mink_ssl.data.segmentation import (Augmentation, SegmentationDataset, augment,
                                         collate_segmentation, limit_labels, voxel_labels)
 from mink_ssl.engine.config import ModelConfig
-from mink_ssl.engine.finetune_seg import (FinetuneSegConfig, SegDataConfig, SegEvalConfig,
-                                          SegOptimConfig, build_seg_dataset, build_seg_model,
-                                          finetune_seg)
+from mink_ssl.tasks.segmentation import (FinetuneSegConfig, SegDataConfig, SegEvalConfig,
+                                         SegOptimConfig, build_seg_dataset, build_seg_model,
+                                         finetune_seg)
 from mink_ssl.models import build_model, save_model
 from mink_ssl.models.pretrained import load_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-CLASSES = ["floor", "wall", "table", "cabinet"]
-VOXEL = 0.25  # coarse, so that CPU training is quick
-
-
-# ------------------------------------------------------------------- synthetic benchmark
-
-def _plane(rng, origin, u, v, density):
-    """Points uniformly on the parallelogram origin + s u + t v, s, t in [0, 1]."""
-    n = max(int(np.linalg.norm(np.cross(u, v)) * density), 1)
-    st = rng.random((n, 2))
-    return origin + st[:, :1] * u + st[:, 1:] * v
-
-
-def _box(rng, lo, size, density):
-    x, y, z = np.diag(size)
-    faces = [(lo + [0, 0, size[2]], x, y), (lo, x, z), (lo + [0, size[1], 0], x, z), (lo, y, z),
-             (lo + [size[0], 0, 0], y, z)]  # top and the four sides
-    return np.concatenate([_plane(rng, np.asarray(o, float), u, v, density) for o, u, v in faces])
-
-
-def make_room(rng, density=150.0):
-    """A room: floor, four walls, two low wide tables and two tall narrow cabinets, plus
-    unlabelled clutter. Every surface gets a random colour, so colour says nothing about the
-    class: the network must use geometry (height, orientation, extent)."""
-    w, d, h = rng.uniform(3.0, 4.0), rng.uniform(3.0, 4.0), 2.0
-    parts, labels, colors = [], [], []
-
-    def add(points, label):
-        parts.append(points)
-        labels.append(np.full(len(points), label))
-        colors.append(np.clip(rng.uniform(60, 200, 3) + rng.normal(0, 12, points.shape), 0, 255))
-
-    add(_plane(rng, np.zeros(3), np.array([w, 0, 0]), np.array([0, d, 0]), density), 0)
-    for o, u in (((0, 0, 0), (w, 0, 0)), ((0, d, 0), (w, 0, 0)), ((0, 0, 0), (0, d, 0)),
-                 ((w, 0, 0), (0, d, 0))):
-        add(_plane(rng, np.asarray(o, float), np.asarray(u, float), np.array([0, 0, h]),
-                   density), 1)
-    for k in range(4):
-        table = k % 2 == 0
-        size = (np.r_[rng.uniform(0.8, 1.2, 2), rng.uniform(0.5, 0.7)] if table
-                else np.r_[rng.uniform(0.4, 0.6, 2), rng.uniform(1.2, 1.6)])
-        lo = np.r_[rng.uniform(0.2, w - size[0] - 0.2), rng.uniform(0.2, d - size[1] - 0.2), 0]
-        add(_box(rng, lo, size, density), 2 if table else 3)
-    add(rng.uniform([0, 0, 0], [w, d, h], (200, 3)), -1)  # clutter, unlabelled
-    points = np.concatenate(parts)
-    points += rng.normal(0, 0.005, points.shape)
-    return (points.astype(np.float32), np.concatenate(colors).astype(np.uint8),
-            np.concatenate(labels).astype(np.int16))
-
-
-def write_benchmark(root: Path, splits: dict, seed: int = 0) -> Path:
-    """A prepared benchmark in the segmentation data contract (manifest + scenes/*.npz)."""
-    rng = np.random.default_rng(seed)
-    (root / "scenes").mkdir(parents=True)
-    scenes = {}
-    for names in splits.values():
-        for name in names:
-            points, colors, labels = make_room(rng)
-            file = f"scenes/{name.replace('/', '__')}.npz"
-            np.savez(root / file, coords=points, colors=colors, labels=labels)
-            scenes[name] = {"file": file, "points": len(points)}
-    manifest = {"schema": "mink_ssl.seg_scenes/1", "benchmark": "rooms", "classes": CLASSES,
-                "ignore_label": -1, "voxel_size": VOXEL, "splits": splits, "scenes": scenes,
-                "skipped": [], "repairs": [], "parameters": {"seed": seed},
-                "created": "2026-01-01T00:00:00", "versions": {}}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root
-
-
-@pytest.fixture(scope="module")
-def rooms(tmp_path_factory):
-    return write_benchmark(tmp_path_factory.mktemp("seg") / "rooms", {
-        "train": [f"Area_1/room_{i}" for i in range(6)],
-        "val": ["Area_5/room_0", "Area_5/room_1"], "test": []})
-
-
-def tiny_config(root, **kw) -> FinetuneSegConfig:
-    cfg = FinetuneSegConfig(
-        model=ModelConfig(name="Res16UNet14A", out_channels=16, normalize_output=False),
-        data=SegDataConfig(root=str(root), num_workers=0),
-        optim=SegOptimConfig(name="adam", lr=3e-3), eval=SegEvalConfig(every=0, ply_scenes=1),
-        max_iterations=4, batch_size=2, device="cpu", checkpoint_every=2, log_every=1,
-        progress=False)
-    return replace(cfg, **kw)
 
 
 # ------------------------------------------------------------------------------- dataset
@@ -238,17 +153,6 @@ def test_limited_labels_are_seeded_and_fixed(rooms):
 
 # ---------------------------------------------------------------------- pretrained weights
 
-def _pretrained_backbone(path: Path, seed: int = 123):
-    torch.manual_seed(seed)
-    net = build_model("Res16UNet14A", in_channels=3, out_channels=16)
-    with torch.no_grad():  # as after training: every weight and statistic moved a little
-        for k, v in net.state_dict().items():
-            if v.is_floating_point():
-                v.add_(torch.randn_like(v).abs_() if k.endswith("running_var") else
-                       torch.randn_like(v) * 0.01)
-    save_model(net, path)
-    return net.state_dict()
-
 
 def _fresh_model():
     """final_layer="keep": every pretrained tensor loads, the head starts from scratch (the
@@ -260,10 +164,12 @@ def _fresh_model():
 
 
 def test_pretrained_weights_replace_the_scratch_initialisation(tmp_path):
-    from mink_ssl.engine.checkpoint import save_checkpoint
-    from mink_ssl.engine.pretrain import build_objectives, build_optimizer
+    from mink_ssl.tasks.pretrain import save_checkpoint
+    from mink_ssl.engine.build import build_optimizer
+    from mink_ssl.tasks.pretrain import build_objectives
     from mink_ssl.engine.config import OptimConfig
-    from mink_ssl.engine.trainer import PretrainModule, Trainer
+    from mink_ssl.engine.trainer import Trainer
+    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.models.heads import save_segmentation_model
 
     saved = _pretrained_backbone(tmp_path / "backbone.pth")
@@ -377,7 +283,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(rooms, tmp_path):
 def test_eval_hook_keeps_the_best_model_and_a_resumed_run_keeps_an_earlier_best(tmp_path):
     from types import SimpleNamespace
 
-    from mink_ssl.engine.finetune import EvalHook
+    from mink_ssl.engine.hooks import EvalHook
     from mink_ssl.engine.trainer import TrainState
 
     scores = {1: 0.3, 2: 0.5, 3: 0.5, 4: 0.4, 5: 0.45, 6: 0.6}  # 3: a tie is no better
@@ -531,13 +437,17 @@ def test_configs_follow_the_protocol_and_reject_bad_keys():
     assert isinstance(s3dis, FinetuneSegConfig) and s3dis.model.name == "Res16UNet34C"
     assert (s3dis.optim.name, s3dis.optim.lr, s3dis.optim.momentum, s3dis.optim.weight_decay,
             s3dis.optim.scheduler, s3dis.optim.poly_power) == ("sgd", 0.1, 0.9, 1e-4, "poly", 0.9)
-    assert s3dis.data.voxel_size == 0.05 and s3dis.batch_size == 6
+    # the voxel size is set in one place, the prep's manifest (null: the manifest's)
+    assert s3dis.data.voxel_size is None and s3dis.batch_size == 6
     assert s3dis.max_iterations == 10000 and not s3dis.model.normalize_output
     scannet = OmegaConf.to_object(compose("data.root=/x", "finetune=scannet", "batch_size=2"))
-    assert scannet.data.voxel_size == 0.02 and scannet.max_iterations == 20000
+    assert scannet.data.voxel_size is None and scannet.max_iterations == 20000
     assert scannet.batch_size == 2 and scannet.data.augmentation.elastic == [[0.2, 0.4], [0.8, 1.6]]
     synthia = OmegaConf.to_object(compose("data.root=/x", "finetune=synthia"))
-    assert synthia.data.voxel_size == 0.15 and synthia.batch_size == 9
+    assert synthia.data.voxel_size is None and synthia.batch_size == 9
+    from data_prep.segmentation import s3dis as s3dis_prep, scannet_seg, synthia as synthia_prep
+    assert (s3dis_prep.VOXEL_SIZE, scannet_seg.VOXEL_SIZE, synthia_prep.VOXEL_SIZE) == (
+        0.05, 0.02, 0.15)  # the released recipes' voxels, written into each manifest
     assert synthia.data.up_axis == "z"  # prep rotates Synthia to z-up
     assert s3dis.data.eval_split == "test"  # Area 5
     assert s3dis.eval.keep_best and s3dis.evaluate_only is None
@@ -585,7 +495,7 @@ def test_cli_fine_tunes_from_a_pretrained_backbone_end_to_end(rooms, tmp_path):
     assert "dropped from the file (task layer rebuilt): final.kernel, final.bias" in done.stdout
     assert results["miou"] > 0.5, results  # chance: about 0.15
     # the reference protocol: one vote per voxel whose points share a label
-    from mink_ssl.eval.segmentation import reference_voxels
+    from mink_ssl.tasks.segmentation.inference import reference_voxels
 
     manifest = json.loads((rooms / "manifest.json").read_text())
     val = SegmentationDataset(rooms, "val", voxel_size=VOXEL)

@@ -10,7 +10,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 450
@@ -86,3 +85,66 @@ def test_formats_need_neither_torch_nor_minkowski_engine_at_import():
     assert violations("mink_ssl.formats", ("mink_ssl.data", "mink_ssl.engine", "mink_ssl.models",
                                            "mink_ssl.objectives", "mink_ssl.tasks",
                                            "mink_ssl.eval", "mink_ssl.tools", "data_prep")) == []
+
+
+def test_eval_is_pure_metrics_and_reports():
+    assert violations("mink_ssl.eval", ("mink_ssl.models", "mink_ssl.data", "mink_ssl.tasks",
+                                        "mink_ssl.engine", "mink_ssl.objectives",
+                                        "mink_ssl.tools", "MinkowskiEngine")) == []
+
+
+def test_engine_is_the_generic_core_and_imports_no_task():
+    """The trainer knows no task and no objective (objectives plug into pretraining with the
+    engine's hook interface)."""
+    assert violations("mink_ssl.engine", ("mink_ssl.tasks", "mink_ssl.tools", "mink_ssl.cli",
+                                          "mink_ssl.eval", "mink_ssl.objectives",
+                                          "data_prep")) == []
+
+
+def test_ops_and_models_import_no_metrics_and_no_training():
+    for package in ("mink_ssl.ops", "mink_ssl.models", "mink_ssl.data"):
+        assert violations(package, ("mink_ssl.eval", "mink_ssl.tasks", "mink_ssl.engine",
+                                    "mink_ssl.tools", "mink_ssl.cli")) == []
+
+
+def test_applications_sit_on_top():
+    """Only the command-line entry points use the tools; nothing in the library (below tasks)
+    imports a task, the tools or data_prep."""
+    for package in ("mink_ssl.engine", "mink_ssl.tasks", "mink_ssl.models", "mink_ssl.data",
+                    "mink_ssl.objectives", "mink_ssl.ops", "mink_ssl.eval", "mink_ssl.formats"):
+        assert violations(package, ("mink_ssl.tools", "mink_ssl.cli")) == []
+    for package in ("mink_ssl.models", "mink_ssl.data", "mink_ssl.objectives", "mink_ssl.ops",
+                    "mink_ssl.eval", "mink_ssl.formats"):
+        assert violations(package, ("mink_ssl.tasks", "data_prep")) == []
+
+
+def code_files() -> list[Path]:
+    found = [ROOT / "setup.py"]
+    for folder in ("mink_ssl", "data_prep", "scripts", "benchmarks", "experiments", "docker"):
+        found += sorted((ROOT / folder).rglob("*.py"))
+    return found
+
+
+def test_no_code_file_is_longer_than_450_lines():
+    long = {str(p.relative_to(ROOT)): n for p in code_files()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"split these by responsibility: {long}"
+
+
+#: the library's packages from the bottom up: each imports only the ones before it (and the
+#: base modules at the top of mink_ssl/: sparse, io, safety, geometry, seeding, registry)
+LAYERS = ("formats", "data", "ops", "models", "eval", "engine", "objectives", "tasks", "tools",
+          "cli")
+
+
+def test_packages_import_only_the_layers_below_them():
+    for k, package in enumerate(LAYERS):
+        above = tuple(f"mink_ssl.{p}" for p in LAYERS[k + 1:])
+        assert violations(f"mink_ssl.{package}", above) == [], package
+    assert sorted(p.name for p in (ROOT / "mink_ssl").iterdir()
+                  if p.is_dir() and (p / "__init__.py").is_file()) == sorted(LAYERS)
+    base = [p for p in (ROOT / "mink_ssl").glob("*.py") if p.name != "__init__.py"]
+    for path in base:  # the base modules import no package of the library
+        bad = [m for m, _, _ in imports_of(path)
+               if m.startswith("mink_ssl.") and m.split(".")[1] in LAYERS]
+        assert bad == [], path.name

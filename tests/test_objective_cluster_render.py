@@ -379,7 +379,7 @@ def test_hydra_config_turns_on_frames_and_passes_the_backbone_channels():
     from omegaconf import OmegaConf
 
     from mink_ssl.cli.pretrain import _register_schema
-    from mink_ssl.engine.pretrain import build_objectives
+    from mink_ssl.tasks.pretrain import build_objectives
 
     _register_schema()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -414,8 +414,9 @@ def synthetic_pairs(tmp_path_factory):
 def test_pretrain_runs_the_objective_and_lowers_its_loss(synthetic_pairs, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
-    from mink_ssl.engine.pretrain import build_dataset, pretrain
+    from mink_ssl.engine.config import ModelConfig, OptimConfig
+    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
+    from mink_ssl.tasks.pretrain import build_dataset, pretrain
 
     data = DataConfig(root=str(synthetic_pairs), voxel_size=0.1, num_workers=0,
                       max_matches=1000, frame_size=[24, 32], features="rgb")

@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 
 from mink_ssl.data.batch import PairBatch, View
 from mink_ssl.objectives import OBJECTIVES, StepContext
-from mink_ssl.objectives.distillation import (Distillation, cap_per_group,
-                                              distillation_cross_entropy, make_crops,
-                                              match_shared_points, momentum_schedule,
-                                              nearest_in_plane, pair_losses, update_center_)
+from mink_ssl.objectives.crops import (cap_per_group, make_crops, match_shared_points,
+                                       nearest_in_plane)
+from mink_ssl.objectives.distillation import (Distillation, distillation_cross_entropy,
+                                              momentum_schedule, pair_losses, update_center_)
 from mink_ssl.sparse import batched_coordinates
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -343,6 +343,29 @@ def test_teacher_targets_tell_voxels_apart_at_initialisation(input_scale):
         assert (ratio > 0.95).all(), ratio  # measured 0.97
 
 
+def test_the_crop_grid_is_the_batchs_voxel_size_unless_one_is_given():
+    from dataclasses import replace
+
+    net, batch = tiny_net(), make_batch()
+
+    def losses(voxel_size, batch_voxel_size):
+        torch.manual_seed(1)  # the same projector weights; the objective seeds its sampling
+        objective = small_objective(voxel_size=voxel_size)
+        objective.attach(net)
+        return objective(StepContext(replace(batch, voxel_size=batch_voxel_size), net))
+
+    given, from_batch = losses(VOXEL, None), losses(None, VOXEL)
+    assert set(given) == set(from_batch)
+    assert all(torch.equal(given[k], from_batch[k]) for k in given)
+    # a coarser batch is cropped on its coarser grid (the argument, when given, wins)
+    coarse = losses(None, 4 * VOXEL)
+    assert not torch.equal(coarse["loss_distillation"], given["loss_distillation"])
+    assert torch.equal(losses(VOXEL, 4 * VOXEL)["loss_distillation"],
+                       given["loss_distillation"])
+    with pytest.raises(ValueError, match="carries no voxel_size"):
+        losses(None, None)
+
+
 def test_bad_arguments_and_a_missing_teacher_are_reported():
     with pytest.raises(ValueError, match=r"input_scale must be one of \('unit_rms', 'none'\)"):
         small_objective(input_scale="layer")
@@ -370,7 +393,8 @@ def test_bad_arguments_and_a_missing_teacher_are_reported():
 
 
 def test_the_trainer_applies_the_ema_after_every_optimizer_step():
-    from mink_ssl.engine.trainer import Hook, PretrainModule, Trainer
+    from mink_ssl.engine.trainer import Hook, Trainer
+    from mink_ssl.tasks.pretrain import PretrainModule
 
     net, objective = tiny_net(), small_objective(num_local_crops=1)
     module = PretrainModule(net, {"distillation": objective}, {"distillation": 1.0})
@@ -405,7 +429,7 @@ def test_the_trainer_applies_the_ema_after_every_optimizer_step():
 
 
 def _two_ranks(rank, world, port, result):
-    from mink_ssl.engine.trainer import PretrainModule
+    from mink_ssl.tasks.pretrain import PretrainModule
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -457,7 +481,7 @@ def test_hydra_config_builds_the_objective():
     from omegaconf import OmegaConf
 
     from mink_ssl.cli.pretrain import _register_schema
-    from mink_ssl.engine.pretrain import build_objectives
+    from mink_ssl.tasks.pretrain import build_objectives
 
     _register_schema()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -467,7 +491,8 @@ def test_hydra_config_builds_the_objective():
             "objectives.distillation.num_local_crops=6"])
     cfg = OmegaConf.to_object(cfg)
     spec = cfg.objectives["distillation"]
-    assert spec["in_channels"] == 24 and spec["voxel_size"] == 0.05
+    # the voxel size is not configured twice: the objective reads the batch's
+    assert spec["in_channels"] == 24 and spec["voxel_size"] is None
     objectives, weights = build_objectives(cfg.objectives)
     o = objectives["distillation"]
     assert weights == {"distillation": 1.0}
@@ -477,7 +502,8 @@ def test_hydra_config_builds_the_objective():
 
 
 def tiny_config(root, objective=None, **kw):
-    from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
+    from mink_ssl.engine.config import ModelConfig, OptimConfig
+    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
 
     spec = dict(num_prototypes=64, num_local_crops=2, max_points=256, voxel_size=0.1,
                 center_momentum=0.99, seed=0)
@@ -502,7 +528,7 @@ def scalars(run_dir, tag):
 @pytest.fixture(scope="module")
 def run(synthetic_pairs, tmp_path_factory):
     """4 iterations, checkpoints at 2 and 4, a slow centre (q = 0.99, see below)."""
-    from mink_ssl.engine.pretrain import pretrain
+    from mink_ssl.tasks.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("distillation_run") / "run"
     backbone = pretrain(tiny_config(synthetic_pairs), out, print_fn=lambda s: None)
@@ -539,16 +565,18 @@ def test_pretrain_exports_the_teacher(run):
 
 
 def test_resume_restores_the_teacher_and_the_centre(run, synthetic_pairs, tmp_path):
-    from mink_ssl.engine import checkpoint as ck
-    from mink_ssl.engine.pretrain import pretrain
+    from mink_ssl.tasks import pretrain as ck
+    from mink_ssl.tasks.pretrain import pretrain
 
     out, _ = run
     half = ck.load_checkpoint(out / "checkpoint_2.pth")
     assert half["objectives"]["distillation.center"].abs().sum() > 0
 
     # restore() puts the teacher, its projector and the centre back exactly
-    from mink_ssl.engine.pretrain import build_backbone, build_objectives
-    from mink_ssl.engine.trainer import PretrainModule, Trainer
+    from mink_ssl.engine.build import build_backbone
+    from mink_ssl.tasks.pretrain import build_objectives
+    from mink_ssl.engine.trainer import Trainer
+    from mink_ssl.tasks.pretrain import PretrainModule
 
     cfg = tiny_config(synthetic_pairs)
     objectives, weights = build_objectives(cfg.objectives, 16)

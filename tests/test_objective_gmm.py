@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_pair_batch as make_pair_batch, tiny_net
 from scipy.stats import multivariate_normal
 
-from mink_ssl.data.batch import PairBatch, View
 from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.gmm_likelihood import (GMMLikelihood, gmm_likelihood_loss,
                                                 gmm_log_likelihood, gmm_parameters)
-from mink_ssl.sparse import batched_coordinates
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -181,31 +180,6 @@ def test_the_head_leaves_the_uniform_point_under_the_pretraining_optimizer(head_
 
 # --- through the registry, with a real network -----------------------------------------------
 
-def make_pair_batch(num_scenes=2, voxel=0.05, seed=0, channels=1, n=300) -> PairBatch:
-    """Each scene: ``n`` random voxels of a 14^3 grid per view (random offsets), no matches."""
-    rng = np.random.default_rng(seed)
-    views = []
-    for _ in range(2):
-        coords, feats, world = [], [], []
-        for _ in range(num_scenes):
-            flat = rng.choice(14 ** 3, n, replace=False)
-            grid = np.stack(np.unravel_index(flat, (14, 14, 14)), 1).astype(np.int32)
-            coords.append(grid)
-            feats.append(rng.uniform(-0.5, 0.5, (n, channels)))
-            world.append(grid * voxel + voxel / 2 + rng.uniform(-2, 2, 3))
-        views.append(View(batched_coordinates(coords),
-                          torch.from_numpy(np.concatenate(feats)).float(),
-                          torch.from_numpy(np.concatenate(world)).float()))
-    return PairBatch(tuple(views), torch.zeros(0, 2, dtype=torch.long),
-                     names=[("a", "b")] * num_scenes)
-
-
-def tiny_net(in_channels=1):
-    from mink_ssl.models import build_model
-
-    torch.manual_seed(0)
-    return build_model("Res16UNet14A", in_channels=in_channels, out_channels=16).train()
-
 
 @pytest.mark.parametrize("in_channels", [16, None])
 def test_registered_objective_trains_a_real_network(in_channels):
@@ -284,7 +258,7 @@ def test_hydra_config_passes_the_backbone_channels():
     from omegaconf import OmegaConf
 
     from mink_ssl.cli.pretrain import _register_schema
-    from mink_ssl.engine.pretrain import build_objectives
+    from mink_ssl.tasks.pretrain import build_objectives
 
     _register_schema()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -300,7 +274,8 @@ def test_hydra_config_passes_the_backbone_channels():
 
 
 def tiny_config(root, **kw):
-    from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
+    from mink_ssl.engine.config import ModelConfig, OptimConfig
+    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
 
     cfg = PretrainConfig(
         model=ModelConfig(name="Res16UNet14A", out_channels=16),
@@ -315,7 +290,7 @@ def tiny_config(root, **kw):
     {"point_info_nce": {"num_matches": 256}, "gmm_likelihood": {"weight": 0.1}},
 ], ids=["alone", "with_point_info_nce"])
 def test_pretrain_runs_with_the_objective(synthetic_pairs, tmp_path, objectives):
-    from mink_ssl.engine.pretrain import pretrain
+    from mink_ssl.tasks.pretrain import pretrain
     from mink_ssl.models import load_model
 
     logs = []

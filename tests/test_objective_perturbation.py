@@ -12,7 +12,7 @@ from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.perturbation import (Perturbation, chamfer_l2, knn_patches,
                                               patch_chamfer, perturb_voxels, sample_centres)
 from mink_ssl.sparse import batched_coordinates
-from test_objective_gmm import make_pair_batch, tiny_net
+from conftest import random_pair_batch as make_pair_batch, tiny_net
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -337,7 +337,7 @@ def test_hydra_config_builds_the_objective():
     from omegaconf import OmegaConf
 
     from mink_ssl.cli.pretrain import _register_schema
-    from mink_ssl.engine.pretrain import build_objectives
+    from mink_ssl.tasks.pretrain import build_objectives
 
     _register_schema()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -363,8 +363,9 @@ def logged(run_dir, tag):
 
 
 def test_pretrain_lowers_the_loss(synthetic_pairs, tmp_path):
-    from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
-    from mink_ssl.engine.pretrain import pretrain
+    from mink_ssl.engine.config import ModelConfig, OptimConfig
+    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
+    from mink_ssl.tasks.pretrain import pretrain
 
     cfg = PretrainConfig(
         model=ModelConfig(name="Res16UNet14A", out_channels=16),

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import matched_pair_batch as make_pair_batch
 
-from mink_ssl.data.batch import PairBatch, View
 from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.hardest_contrastive import hardest_contrastive_loss
 from mink_ssl.objectives.point_info_nce import info_nce_loss, point_info_nce_loss
@@ -17,7 +17,6 @@ from mink_ssl.objectives.sampling import one_to_one_matches, sample_matches
 from mink_ssl.objectives.shape_context_nce import (partitioned_info_nce_loss,
                                                    shape_context_nce_loss,
                                                    shape_context_partition)
-from mink_ssl.sparse import batched_coordinates
 
 NAMES = ("hardest_contrastive", "point_info_nce", "shape_context_nce")
 
@@ -333,35 +332,6 @@ def test_anchor_without_negatives_skips_the_partition():
 
 
 # --- through the registry, with a real network -----------------------------------------------
-
-def make_pair_batch(num_scenes=2, voxel=0.05, seed=0, with_matches=True) -> PairBatch:
-    """Each scene: 400 random voxels; view 0 holds ids 0..299, view 1 ids 100..399, both in
-    random order and view 1 translated; matches are the 200 shared voxels."""
-    rng = np.random.default_rng(seed)
-    c0, c1, w0, w1, f0, f1, matches = [], [], [], [], [], [], []
-    n0 = n1 = 0
-    for _ in range(num_scenes):
-        flat = rng.choice(14 ** 3, 400, replace=False)
-        grid = np.stack(np.unravel_index(flat, (14, 14, 14)), 1).astype(np.int32)  # (400, 3)
-        ids0, ids1 = rng.permutation(300), 100 + rng.permutation(300)
-        c0.append(grid[ids0])
-        c1.append(grid[ids1] + np.array([3, -2, 5], np.int32))
-        w0.append(grid[ids0] * voxel + voxel / 2)
-        w1.append(grid[ids1] * voxel + voxel / 2)
-        f0.append(rng.uniform(-0.5, 0.5, (300, 1)))
-        f1.append(rng.uniform(-0.5, 0.5, (300, 1)))
-        row0 = np.empty(400, np.int64)
-        row0[ids0] = np.arange(300)
-        row1 = np.empty(400, np.int64)
-        row1[ids1] = np.arange(300)
-        shared = np.arange(100, 300)
-        matches.append(np.stack([row0[shared] + n0, row1[shared] + n1], 1))
-        n0, n1 = n0 + 300, n1 + 300
-    views = tuple(View(batched_coordinates(c), torch.from_numpy(np.concatenate(f)).float(),
-                       torch.from_numpy(np.concatenate(w)).float())
-                  for c, f, w in ((c0, f0, w0), (c1, f1, w1)))
-    m = torch.from_numpy(np.concatenate(matches)) if with_matches else torch.zeros(0, 2).long()
-    return PairBatch(views, m, names=[("a", "b")] * num_scenes)
 
 
 @pytest.fixture(scope="module")

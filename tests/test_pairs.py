@@ -5,7 +5,8 @@ import torch
 
 from data_prep.pairs.prep import PrepParams, run
 from mink_ssl.data.correspondence import find_matches, random_rigid_transform
-from mink_ssl.data.pairs import PairDataset, ResumableSampler, collate_pairs
+from mink_ssl.data.pairs import PairDataset, collate_pairs
+from mink_ssl.data.samplers import ResumableSampler
 from mink_ssl.sparse import quantize
 
 
@@ -88,6 +89,8 @@ def test_collate_offsets_and_skips(kitchen_pairs):
     torch.testing.assert_close(batch.views[0].world[m[:, 0]], batch.views[1].world[m[:, 1]],
                                atol=0.0375 * 1.01, rtol=0)
     assert collate_pairs([None, None]) is None
+    # the voxel grid travels with the batch (objectives that re-quantise read it there)
+    assert batch.voxel_size == ds.voxel_size == 0.025 and batch.to("cpu").voxel_size == 0.025
 
 
 def test_too_few_matches_is_skipped_not_a_crash(kitchen_pairs):

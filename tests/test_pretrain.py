@@ -19,9 +19,10 @@ import torch.multiprocessing as mp
 
 from data_prep.pairs.prep import PrepParams, run as run_prep
 from data_prep.synthetic import generate_scene
-from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
+from mink_ssl.engine.config import ModelConfig, OptimConfig
+from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
 from mink_ssl.engine.hooks import read_metrics
-from mink_ssl.engine.pretrain import build_objectives, pretrain
+from mink_ssl.tasks.pretrain import build_objectives, pretrain
 from mink_ssl.models import load_model
 from mink_ssl.objectives import OBJECTIVES, Objective
 
@@ -178,7 +179,7 @@ class MeanPositiveDistance(Objective):
 
 
 def _fresh_module():
-    from mink_ssl.engine.trainer import PretrainModule
+    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.models import build_model
 
     return PretrainModule(build_model("Res16UNet14A", in_channels=3, out_channels=8),
@@ -238,7 +239,7 @@ def test_pretraining_learns_features_that_match_on_held_out_pairs(synthetic_pair
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from mink_ssl.data.pairs import PairDataset, collate_pairs
-    from mink_ssl.engine.pretrain import build_backbone
+    from mink_ssl.engine.build import build_backbone
     from mink_ssl.eval.matching import feature_match_recall
 
     generate_scene(tmp_path / "raw", "scene0100_00", 7, n_frames=76)
@@ -335,7 +336,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(synthetic_pairs, tmp_path)
 
 
 def test_loader_workers_default_to_free_cores(monkeypatch):
-    from mink_ssl.engine.pretrain import resolve_num_workers
+    from mink_ssl.engine.build import resolve_num_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert resolve_num_workers("auto") == 8  # capped
@@ -376,7 +377,7 @@ def test_objectives_sharing_stat_names_combine(synthetic_pairs):
     """PointInfoNCE and ShapeContext NCE both report ``stat_accuracy``: stats are namespaced by
     objective, losses sum with their weights."""
     from mink_ssl.data.pairs import PairDataset, collate_pairs
-    from mink_ssl.engine.trainer import PretrainModule
+    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.models import build_model
 
     ds = PairDataset(synthetic_pairs, voxel_size=0.1, seed=0)
@@ -408,7 +409,7 @@ def test_learning_rate_warm_up_then_cosine_or_step():
     read from the optimizer the scheduler drives, against the formulas written out."""
     import math
 
-    from mink_ssl.engine.pretrain import build_optimizer
+    from mink_ssl.engine.build import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     cfg = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.04, schedule="cosine",

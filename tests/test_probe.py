@@ -1,4 +1,4 @@
-"""Probes on a frozen backbone (mink_ssl.models.probe, mink_ssl.engine.probe_seg): the backbone
+"""Probes on a frozen backbone (mink_ssl.models.probe, mink_ssl.tasks.segmentation.probe): the backbone
 stays bit-identical, the multi-scale features hold every decoder stage for every voxel, kNN
 equals brute force, and real probe runs on the synthetic rooms of test_finetune_seg."""
 import json
@@ -10,8 +10,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_finetune_seg import CLASSES, REPO, VOXEL, _pretrained_backbone, tiny_config, \
-    write_benchmark
+from conftest import (SEG_CLASSES as CLASSES, SEG_VOXEL as VOXEL, REPO,
+                      pretrained_backbone as _pretrained_backbone, tiny_seg_config as tiny_config,
+                      write_benchmark)
 
 from mink_ssl.models import build_model
 from mink_ssl.models.probe import (DECODER_STAGES, FrozenProbe, KnnHead, multiscale_width,
@@ -122,7 +123,7 @@ def test_linear_multiscale_probe_run_keeps_the_pretrained_backbone(rooms, tmp_pa
     """finetune_seg(probe=linear_multiscale) on the synthetic rooms: the pretrained backbone in
     model.pth and the checkpoint equals the file bit for bit, only the head trained, the results
     say which probe, and the saved probe evaluates again through evaluate_only."""
-    from mink_ssl.engine.finetune_seg import finetune_seg
+    from mink_ssl.tasks.segmentation import finetune_seg
     from mink_ssl.models.heads import load_segmentation_model
 
     saved = _pretrained_backbone(tmp_path / "backbone.pth")
@@ -162,7 +163,7 @@ def test_cli_knn_probe_end_to_end(rooms, tmp_path):
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kNN probe (k=5, cosine) with a bank of" in done.stdout
-    from mink_ssl.engine.finetune_seg import SegDataConfig, build_seg_dataset
+    from mink_ssl.tasks.segmentation import SegDataConfig, build_seg_dataset
 
     train = build_seg_dataset(SegDataConfig(root=str(rooms), voxel_size=VOXEL, augment=False),
                               "train", train=True, seed=0)
@@ -179,7 +180,7 @@ def test_cli_knn_probe_end_to_end(rooms, tmp_path):
 def test_knn_bank_follows_the_limited_labels(rooms, tmp_path):
     """data.labelled_points=N: the bank holds only the voxels of the N labelled points kept in
     each training room (at most N per room), no other voxel."""
-    from mink_ssl.engine.finetune_seg import finetune_seg
+    from mink_ssl.tasks.segmentation import finetune_seg
 
     cfg = tiny_config(rooms, probe="knn", knn_k=3)
     cfg = replace(cfg, data=replace(cfg.data, voxel_size=VOXEL, labelled_points=20))
@@ -201,7 +202,7 @@ def test_config_takes_the_probe_keys():
 
 
 def test_unknown_probe_is_an_error_naming_the_choices(rooms, tmp_path):
-    from mink_ssl.engine.finetune_seg import finetune_seg
+    from mink_ssl.tasks.segmentation import finetune_seg
 
     with pytest.raises(ValueError, match=r"probe must be one of \('linear', 'linear_multi"):
         finetune_seg(tiny_config(rooms, probe="linaer"), tmp_path / "run",

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mink_ssl.engine.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig
-from mink_ssl.engine.pretrain import pretrain
+from mink_ssl.engine.config import ModelConfig, OptimConfig
+from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
+from mink_ssl.tasks.pretrain import pretrain
 from mink_ssl.engine.rundir import RunConflict
 from mink_ssl.safety import LOCK_NAME
 
@@ -273,7 +274,7 @@ def test_finetune_seg_shares_the_run_dir_rules_and_the_signal(tmp_path):
     """Fine-tuning (segmentation, via its CLI): SIGTERM checkpoints at a step boundary and exits
     143; a fresh start in that directory is refused naming the differing key; resume=auto
     continues."""
-    from test_finetune_seg import VOXEL, write_benchmark
+    from conftest import SEG_VOXEL as VOXEL, write_benchmark
 
     rooms = write_benchmark(tmp_path / "rooms", {"train": [f"Area_1/room_{i}" for i in range(4)],
                                                  "val": [], "test": []})
@@ -308,10 +309,9 @@ def test_finetune_seg_shares_the_run_dir_rules_and_the_signal(tmp_path):
 
 
 def test_labelled_points_beyond_the_scenes_is_named(tmp_path):
-    from test_finetune_seg import tiny_config as seg_config
-    from test_finetune_seg import write_benchmark
+    from conftest import tiny_seg_config as seg_config, write_benchmark
 
-    from mink_ssl.engine.finetune_seg import finetune_seg
+    from mink_ssl.tasks.segmentation import finetune_seg
 
     rooms = write_benchmark(tmp_path / "rooms", {"train": ["Area_1/room_0", "Area_1/room_1"],
                                                  "val": [], "test": []})

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mink_ssl.eval.segmentation import (class_palette, confusion_matrix, evaluate_scenes,
-                                        predict_points, segmentation_metrics, tta_angles,
+from mink_ssl.eval.segmentation import (class_palette, confusion_matrix, segmentation_metrics,
                                         write_prediction_ply, write_results)
+from mink_ssl.tasks.segmentation.inference import evaluate_scenes, predict_points, tta_angles
 
 CLASSES = ["floor", "wall", "table", "lamp"]
 

@@ -23,15 +23,15 @@ from data_prep.synthetic import generate_scenes
 from mink_ssl.data.detection import (DetAugmentation, DetectionDataset, collate_detection,
                                      points_in_boxes, transform_boxes, vote_targets)
 from mink_ssl.engine.config import ModelConfig
-from mink_ssl.engine.finetune_det import (BNMomentumHook, DetDataConfig, DetEvalConfig,
-                                          DetHeadConfig, DetOptimConfig, FinetuneDetConfig,
-                                          build_det_model, build_det_optimizer,
-                                          evaluate_detector, finetune_det)
+from mink_ssl.engine.hooks import BNMomentumHook
+from mink_ssl.tasks.detection import (DetDataConfig, DetEvalConfig, DetHeadConfig, DetOptimConfig,
+                                      FinetuneDetConfig, build_det_model, build_det_optimizer,
+                                      evaluate_detector, finetune_det)
 from mink_ssl.models import build_model, save_model
 from mink_ssl.models.pretrained import load_pretrained
 from mink_ssl.models.votenet import (VoteNetOutput, angle_to_class, build_votenet,
-                                     decode_boxes, detect, encode_boxes, select_seeds,
-                                     votenet_loss)
+                                     decode_boxes, detect, encode_boxes, select_seeds)
+from mink_ssl.tasks.detection.loss import votenet_loss
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -77,6 +77,25 @@ def tiny_config(root, **kw) -> FinetuneDetConfig:
 
 
 # --------------------------------------------------------------------------------- dataset
+
+def test_the_voxel_size_comes_from_the_prepared_manifest(det_root, tmp_path):
+    import json
+    import shutil
+
+    from data_prep.detection.writer import VOXEL_SIZE
+
+    manifest = json.loads((det_root / "manifest.json").read_text())
+    assert manifest["voxel_size"] == VOXEL_SIZE == 0.025  # written by the prep
+    assert DetectionDataset(det_root, "train").voxel_size == 0.025
+    assert DetectionDataset(det_root, "train", voxel_size=0.05).voxel_size == 0.05
+    old = tmp_path / "old"  # a manifest from before the prep recorded it
+    shutil.copytree(det_root, old)
+    del manifest["voxel_size"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="names no voxel_size.*data.voxel_size=0.025"):
+        DetectionDataset(old, "train")
+    assert DetectionDataset(old, "train", voxel_size=0.025).voxel_size == 0.025
+
 
 def test_dataset_reads_the_contract_and_checks_it(det_root, tmp_path):
     ds = DetectionDataset(det_root, "train", voxel_size=VOXEL, axis_aligned=True)
@@ -457,7 +476,8 @@ def test_configs_follow_votenet_and_pointcontrast_and_reject_bad_keys():
     assert (o.name, o.lr, o.weight_decay, o.lr_steps, o.lr_gamma) == ("adam", 1e-3, 0, [80, 120,
                                                                                      160], 0.1)
     assert (o.bn_momentum_init, o.bn_momentum_decay, o.bn_momentum_step) == (0.5, 0.5, 20)
-    assert scannet.epochs == 180 and scannet.data.voxel_size == 0.025
+    # the voxel size is set in one place, the prep's manifest (null: the manifest's)
+    assert scannet.epochs == 180 and scannet.data.voxel_size is None
     assert scannet.data.num_points == 40000 and scannet.head.num_heading_bins == 1
     a = scannet.data.augmentation
     assert (a.flip_x, a.flip_y, a.rotation_deg, a.scale) == (True, True, 5.0, [1.0, 1.0])
@@ -471,7 +491,7 @@ def test_configs_follow_votenet_and_pointcontrast_and_reject_bad_keys():
     a = sun.data.augmentation
     assert (a.flip_x, a.flip_y, a.rotation_deg, a.scale) == (True, False, 30.0, [0.85, 1.15])
     assert sun.head.num_heading_bins == 12 and sun.data.max_votes == 3 and sun.batch_size == 8
-    assert sun.data.num_points == 20000 and sun.data.voxel_size == 0.025
+    assert sun.data.num_points == 20000 and sun.data.voxel_size is None
     with pytest.raises(Exception, match="lrr"):
         compose("data.root=/x", "optim.lrr=0.1")
     with pytest.raises(Exception, match="(?s)Available options in 'detection'.*scannet"):

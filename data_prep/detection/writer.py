@@ -3,7 +3,7 @@
 Output layout (``out/``), the contract read by the detection datasets and evaluation::
 
     manifest.json        schema mink_ssl.det_scenes/1: benchmark, classes (index = class id),
-                         splits {train, val}, scenes {name: {file, points, boxes}}, skipped
+                         voxel_size (recommended, metres), splits {train, val}, scenes {name: {file, points, boxes}}, skipped
                          [{scene, reason}], notes [{scene, what}] (objects prep left out, and
                          why), parameters, created, versions
     scenes/<name>.npz    one per scene / image:
@@ -41,6 +41,9 @@ from data_prep.scene_store import (SceneJob, SceneKind, SceneResult, report_file
 from mink_ssl.formats.manifest import DET_SCHEMA
 from mink_ssl.geometry import points_in_boxes
 from mink_ssl.io import atomic_path
+
+#: metres, the voxel size detection trains at (PointContrast's ScanNet and SUN RGB-D runs)
+VOXEL_SIZE = 0.025
 
 SPLITS = ("train", "val")
 NO_BOX = -1
@@ -154,5 +157,5 @@ def run_prep(out: Path, *, benchmark: str, classes: Sequence[str], jobs: Sequenc
     """Prepare ``jobs`` (each returning :class:`DetScene`) into ``out`` and write the manifest
     (returned); the arguments are :func:`data_prep.scene_store.run_scenes`'."""
     return run_scenes(out, DET_SCENES, benchmark=benchmark, classes=classes, jobs=jobs,
-                      params=params, inputs=inputs, skipped=skipped, workers=workers,
-                      progress=progress, log=log)
+                      params=params, inputs=inputs, head={"voxel_size": VOXEL_SIZE},
+                      skipped=skipped, workers=workers, progress=progress, log=log)

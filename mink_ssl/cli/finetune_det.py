@@ -16,13 +16,13 @@ PROG = "mink-ssl-finetune-det"
 
 
 def _register_schema() -> None:
-    from mink_ssl.engine.finetune_det import FinetuneDetConfig
+    from mink_ssl.tasks.detection import FinetuneDetConfig
 
     register_schema("finetune_det_schema", FinetuneDetConfig)
 
 
 def _task(cfg, out_dir) -> None:
-    from mink_ssl.engine.finetune_det import finetune_det
+    from mink_ssl.tasks.detection import finetune_det
 
     finetune_det(cfg, out_dir)
 

@@ -15,13 +15,13 @@ PROG = "mink-ssl-finetune-seg"
 
 
 def _register_schema() -> None:
-    from mink_ssl.engine.finetune_seg import FinetuneSegConfig
+    from mink_ssl.tasks.segmentation import FinetuneSegConfig
 
     register_schema("finetune_seg_schema", FinetuneSegConfig)
 
 
 def _task(cfg, out_dir) -> None:
-    from mink_ssl.engine.finetune_seg import finetune_seg
+    from mink_ssl.tasks.segmentation import finetune_seg
 
     finetune_seg(cfg, out_dir)
 

@@ -16,7 +16,7 @@ GROUPS = ("model", "data", "optim", "objective")
 
 
 def _register_schema() -> None:
-    from mink_ssl.engine.config import PretrainConfig
+    from mink_ssl.tasks.pretrain import PretrainConfig
 
     register_schema("pretrain_schema", PretrainConfig)
 
@@ -27,7 +27,7 @@ def check_group_choices(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
 
 
 def _task(cfg, out_dir: Path) -> None:
-    from mink_ssl.engine.pretrain import pretrain
+    from mink_ssl.tasks.pretrain import pretrain
 
     pretrain(cfg, out_dir)
 

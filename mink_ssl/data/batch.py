@@ -67,16 +67,18 @@ class PairBatch:
              belong to the same scene of the batch
     names:   the pair of each scene, e.g. ("scene0000_00/000025", "scene0000_00/000050")
     skipped: pairs dropped from this batch for having too few matches
+    voxel_size: metres, the grid of the views' coords (objectives that re-quantise read it here)
     """
 
     views: tuple[View, View]
     matches: torch.Tensor
     names: list[tuple[str, str]] = field(default_factory=list)
     skipped: int = 0
+    voxel_size: Optional[float] = None
 
     def __len__(self) -> int:
         return len(self.names)
 
     def to(self, device) -> "PairBatch":
         return PairBatch((self.views[0].to(device), self.views[1].to(device)),
-                         self.matches.to(device), self.names, self.skipped)
+                         self.matches.to(device), self.names, self.skipped, self.voxel_size)

@@ -54,6 +54,7 @@ from torch.utils.data import Dataset
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 from mink_ssl.formats.manifest import DET_SCHEMA, read_manifest
 from mink_ssl.geometry import points_in_boxes
+from mink_ssl.sparse import quantize
 
 KNOWN_SCHEMAS = (DET_SCHEMA,)
 FEATURES = tuple(FEATURE_MODES)
@@ -271,7 +272,8 @@ class DetectionDataset(Dataset):
     Args:
         root: output directory of detection prep (``manifest.json`` + ``scenes/``).
         split: ``train`` or ``val``.
-        voxel_size: metres (PointContrast: 0.025 for ScanNet and SUN RGB-D).
+        voxel_size: metres; None: the manifest's (detection prep writes PointContrast's 0.025
+            for ScanNet and SUN RGB-D).
         features: input feature mode (:mod:`mink_ssl.data.features`): ``ones`` (3 channels,
             PointContrast), ``rgb`` (RGB / 255 - 0.5), a jitter mode (training only), ``ones1``.
         augmentation: training augmentations; None for none.
@@ -282,11 +284,19 @@ class DetectionDataset(Dataset):
         seed: base seed of the augmentations and the point sampling.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", *, voxel_size: float = 0.025,
+    def __init__(self, root: str | Path, split: str = "train", *, voxel_size: float | None = None,
                  features: str = "rgb", augmentation: DetAugmentation | None = None,
                  num_points: int | None = None, max_votes: int = 1, axis_aligned: bool = False,
                  seed: int = 0):
         feature_mode(features)  # a known mode
+        self.root = Path(root)
+        self.manifest = read_det_manifest(self.root)
+        if voxel_size is None:
+            voxel_size = self.manifest.get("voxel_size")
+            if voxel_size is None:
+                raise ValueError(f"{self.root / 'manifest.json'} names no voxel_size (written "
+                                 "before detection prep recorded it): set data.voxel_size=0.025 "
+                                 "(PointContrast's) or rerun the prep")
         if not (isinstance(voxel_size, (int, float)) and voxel_size > 0):
             raise ValueError(f"voxel_size must be positive metres, got {voxel_size!r}")
         if num_points is not None and (not isinstance(num_points, int) or num_points < 1):
@@ -294,8 +304,6 @@ class DetectionDataset(Dataset):
                              f"{num_points!r}")
         if not isinstance(max_votes, int) or max_votes < 1:
             raise ValueError(f"max_votes must be a positive int, got {max_votes!r}")
-        self.root = Path(root)
-        self.manifest = read_det_manifest(self.root)
         splits = self.manifest["splits"]
         if split not in splits:
             raise ValueError(f"split {split!r} is not in {self.root / 'manifest.json'}; "
@@ -416,8 +424,6 @@ class DetectionDataset(Dataset):
         return means.astype(np.float32)
 
     def __getitem__(self, key) -> DetSample:
-        from mink_ssl.sparse import quantize
-
         epoch, index = key if isinstance(key, tuple) else (0, key)
         name = self.scenes[index]
         d = self.load(name)

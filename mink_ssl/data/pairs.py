@@ -14,17 +14,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from mink_ssl.data.batch import PairBatch, View
-from mink_ssl.data.correspondence import find_matches, random_rigid_transform, to_tensor
+from mink_ssl.data.correspondence import (check_matches, find_matches, random_rigid_transform,
+                                          to_tensor)
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 from mink_ssl.formats import manifest
+from mink_ssl.formats.fragments import FragmentStore
 from mink_ssl.formats.manifest import PAIRS_SCHEMA
+from mink_ssl.sparse import quantize
 
 KNOWN_SCHEMAS = (PAIRS_SCHEMA,)
 FEATURES = tuple(FEATURE_MODES)
@@ -38,6 +41,7 @@ class PairSample:
     views: tuple[View, View]
     matches: torch.Tensor  # (M, 2) int64
     names: tuple[str, str]
+    voxel_size: float | None = None  # metres, the grid of the views' coords
 
 
 def read_manifest(root: Path) -> dict:
@@ -96,8 +100,6 @@ class PairDataset(Dataset):
     def verify_matches(self, n: int) -> dict:
         """Check the correspondence search of ``n`` seeded pairs against brute force
         (:func:`~mink_ssl.data.correspondence.check_matches`); raises on a disagreement."""
-        from mink_ssl.data.correspondence import check_matches
-
         rng = np.random.default_rng([self.seed, 2**31])  # apart from the items' streams
         total = {"pairs_checked": 0, "rows_checked": 0, "matches_checked": 0}
         for index in rng.choice(len(self.pairs), min(n, len(self.pairs)), replace=False):
@@ -136,15 +138,11 @@ class PairDataset(Dataset):
         return feature_mode(self.features).channels
 
     def _store(self, scene: str):
-        from mink_ssl.formats.fragments import FragmentStore
-
         if scene not in self._stores:
             self._stores[scene] = FragmentStore(self.root / scene)
         return self._stores[scene]
 
     def _view(self, scene: str, frame: int, rng: np.random.Generator) -> View:
-        from mink_ssl.sparse import quantize
-
         frag = self._store(scene).by_frame(
             frame, color=feature_mode(self.features).colour or self.frame_size is not None)
         points, colors = frag.points(self.max_depth)  # (P, 3) world, (P, 3) uint8
@@ -173,7 +171,7 @@ class PairDataset(Dataset):
         if len(matches) < self.min_matches:
             return None
         return PairSample((v0, v1), torch.from_numpy(matches),
-                          (f"{scene}/{fa:06d}", f"{scene}/{fb:06d}"))
+                          (f"{scene}/{fa:06d}", f"{scene}/{fb:06d}"), self.voxel_size)
 
 
 def check_frame_size(frame_size: Sequence[int] | None) -> tuple[int, int] | None:
@@ -239,36 +237,6 @@ def collate_pairs(samples: list[PairSample | None]) -> PairBatch | None:
                            .cumsum(0) for v in range(2)], 1)  # (B, 2) row offsets per view
     matches = torch.cat([s.matches + offsets[k] for k, s in enumerate(kept)])  # (M, 2)
     return PairBatch((views[0], views[1]), matches, [s.names for s in kept],
-                     skipped=len(samples) - len(kept))
+                     skipped=len(samples) - len(kept), voxel_size=kept[0].voxel_size)
 
 
-class ResumableSampler(Sampler):
-    """Endless (epoch, index) keys: a fresh permutation per epoch, split across ranks.
-
-    Rank r of w takes ``perm[r::w]`` (truncated to equal lengths), so w ranks with batch b see
-    together what one process with batch w*b sees. ``start`` skips that many keys of this rank:
-    a resumed run passes the number of samples it already consumed.
-    """
-
-    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start: int = 0):
-        if n < world_size:
-            raise ValueError(f"{n} pairs cannot be split across {world_size} ranks")
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size, self.start = rank, world_size, start
-        self.per_rank = n // world_size
-
-    def _epoch(self, epoch: int) -> np.ndarray:
-        perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
-                else np.arange(self.n))
-        return perm[self.rank::self.world_size][: self.per_rank]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, pos = divmod(self.start, self.per_rank)
-        while True:
-            for index in self._epoch(epoch)[pos:]:
-                yield epoch, int(index)
-            epoch, pos = epoch + 1, 0
-
-    def __len__(self) -> int:  # one epoch of this rank (the iterator itself is endless)
-        return self.per_rank

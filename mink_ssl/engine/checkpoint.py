@@ -1,9 +1,11 @@
 """Training checkpoints: self-describing, plain containers only (``weights_only=True`` loads).
 
-A checkpoint holds the backbone's constructor arguments and weights, the objectives' heads,
-optimizer, scheduler, the trainer state (iteration, samples consumed: the sampler position),
-RNG states (torch, CUDA, numpy, python, and seeded generators of objectives), the resolved
-config as plain data, and library versions.
+Every task's checkpoint holds its format tag (:mod:`mink_ssl.formats.model_files`), library
+versions, the resolved config as plain data, optimizer, scheduler, the trainer state (iteration,
+samples consumed: the sampler position, and the task's tallies), RNG states (torch, CUDA, numpy,
+python, and every :class:`~mink_ssl.seeding.SeededGenerator` of the module, e.g. objectives'),
+and the task's own parts (weights and the constructor arguments that rebuild them), which the
+task names when it saves and restores.
 """
 from __future__ import annotations
 
@@ -14,16 +16,17 @@ import numpy as np
 import torch
 
 from mink_ssl.engine.trainer import TrainState
-from mink_ssl.formats.model_files import CHECKPOINT_FORMAT, load_tagged
+from mink_ssl.formats.model_files import load_tagged
+from mink_ssl.io import atomic_torch_save, library_versions
+from mink_ssl.seeding import SeededGenerator
 
 
-def _unwrap(module):
+def unwrap(module):
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return module.module if hasattr(module, "module") else module
 
 
 def _seeded_generators(module) -> dict:
-    from mink_ssl.objectives.sampling import SeededGenerator
-
     found = {}
     for name, sub in module.named_modules():
         for attr, value in vars(sub).items():
@@ -59,38 +62,29 @@ def set_rng_state(state: dict, module) -> None:
         gens[key]._generator.set_state(gstate)
 
 
-def save_checkpoint(path: Path, trainer, config: dict) -> Path:
-    from mink_ssl.io import atomic_torch_save, library_versions
-
-    module = _unwrap(trainer.module)
-    s = trainer.state
-    ckpt = {
-        "format": CHECKPOINT_FORMAT, "versions": library_versions(), "config": config,
-        "model": module.backbone.config(),
-        "backbone": module.backbone.state_dict(),
-        "objectives": module.objectives.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "state": {"iteration": s.iteration, "samples": s.samples,
-                  "skipped_pairs": s.skipped_pairs, "skipped_batches": s.skipped_batches},
-        "rng": rng_state(module),
-    }
-    return atomic_torch_save(ckpt, path)
+def save_checkpoint(path: Path, trainer, config: dict, fmt: str, parts: dict) -> Path:
+    """Everything to resume ``trainer`` exactly, tagged ``fmt``; ``parts``: the task's weights
+    and constructor arguments (plain containers), stored as top-level entries."""
+    module = unwrap(trainer.module)
+    return atomic_torch_save({
+        "format": fmt, "versions": library_versions(), "config": config, **parts,
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "state": trainer.state.to_dict(), "rng": rng_state(module),
+    }, path)
 
 
-def load_checkpoint(path: Path) -> dict:
-    return load_tagged(path, [CHECKPOINT_FORMAT], "a mink-ssl pretraining checkpoint")
+def load_checkpoint(path: Path, fmt: str, what: str) -> dict:
+    """The checkpoint in ``path``; its format must be ``fmt`` (``what`` names it in the error)."""
+    return load_tagged(path, [fmt], what)
 
 
-def restore(ckpt: dict, trainer) -> TrainState:
-    """Put a trainer back where the checkpoint left it (the sampler restarts from samples)."""
-    module = _unwrap(trainer.module)
-    module.backbone.load_state_dict(ckpt["backbone"], strict=True)
-    module.objectives.load_state_dict(ckpt["objectives"], strict=True)
+def restore_training(ckpt: dict, trainer) -> TrainState:
+    """Optimizer, scheduler, RNG and trainer state from ``ckpt`` (the task restores its weights
+    first); the sampler restarts from the state's ``samples``."""
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     trainer.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"], module)
-    trainer.state = TrainState(**ckpt["state"])
+    set_rng_state(ckpt["rng"], unwrap(trainer.module))
+    trainer.state = TrainState.from_dict(ckpt["state"])
     return trainer.state
 
 

@@ -1,11 +1,12 @@
-"""Typed schemas of the pretraining config (Hydra validates every key against them).
-
-Components never see these objects: ``pretrain()`` unpacks them into explicit arguments.
+"""Typed config schemas every task shares (Hydra validates every key against them): the
+backbone, the optimizer and its schedule, distributed training. Each task's own config:
+:mod:`mink_ssl.tasks`. Components never see these objects: the run functions unpack them into
+explicit arguments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -17,25 +18,6 @@ class ModelConfig:
     block_bn_momentum: Optional[float] = 0.1  # inside residual blocks (released code); null: same
     init: str = "me"  # me: MinkowskiEngine's default kernels (released code) | kaiming
     normalize_output: bool = True
-
-
-@dataclass
-class DataConfig:
-    root: str = "???"  # output directory of `mink-ssl-prep scannet`
-    voxel_size: float = 0.025
-    rotation_deg: float = 360.0
-    rotation_axis: str = "random"
-    scale: list = field(default_factory=lambda: [1.0, 1.0])
-    translation: float = 0.0
-    features: str = "ones_jitter"  # mink_ssl.data.features mode (PointContrast pretraining)
-    match_radius: float = 1.5
-    max_matches: Optional[int] = None
-    min_matches: int = 32
-    max_depth: Optional[float] = None
-    # [h, w]: each view also carries its RGB frame resized to h x w, intrinsics and pose, for
-    # rendering objectives (cluster_render); null: no frames
-    frame_size: Optional[list] = None
-    num_workers: Any = "auto"  # loader processes per rank; auto: free cores - 1, at most 8
 
 
 @dataclass
@@ -59,29 +41,3 @@ class DistributedConfig:
     find_unused_parameters: bool = False
 
 
-@dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    # objective name -> {weight: float, **constructor arguments}; chosen by the `objective`
-    # config group (configs/pretrain.yaml selects hardest_contrastive). Empty here, or a schema
-    # default would be merged into every command-line selection.
-    objectives: dict[str, Any] = field(default_factory=dict)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    # Python modules imported before the objectives are built: objectives of your own,
-    # registered with @OBJECTIVES.register, without editing mink-ssl
-    imports: list = field(default_factory=list)
-    # batch-norm layers keep their running statistics and use them in training (eval mode):
-    # makes a step independent of how the batch is split across ranks (DDP equivalence)
-    freeze_bn: bool = False
-    seed: int = 0
-    max_iterations: int = 60000
-    batch_size: int = 8  # pairs per process (the global batch is batch_size x world size)
-    device: str = "auto"
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    progress: bool = True
-    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
-    # resume with changed optimizer / schedule settings (recorded in config_history.json)
-    resume_override: bool = False

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mink_ssl.engine.rundir import RunDir
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -106,8 +108,6 @@ def start_run(out_dir: Path, config: dict, info: DistInfo, resume: str | None = 
               resume_override: bool = False, print_fn=print, what: str = "training run"):
     """The run directory, locked (rank 0) and checked against ``config`` and ``resume``
     (:class:`~mink_ssl.engine.rundir.RunDir`); nothing is written until ``record()``."""
-    from mink_ssl.engine.rundir import RunDir
-
     return RunDir(out_dir, config, resume, resume_override, info.is_main, print_fn, what).open()
 
 

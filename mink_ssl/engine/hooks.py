@@ -1,32 +1,35 @@
-"""Trainer hooks: checkpointing, TensorBoard scalars and a progress bar (rank 0 only)."""
+"""The generic trainer hooks: checkpoints and the final export, TensorBoard scalars with
+``metrics.jsonl`` and a progress bar, periodic evaluation keeping the best model, and a
+batch-norm momentum schedule. Rank 0 writes; the others wait where they must."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Callable
+
+import torch.nn as nn
 
 from mink_ssl.engine.trainer import Hook
+from mink_ssl.io import atomic_path
 
 
 class CheckpointHook(Hook):
-    """``checkpoint_<iteration>.pth`` every ``every`` iterations and at the end, keeping the last
-    ``keep``; the backbone alone (heads dropped) is exported to ``backbone.pth`` at the end
-    (the trained backbone, or the one an objective chooses, e.g. distillation's EMA teacher).
+    """``checkpoint_<iteration>.pth`` every ``every`` iterations, when the run is stopped, and at
+    the end, keeping the last ``keep``; then the task's export (``backbone.pth``, ``model.pth``).
 
-    Other trainings pass ``save_fn(path, trainer, config)`` (default: pretraining's
-    ``save_checkpoint``) and ``export_fn(trainer, out_dir)`` (default: the backbone export)."""
+    ``save_fn(path, trainer, config)`` writes a checkpoint; ``export_fn(trainer, out_dir)``
+    writes what the run delivers."""
 
-    def __init__(self, out_dir: Path, every: int, config: dict, keep: int = 2,
-                 enabled: bool = True, save_fn=None, export_fn=None):
+    def __init__(self, out_dir: Path, every: int, config: dict, *,
+                 save_fn: Callable, export_fn: Callable, keep: int = 2, enabled: bool = True):
         self.out_dir, self.every, self.config = Path(out_dir), every, config
         self.keep, self.enabled = keep, enabled
         self.save_fn, self.export_fn = save_fn, export_fn
 
     def _save(self, trainer) -> None:
-        from mink_ssl.engine.checkpoint import save_checkpoint
-
         it = trainer.state.iteration
-        (self.save_fn or save_checkpoint)(self.out_dir / f"checkpoint_{it}.pth", trainer,
-                                          self.config)
+        self.save_fn(self.out_dir / f"checkpoint_{it}.pth", trainer, self.config)
         old = sorted(self.out_dir.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for p in old[: -self.keep]:
             p.unlink()
@@ -45,26 +48,24 @@ class CheckpointHook(Hook):
             return
         if not (self.out_dir / f"checkpoint_{trainer.state.iteration}.pth").exists():
             self._save(trainer)
-        if self.export_fn is not None:
-            self.export_fn(trainer, self.out_dir)
-            return
-        from mink_ssl.engine.checkpoint import _unwrap
-        from mink_ssl.models import save_model
-
-        save_model(_unwrap(trainer.module).exported_backbone(), self.out_dir / "backbone.pth")
+        self.export_fn(trainer, self.out_dir)
 
 
 class LoggingHook(Hook):
     """TensorBoard scalars every ``every`` iterations, the same metrics as lines of
     ``metrics.jsonl`` (``{"iteration": i, "loss": ..., ...}``; read them with
-    :func:`read_metrics`), a tqdm bar, a final summary line."""
+    :func:`read_metrics`), a tqdm bar, a final summary line.
+
+    ``counts``: the trainer state's tallies to report, name -> what it counts (e.g.
+    ``{"skipped_pairs": "pairs skipped (too few matches)"}``): a ``stat/<name>`` scalar, and
+    in the summary line."""
 
     def __init__(self, out_dir: Path, every: int = 10, enabled: bool = True,
-                 progress: bool = True, print_fn=print, desc: str = "pretrain",
-                 report_skipped: bool = True):
+                 progress: bool = True, print_fn=print, desc: str = "train",
+                 counts: dict[str, str] | None = None):
         self.out_dir, self.every, self.enabled = Path(out_dir), every, enabled
         self.progress, self.print_fn = progress and enabled, print_fn
-        self.desc, self.report_skipped = desc, report_skipped  # bar / summary; pair skips
+        self.desc, self.counts = desc, dict(counts or {})  # bar and summary; tallies
         self.writer = self.bar = self.jsonl = None
 
     def before_train(self, trainer) -> None:
@@ -90,8 +91,8 @@ class LoggingHook(Hook):
             for k, v in m.items():
                 group = "loss" if k.startswith("loss") else "stat"
                 self.writer.add_scalar(f"{group}/{k}", v, it)
-            if self.report_skipped:
-                self.writer.add_scalar("stat/skipped_pairs", trainer.state.skipped_pairs, it)
+            for name in self.counts:
+                self.writer.add_scalar(f"stat/{name}", trainer.state.counts.get(name, 0), it)
             row = {"iteration": it, **{k: float(v) for k, v in m.items()}}
             self.jsonl.write(json.dumps(row) + "\n")
             self.jsonl.flush()
@@ -114,10 +115,121 @@ class LoggingHook(Hook):
             return
         self._close()
         s = trainer.state
-        skipped = (f", {s.skipped_pairs} pairs skipped (too few matches)"
-                   if self.report_skipped else "")
+        tallies = "".join(f", {s.counts.get(name, 0)} {what}" for name, what in self.counts.items())
         self.print_fn(f"{self.desc}: {s.iteration} iterations, final loss "
-                      f"{s.last_metrics.get('loss', float('nan')):.4f}{skipped}")
+                      f"{s.last_metrics.get('loss', float('nan')):.4f}{tallies}")
+
+
+def stat_name(metric: str) -> str:
+    """``"mIoU"`` -> ``"stat_val_miou"``, ``"mAP@0.25"`` -> ``"stat_val_map025"``."""
+    return "stat_val_" + re.sub(r"[^a-z0-9]", "", metric.lower())
+
+
+class EvalHook(Hook):
+    """Every ``every`` iterations (not at the last one: the final evaluation follows), rank 0
+    runs ``evaluate() -> {metric: value in [0, 1]}`` (e.g. ``{"mIoU": .., "mAcc": ..}``), adds
+    them to the step's metrics (``stat_val_<metric>``), rewrites ``val_history.json`` and prints
+    them; the other ranks wait at a barrier. A resumed run keeps the earlier evaluations.
+
+    With a ``key`` metric the hook tracks the best evaluation (``self.best``, the first of
+    equals); with ``save_best`` too, each strictly better one calls ``save_best(out_dir /
+    "best")`` and writes ``best/best.json`` = ``{"iteration", "metric": key, **metrics}``, so the
+    best model survives a final one that overfits. A resumed run takes the best so far from the
+    kept history, so it never replaces a better earlier best with a worse one."""
+
+    def __init__(self, evaluate: Callable[[], dict[str, float]], every: int, out_dir: Path,
+                 enabled: bool, print_fn=print, barrier: Callable[[], None] = lambda: None,
+                 key: str | None = None, save_best: Callable[[Path], None] | None = None):
+        if save_best is not None and key is None:
+            raise ValueError("EvalHook(save_best=...) needs key=<the metric that ranks "
+                             "evaluations>, e.g. key='mIoU'")
+        self.evaluate, self.every, self.out_dir = evaluate, every, Path(out_dir)
+        self.enabled, self.print_fn, self.barrier = enabled, print_fn, barrier
+        self.key, self.save_best = key, save_best
+        self.history: list[dict] = []
+        self.best: dict | None = None  # the history entry with the highest key metric
+
+    def before_train(self, trainer) -> None:
+        path = self.out_dir / "val_history.json"
+        if self.enabled and path.is_file():
+            self.history = [h for h in json.loads(path.read_text())
+                            if h["iteration"] <= trainer.state.iteration]
+        if self.key is not None:
+            for h in self.history:
+                if self.key in h and (self.best is None or h[self.key] > self.best[self.key]):
+                    self.best = h
+
+    def _keep_best(self, entry: dict) -> None:
+        if self.key not in entry:
+            raise ValueError(f"the best-model metric {self.key!r} is not among the evaluation's "
+                             f"metrics {sorted(k for k in entry if k != 'iteration')}; pass one "
+                             "of them as key")
+        if self.best is not None and not entry[self.key] > self.best[self.key]:
+            return
+        before, self.best = self.best, entry
+        if self.save_best is None:
+            return
+        best_dir = self.out_dir / "best"
+        best_dir.mkdir(parents=True, exist_ok=True)
+        self.save_best(best_dir)
+        with atomic_path(best_dir / "best.json") as tmp:  # after the model: it describes it
+            tmp.write_text(json.dumps({"iteration": entry["iteration"], "metric": self.key,
+                                       **{k: v for k, v in entry.items() if k != "iteration"}},
+                                      indent=1))
+        was = (f" (was {100 * before[self.key]:.1f} at iteration {before['iteration']})"
+               if before else "")
+        self.print_fn(f"iteration {entry['iteration']}: best {self.key} so far "
+                      f"{100 * entry[self.key]:.1f}{was}, saved to {best_dir}")
+
+    def after_step(self, trainer) -> None:
+        it = trainer.state.iteration
+        if not self.every or it % self.every or it >= trainer.max_iterations:
+            return
+        if self.enabled:
+            metrics = self.evaluate()
+            self.history.append({"iteration": it, **metrics})
+            with atomic_path(self.out_dir / "val_history.json") as tmp:
+                tmp.write_text(json.dumps(self.history, indent=1))
+            for name, value in metrics.items():
+                trainer.state.last_metrics[stat_name(name)] = value
+            self.print_fn(f"iteration {it}: val " + ", ".join(
+                f"{name} {100 * value:.1f}" for name, value in metrics.items()))
+            if self.key is not None:
+                self._keep_best(self.history[-1])
+        self.barrier()
+
+
+class BNMomentumHook(Hook):
+    """VoteNet's batch-norm momentum decay: ``max(init * decay ** (epoch // step), minimum)``
+    for every batch-norm layer (backbone and head), set before training and whenever the epoch
+    (``iteration / iterations_per_epoch``) changes."""
+
+    def __init__(self, module: nn.Module, iterations_per_epoch: float, init: float,
+                 decay: float, step: int, minimum: float):
+        if not (0 < init <= 1 and 0 < decay <= 1 and step >= 1 and 0 <= minimum <= init):
+            raise ValueError(f"batch-norm momentum schedule needs 0 < init <= 1, 0 < decay <= "
+                             f"1, step >= 1, 0 <= minimum <= init; got init={init}, "
+                             f"decay={decay}, step={step}, minimum={minimum}")
+        self.module, self.ipe = module, iterations_per_epoch
+        self.init, self.decay, self.step, self.minimum = init, decay, step, minimum
+        self.current: float | None = None
+
+    def momentum(self, epoch: int) -> float:
+        return max(self.init * self.decay ** (epoch // self.step), self.minimum)
+
+    def _apply(self, iteration: int) -> None:
+        m = self.momentum(int(iteration / self.ipe + 1e-9))
+        if m != self.current:
+            for layer in self.module.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.momentum = m
+            self.current = m
+
+    def before_train(self, trainer) -> None:
+        self._apply(trainer.state.iteration)
+
+    def after_step(self, trainer) -> None:
+        self._apply(trainer.state.iteration)
 
 
 def _open_metrics(path: Path):

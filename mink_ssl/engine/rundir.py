@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mink_ssl.safety import DirLock
+from mink_ssl.io import atomic_path
+from mink_ssl.safety import DirLock, Interrupted, output_error
 
 #: config keys (dotted prefixes) that do not change what a run computes
 FREE = ("resume", "resume_override", "progress", "log_every", "checkpoint_every", "device",
@@ -242,14 +243,10 @@ class RunDir:
         try:
             self._record(iteration, resumed_from)
         except OSError as e:
-            from mink_ssl.safety import output_error
-
             raise output_error(e, self.dir, f"cannot write the run's config into {self.dir}"
                                ) from None
 
     def _record(self, iteration: int, resumed_from: Path | None) -> None:
-        from mink_ssl.io import atomic_path
-
         for path in self.damaged:  # out of the checkpoint rotation, but not deleted
             if path.exists():
                 path.rename(path.with_name(path.name + ".damaged"))
@@ -270,8 +267,6 @@ class RunDir:
     def interrupted(self, trainer, signum: int | None):
         """The :class:`~mink_ssl.safety.Interrupted` a run stopped by a signal ends with."""
         import signal
-
-        from mink_ssl.safety import Interrupted
 
         signum = signum or signal.SIGTERM  # another rank got the signal
         it = trainer.state.iteration

@@ -3,10 +3,10 @@
     trainer = Trainer(module, optimizer, scheduler, batches, max_iterations, hooks=[...])
     trainer.train()
 
-``module`` is a :class:`PretrainModule` (backbone + objectives), possibly wrapped in
-DistributedDataParallel; its forward returns the objectives' named losses and stats.
-Any module with ``forward(batch, iteration, max_iterations) -> {"loss": ..., ...}`` and
-batches with ``.to(device)`` work too (fine-tuning uses it with segmentation batches).
+``module`` is any module, possibly wrapped in DistributedDataParallel, with
+``forward(batch, iteration, max_iterations) -> {"loss": ..., "loss_*": ..., "stat_*": ...}``;
+batches have ``.to(device)``. A loader may yield ``None`` for a batch with nothing usable (the
+trainer skips it). Each task (:mod:`mink_ssl.tasks`) brings its module, batches and hooks.
 """
 from __future__ import annotations
 
@@ -16,90 +16,35 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from mink_ssl.objectives.base import Objective, StepContext
-
-
-class PretrainModule(nn.Module):
-    """Backbone plus weighted objectives; ``forward(batch)`` -> losses and stats.
-
-    Objectives share one backbone forward per view (see :class:`StepContext`). Their heads live
-    here, so they are optimised, checkpointed and synchronised with the backbone, and dropped
-    when the backbone is exported.
-    """
-
-    def __init__(self, backbone: nn.Module, objectives: dict[str, Objective],
-                 weights: dict[str, float], freeze_bn: bool = False):
-        super().__init__()
-        self.freeze_bn = freeze_bn
-        if not objectives:
-            raise ValueError("at least one objective is needed")
-        missing = set(objectives) ^ set(weights)
-        if missing:
-            raise ValueError(f"objectives and weights disagree on {sorted(missing)}")
-        self.backbone = backbone
-        self.objectives = nn.ModuleDict(objectives)
-        self.weights = dict(weights)
-        for objective in self.objectives.values():
-            objective.attach(backbone)
-        exporters = [n for n, o in self.objectives.items() if o.export_backbone() is not None]
-        if len(exporters) > 1:
-            raise ValueError(f"objectives {exporters} each export their own backbone; combine "
-                             "at most one of them in a run")
-
-    def train(self, mode: bool = True) -> "PretrainModule":
-        """``freeze_bn``: batch-norm layers stay in eval mode (running statistics, no updates)."""
-        super().train(mode)
-        if mode and self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
-    def exported_backbone(self) -> nn.Module:
-        """What the run exports: an objective's choice (e.g. an EMA teacher) or the backbone."""
-        for objective in self.objectives.values():
-            chosen = objective.export_backbone()
-            if chosen is not None:
-                return chosen
-        return self.backbone
-
-    def objective_hooks(self) -> list["Hook"]:
-        return [h for objective in self.objectives.values() for h in objective.hooks()]
-
-    def forward(self, batch, iteration: int = 0, max_iterations: int = 1) -> dict:
-        ctx = StepContext(batch, self.backbone, iteration, max_iterations)
-        out: dict[str, torch.Tensor] = {}
-        total = None
-        for name, objective in self.objectives.items():
-            for key, value in objective(ctx).items():
-                if key.startswith("stat_"):  # diagnostics: namespaced, objectives may share names
-                    key = f"stat_{name}/{key[len('stat_'):]}"
-                if key in out:
-                    raise KeyError(f"objective {name!r} returned {key!r}, already returned by "
-                                   "another objective; give the terms distinct names")
-                out[key] = value
-                if key.startswith("loss_"):
-                    term = self.weights[name] * value
-                    total = term if total is None else total + term
-        if total is None:
-            raise ValueError(f"objectives {list(self.objectives)} returned no loss_* term")
-        out["loss"] = total
-        return out
-
 
 @dataclass
 class TrainState:
     iteration: int = 0
     samples: int = 0  # samples consumed by this rank (sampler position for resuming)
-    skipped_pairs: int = 0  # pairs dropped for too few matches
-    skipped_batches: int = 0  # batches with no usable pair
+    # tallies, by name: the trainer's "skipped_batches" (batches the loader gave as None,
+    # nothing usable in them) and a task's own (its hooks keep them)
+    counts: dict[str, int] = field(default_factory=dict)
     last_metrics: dict = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def to_dict(self) -> dict:
+        """What a checkpoint keeps: the position and the tallies (flat)."""
+        return {"iteration": self.iteration, "samples": self.samples, **self.counts}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(iteration=int(d["iteration"]), samples=int(d["samples"]),
+                   counts={k: int(v) for k, v in d.items() if k not in ("iteration", "samples")})
 
 
 class Hook:
     """Override what you need; the trainer calls these in order of the hook list."""
 
     def before_train(self, trainer: "Trainer") -> None: ...
+    # every batch the loader gives, before its step; None: a batch the trainer skips
+    def before_step(self, trainer: "Trainer", batch) -> None: ...
     def after_step(self, trainer: "Trainer") -> None: ...
     def after_train(self, trainer: "Trainer") -> None: ...
     # the run stops early at a step boundary (SIGINT / SIGTERM): keep what a resume needs
@@ -123,11 +68,11 @@ class Trainer:
         while True:
             batch = next(self.batches)
             self.state.samples += self.batch_size
-            if batch is None:  # every pair of the batch had too few matches
-                self.state.skipped_batches += 1
-                self.state.skipped_pairs += self.batch_size
+            for h in self.hooks:
+                h.before_step(self, batch)
+            if batch is None:  # nothing usable in it (e.g. every pair had too few matches)
+                self.state.count("skipped_batches")
                 continue
-            self.state.skipped_pairs += getattr(batch, "skipped", 0)  # pair batches only
             return batch.to(self.device)
 
     def run_step(self) -> dict[str, float]:
@@ -144,8 +89,6 @@ class Trainer:
         self.scheduler.step()
         metrics = {k: float(v.detach()) for k, v in out.items()}
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        if hasattr(batch, "matches"):  # pair batches
-            metrics["matches"] = float(len(batch.matches))
         return metrics
 
     def train(self) -> TrainState:

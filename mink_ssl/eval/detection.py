@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mink_ssl.io import atomic_path
 from mink_ssl.ops.boxes import as_oriented, check_boxes, group_pairs, paired_iou
 
 DEFAULT_IOU_THRESHOLDS = (0.25, 0.5)
@@ -308,8 +309,6 @@ def write_detection_report(result: DetectionResult, run_dir: str | os.PathLike,
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless, no global backend
     from matplotlib.figure import Figure
-
-    from mink_ssl.io import atomic_path
 
     run_dir = Path(run_dir)
     paths = {"markdown": run_dir / f"{name}.md", "json": run_dir / f"{name}.json",

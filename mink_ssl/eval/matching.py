@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from mink_ssl.sparse import sparse_tensor
+
 
 @torch.no_grad()
 def feature_match_recall(backbone, batch, radius: float, chunk: int = 4096) -> float:
     """Fraction of matched view-0 voxels whose nearest view-1 voxel in feature space (same
     scene) lies within ``radius`` metres of it in world coordinates."""
-    from mink_ssl.sparse import sparse_tensor
-
     v0, v1 = batch.views
     f0 = backbone(sparse_tensor(v0.coords, v0.feats)).F
     f1 = backbone(sparse_tensor(v1.coords, v1.feats)).F

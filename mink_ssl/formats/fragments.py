@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mink_ssl.geometry import backproject
+
 SCHEMA = "mink_ssl.fragments/1"
 INDEX_FILE, PAYLOAD_FILE = "fragments.npz", "fragments.bin"
 
@@ -73,8 +75,6 @@ class Fragment:
     def points(self, max_depth: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """World points (N, 3) float32 and their colours (N, 3) uint8 (None without colour),
         one per valid pixel."""
-        from mink_ssl.geometry import backproject
-
         pts, pixel = backproject(self.depth, self.intrinsics, self.depth_shift, self.pose,
                                  max_depth=max_depth)
         return pts, None if self.color is None else self.color.reshape(-1, 3)[pixel]

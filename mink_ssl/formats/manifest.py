@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from mink_ssl.io import atomic_path
+from mink_ssl.safety import output_error
+
 PAIRS_SCHEMA = "mink_ssl.scannet_pairs/1"
 SEG_SCHEMA = "mink_ssl.seg_scenes/1"
 DET_SCHEMA = "mink_ssl.det_scenes/1"
@@ -22,9 +25,6 @@ MANIFEST_FILE = "manifest.json"
 
 def write_manifest(out: str | Path, manifest: dict) -> None:
     """``out/manifest.json``, atomically; an I/O error is an :class:`OutputError` naming it."""
-    from mink_ssl.io import atomic_path
-    from mink_ssl.safety import output_error
-
     path = Path(out) / MANIFEST_FILE
     try:
         with atomic_path(path) as tmp:

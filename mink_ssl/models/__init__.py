@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from mink_ssl.models.registry import MODELS
-from mink_ssl.models import res16unet  # noqa: F401  (registers the family)
 from mink_ssl.formats.model_files import MODEL_FORMAT, load_tagged
+from mink_ssl.io import atomic_torch_save, library_versions
+from mink_ssl.models import res16unet
+from mink_ssl.models.registry import MODELS
 from mink_ssl.models.res16unet import Res16UNetBase
 
 
@@ -23,16 +24,12 @@ def build_model(name: str, **kwargs) -> Res16UNetBase:
 
 def model_state(model: Res16UNetBase) -> dict:
     """A self-describing, plain-container snapshot of a model (loads with weights_only=True)."""
-    from mink_ssl.io import library_versions
-
     return {"format": MODEL_FORMAT, "model": model.config(), "versions": library_versions(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
 def save_model(model: Res16UNetBase, path: str | os.PathLike) -> Path:
     """Write ``model_state(model)`` atomically to ``path``."""
-    from mink_ssl.io import atomic_torch_save
-
     return atomic_torch_save(model_state(model), path)
 
 

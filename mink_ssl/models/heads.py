@@ -25,10 +25,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from mink_ssl.formats.model_files import SEG_MODEL_FORMAT, load_tagged
+from mink_ssl.io import atomic_torch_save, library_versions
+from mink_ssl.models import build_model
+from mink_ssl.models.probe import FrozenProbe
 #: ways to attach the task layer: rebuild the backbone's final layer (released) | keep it + head
 FINAL_LAYERS = ("rebuild", "keep")
 
@@ -118,8 +120,6 @@ def save_segmentation_model(model: SegmentationModel, path: str | os.PathLike, *
                             classes: list[str], voxel_size: float, features: str) -> Path:
     """Write a self-describing segmentation model (plain containers, atomically): backbone and
     head constructor arguments and weights, class names and the input it expects."""
-    from mink_ssl.io import atomic_torch_save, library_versions
-
     if len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names for a head with {model.num_classes} classes")
     return atomic_torch_save({
@@ -146,12 +146,9 @@ def segmentation_model_from_state(state: dict) -> SegmentationModel:
     segmentation fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) both hold. A ``head``
     config without ``final_layer`` (written before it existed) is a ``keep`` model; one with
     ``probe`` is a :class:`~mink_ssl.models.probe.FrozenProbe`."""
-    from mink_ssl.models import build_model
-
     cfg = dict(state["model"])
     head = state["head"]
     if "probe" in head:  # a frozen backbone with a probe head (mink_ssl.models.probe)
-        from mink_ssl.models.probe import FrozenProbe
 
         model = FrozenProbe(build_model(cfg.pop("name"), **cfg), head["num_classes"],
                             head["probe"], **({"knn_k": head["k"]} if "k" in head else {}),

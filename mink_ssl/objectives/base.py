@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mink_ssl.sparse import sparse_tensor
+
 
 class StepContext:
     """One training step's inputs, with the backbone's features computed on demand.
@@ -35,8 +37,6 @@ class StepContext:
     def features(self, view: int) -> torch.Tensor:
         """Backbone output (N_view, C) for ``batch.views[view]``, one row per voxel, cached."""
         if view not in self._features:
-            from mink_ssl.sparse import sparse_tensor
-
             v = self.batch.views[view]
             x = sparse_tensor(v.coords, v.feats)
             self._features[view] = self.backbone(x).F
@@ -49,7 +49,7 @@ class Objective(nn.Module):
     Three optional methods let an objective reach beyond its loss without the trainer knowing
     about it (the distillation objective uses all three for its EMA teacher):
 
-    - ``attach(backbone)``: called once by :class:`~mink_ssl.engine.trainer.PretrainModule`
+    - ``attach(backbone)``: called once by :class:`~mink_ssl.tasks.pretrain.PretrainModule`
       before training, e.g. to build a teacher copy of the backbone as a submodule (so it is
       moved, checkpointed and restored with the objective's heads);
     - ``hooks()``: trainer hooks (:class:`~mink_ssl.engine.trainer.Hook`) to run after every

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.sampling import SeededGenerator, zero_loss
-from mink_ssl.sparse import pack_keys, unique_voxels
+from mink_ssl.sparse import pack_keys, sparse_tensor, unique_voxels
 
 PAPER_NOISE_STD = 0.03  # SeRP Sec. 3.1, on unit-scale shapes
 PAPER_ALPHA_CLS, PAPER_ALPHA_REC = 0.001, 1.5  # SeRP eq. 1
@@ -363,8 +363,6 @@ class Perturbation(Objective):
         return perturb_voxels(coords, feats, members, noise * self.noise_std), members
 
     def forward(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        from mink_ssl.sparse import sparse_tensor
-
         view = ctx.batch.views[self.view]
         coords = view.coords.to(view.feats.device)
         if len(coords) == 0:

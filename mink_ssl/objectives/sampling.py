@@ -1,29 +1,14 @@
-"""Sampling helpers shared by the point-level objectives: seeded generators, match checks,
-one-to-one match selection, and a zero loss that stays connected to the graph."""
+"""Sampling helpers shared by the point-level objectives: seeded generators
+(:class:`~mink_ssl.seeding.SeededGenerator`), match checks, one-to-one match selection, and a
+zero loss that stays connected to the graph."""
 from __future__ import annotations
 
 import torch
 
+from mink_ssl.seeding import SeededGenerator
 
-class SeededGenerator:
-    """A ``torch.Generator`` on the features' device, created on first use and seeded once.
-
-    ``seed=None`` returns ``None`` (torch's global RNG, which ``torch.manual_seed`` controls).
-    The generator lives on across steps, so successive steps draw different samples.
-    """
-
-    def __init__(self, seed: int | None):
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-
-    def __call__(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        device = torch.device(device)
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-        return self._generator
+__all__ = ["SeededGenerator", "check_matches", "check_nce_args", "one_to_one_matches",
+           "random_subset", "sample_matches", "zero_loss"]
 
 
 def random_subset(n: int, k: int, generator: torch.Generator | None,

@@ -1,5 +1,5 @@
 """Segmentation probes on a frozen backbone, run by
-:func:`mink_ssl.engine.finetune_seg.finetune_seg` when ``probe`` is set (the probes themselves:
+:func:`mink_ssl.tasks.segmentation.finetune_seg` when ``probe`` is set (the probes themselves:
 :mod:`mink_ssl.models.probe`).
 
     mink-ssl-finetune-seg finetune=s3dis data.root=... pretrained=runs/pt/backbone.pth probe=linear
@@ -24,13 +24,17 @@ from pathlib import Path
 
 import torch
 
+from mink_ssl.data.segmentation import collate_segmentation
+from mink_ssl.engine.build import build_backbone
+from mink_ssl.models.probe import FrozenProbe, check_probe
+from mink_ssl.sparse import sparse_tensor
+from mink_ssl.tasks.segmentation.evaluate import final_evaluation
+from mink_ssl.tasks.segmentation.model import build_seg_dataset
+
 
 def build_probe_model(cfg, in_channels: int, num_classes: int):
     """A :class:`~mink_ssl.models.probe.FrozenProbe` on a backbone built as pretraining built it
     (``cfg.model``, ``out_channels`` as configured); ``cfg`` is the whole fine-tuning config."""
-    from mink_ssl.engine.pretrain import build_backbone
-    from mink_ssl.models.probe import FrozenProbe, check_probe
-
     check_probe(cfg.probe)
     return FrozenProbe(build_backbone(cfg.model, in_channels), num_classes, cfg.probe,
                        knn_k=cfg.knn_k)
@@ -42,9 +46,6 @@ def knn_bank(model, train_set, max_size: int, seed: int, device) -> tuple[torch.
     """(features (B, W), labels (B,)): the frozen backbone's output features of the labelled
     voxels of every scene of ``train_set``, one scene at a time, at most ``max_size`` rows (a
     random subset, ``seed``)."""
-    from mink_ssl.data.segmentation import collate_segmentation
-    from mink_ssl.sparse import sparse_tensor
-
     if not isinstance(max_size, int) or max_size < 1:
         raise ValueError(f"knn_bank must be an int >= 1 (most labelled voxels kept), got "
                          f"{max_size!r}")
@@ -68,8 +69,6 @@ def run_knn_probe(cfg, model, train_set, eval_set, run, out_dir: Path, device, e
                   print_fn=print) -> dict:
     """Fill the kNN bank from ``train_set`` (its unaugmented twin) and evaluate on
     ``eval_set``; returns the final evaluation (empty without an evaluation split)."""
-    from mink_ssl.engine.finetune_seg import build_seg_dataset, final_evaluation
-
     if cfg.resume not in (None, "auto"):
         raise ValueError(f"probe=knn trains nothing, so there is no run to resume; drop "
                          f"resume={cfg.resume}")

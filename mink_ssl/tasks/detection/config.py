@@ -1,0 +1,96 @@
+"""Typed schemas of the detection fine-tuning config (Hydra validates every key against them);
+per-benchmark recipes live in ``configs/detection/<benchmark>.yaml``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from mink_ssl.engine.config import DistributedConfig, ModelConfig
+
+
+@dataclass
+class DetAugmentConfig:
+    """VoteNet's training augmentations (:class:`mink_ssl.data.detection.DetAugmentation`)."""
+
+    flip_x: bool = True  # mirror x with probability 0.5
+    flip_y: bool = True  # mirror y with probability 0.5 (ScanNet; SUN RGB-D: false)
+    rotation_deg: float = 5.0  # about +z, uniform in [-r, r] (ScanNet 5, SUN RGB-D 30)
+    scale: list = field(default_factory=lambda: [1.0, 1.0])  # SUN RGB-D [0.85, 1.15]
+
+
+@dataclass
+class DetDataConfig:
+    root: str = "???"  # output directory of detection prep (manifest.json + scenes/)
+    voxel_size: Optional[float] = None  # metres; null: the manifest's (prep writes 2.5 cm)
+    features: str = "ones"  # mink_ssl.data.features mode; ones: PointContrast's detection
+    num_points: Optional[int] = 40000  # random points per scene before voxelisation; null: all
+    max_votes: int = 1  # ground-truth votes per voxel (VoteNet: 3 for SUN RGB-D)
+    train_split: str = "train"
+    eval_split: Optional[str] = "val"  # null: no evaluation
+    augment: bool = True
+    augmentation: DetAugmentConfig = field(default_factory=DetAugmentConfig)
+    num_workers: Any = "auto"  # loader processes per rank; auto: free cores - 1, at most 8
+
+
+@dataclass
+class DetHeadConfig:
+    """The VoteNet head (:class:`mink_ssl.models.votenet.VoteNetHead`)."""
+
+    num_heading_bins: int = 1  # 1: axis-aligned boxes (ScanNet); SUN RGB-D 12
+    size_clusters: str = "reference"  # reference (VoteNet's fixed sizes) | train_mean
+    num_seeds: int = 1024
+    seed_channels: int = 256
+    num_proposals: int = 256
+    radius: float = 0.3  # metres, vote aggregation ball
+    group_size: int = 16  # votes per ball
+    # rebuild: the backbone's final layer gives the seeds' seed_channels (96 -> 256, the released
+    # SparseConvBackbone) | keep: the pretrained 96 -> 32 final + Linear/BN/ReLU to seed_channels
+    final_layer: str = "rebuild"
+
+
+@dataclass
+class DetOptimConfig:
+    name: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    lr_steps: list = field(default_factory=lambda: [80, 120, 160])  # epochs
+    lr_gamma: float = 0.1
+    bn_momentum_init: Optional[float] = 0.5  # VoteNet's batch-norm momentum decay; null: off
+    bn_momentum_decay: float = 0.5  # factor every bn_momentum_step epochs
+    bn_momentum_step: int = 20
+    bn_momentum_min: float = 0.001
+    scale_lr_with_world_size: bool = False
+
+
+@dataclass
+class DetEvalConfig:
+    every: int = 10  # evaluate on data.eval_split every this many epochs (0: at the end only)
+    iou_thresholds: list = field(default_factory=lambda: [0.25, 0.5])
+    conf_threshold: float = 0.05  # objectness probability a proposal needs
+    nms_iou: float = 0.25  # per-class 3D NMS
+    nms: str = "aligned_hull"  # aligned_hull (VoteNet: IoU of axis-aligned hulls) | oriented
+    per_class_proposal: bool = True  # each kept box once per class, score p(class) p(object)
+    batch_size: int = 4  # scenes per evaluation forward pass
+    keep_best: bool = True  # best/model.pth: the best periodic evaluation's (first threshold)
+
+
+@dataclass
+class FinetuneDetConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    head: DetHeadConfig = field(default_factory=DetHeadConfig)
+    optim: DetOptimConfig = field(default_factory=DetOptimConfig)
+    eval: DetEvalConfig = field(default_factory=DetEvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
+    seed: int = 0
+    epochs: int = 180
+    batch_size: int = 8  # scenes per process (global batch = batch_size x world size)
+    device: str = "auto"
+    checkpoint_every: int = 10  # epochs
+    log_every: int = 10  # iterations
+    progress: bool = True
+    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+    # resume with changed optimizer / schedule settings (recorded in config_history.json)
+    resume_override: bool = False

@@ -1,0 +1,96 @@
+"""Typed schemas of the segmentation fine-tuning config (Hydra validates every key against them);
+per-benchmark values live in ``configs/finetune/<benchmark>.yaml``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from mink_ssl.engine.config import DistributedConfig, ModelConfig
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations (list and order: :mod:`mink_ssl.data.seg_augment`)."""
+
+    rotation_deg: float = 180.0  # about gravity, uniform in [-r, r]
+    tilt_deg: float = 0.0  # about the horizontal axes (S3DIS 5.625 = pi/32, ScanNet pi/64)
+    scale: list = field(default_factory=lambda: [0.9, 1.1])
+    flip: bool = True  # mirror each horizontal axis with probability 0.5
+    elastic: list = field(default_factory=list)  # [[granularity, magnitude], ...] metres
+    color_auto_contrast: float = 0.2  # probability
+    color_translation: float = 0.1  # ratio of 255
+    color_jitter: float = 0.05  # std, ratio of 255
+    dropout: float = 0.2  # CSC RandomDropout: with this probability keep int(M (1 - p)) voxels
+    clip_bound: Optional[float] = None  # metres, half size of the training crop (S3DIS 4)
+    clip_translation: list = field(default_factory=lambda: [0.0, 0.0])  # crop centre shift
+
+
+@dataclass
+class SegDataConfig:
+    root: str = "???"  # output directory of segmentation prep (manifest.json + scenes/)
+    voxel_size: Optional[float] = None  # metres; null: the manifest's recommendation
+    features: str = "rgb"  # mink_ssl.data.features mode; rgb: the released normalize_color
+    up_axis: str = "z"  # gravity axis of the prepared coordinates
+    train_split: str = "train"
+    eval_split: Optional[str] = "val"  # null: no evaluation
+    augment: bool = True
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    scene_fraction: float = 1.0  # limited labels: this seeded fraction of training scenes
+    labelled_points: Optional[int] = None  # limited labels: N random labelled points per scene
+    label_seed: int = 0  # seed of both limited-label selections
+    num_workers: Any = "auto"  # loader processes per rank; auto: free cores - 1, at most 8
+    prevoxel_size: Optional[float] = None  # metres, thin scenes first (Synthia 0.075); all splits
+    eval_clip_bound: Optional[float] = None  # metres, voxels evaluation crop (Synthia 25)
+    label_rule: str = "uniform"  # voxel labels: uniform (mixed voxels ignored) | majority
+
+
+@dataclass
+class SegOptimConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    dampening: float = 0.1  # sgd only: the released downstream configs' sgd_dampening
+    weight_decay: float = 1e-4
+    scheduler: str = "poly"  # poly: lr (1 - t/(T+1))^poly_power | step: x lr_gamma every lr_step
+    poly_power: float = 0.9
+    lr_step: int = 1000
+    lr_gamma: float = 0.5
+    scale_lr_with_world_size: bool = False
+
+
+@dataclass
+class SegEvalConfig:
+    every: int = 1000  # evaluate on data.eval_split every this many iterations (0: at the end)
+    rotations: int = 1  # final evaluation: average logits over this many rotations (TTA)
+    ply_scenes: int = 2  # final evaluation: PLY files of predictions for the first k scenes
+    keep_best: bool = True  # best/model.pth: the model of the best periodic evaluation (mIoU)
+    protocol: str = "voxels"  # voxels (the reference: one vote per voxel) | points
+
+
+@dataclass
+class FinetuneSegConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
+    # rebuild: the backbone's final layer becomes the classifier (96 -> C, the released code;
+    # model.out_channels is then the class count) | keep: a new head on the 96 -> 32 final
+    final_layer: str = "rebuild"
+    # a frozen backbone (mink_ssl.engine.probe_seg): null (fine-tune everything) | linear (a
+    # linear layer on the output features) | linear_multiscale (on the decoder stages) | knn
+    probe: Optional[str] = None
+    knn_k: int = 20  # probe=knn: neighbours that vote
+    knn_bank: int = 200000  # probe=knn: most labelled training voxels kept (seeded subset)
+    seed: int = 0
+    max_iterations: int = 10000
+    batch_size: int = 6  # scenes per process (global batch = batch_size x world size)
+    device: str = "auto"
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    progress: bool = True
+    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+    # resume with changed optimizer / schedule settings (recorded in config_history.json)
+    resume_override: bool = False
+    evaluate_only: Optional[str] = None  # a fine-tuned model.pth or checkpoint: evaluate it only
