@@ -54,9 +54,9 @@ def load_frame(voxel_size: float, real: bool) -> tuple[torch.Tensor, torch.Tenso
 
 
 def child(model_name: str, device: str, repeats: int, voxel_size: float, real: bool) -> dict:
-    from mink_ssl.tools.profiling import measure
     from mink_ssl.models import build_model
     from mink_ssl.sparse import sparse_tensor
+    from mink_ssl.tools.profiling import measure
 
     dev = torch.device(device)
     coords, feats, source = load_frame(voxel_size, real)

@@ -78,11 +78,10 @@ def _spy_views() -> set:
 def child(args) -> dict:
     """One measurement: ``args.child`` is 'backbone' or an objective name."""
     from mink_ssl.data.pairs import PairDataset, collate_pairs
-    from mink_ssl.tasks.pretrain import build_objectives
-    from mink_ssl.tools.profiling import measure
-    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.models import build_model
     from mink_ssl.sparse import sparse_tensor
+    from mink_ssl.tasks.pretrain import PretrainModule, build_objectives
+    from mink_ssl.tools.profiling import measure
 
     dev = torch.device(args.device)
     ds = PairDataset(args.root, voxel_size=args.voxel_size, frame_size=FRAME_SIZE, seed=0)

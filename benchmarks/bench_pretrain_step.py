@@ -34,13 +34,11 @@ from _timing import alternate, paired_ratio, ratio_verdict, summary  # noqa: E40
 
 def main() -> int:
     from data_prep.pairs.prep import PrepParams, run as run_prep
-    from mink_ssl.engine.config import ModelConfig, OptimConfig
-    from mink_ssl.tasks.pretrain import DataConfig
     from mink_ssl.engine.build import build_backbone, build_loader, build_optimizer, resolve_num_workers
-    from mink_ssl.tasks.pretrain import build_dataset, build_objectives
+    from mink_ssl.engine.config import ModelConfig, OptimConfig
     from mink_ssl.engine.trainer import Trainer
-    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.sparse import sparse_tensor
+    from mink_ssl.tasks.pretrain import DataConfig, PretrainModule, build_dataset, build_objectives
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="Res16UNet34C")

@@ -104,9 +104,8 @@ def check_forward_backward(root: Path, dev: torch.device, sizes: Sizes) -> dict:
 def check_objectives(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     """Every registered objective: one training step on the device (finite loss and grads)."""
     import mink_ssl.objectives  # noqa: F401
-    from mink_ssl.tasks.pretrain import build_objectives
-    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.objectives import OBJECTIVES
+    from mink_ssl.tasks.pretrain import PretrainModule, build_objectives
 
     batch = pair_batch(dataset(root, sizes, frames=True), sizes.check_pairs).to(dev)
     rows = {}
@@ -240,11 +239,10 @@ def speed_pretrain(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     """Pretraining steps/s of the backbone at ``sizes`` (hardest contrastive, SGD): the full
     step (objective + backward + optimizer) and the bare forward+backward of both views, on the
     same batch, alternated; peak device memory of the full step."""
-    from mink_ssl.engine.config import OptimConfig
     from mink_ssl.engine.build import build_optimizer
-    from mink_ssl.tasks.pretrain import build_objectives
-    from mink_ssl.tasks.pretrain import PretrainModule
+    from mink_ssl.engine.config import OptimConfig
     from mink_ssl.sparse import sparse_tensor
+    from mink_ssl.tasks.pretrain import PretrainModule, build_objectives
 
     batch = pair_batch(dataset(root, sizes), sizes.batch).to(dev)
     objectives, weights = build_objectives({"hardest_contrastive": {}}, 32)
@@ -289,8 +287,8 @@ def speed_segmentation(root: Path, dev: torch.device, sizes: Sizes) -> dict:
     Labels: 13 bins of the voxels' world height, a stand-in for annotations (the step's cost
     does not depend on their values)."""
     from mink_ssl.engine.config import ModelConfig
-    from mink_ssl.tasks.segmentation import build_seg_model
     from mink_ssl.sparse import sparse_tensor
+    from mink_ssl.tasks.segmentation import build_seg_model
 
     v = pair_batch(dataset(root, sizes), sizes.batch).views[0].to(dev)
     z = v.world[:, 2].contiguous()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from data_prep.synthetic import make_room, sample_room_points
-from mink_ssl.ops.boxes import box_iou
 from mink_ssl.ops import ball_query, farthest_point_sampling, nms_3d
+from mink_ssl.ops.boxes import box_iou
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

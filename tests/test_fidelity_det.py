@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mink_ssl.ops.boxes import aligned_hull, box_corners
 from mink_ssl.ops import nms_3d
+from mink_ssl.ops.boxes import aligned_hull, box_corners
 
 # ------------------------------------------------------------------ row 12: SUN RGB-D NMS
 
@@ -203,9 +203,9 @@ def test_row14_recipes_keep_the_references_global_batch_for_batch_norm():
     from conftest import compose_config
     from omegaconf import OmegaConf
 
+    from mink_ssl.engine.config import ModelConfig
     from mink_ssl.engine.distributed import sync_batchnorm
     from mink_ssl.tasks.detection import DetHeadConfig, build_det_model
-    from mink_ssl.engine.config import ModelConfig
 
     for bench, batch in (("scannet", 32), ("sunrgbd", 64)):
         cfg = OmegaConf.to_object(compose_config("finetune_det", "data.root=/x",

@@ -225,12 +225,12 @@ RELEASED_FINAL_KERNEL = {"seg": (96, 20), "det": (96, 256)}
 
 def test_row6_final_layer_rebuilt_for_the_task_and_pretrained_final_dropped(tmp_path):
     from mink_ssl.engine.config import ModelConfig
-    from mink_ssl.tasks.detection import DetHeadConfig, build_det_model
-    from mink_ssl.tasks.segmentation import build_seg_model
     from mink_ssl.models import build_model, save_model
     from mink_ssl.models.heads import (load_segmentation_model, save_segmentation_model)
     from mink_ssl.models.pretrained import load_pretrained
     from mink_ssl.sparse import sparse_tensor
+    from mink_ssl.tasks.detection import DetHeadConfig, build_det_model
+    from mink_ssl.tasks.segmentation import build_seg_model
 
     torch.manual_seed(0)
     pre = build_model("Res16UNet14A", in_channels=3, out_channels=32, normalize_output=True)

@@ -17,11 +17,11 @@ import torch
 from mink_ssl.data.segmentation import (Augmentation, SegmentationDataset, augment,
                                         collate_segmentation, limit_labels, voxel_labels)
 from mink_ssl.engine.config import ModelConfig
+from mink_ssl.models import build_model, save_model
+from mink_ssl.models.pretrained import load_pretrained
 from mink_ssl.tasks.segmentation import (FinetuneSegConfig, SegDataConfig, SegEvalConfig,
                                          SegOptimConfig, build_seg_dataset, build_seg_model,
                                          finetune_seg)
-from mink_ssl.models import build_model, save_model
-from mink_ssl.models.pretrained import load_pretrained
 
 CONFIGS = REPO / "configs"
 
@@ -164,13 +164,11 @@ def _fresh_model():
 
 
 def test_pretrained_weights_replace_the_scratch_initialisation(tmp_path):
-    from mink_ssl.tasks.pretrain import save_checkpoint
     from mink_ssl.engine.build import build_optimizer
-    from mink_ssl.tasks.pretrain import build_objectives
     from mink_ssl.engine.config import OptimConfig
     from mink_ssl.engine.trainer import Trainer
-    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.models.heads import save_segmentation_model
+    from mink_ssl.tasks.pretrain import PretrainModule, build_objectives, save_checkpoint
 
     saved = _pretrained_backbone(tmp_path / "backbone.pth")
     scratch = {k: v.clone() for k, v in _fresh_model().state_dict().items()}

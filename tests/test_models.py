@@ -5,8 +5,8 @@ import torch
 
 import MinkowskiEngine as ME
 
-from mink_ssl.geometry import backproject
 from data_prep.synthetic import make_room, sample_room_points
+from mink_ssl.geometry import backproject
 from mink_ssl.models import MODELS, build_model, load_model, model_state, save_model
 from mink_ssl.sparse import batched_coordinates, quantize, sparse_tensor
 

@@ -415,8 +415,7 @@ def test_pretrain_runs_the_objective_and_lowers_its_loss(synthetic_pairs, tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from mink_ssl.engine.config import ModelConfig, OptimConfig
-    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
-    from mink_ssl.tasks.pretrain import build_dataset, pretrain
+    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig, build_dataset, pretrain
 
     data = DataConfig(root=str(synthetic_pairs), voxel_size=0.1, num_workers=0,
                       max_matches=1000, frame_size=[24, 32], features="rgb")

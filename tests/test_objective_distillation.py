@@ -566,7 +566,7 @@ def test_pretrain_exports_the_teacher(run):
 
 def test_resume_restores_the_teacher_and_the_centre(run, synthetic_pairs, tmp_path):
     from mink_ssl.tasks import pretrain as ck
-    from mink_ssl.tasks.pretrain import pretrain
+    from mink_ssl.tasks.pretrain import PretrainModule, build_objectives, pretrain
 
     out, _ = run
     half = ck.load_checkpoint(out / "checkpoint_2.pth")
@@ -574,9 +574,7 @@ def test_resume_restores_the_teacher_and_the_centre(run, synthetic_pairs, tmp_pa
 
     # restore() puts the teacher, its projector and the centre back exactly
     from mink_ssl.engine.build import build_backbone
-    from mink_ssl.tasks.pretrain import build_objectives
     from mink_ssl.engine.trainer import Trainer
-    from mink_ssl.tasks.pretrain import PretrainModule
 
     cfg = tiny_config(synthetic_pairs)
     objectives, weights = build_objectives(cfg.objectives, 16)

@@ -290,8 +290,8 @@ def tiny_config(root, **kw):
     {"point_info_nce": {"num_matches": 256}, "gmm_likelihood": {"weight": 0.1}},
 ], ids=["alone", "with_point_info_nce"])
 def test_pretrain_runs_with_the_objective(synthetic_pairs, tmp_path, objectives):
-    from mink_ssl.tasks.pretrain import pretrain
     from mink_ssl.models import load_model
+    from mink_ssl.tasks.pretrain import pretrain
 
     logs = []
     backbone = pretrain(tiny_config(synthetic_pairs, objectives=objectives), tmp_path / "run",

@@ -364,8 +364,7 @@ def logged(run_dir, tag):
 
 def test_pretrain_lowers_the_loss(synthetic_pairs, tmp_path):
     from mink_ssl.engine.config import ModelConfig, OptimConfig
-    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
-    from mink_ssl.tasks.pretrain import pretrain
+    from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig, pretrain
 
     cfg = PretrainConfig(
         model=ModelConfig(name="Res16UNet14A", out_channels=16),

@@ -20,11 +20,10 @@ import torch.multiprocessing as mp
 from data_prep.pairs.prep import PrepParams, run as run_prep
 from data_prep.synthetic import generate_scene
 from mink_ssl.engine.config import ModelConfig, OptimConfig
-from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
 from mink_ssl.engine.hooks import read_metrics
-from mink_ssl.tasks.pretrain import build_objectives, pretrain
 from mink_ssl.models import load_model
 from mink_ssl.objectives import OBJECTIVES, Objective
+from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig, build_objectives, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -179,8 +178,8 @@ class MeanPositiveDistance(Objective):
 
 
 def _fresh_module():
-    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.models import build_model
+    from mink_ssl.tasks.pretrain import PretrainModule
 
     return PretrainModule(build_model("Res16UNet14A", in_channels=3, out_channels=8),
                           {"_test_mean_positive_distance": MeanPositiveDistance()},
@@ -377,8 +376,8 @@ def test_objectives_sharing_stat_names_combine(synthetic_pairs):
     """PointInfoNCE and ShapeContext NCE both report ``stat_accuracy``: stats are namespaced by
     objective, losses sum with their weights."""
     from mink_ssl.data.pairs import PairDataset, collate_pairs
-    from mink_ssl.tasks.pretrain import PretrainModule
     from mink_ssl.models import build_model
+    from mink_ssl.tasks.pretrain import PretrainModule
 
     ds = PairDataset(synthetic_pairs, voxel_size=0.1, seed=0)
     batch = collate_pairs([ds[(0, 0)]])

@@ -123,8 +123,8 @@ def test_linear_multiscale_probe_run_keeps_the_pretrained_backbone(rooms, tmp_pa
     """finetune_seg(probe=linear_multiscale) on the synthetic rooms: the pretrained backbone in
     model.pth and the checkpoint equals the file bit for bit, only the head trained, the results
     say which probe, and the saved probe evaluates again through evaluate_only."""
-    from mink_ssl.tasks.segmentation import finetune_seg
     from mink_ssl.models.heads import load_segmentation_model
+    from mink_ssl.tasks.segmentation import finetune_seg
 
     saved = _pretrained_backbone(tmp_path / "backbone.pth")
     run = tmp_path / "run"

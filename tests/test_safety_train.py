@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from mink_ssl.engine.config import ModelConfig, OptimConfig
-from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
-from mink_ssl.tasks.pretrain import pretrain
 from mink_ssl.engine.rundir import RunConflict
 from mink_ssl.safety import LOCK_NAME
+from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

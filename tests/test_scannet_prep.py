@@ -12,9 +12,9 @@ import pytest
 from scipy.spatial import cKDTree
 
 from data_prep.cli import main as prep_main
-from data_prep.scannet.exported import ExportedFrames
 from data_prep.pairs.overlap import overlap_matrix, voxel_downsample
 from data_prep.pairs.prep import PrepParams, run
+from data_prep.scannet.exported import ExportedFrames
 from data_prep.scannet.sens_writer import write_sens
 from mink_ssl.formats.fragments import FragmentStore
 from mink_ssl.geometry import backproject

@@ -10,8 +10,7 @@ import pytest
 
 from data_prep.cli import main as prep_main
 from data_prep.segmentation import writer as seg_writer
-from data_prep.segmentation.s3dis import S3DISParams, parse_xyzrgb
-from data_prep.segmentation.s3dis import run as run_s3dis
+from data_prep.segmentation.s3dis import S3DISParams, parse_xyzrgb, run as run_s3dis
 from data_prep.synthetic.s3dis_rooms import generate_s3dis_rooms
 from data_prep.synthetic.synthia_frames import (SYNTHIA_CLASSES, generate_synthia_frames,
                                                 write_frame_ply)
@@ -404,8 +403,7 @@ def test_scannet_labels_from_ply_aggregation_and_label_map(scannet_raw, tmp_path
     mesh = d0 / "scene0000_00_vh_clean_2.ply"
     mesh.write_bytes(mesh.read_bytes()[:2000])
     logs = []
-    from data_prep.segmentation.scannet_seg import ScanNetSegParams
-    from data_prep.segmentation.scannet_seg import run as run_scannet
+    from data_prep.segmentation.scannet_seg import ScanNetSegParams, run as run_scannet
     m3 = run_scannet(raw, splits, tmp_path / "out3", ScanNetSegParams("ply"), progress=False,
                      log=logs.append)
     reasons = {s["scene"]: s["reason"] for s in m3["skipped"]}

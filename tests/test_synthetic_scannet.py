@@ -6,11 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from mink_ssl.geometry import backproject
 from data_prep.scannet.sens import SensReader
 from data_prep.synthetic import (SensorModel, camera_trajectory, generate_scene, generate_scenes,
-                                 make_room)
-from data_prep.synthetic import scannet_scene
+                                 make_room, scannet_scene)
+from mink_ssl.geometry import backproject
 
 SEED = 3
 SIZE = (160, 120)  # small frames keep the tests quick; geometry does not depend on the size

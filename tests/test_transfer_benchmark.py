@@ -92,8 +92,8 @@ def test_tiny_benchmark_probes_every_backbone_frozen(tiny_run):
     curve is read from the pretraining run's metrics.jsonl."""
     import torch
 
-    from mink_ssl.tasks.segmentation import load_fine_tuned
     from mink_ssl.engine.hooks import read_metrics
+    from mink_ssl.tasks.segmentation import load_fine_tuned
 
     out, result, _ = tiny_run
     preset = bench.PRESETS["tiny"]

@@ -151,8 +151,8 @@ def test_features_with_random_init_and_ones_input(prepped, tmp_path):
 
 
 def test_backbone_features_follow_the_input_row_order(prepped):
-    from mink_ssl.models import build_model
     from mink_ssl.data.features import input_features
+    from mink_ssl.models import build_model
     from mink_ssl.tools.viz import fragment_voxels
 
     torch.manual_seed(0)

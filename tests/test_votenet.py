@@ -24,13 +24,13 @@ from mink_ssl.data.detection import (DetAugmentation, DetectionDataset, collate_
                                      points_in_boxes, transform_boxes, vote_targets)
 from mink_ssl.engine.config import ModelConfig
 from mink_ssl.engine.hooks import BNMomentumHook
-from mink_ssl.tasks.detection import (DetDataConfig, DetEvalConfig, DetHeadConfig, DetOptimConfig,
-                                      FinetuneDetConfig, build_det_model, build_det_optimizer,
-                                      evaluate_detector, finetune_det)
 from mink_ssl.models import build_model, save_model
 from mink_ssl.models.pretrained import load_pretrained
 from mink_ssl.models.votenet import (VoteNetOutput, angle_to_class, build_votenet,
                                      decode_boxes, detect, encode_boxes, select_seeds)
+from mink_ssl.tasks.detection import (DetDataConfig, DetEvalConfig, DetHeadConfig, DetOptimConfig,
+                                      FinetuneDetConfig, build_det_model, build_det_optimizer,
+                                      evaluate_detector, finetune_det)
 from mink_ssl.tasks.detection.loss import votenet_loss
 
 REPO = Path(__file__).resolve().parents[1]

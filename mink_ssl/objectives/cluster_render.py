@@ -80,8 +80,8 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import SeededGenerator, random_subset, zero_loss
 from mink_ssl.objectives.render import render_points
+from mink_ssl.objectives.sampling import SeededGenerator, random_subset, zero_loss
 
 FITTING_LOSSES = ("sinkhorn", "l1")
 

@@ -14,12 +14,12 @@ from data_prep.pairs.prep import PrepParams, run as run_pairs
 from data_prep.segmentation.s3dis import run as run_s3dis
 from data_prep.synthetic import generate_s3dis_rooms, generate_scene
 from mink_ssl.engine.config import ModelConfig, OptimConfig
+from mink_ssl.engine.hooks import read_metrics
+from mink_ssl.io import atomic_path
 from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig
+from mink_ssl.tasks.pretrain import pretrain
 from mink_ssl.tasks.segmentation import (FinetuneSegConfig, SegDataConfig, SegEvalConfig,
                                          SegOptimConfig, finetune_seg)
-from mink_ssl.engine.hooks import read_metrics
-from mink_ssl.tasks.pretrain import pretrain
-from mink_ssl.io import atomic_path
 from mink_ssl.tools.transfer_benchmark.presets import (Preset, objective_args, objective_optim,
                                                        parse_setting)
 
