@@ -1,9 +1,12 @@
 import json
 
+import pytest
+
 from mink_ssl.cli.demo import main
 from mink_ssl.tools.demo import run_demo
 
 
+@pytest.mark.slow
 def test_demo_runs_prep_pretraining_backbone_and_finetuning_end_to_end(tmp_path):
     lines = []
     res = run_demo(tmp_path, n_scenes=2, n_frames=60, model_name="Res16UNet14A",

@@ -185,6 +185,7 @@ def test_row7_feature_modes_are_3_channel_with_the_released_jitter():
         make_features("rgb", None, 3)
 
 
+@pytest.mark.slow
 def test_row7_pretraining_defaults_and_recipes_name_their_input_mode(synthetic_pairs):
     from pathlib import Path
 

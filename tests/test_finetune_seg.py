@@ -247,6 +247,7 @@ def test_pretrained_loading_is_strict_and_loud(tmp_path):
 
 # ------------------------------------------------------------------------ engine and CLI
 
+@pytest.mark.slow
 def test_resumed_run_ends_like_an_uninterrupted_one(rooms, tmp_path):
     cfg = tiny_config(rooms, optim=SegOptimConfig(), data=replace(
         tiny_config(rooms).data, eval_split=None, labelled_points=200))
@@ -326,6 +327,7 @@ def evaluated_run(rooms, tmp_path_factory):
     return cfg, run, results, logs
 
 
+@pytest.mark.slow
 def test_the_best_periodic_evaluation_keeps_its_model(rooms, evaluated_run, tmp_path):
     from mink_ssl.models.heads import load_segmentation_model
 
@@ -457,6 +459,7 @@ def test_configs_follow_the_protocol_and_reject_bad_keys():
         compose("data.root=/x", "finetune=s3dsi")
 
 
+@pytest.mark.slow
 def test_cli_fine_tunes_from_a_pretrained_backbone_end_to_end(rooms, tmp_path):
     """`python -m mink_ssl.cli.finetune_seg` from a pretrained backbone.pth: a short run on the
     synthetic rooms reaches an mIoU far above chance (about 0.15: four classes, walls hold

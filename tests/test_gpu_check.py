@@ -28,6 +28,7 @@ sys.meta_path.insert(0, _Blocker())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REALDATA / "depth").is_dir(), reason=f"real frames absent: {REALDATA}")
 def test_gpu_check_runs_on_cpu(tmp_path):
     gpu_check.prepare_data(tmp_path / "gc", frame_skip=10)  # `make gpu-wheels`' data step
@@ -98,6 +99,7 @@ def test_no_wheels_prepared_is_a_clear_error(tmp_path, monkeypatch):
         gpu_check.install_needs(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REALDATA / "depth").is_dir(), reason=f"real frames absent: {REALDATA}")
 def test_one_rank_ddp_is_wrapped_and_matches_the_plain_model(tmp_path):
     """The branch a one-GPU machine takes (world size 1, DDP wrapped by hand), here with gloo."""

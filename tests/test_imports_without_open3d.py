@@ -45,6 +45,7 @@ def test_blocker_really_blocks():
     assert proc.returncode != 0 and "blocked by the test" in proc.stderr
 
 
+@pytest.mark.slow
 def test_training_paths_import_without_open3d_or_hydra():
     modules = _modules()
     assert len(modules) > 20 and "mink_ssl.models.res16unet" in modules
@@ -58,6 +59,7 @@ def test_training_paths_import_without_open3d_or_hydra():
     assert proc.stdout.startswith("ok")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpu_check", "gpu_checks"])
 def test_gpu_check_imports_without_open3d_or_hydra(name):
     proc = _run(f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'scripts')!r}]; import importlib; "

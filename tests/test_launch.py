@@ -98,6 +98,7 @@ def test_submitit_launcher_config_composes():
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
 
 
+@pytest.mark.slow
 def test_two_slurm_style_tasks_form_one_process_group(tmp_path):
     """What each submitit/srun task does: no torchrun, ranks from SLURM_* variables."""
     from data_prep.pairs.prep import PrepParams, run as run_prep

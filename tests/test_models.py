@@ -87,6 +87,7 @@ def test_bn_momentum_reaches_non_block_batch_norms_and_stem_kernel_is_set():
     assert net.conv0p1s1.kernel.shape == (125, 1, 32)
 
 
+@pytest.mark.slow
 def test_translation_equivariance(small_net):
     coords, feats = scene(seed=1)
     small_net.eval()
@@ -101,6 +102,7 @@ def test_translation_equivariance(small_net):
     assert not torch.allclose(odd, ref, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_batch_independence_in_eval_mode(small_net):
     (c0, f0), (c1, f1) = scene(seed=2), scene(seed=3, n=15_000)
     small_net.eval()

@@ -411,6 +411,7 @@ def synthetic_pairs(tmp_path_factory):
     return root / "pairs"
 
 
+@pytest.mark.slow
 def test_pretrain_runs_the_objective_and_lowers_its_loss(synthetic_pairs, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

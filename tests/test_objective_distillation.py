@@ -456,6 +456,7 @@ def _two_ranks(rank, world, port, result):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_share_the_centre_and_stay_identical(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -535,6 +536,7 @@ def run(synthetic_pairs, tmp_path_factory):
     return out, backbone
 
 
+@pytest.mark.slow
 def test_pretrain_lowers_the_loss(run):
     """The cross-entropy is H(P_t) + KL(P_t || P_s): the student lowers the KL, while the
     centring raises H(P_t) in the first steps (it flattens the teacher, as in DINO). With the
@@ -564,6 +566,7 @@ def test_pretrain_exports_the_teacher(run):
     assert load_model(backbone).config()["out_channels"] == 16
 
 
+@pytest.mark.slow
 def test_resume_restores_the_teacher_and_the_centre(run, synthetic_pairs, tmp_path):
     from mink_ssl.tasks import pretrain as ck
     from mink_ssl.tasks.pretrain import PretrainModule, build_objectives, pretrain

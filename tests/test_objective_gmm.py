@@ -285,6 +285,7 @@ def tiny_config(root, **kw):
     return replace(cfg, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objectives", [
     {"gmm_likelihood": {}},
     {"point_info_nce": {"num_matches": 256}, "gmm_likelihood": {"weight": 0.1}},

@@ -362,6 +362,7 @@ def logged(run_dir, tag):
     return [e.value for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_pretrain_lowers_the_loss(synthetic_pairs, tmp_path):
     from mink_ssl.engine.config import ModelConfig, OptimConfig
     from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig, pretrain

@@ -411,6 +411,7 @@ def test_bad_matches_are_reported():
         OBJECTIVES.get("point_infonce")
 
 
+@pytest.mark.slow
 def test_match_mask_equals_brute_force_with_repeated_anchor_rows():
     from mink_ssl.objectives.hardest_contrastive import match_mask
 

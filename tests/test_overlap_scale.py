@@ -197,6 +197,7 @@ def test_verify_pairs_flag(kitchen_raw, tmp_path, capsys):
     assert manifest["scenes"]["redkitchen"]["self_check"]["pairs_checked"] == 45
 
 
+@pytest.mark.slow
 def test_invalid_depth_sentinel(kitchen, tmp_path):
     """7-Scenes-style exports mark missing depth with 65535 (65.5 m once back-projected). By
     default it is kept, as the published pipeline does; --invalid-depth 65535 drops it from the

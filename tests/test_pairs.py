@@ -20,6 +20,7 @@ def brute_force_matches(w0, w1, radius):
     return m[np.lexsort((m[:, 1], m[:, 0]))]
 
 
+@pytest.mark.slow
 def test_matches_on_the_real_3dmatch_pair(realdata):
     root = realdata / "3dmatch_pair_geotransformer" / "data" / "demo"
     src, ref, gt = (np.load(root / f) for f in ("src.npy", "ref.npy", "gt.npy"))
@@ -56,6 +57,7 @@ def kitchen_pairs(kitchen, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_dataset_views_and_matches_on_real_fragments(kitchen_pairs):
     ds = PairDataset(kitchen_pairs, voxel_size=0.025, seed=3)
     assert len(ds) > 0 and ds.in_channels == 3

@@ -84,6 +84,7 @@ def test_config_composes_and_rejects_bad_keys():
         build_objectives({"pointinfonce": {}})
 
 
+@pytest.mark.slow
 def test_pretrain_run_writes_checkpoints_and_backbone(synthetic_pairs, tmp_path):
     out = tmp_path / "run"
     logs = []
@@ -109,6 +110,7 @@ def _cli(root, run_dir, *extra):
             f"hydra.run.dir={run_dir}", *extra]
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_ends_with_identical_weights(synthetic_pairs, tmp_path):
     """The CLI killed mid-way and resumed ends where an uninterrupted run ends, bit for bit.
 
@@ -143,6 +145,7 @@ def test_killed_run_resumed_ends_with_identical_weights(synthetic_pairs, tmp_pat
     assert [m["loss"] for m in resumed.values()] == [m["loss"] for m in straight.values()]
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_objective_and_key(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mink_ssl.cli.pretrain", "data.root=/x",
                           "objective=[infonce]"], capture_output=True, text=True, cwd=REPO)
@@ -205,6 +208,7 @@ def _ddp_step(rank, world, port, halves, init_state, result):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_the_whole_batch(synthetic_pairs, tmp_path):
     from mink_ssl.data.pairs import PairDataset, collate_pairs
 
@@ -232,6 +236,7 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(synthetic_pairs,
     assert changed > 10  # the step really moved the weights
 
 
+@pytest.mark.slow
 def test_pretraining_learns_features_that_match_on_held_out_pairs(synthetic_pairs, tmp_path):
     """A small network pretrained briefly lowers the loss and matches held-out views better
     than the same network untrained (feature-matching recall on a scene it never saw)."""
@@ -282,6 +287,7 @@ class MeanPositiveDistance(Objective):
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one_process(synthetic_pairs, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks run, only rank 0 writes, and
     with batch-norm statistics frozen the weights equal one process on the global batch.
@@ -350,6 +356,7 @@ def test_loader_workers_default_to_free_cores(monkeypatch):
     assert compose().data.num_workers == "auto"
 
 
+@pytest.mark.slow
 def test_combined_objective_config_runs(synthetic_pairs, tmp_path):
     """`objective=[nce_gmm]`: two objectives with their weights from one config, one run."""
     run_dir = tmp_path / "combined"

@@ -148,6 +148,7 @@ def test_linear_multiscale_probe_run_keeps_the_pretrained_backbone(rooms, tmp_pa
     assert again["miou"] == pytest.approx(results["miou"])
 
 
+@pytest.mark.slow
 def test_cli_knn_probe_end_to_end(rooms, tmp_path):
     """`python -m mink_ssl.cli.finetune_seg probe=knn`: the bank holds every labelled voxel of
     the unaugmented training rooms, the run writes the fine-tuning results files and says which

@@ -137,6 +137,7 @@ def test_foreign_folder_and_tmp_symlink_in_out_are_never_removed(sens_file, tmp_
 
 
 # -- 2. one writer per --out; orphans; "done" means complete ------------------------------------
+@pytest.mark.slow
 def test_second_concurrent_prep_is_refused_and_first_completes(sens_file, tmp_path):
     raw = make_raw(tmp_path / "scans", sens_file, 3)
     out = tmp_path / "out"
@@ -169,6 +170,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(sens_file, tmp_path, capsys)
     assert len(scene_dirs(out)) == 2
 
 
+@pytest.mark.slow
 def test_sigkilled_prep_leaves_no_orphan_workers_and_rerun_repairs(sens_file, tmp_path):
     psutil = pytest.importorskip("psutil")
     raw = make_raw(tmp_path / "scans", sens_file, 6)
@@ -219,6 +221,7 @@ def test_missing_params_json_still_refuses_other_parameters(sens_file, tmp_path)
 
 
 # -- 4. signals ---------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 2), (signal.SIGTERM, 2),
                                           (signal.SIGINT, 1)])
 def test_signal_stops_scheduling_and_leaves_no_partial_scene(sig, workers, sens_file, tmp_path):
@@ -272,6 +275,7 @@ def _in_namespace(setup: str, cmd: list[str], after: str = "true"
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
 
 
+@pytest.mark.slow
 @needs_mount
 def test_disk_full_aborts_with_the_path_and_keeps_finished_scenes(sens_file, tmp_path):
     raw = make_raw(tmp_path / "scans", sens_file, 4)
@@ -306,6 +310,7 @@ def test_read_only_out_aborts_with_the_path(sens_file, tmp_path):
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow
 def test_file_size_limit_aborts_the_run_not_the_scene(sens_file, tmp_path):
     """A size-limited output (ulimit -f: EFBIG, no root needed) aborts; finished work is kept
     and the manifest never lists the scene as bad input."""

@@ -57,6 +57,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 # -- 3. a run directory belongs to one config -------------------------------------------------
+@pytest.mark.slow
 def test_new_run_in_a_finished_run_dir_is_refused_and_nothing_written(synthetic_pairs, finished,
                                                                      tmp_path):
     out = copy_run(finished, tmp_path / "run")
@@ -95,6 +96,7 @@ def test_resume_with_other_model_objective_or_data_is_refused(synthetic_pairs, f
     assert digest(out) == before
 
 
+@pytest.mark.slow
 def test_resume_changing_the_optimizer_needs_the_override_and_is_recorded(synthetic_pairs,
                                                                            finished, tmp_path):
     out = copy_run(finished, tmp_path / "run")
@@ -119,6 +121,7 @@ def test_resume_changing_the_optimizer_needs_the_override_and_is_recorded(synthe
     assert any("recorded in" in line for line in logs)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(synthetic_pairs, finished,
                                                                  tmp_path):
     out = copy_run(finished, tmp_path / "run")
@@ -168,6 +171,7 @@ def wait_for(cond, timeout=300.0, what="condition"):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_checkpoints_at_the_next_step_and_says_how_to_resume(sig, synthetic_pairs,
                                                                     tmp_path):
@@ -197,6 +201,7 @@ def test_signal_checkpoints_at_the_next_step_and_says_how_to_resume(sig, synthet
     assert (run / "backbone.pth").exists()
 
 
+@pytest.mark.slow
 def test_second_concurrent_run_in_one_dir_is_refused(synthetic_pairs, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(cli(synthetic_pairs, run, "max_iterations=6",
@@ -213,6 +218,7 @@ def test_second_concurrent_run_in_one_dir_is_refused(synthetic_pairs, tmp_path):
     assert torch.load(run / "checkpoint_6.pth", weights_only=True)["state"]["iteration"] == 6
 
 
+@pytest.mark.slow
 def test_missing_data_root_is_a_clear_error_and_leaves_no_run_dir(tmp_path):
     run = tmp_path / "runs" / "x"
     res = subprocess.run([sys.executable, "-m", "mink_ssl.cli.pretrain",
@@ -229,6 +235,7 @@ def _namespace_available() -> bool:
     return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _namespace_available(), reason="needs root and mount namespaces "
                     "(unshare -m) to give the run a full file system")
 def test_disk_full_while_checkpointing_names_the_file(synthetic_pairs, tmp_path):
@@ -269,6 +276,7 @@ def test_plus_prefixed_misspelled_key_is_refused(tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_finetune_seg_shares_the_run_dir_rules_and_the_signal(tmp_path):
     """Fine-tuning (segmentation, via its CLI): SIGTERM checkpoints at a step boundary and exits
     143; a fresh start in that directory is refused naming the differing key; resume=auto

@@ -207,6 +207,7 @@ def test_rerun_skips_done_scenes_and_refuses_other_params(sens_scenes, tmp_path)
         run(raw, out, PrepParams(frame_skip=3), progress=False)
 
 
+@pytest.mark.slow
 def test_killed_run_rerun_gives_identical_output(sens_scenes, tmp_path):
     raw, _ = sens_scenes
     cmd = [sys.executable, "-m", "data_prep.cli", "scannet", "--raw", str(raw), "--frame-skip", "1",
@@ -245,6 +246,7 @@ def test_cli_bad_arguments(tmp_path, capsys):
     assert "min_overlap must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prep_on_synthetic_scenes_without_shared_data(tmp_path):
     """The embedded default: generated .sens scenes, one with lost-tracking (-inf) frames."""
     from data_prep.synthetic import generate_scene

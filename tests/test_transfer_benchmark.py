@@ -24,6 +24,7 @@ def tiny_run(tmp_path_factory):
     return out, result, logs
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_results_json_md_png(tiny_run):
     out, result, logs = tiny_run
     saved = json.loads((out / "results.json").read_text())
@@ -218,6 +219,7 @@ def test_bad_arguments_name_the_value_and_the_choices(tmp_path):
     assert not (tmp_path / "data").exists()  # arguments are checked before any work
 
 
+@pytest.mark.slow
 def test_checkout_script_is_the_library_command(tmp_path):
     """experiments/synthetic_transfer/run.py runs mink_ssl.tools.transfer_benchmark's CLI."""
     import subprocess

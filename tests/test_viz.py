@@ -51,6 +51,7 @@ def png_stats(path, size=(800, 600)):
 
 # ------------------------------------------------------------------------------------ pairs
 
+@pytest.mark.slow
 def test_pair_ply_holds_both_views_and_matched_lines(prepped, tmp_path, capsys):
     assert main(["pair", "--data", str(prepped), "--index", "0", "--max-lines", "200",
                  "--out", str(tmp_path)]) == 0

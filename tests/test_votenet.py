@@ -529,6 +529,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(det_root, tmp_path):
                      print_fn=lambda s: None)
 
 
+@pytest.mark.slow
 def test_cli_trains_a_detector_far_above_an_untrained_one(det_root, tmp_path):
     """`python -m mink_ssl.cli.finetune_det` from a pretrained backbone.pth on two synthetic
     rooms: a short schedule (50 epochs of batch 1, 100 iterations) reaches an mAP@0.25 on those

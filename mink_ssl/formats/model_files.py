@@ -44,12 +44,13 @@ def format_of(obj) -> str:
 
 
 def load_tagged(path: str | os.PathLike, formats: Sequence[str], what: str,
-                map_location="cpu", missing: str = "") -> dict:
+                map_location="cpu", missing: str = "", expected: str | None = None) -> dict:
     """The tagged container in ``path``, read with ``torch.load(weights_only=True)``.
 
     ``what`` says what the caller wants ("a mink-ssl model file"); a missing file is a
     ``FileNotFoundError`` (with the ``missing`` hint appended), and a file whose format is not
-    one of ``formats`` a ``ValueError`` naming the format found and the ones expected.
+    one of ``formats`` a ``ValueError`` naming the format found and the ones expected (or
+    ``expected``, the caller's words for them).
     """
     import torch
 
@@ -59,6 +60,6 @@ def load_tagged(path: str | os.PathLike, formats: Sequence[str], what: str,
     obj = torch.load(path, map_location=map_location, weights_only=True)
     found = format_of(obj)
     if found not in formats:
-        expected = " or ".join(repr(f) for f in formats)
+        expected = expected or " or ".join(repr(f) for f in formats)
         raise ValueError(f"{path} is not {what} (format {found!r}, expected {expected})")
     return obj

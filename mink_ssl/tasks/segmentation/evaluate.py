@@ -28,9 +28,11 @@ def load_fine_tuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     ``best.json`` next to ``best/model.pth`` has)."""
     path = Path(path)
     state = load_tagged(path, [SEG_MODEL_FORMAT, SEG_CHECKPOINT_FORMAT],
-                        "a segmentation model (model.pth of fine-tuning) or a segmentation "
-                        "checkpoint", missing="; pass a fine-tuned model.pth or a "
-                        "checkpoint_<it>.pth of segmentation fine-tuning to evaluate_only=")
+                        "a fine-tuned segmentation model", missing="; pass a fine-tuned "
+                        "model.pth or a checkpoint_<it>.pth of segmentation fine-tuning to "
+                        "evaluate_only=", expected=f"a segmentation model ({SEG_MODEL_FORMAT!r}, "
+                        f"model.pth of fine-tuning) or a segmentation checkpoint "
+                        f"({SEG_CHECKPOINT_FORMAT!r})")
     if state["format"] == SEG_MODEL_FORMAT:
         best = path.parent / "best.json"
         meta = {k: state[k] for k in ("classes", "voxel_size", "features")}
