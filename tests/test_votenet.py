@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config
+from conftest import compose_config, pretrained_backbone as _pretrained_backbone
 import torch
 
 from data_prep.detection import scannet_det
@@ -24,7 +24,7 @@ from mink_ssl.data.detection import (DetAugmentation, DetectionDataset, collate_
                                      points_in_boxes, transform_boxes, vote_targets)
 from mink_ssl.engine.config import ModelConfig
 from mink_ssl.engine.hooks import BNMomentumHook
-from mink_ssl.models import build_model, save_model
+from mink_ssl.models import build_model
 from mink_ssl.models.pretrained import load_pretrained
 from mink_ssl.models.votenet import (VoteNetOutput, angle_to_class, build_votenet,
                                      decode_boxes, detect, encode_boxes, select_seeds)
@@ -391,17 +391,6 @@ def test_seeds_are_farthest_points_of_each_scene_and_small_scenes_repeat():
 
 
 # --------------------------------------------------------------------- pretrained weights
-
-def _pretrained_backbone(path: Path, seed: int = 123):
-    torch.manual_seed(seed)
-    net = build_model("Res16UNet14A", in_channels=3, out_channels=16)
-    with torch.no_grad():  # as after training: every weight and statistic moved a little
-        for k, v in net.state_dict().items():
-            if v.is_floating_point():
-                v.add_(torch.randn_like(v).abs_() if k.endswith("running_var") else
-                       torch.randn_like(v) * 0.01)
-    save_model(net, path)
-    return net.state_dict()
 
 
 def test_pretrained_weights_load_strictly_into_the_detector(tmp_path):

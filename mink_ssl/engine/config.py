@@ -5,7 +5,7 @@ explicit arguments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -41,3 +41,17 @@ class DistributedConfig:
     find_unused_parameters: bool = False
 
 
+@dataclass
+class RunConfig:
+    """What the run skeleton (:mod:`mink_ssl.engine.run`) reads from every task's config; each
+    task's config extends it (and may change a default, e.g. detection counts
+    ``checkpoint_every`` in epochs)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 1000  # iterations
+    log_every: int = 10  # iterations
+    progress: bool = True
+    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
+    # resume with changed optimizer / schedule settings (recorded in config_history.json)
+    resume_override: bool = False

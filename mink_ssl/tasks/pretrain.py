@@ -22,7 +22,7 @@ from mink_ssl.engine.build import (build_backbone, build_optimizer, describe_sch
                                    import_plugins, resolve_num_workers)
 from mink_ssl.engine.checkpoint import (load_checkpoint as load_tagged_checkpoint,
                                         restore_training, save_checkpoint as save_tagged, unwrap)
-from mink_ssl.engine.config import DistributedConfig, ModelConfig, OptimConfig
+from mink_ssl.engine.config import ModelConfig, OptimConfig, RunConfig
 from mink_ssl.engine.distributed import wrap_ddp
 from mink_ssl.engine.run import task_run
 from mink_ssl.engine.trainer import Hook, Trainer
@@ -53,7 +53,7 @@ class DataConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -61,23 +61,14 @@ class PretrainConfig:
     # config group (configs/pretrain.yaml selects hardest_contrastive). Empty here, or a schema
     # default would be merged into every command-line selection.
     objectives: dict[str, Any] = field(default_factory=dict)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # Python modules imported before the objectives are built: objectives of your own,
     # registered with @OBJECTIVES.register, without editing mink-ssl
     imports: list = field(default_factory=list)
     # batch-norm layers keep their running statistics and use them in training (eval mode):
     # makes a step independent of how the batch is split across ranks (DDP equivalence)
     freeze_bn: bool = False
-    seed: int = 0
     max_iterations: int = 60000
     batch_size: int = 8  # pairs per process (the global batch is batch_size x world size)
-    device: str = "auto"
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    progress: bool = True
-    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
-    # resume with changed optimizer / schedule settings (recorded in config_history.json)
-    resume_override: bool = False
 
 
 def build_objectives(spec: dict, feature_channels: int | None = None) -> tuple[dict, dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mink_ssl.engine.config import DistributedConfig, ModelConfig
+from mink_ssl.engine.config import ModelConfig, RunConfig
 
 
 @dataclass
@@ -76,21 +76,13 @@ class DetEvalConfig:
 
 
 @dataclass
-class FinetuneDetConfig:
+class FinetuneDetConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     head: DetHeadConfig = field(default_factory=DetHeadConfig)
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
     eval: DetEvalConfig = field(default_factory=DetEvalConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
-    seed: int = 0
     epochs: int = 180
     batch_size: int = 8  # scenes per process (global batch = batch_size x world size)
-    device: str = "auto"
-    checkpoint_every: int = 10  # epochs
-    log_every: int = 10  # iterations
-    progress: bool = True
-    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
-    # resume with changed optimizer / schedule settings (recorded in config_history.json)
-    resume_override: bool = False
+    checkpoint_every: int = 10  # epochs (RunConfig's field, counted in epochs here)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mink_ssl.engine.config import DistributedConfig, ModelConfig
+from mink_ssl.engine.config import ModelConfig, RunConfig
 
 
 @dataclass
@@ -68,12 +68,11 @@ class SegEvalConfig:
 
 
 @dataclass
-class FinetuneSegConfig:
+class FinetuneSegConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
     # rebuild: the backbone's final layer becomes the classifier (96 -> C, the released code;
     # model.out_channels is then the class count) | keep: a new head on the 96 -> 32 final
@@ -83,14 +82,6 @@ class FinetuneSegConfig:
     probe: Optional[str] = None
     knn_k: int = 20  # probe=knn: neighbours that vote
     knn_bank: int = 200000  # probe=knn: most labelled training voxels kept (seeded subset)
-    seed: int = 0
     max_iterations: int = 10000
     batch_size: int = 6  # scenes per process (global batch = batch_size x world size)
-    device: str = "auto"
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    progress: bool = True
-    resume: Optional[str] = None  # a checkpoint path, or "auto": the latest in the run dir
-    # resume with changed optimizer / schedule settings (recorded in config_history.json)
-    resume_override: bool = False
     evaluate_only: Optional[str] = None  # a fine-tuned model.pth or checkpoint: evaluate it only
