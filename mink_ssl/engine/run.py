@@ -1,6 +1,9 @@
 """The run skeleton every task shares (pretraining, segmentation, detection).
 
     with task_run(cfg, out_dir, "finetune-seg", print_fn) as tr:   # distributed, run directory
+        return _run(cfg, tr)    # the run's objects live (and die) in there
+
+    def _run(cfg, tr):
         torch.manual_seed(cfg.seed)
         ... build data, model, module, optimizer ...
         resume, ckpt = tr.run.load_resume(load_fn)
@@ -11,11 +14,13 @@
         trainer.hooks = [... task hooks ..., *tr.standard_hooks(...)]
         tr.train(trainer)                               # stops cleanly on SIGINT / SIGTERM
 
-``cfg`` is a task config with ``device``, ``distributed``, ``resume``, ``resume_override`` and
-``log_every`` / ``checkpoint_every`` / ``progress``; it is recorded as plain data.
+``cfg`` extends :class:`~mink_ssl.engine.config.RunConfig` (``device``, ``distributed``,
+``resume``, ``resume_override``, ``log_every``, ``checkpoint_every``, ``progress``); it is
+recorded as plain data.
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -99,7 +104,9 @@ class TaskRun:
 def task_run(cfg, out_dir: Path, what: str, print_fn=print) -> Iterator[TaskRun]:
     """Start a run of ``cfg`` in ``out_dir``: the process group (``cfg.distributed``, device
     ``cfg.device``), the run directory locked (rank 0) and checked against ``cfg.resume``;
-    both are released when the block ends, however it ends."""
+    both are released when the block ends, however it ends. Keep the run's objects out of the
+    block's own scope (build them in a function the block calls), so that they are freed
+    before the process group is destroyed."""
     out_dir = Path(out_dir)
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
     run = None
@@ -107,6 +114,11 @@ def task_run(cfg, out_dir: Path, what: str, print_fn=print) -> Iterator[TaskRun]
         plain = asdict(cfg)
         run = start_run(out_dir, plain, info, cfg.resume, cfg.resume_override, print_fn, what)
         yield TaskRun(info, device, run, plain, out_dir, print_fn)
+        # a run that ended well: the module (DDP and its reducer) must be gone, and every rank
+        # done, before the process group is destroyed; gloo aborts the process ("terminate
+        # called without an active exception") when it goes with work still referenced
+        gc.collect()
+        barrier(info)
     finally:
         if run is not None:
             run.close()

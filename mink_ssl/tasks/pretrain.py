@@ -24,7 +24,7 @@ from mink_ssl.engine.checkpoint import (load_checkpoint as load_tagged_checkpoin
                                         restore_training, save_checkpoint as save_tagged, unwrap)
 from mink_ssl.engine.config import ModelConfig, OptimConfig, RunConfig
 from mink_ssl.engine.distributed import wrap_ddp
-from mink_ssl.engine.run import task_run
+from mink_ssl.engine.run import TaskRun, task_run
 from mink_ssl.engine.trainer import Hook, Trainer
 from mink_ssl.formats.model_files import CHECKPOINT_FORMAT
 from mink_ssl.models import save_model
@@ -235,40 +235,47 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
         raise ValueError(f"max_iterations must be >= 1, got {cfg.max_iterations} (0 would export "
                          "an untrained backbone)")
     with task_run(cfg, out_dir, "pretraining", print_fn) as tr:
-        info, device = tr.info, tr.device
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        # the run's objects (module, loader, trainer) live in the call below and are freed
+        # when it returns, before the process group goes
+        return _pretrain(cfg, tr)
 
-        import_plugins(cfg.imports)
-        dataset = build_dataset(cfg.data, cfg.seed)
-        backbone = build_backbone(cfg.model, dataset.in_channels)
-        objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
-        module = PretrainModule(backbone, objectives, weights, cfg.freeze_bn).to(device)
-        module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
-                          cfg.distributed.find_unused_parameters)
-        trainable = [p for p in module.parameters() if p.requires_grad]  # not an EMA teacher
-        optimizer, scheduler = build_optimizer(cfg.optim, trainable, info.world_size,
-                                               cfg.max_iterations)
-        scaling = (f"{cfg.optim.lr:g} x {info.world_size} ranks (linear scaling)"
-                   if cfg.optim.scale_lr_with_world_size and info.world_size > 1
-                   else "not scaled with world size")
-        tr.say(f"pretrain: {len(dataset)} pairs, {cfg.model.name}, objectives "
-               f"{weights}, batch {cfg.batch_size} per rank x {info.world_size} ranks = "
-               f"{cfg.batch_size * info.world_size} global, lr "
-               f"{optimizer.defaults['lr']:g} ({scaling}{describe_schedule(cfg.optim)}), "
-               f"{resolve_num_workers(cfg.data.num_workers, tr.local_world_size)} loader "
-               f"workers, device {device}, out {out_dir}")
 
-        trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
-                          cfg.batch_size, device)
-        resume, ckpt = tr.run.load_resume(load_checkpoint)
-        tr.resume(trainer, resume, ckpt, restore)
-        tr.attach_loader(trainer, dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed,
-                         collate_pairs)
-        # objectives' hooks (e.g. an EMA teacher update) run right after the optimizer step,
-        # so that logs and checkpoints see their result
-        trainer.hooks = [PairTallies(), *unwrap(module).objective_hooks(),
-                         *tr.standard_hooks(cfg, "pretrain", save_checkpoint, export_backbone,
-                                            counts={"skipped_pairs":
-                                                    "pairs skipped (too few matches)"})]
-        tr.train(trainer)
-        return out_dir / "backbone.pth"
+def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
+    out_dir = tr.out_dir
+    info, device = tr.info, tr.device
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    import_plugins(cfg.imports)
+    dataset = build_dataset(cfg.data, cfg.seed)
+    backbone = build_backbone(cfg.model, dataset.in_channels)
+    objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
+    module = PretrainModule(backbone, objectives, weights, cfg.freeze_bn).to(device)
+    module = wrap_ddp(module, info, device, cfg.distributed.sync_bn,
+                      cfg.distributed.find_unused_parameters)
+    trainable = [p for p in module.parameters() if p.requires_grad]  # not an EMA teacher
+    optimizer, scheduler = build_optimizer(cfg.optim, trainable, info.world_size,
+                                           cfg.max_iterations)
+    scaling = (f"{cfg.optim.lr:g} x {info.world_size} ranks (linear scaling)"
+               if cfg.optim.scale_lr_with_world_size and info.world_size > 1
+               else "not scaled with world size")
+    tr.say(f"pretrain: {len(dataset)} pairs, {cfg.model.name}, objectives "
+           f"{weights}, batch {cfg.batch_size} per rank x {info.world_size} ranks = "
+           f"{cfg.batch_size * info.world_size} global, lr "
+           f"{optimizer.defaults['lr']:g} ({scaling}{describe_schedule(cfg.optim)}), "
+           f"{resolve_num_workers(cfg.data.num_workers, tr.local_world_size)} loader "
+           f"workers, device {device}, out {out_dir}")
+
+    trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
+                      cfg.batch_size, device)
+    resume, ckpt = tr.run.load_resume(load_checkpoint)
+    tr.resume(trainer, resume, ckpt, restore)
+    tr.attach_loader(trainer, dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed,
+                     collate_pairs)
+    # objectives' hooks (e.g. an EMA teacher update) run right after the optimizer step,
+    # so that logs and checkpoints see their result
+    trainer.hooks = [PairTallies(), *unwrap(module).objective_hooks(),
+                     *tr.standard_hooks(cfg, "pretrain", save_checkpoint, export_backbone,
+                                        counts={"skipped_pairs":
+                                                "pairs skipped (too few matches)"})]
+    tr.train(trainer)
+    return out_dir / "backbone.pth"
