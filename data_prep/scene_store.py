@@ -29,8 +29,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from data_prep.runner import SceneSkipped, log_skipped, map_scenes, prep_run, versions
 from mink_ssl.formats.manifest import write_manifest
+from mink_ssl.io import atomic_path
 from mink_ssl.safety import is_output_error, output_error
 
 
@@ -96,6 +99,16 @@ def scene_file(name: str) -> str:
 def report_file(name: str) -> str:
     """``reports/<file>.json`` of the scene, relative to the output directory."""
     return f"reports/{Path(scene_file(name)).stem}.json"
+
+
+def store_scene(out: Path, name: str, report: dict, arrays: dict) -> dict:
+    """The scene's files in the layout's order: its report, then its ``.npz`` of ``arrays``
+    (the completion marker), both atomically; returns ``report``."""
+    with atomic_path(out / report_file(name)) as tmp:
+        tmp.write_text(json.dumps({"scene": name, **report}, indent=1))
+    with atomic_path(out / scene_file(name)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # to a file object: savez(path) would add .npz
+    return report
 
 
 def _done(out: Path, name: str) -> dict | None:

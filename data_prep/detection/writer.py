@@ -3,9 +3,10 @@
 Output layout (``out/``), the contract read by the detection datasets and evaluation::
 
     manifest.json        schema mink_ssl.det_scenes/1: benchmark, classes (index = class id),
-                         voxel_size (recommended, metres), splits {train, val}, scenes {name: {file, points, boxes}}, skipped
-                         [{scene, reason}], notes [{scene, what}] (objects prep left out, and
-                         why), parameters, created, versions
+                         voxel_size (recommended, metres), splits {train, val}, scenes
+                         {name: {file, points, boxes}}, skipped [{scene, reason}], notes
+                         [{scene, what}] (objects prep left out, and why), parameters,
+                         created, versions
     scenes/<name>.npz    one per scene / image:
                            coords (N, 3) float32 metres
                            colors (N, 3) uint8
@@ -27,7 +28,6 @@ reported in ``skipped`` with the reason and leaves nothing behind; the others go
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,11 +36,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.scene_store import (SceneJob, SceneKind, SceneResult, report_file, run_scenes,
-                                   scene_file)
+from data_prep.scene_store import SceneJob, SceneKind, SceneResult, run_scenes, store_scene
 from mink_ssl.formats.manifest import DET_SCHEMA
 from mink_ssl.geometry import points_in_boxes
-from mink_ssl.io import atomic_path
 
 #: metres, the voxel size detection trains at (PointContrast's ScanNet and SUN RGB-D runs)
 VOXEL_SIZE = 0.025
@@ -105,13 +103,10 @@ def write_scene(out: Path, name: str, s: DetScene, num_classes: int) -> dict:
     """Write the scene's report, then its ``.npz`` (the completion marker), both atomically;
     returns the report less the scene's name."""
     check_scene(name, s, num_classes)
-    report = {"points": len(s.coords), "boxes": len(s.boxes), "notes": s.notes}
-    with atomic_path(out / report_file(name)) as tmp:
-        tmp.write_text(json.dumps({"scene": name, **report}, indent=1))
-    with atomic_path(out / scene_file(name)) as tmp, open(tmp, "wb") as f:
-        np.savez(f, coords=s.coords, colors=s.colors, boxes=s.boxes, box_labels=s.box_labels,
-                 instance=s.instance, **s.extra)  # to a file object: savez(path) adds .npz
-    return report
+    return store_scene(out, name, {"points": len(s.coords), "boxes": len(s.boxes),
+                                   "notes": s.notes},
+                       dict(coords=s.coords, colors=s.colors, boxes=s.boxes,
+                            box_labels=s.box_labels, instance=s.instance, **s.extra))
 
 
 class DetScenes(SceneKind):

@@ -17,17 +17,15 @@ Writing (atomic, ``.npz`` last), resuming, skipping bad scenes and the run's saf
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from data_prep.scene_store import (SceneJob, SceneKind, SceneResult, report_file, run_scenes,
-                                   scene_file)
+from data_prep.scene_store import (SceneJob, SceneKind, SceneResult, run_scenes, scene_file,
+                                   store_scene)
 from mink_ssl.formats.manifest import SEG_SCHEMA
-from mink_ssl.io import atomic_path
 
 IGNORE_LABEL = -1
 SPLITS = ("train", "val", "test")
@@ -81,12 +79,8 @@ def write_scene(out: Path, name: str, data: SceneData, num_classes: int) -> dict
     """Write the scene's report then its ``.npz`` (the completion marker), both atomically;
     returns the report less the scene's name."""
     check_scene(name, data, num_classes)
-    report = {"points": len(data.coords), "repairs": data.repairs}
-    with atomic_path(out / report_file(name)) as tmp:
-        tmp.write_text(json.dumps({"scene": name, **report}, indent=1))
-    with atomic_path(out / scene_file(name)) as tmp, open(tmp, "wb") as f:  # savez(path) adds .npz
-        np.savez(f, coords=data.coords, colors=data.colors, labels=data.labels)
-    return report
+    return store_scene(out, name, {"points": len(data.coords), "repairs": data.repairs},
+                       dict(coords=data.coords, colors=data.colors, labels=data.labels))
 
 
 class SegScenes(SceneKind):

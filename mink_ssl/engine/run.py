@@ -9,8 +9,8 @@
         resume, ckpt = tr.run.load_resume(load_fn)
         trainer = Trainer(...)
         tr.resume(trainer, resume, ckpt, restore_fn)   # and config.json is written
-        tr.attach_loader(trainer, train_set, cfg.batch_size, cfg.data.num_workers, cfg.seed,
-                         collate_fn)
+        tr.attach_loader(trainer, train_set, cfg.batch_size,
+                         tr.loader_workers(cfg.data.num_workers), cfg.seed, collate_fn)
         trainer.hooks = [... task hooks ..., *tr.standard_hooks(...)]
         tr.train(trainer)                               # stops cleanly on SIGINT / SIGTERM
 
@@ -70,11 +70,15 @@ class TaskRun:
             self.say(f"resumed from {resume} at iteration {trainer.state.iteration}")
         self.run.record(trainer.state.iteration, resume)
 
-    def attach_loader(self, trainer: Trainer, dataset, batch_size: int, num_workers, seed: int,
+    def loader_workers(self, num_workers) -> int:
+        """Loader processes of this rank: ``num_workers`` (an int, or ``"auto"``: the rank's
+        share of the node's free cores)."""
+        return resolve_num_workers(num_workers, self.local_world_size)
+
+    def attach_loader(self, trainer: Trainer, dataset, batch_size: int, workers: int, seed: int,
                       collate_fn: Callable) -> None:
-        """The endless loader of this rank's share of ``dataset``, from the trainer's sampler
-        position (``num_workers``: an int or ``"auto"``)."""
-        workers = resolve_num_workers(num_workers, self.local_world_size)
+        """The endless loader of this rank's share of ``dataset`` in ``workers`` processes
+        (:meth:`loader_workers`), from the trainer's sampler position."""
         trainer.batches = iter(build_loader(dataset, batch_size, workers, seed, self.info.rank,
                                             self.info.world_size, trainer.state.samples,
                                             collate_fn))

@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 
 from mink_ssl.data.pairs import PairDataset, collate_pairs
-from mink_ssl.engine.build import (build_backbone, build_optimizer, describe_schedule,
-                                   import_plugins, resolve_num_workers)
+from mink_ssl.engine.build import build_backbone, build_optimizer, describe_schedule, import_plugins
 from mink_ssl.engine.checkpoint import (load_checkpoint as load_tagged_checkpoint,
                                         restore_training, save_checkpoint as save_tagged, unwrap)
 from mink_ssl.engine.config import ModelConfig, OptimConfig, RunConfig
@@ -255,6 +254,7 @@ def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
     trainable = [p for p in module.parameters() if p.requires_grad]  # not an EMA teacher
     optimizer, scheduler = build_optimizer(cfg.optim, trainable, info.world_size,
                                            cfg.max_iterations)
+    workers = tr.loader_workers(cfg.data.num_workers)
     scaling = (f"{cfg.optim.lr:g} x {info.world_size} ranks (linear scaling)"
                if cfg.optim.scale_lr_with_world_size and info.world_size > 1
                else "not scaled with world size")
@@ -262,15 +262,13 @@ def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
            f"{weights}, batch {cfg.batch_size} per rank x {info.world_size} ranks = "
            f"{cfg.batch_size * info.world_size} global, lr "
            f"{optimizer.defaults['lr']:g} ({scaling}{describe_schedule(cfg.optim)}), "
-           f"{resolve_num_workers(cfg.data.num_workers, tr.local_world_size)} loader "
-           f"workers, device {device}, out {out_dir}")
+           f"{workers} loader workers, device {device}, out {out_dir}")
 
     trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
                       cfg.batch_size, device)
     resume, ckpt = tr.run.load_resume(load_checkpoint)
     tr.resume(trainer, resume, ckpt, restore)
-    tr.attach_loader(trainer, dataset, cfg.batch_size, cfg.data.num_workers, cfg.seed,
-                     collate_pairs)
+    tr.attach_loader(trainer, dataset, cfg.batch_size, workers, cfg.seed, collate_pairs)
     # objectives' hooks (e.g. an EMA teacher update) run right after the optimizer step,
     # so that logs and checkpoints see their result
     trainer.hooks = [PairTallies(), *unwrap(module).objective_hooks(),

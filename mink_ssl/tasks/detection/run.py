@@ -117,8 +117,8 @@ def _finetune_det(cfg: FinetuneDetConfig, tr: TaskRun) -> dict:
         restore_task(ckpt_, trainer_)
 
     tr.resume(trainer, resume, ckpt, restore)
-    tr.attach_loader(trainer, train_set, cfg.batch_size, cfg.data.num_workers, cfg.seed,
-                     collate_detection)
+    tr.attach_loader(trainer, train_set, cfg.batch_size, tr.loader_workers(cfg.data.num_workers),
+                     cfg.seed, collate_detection)
 
     def evaluate():
         e = cfg.eval

@@ -130,8 +130,8 @@ def _finetune_seg(cfg: FinetuneSegConfig, tr: TaskRun) -> dict:
     trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
                       cfg.batch_size, device)
     tr.resume(trainer, resume, ckpt, restore_task)
-    tr.attach_loader(trainer, train_set, cfg.batch_size, cfg.data.num_workers, cfg.seed,
-                     collate_segmentation)
+    tr.attach_loader(trainer, train_set, cfg.batch_size, tr.loader_workers(cfg.data.num_workers),
+                     cfg.seed, collate_segmentation)
 
     def export(trainer_, directory: Path) -> None:
         save_segmentation_model(model, directory / "model.pth", classes=classes,
