@@ -77,7 +77,7 @@ class FinetuneSegConfig(RunConfig):
     # rebuild: the backbone's final layer becomes the classifier (96 -> C, the released code;
     # model.out_channels is then the class count) | keep: a new head on the 96 -> 32 final
     final_layer: str = "rebuild"
-    # a frozen backbone (mink_ssl.engine.probe_seg): null (fine-tune everything) | linear (a
+    # a frozen backbone (mink_ssl.tasks.segmentation.probe): null (fine-tune everything) | linear (a
     # linear layer on the output features) | linear_multiscale (on the decoder stages) | knn
     probe: Optional[str] = None
     knn_k: int = 20  # probe=knn: neighbours that vote
