@@ -1,15 +1,17 @@
 """Sparse-tensor helpers used across the library: batched coordinates, voxel quantisation with
-the inverse map back to points, and a checked constructor for ``ME.SparseTensor``.
+the inverse map back to points, and :class:`SparseVoxels`, the engine-neutral sparse tensor that
+networks take and return.
 
 Conventions (everywhere in mink-ssl):
 
 - *points* are float ``(N, 3)`` metric coordinates;
 - *voxel coordinates* are integer ``(N, 3)`` grid indices ``floor(points / voxel_size)``;
-- *batched coordinates* are int32 ``(N, 4)`` with the batch index in column 0, the layout
-  MinkowskiEngine expects.
+- *batched coordinates* are int32 ``(N, 4)`` with the batch index in column 0 (MinkowskiEngine's
+  layout); at tensor stride ``s`` they stay in stride-1 grid units, multiples of ``s``.
 
 All functions accept torch tensors or numpy arrays, return torch tensors, and keep the device of
-their input. Nothing here loops over points in Python.
+their input. Nothing here loops over points in Python, and nothing here imports a sparse engine:
+only :mod:`mink_ssl.models` knows which engine runs a network.
 """
 from __future__ import annotations
 
@@ -157,10 +159,41 @@ def unique_voxels(voxel_coords) -> Quantization:
                         counts=counts)
 
 
-def sparse_tensor(coords, feats, *, device: torch.device | str | None = None):
-    """A checked ``ME.SparseTensor`` from batched coordinates ``(N, 4)`` and features ``(N, C)``."""
-    import MinkowskiEngine as ME
+@dataclass
+class SparseVoxels:
+    """A sparse tensor in no engine's type: what networks take and return.
 
+    coords:  (N, 4) int32 batched voxel coordinates, batch index first, in stride-1 grid units
+             (multiples of ``stride``); rows unique
+    feats:   (N, C) float features, row i belonging to ``coords[i]``
+    stride:  the tensor stride (1 for a network's input and output)
+
+    ``F`` and ``C`` are MinkowskiEngine's short names for ``feats`` and ``coords``.
+    """
+
+    coords: torch.Tensor
+    feats: torch.Tensor
+    stride: int = 1
+
+    @property
+    def F(self) -> torch.Tensor:  # noqa: N802 (MinkowskiEngine's name)
+        return self.feats
+
+    @property
+    def C(self) -> torch.Tensor:  # noqa: N802
+        return self.coords
+
+    def replace(self, feats: torch.Tensor) -> "SparseVoxels":
+        """The same voxels with other features (N, C')."""
+        if len(feats) != len(self.coords):
+            raise ValueError(f"replacement features have {len(feats)} rows for "
+                             f"{len(self.coords)} voxels")
+        return SparseVoxels(self.coords, feats, self.stride)
+
+
+def sparse_tensor(coords, feats, *, device: torch.device | str | None = None) -> SparseVoxels:
+    """Checked :class:`SparseVoxels` from batched coordinates ``(N, 4)`` and features ``(N, C)``
+    (integer features become float32), on ``device`` (default: that of the features)."""
     c = check_batched_coordinates(coords)
     f = _as_tensor(feats, "features")
     if f.ndim != 2:
@@ -171,4 +204,13 @@ def sparse_tensor(coords, feats, *, device: torch.device | str | None = None):
     if not f.is_floating_point():
         f = f.float()
     device = device if device is not None else f.device
-    return ME.SparseTensor(features=f.to(device), coordinates=c.to(device=device, dtype=torch.int32))
+    return SparseVoxels(coords=c.to(device=device, dtype=torch.int32), feats=f.to(device))
+
+
+def duplicate_rows(coords: torch.Tensor) -> int:
+    """Number of rows of integer ``coords`` (N, D) that repeat an earlier row."""
+    if len(coords) == 0:
+        return 0
+    lo, extent = _key_space(coords.to(torch.int64))
+    keys = pack_keys(coords, lo, extent)
+    return len(keys) - len(torch.unique(keys))

@@ -1,14 +1,13 @@
-"""The Res16UNet family on real MinkowskiEngine sparse tensors."""
+"""The Res16UNet family on real sparse tensors (the default engine; tests/test_engines.py
+compares the engines)."""
 import numpy as np
 import pytest
 import torch
 
-import MinkowskiEngine as ME
-
 from data_prep.synthetic import make_room, sample_room_points
 from mink_ssl.geometry import backproject
 from mink_ssl.models import MODELS, build_model, load_model, model_state, save_model
-from mink_ssl.sparse import batched_coordinates, quantize, sparse_tensor
+from mink_ssl.sparse import SparseVoxels, batched_coordinates, quantize, sparse_tensor
 
 
 def scene(seed=0, n=20_000, voxel=0.05):
@@ -170,12 +169,17 @@ def test_bad_model_input_names_the_value(small_net):
     coords, feats = scene(n=2000)
     with pytest.raises(ValueError, match=r"in_channels=3 but got features of shape \(\d+, 1\)"):
         run(small_net, [coords], [feats[:, :1]])
-    with pytest.raises(ValueError, match="takes an ME.SparseTensor, got Tensor"):
+    with pytest.raises(ValueError, match="takes a mink_ssl.sparse.SparseVoxels, got Tensor"):
         small_net(feats)
     x = sparse_tensor(batched_coordinates([coords * 2]), feats)
-    y = ME.SparseTensor(x.F, coordinates=x.C, tensor_stride=2)
     with pytest.raises(ValueError, match="tensor stride 1"):
-        small_net(y)
+        small_net(SparseVoxels(x.coords, x.feats, stride=2))
+    with pytest.raises(ValueError, match="1 voxel coordinate rows repeat an earlier row"):
+        small_net(sparse_tensor(torch.cat([x.coords, x.coords[:1]]), torch.cat([feats, feats[:1]])))
+    with pytest.raises(ValueError, match="empty sparse tensor"):
+        small_net(sparse_tensor(x.coords[:0], feats[:0]))
+    with pytest.raises(ValueError, match="model.engine must be one of"):
+        build_model("Res16UNet14A", in_channels=3, out_channels=8, engine="torchsparse")
     with pytest.raises(ValueError, match="in_channels must be a positive int, got 0"):
         build_model("Res16UNet14A", in_channels=0, out_channels=8)
     with pytest.raises(ValueError, match="stem_kernel_size must be 1, 3, 5 or 7, got 4"):

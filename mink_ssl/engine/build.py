@@ -22,7 +22,7 @@ def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
     return build_model(cfg.name, in_channels=in_channels, out_channels=cfg.out_channels,
                        stem_kernel_size=cfg.stem_kernel_size, bn_momentum=cfg.bn_momentum,
                        block_bn_momentum=cfg.block_bn_momentum, init=cfg.init,
-                       normalize_output=cfg.normalize_output)
+                       normalize_output=cfg.normalize_output, engine=cfg.engine)
 
 
 def import_plugins(modules: list[str]) -> None:

@@ -18,6 +18,8 @@ class ModelConfig:
     block_bn_momentum: Optional[float] = 0.1  # inside residual blocks (released code); null: same
     init: str = "me"  # me: MinkowskiEngine's default kernels (released code) | kaiming
     normalize_output: bool = True
+    # the sparse engine (mink_ssl.models.engines): spconv | minkowski; same weights on both
+    engine: str = "minkowski"
 
 
 @dataclass

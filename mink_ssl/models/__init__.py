@@ -22,6 +22,15 @@ def build_model(name: str, **kwargs) -> Res16UNetBase:
     return MODELS.get(name)(**kwargs)
 
 
+def model_from_config(config: dict, engine: str | None = None) -> Res16UNetBase:
+    """The network a stored ``model.config()`` describes, on ``engine`` (default: the one the
+    config names, else the default engine). Weights do not depend on the engine."""
+    cfg = dict(config)
+    if engine is not None:
+        cfg["engine"] = engine
+    return build_model(cfg.pop("name"), **cfg)
+
+
 def model_state(model: Res16UNetBase) -> dict:
     """A self-describing, plain-container snapshot of a model (loads with weights_only=True)."""
     return {"format": MODEL_FORMAT, "model": model.config(), "versions": library_versions(),
@@ -33,13 +42,14 @@ def save_model(model: Res16UNetBase, path: str | os.PathLike) -> Path:
     return atomic_torch_save(model_state(model), path)
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Res16UNetBase:
-    """Rebuild a model saved by :func:`save_model` (architecture from the file, strict keys)."""
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+               engine: str | None = None) -> Res16UNetBase:
+    """Rebuild a model saved by :func:`save_model` (architecture from the file, strict keys),
+    on ``engine`` (default: the file's)."""
     state = load_tagged(path, [MODEL_FORMAT], "a mink-ssl model file", map_location)
-    cfg = dict(state["model"])
-    model = build_model(cfg.pop("name"), **cfg)
+    model = model_from_config(state["model"], engine)
     model.load_state_dict(state["state_dict"], strict=True)
     return model
 
 
-__all__ = ["MODELS", "build_model", "model_state", "save_model", "load_model", "Res16UNetBase"]
+__all__ = ["MODELS", "build_model", "model_from_config", "model_state", "save_model", "load_model", "Res16UNetBase"]

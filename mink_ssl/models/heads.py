@@ -25,12 +25,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from mink_ssl.formats.model_files import SEG_MODEL_FORMAT, load_tagged
 from mink_ssl.io import atomic_torch_save, library_versions
-from mink_ssl.models import build_model
+from mink_ssl.models import model_from_config
 from mink_ssl.models.probe import FrozenProbe
+from mink_ssl.sparse import SparseVoxels
 #: ways to attach the task layer: rebuild the backbone's final layer (released) | keep it + head
 FINAL_LAYERS = ("rebuild", "keep")
 
@@ -43,19 +45,29 @@ def check_final_layer(final_layer: str) -> str:
     return final_layer
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1x1 convolution in MinkowskiEngine's parameter layout (``kernel`` (C_in, C_out),
+    ``bias`` (1, C_out)), on any engine's output: ``feats @ kernel + bias``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.empty(in_channels, out_channels))
+        self.bias = nn.Parameter(torch.empty(1, out_channels))
+
+    def forward(self, x: SparseVoxels) -> SparseVoxels:
+        return x.replace(x.feats @ self.kernel + self.bias)  # (N, C_out)
+
+
 class SegmentationHead(nn.Module):
     """Per-voxel linear classifier: sparse (N, in_channels) -> sparse (N, num_classes)."""
 
     def __init__(self, in_channels: int, num_classes: int, dimension: int = 3):
         super().__init__()
-        import MinkowskiEngine as ME
-
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.in_channels, self.num_classes, self.dimension = in_channels, num_classes, dimension
-        self.conv = ME.MinkowskiConvolution(in_channels, num_classes, kernel_size=1, bias=True,
-                                            dimension=dimension)
+        self.conv = PointwiseConv(in_channels, num_classes)
         nn.init.normal_(self.conv.kernel, std=0.01)
         nn.init.zeros_(self.conv.bias)
 
@@ -131,32 +143,32 @@ def save_segmentation_model(model: SegmentationModel, path: str | os.PathLike, *
     }, path)
 
 
-def load_segmentation_model(path: str | os.PathLike, map_location="cpu"
-                            ) -> tuple[SegmentationModel, dict]:
-    """Rebuild a model written by :func:`save_segmentation_model` (strict keys); returns it
-    and the file's metadata (classes, voxel_size, features)."""
+def load_segmentation_model(path: str | os.PathLike, map_location="cpu",
+                            engine: str | None = None) -> tuple[SegmentationModel, dict]:
+    """Rebuild a model written by :func:`save_segmentation_model` (strict keys), on ``engine``
+    (default: the file's); returns it and the file's metadata (classes, voxel_size, features)."""
     state = load_tagged(path, [SEG_MODEL_FORMAT], "a mink-ssl segmentation model", map_location)
     meta = {k: state[k] for k in ("classes", "voxel_size", "features")}
-    return segmentation_model_from_state(state), meta
+    return segmentation_model_from_state(state, engine), meta
 
 
-def segmentation_model_from_state(state: dict) -> SegmentationModel:
+def segmentation_model_from_state(state: dict, engine: str | None = None) -> SegmentationModel:
     """The model in ``state`` (strict keys): its ``model`` / ``head`` constructor configs and
     ``backbone`` / ``head_state`` weights, entries that a segmentation model file and a
     segmentation fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) both hold. A ``head``
     config without ``final_layer`` (written before it existed) is a ``keep`` model; one with
-    ``probe`` is a :class:`~mink_ssl.models.probe.FrozenProbe`."""
-    cfg = dict(state["model"])
+    ``probe`` is a :class:`~mink_ssl.models.probe.FrozenProbe`. The backbone runs on
+    ``engine`` (default: the one the config names)."""
     head = state["head"]
     if "probe" in head:  # a frozen backbone with a probe head (mink_ssl.models.probe)
 
-        model = FrozenProbe(build_model(cfg.pop("name"), **cfg), head["num_classes"],
+        model = FrozenProbe(model_from_config(state["model"], engine), head["num_classes"],
                             head["probe"], **({"knn_k": head["k"]} if "k" in head else {}),
                             norm=head.get("norm", False))  # files made before it: none
         model.backbone.load_state_dict(state["backbone"], strict=True)
         model.head.load_state_dict(state["head_state"], strict=True)
         return model
-    model = SegmentationModel(build_model(cfg.pop("name"), **cfg), head["num_classes"],
+    model = SegmentationModel(model_from_config(state["model"], engine), head["num_classes"],
                               head.get("final_layer", "keep"))
     model.backbone.load_state_dict(state["backbone"], strict=True)
     model.head.load_state_dict(state["head_state"], strict=True)

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mink_ssl.sparse import SparseVoxels
+
 PROBES = ("linear", "linear_multiscale", "knn")
 #: the decoder stages of the multi-scale probe and their tensor strides
 DECODER_STAGES = (("block5", 8), ("block6", 4), ("block7", 2), ("block8", 1))
@@ -161,10 +163,6 @@ class FrozenProbe(nn.Module):
         self.backbone = backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        self._stages: dict[str, object] = {}
-        if probe == "linear_multiscale":
-            for name, _ in DECODER_STAGES:
-                getattr(backbone, name).register_forward_hook(self._keep(name))
         if probe == "knn":
             self.head = KnnHead(num_classes, knn_k)
         else:
@@ -172,11 +170,6 @@ class FrozenProbe(nn.Module):
                 backbone.out_channels
             self.head = LinearProbeHead(width, num_classes, probe, norm)
         self.backbone.eval()
-
-    def _keep(self, name: str):
-        def hook(module, inputs, output) -> None:
-            self._stages[name] = output
-        return hook
 
     @property
     def num_classes(self) -> int:
@@ -192,28 +185,26 @@ class FrozenProbe(nn.Module):
         return self
 
     @torch.no_grad()
-    def features_and_output(self, x):
-        """(probe features (N, W), the backbone's output sparse tensor)."""
-        out = self.backbone(x)
+    def features_and_output(self, x: SparseVoxels) -> tuple[torch.Tensor, SparseVoxels]:
+        """(probe features (N, W), the backbone's output)."""
         if self.probe != "linear_multiscale":
-            return out.F, out
-        fine = out.C  # (N, 4) int32, the input's coordinates in the input's order
+            out = self.backbone(x)
+            return out.feats, out
+        out, stages = self.backbone.forward_stages(x, [name for name, _ in DECODER_STAGES])
+        fine = out.coords  # (N, 4) int32, the input's coordinates in the input's order
         parts = []
         for name, stride in DECODER_STAGES:
-            stage = self._stages.pop(name)
-            if stride == 1:
-                parts.append(stage.F)  # same coordinate map and order as the input
-            else:
-                rows = row_index(parent_coordinates(fine, stride), stage.C)  # (N,)
-                parts.append(stage.F[rows])
+            stage = stages[name]
+            # each voxel takes the features of the stage's voxel containing it; the engines
+            # order a stage's rows differently, so rows are found by coordinates (also at
+            # stride 1, which costs little and assumes nothing)
+            rows = row_index(parent_coordinates(fine, stride), stage.coords)  # (N,)
+            parts.append(stage.feats[rows])
         return torch.cat(parts, 1), out  # (N, multiscale_width)
 
-    def features(self, x) -> torch.Tensor:
+    def features(self, x: SparseVoxels) -> torch.Tensor:
         return self.features_and_output(x)[0]
 
-    def forward(self, x):
-        import MinkowskiEngine as ME
-
+    def forward(self, x: SparseVoxels) -> SparseVoxels:
         feats, out = self.features_and_output(x)
-        return ME.SparseTensor(self.head(feats), coordinate_map_key=out.coordinate_map_key,
-                               coordinate_manager=out.coordinate_manager)
+        return out.replace(self.head(feats))

@@ -39,6 +39,11 @@ too). Convolution kernels keep MinkowskiEngine's default initialisation, uniform
 +-1/sqrt(fan) with fan = in_channels x kernel volume (out_channels x kernel volume for transposed
 convolutions), the ``final`` bias likewise; batch norms start at weight 1, bias 0
 (``init="me"``). ``init="kaiming"`` is our earlier variant (Kaiming-normal kernels, fan-out).
+
+The sparse engine (``engine``: ``minkowski`` or ``spconv``, :mod:`mink_ssl.models.engines`)
+builds the layers; the definition above, the keys and the weights are the same on both. A
+network takes and returns :class:`~mink_ssl.sparse.SparseVoxels`; the engine's own tensors stay
+inside ``forward``.
 """
 from __future__ import annotations
 
@@ -47,16 +52,14 @@ from typing import ClassVar, Sequence
 import torch
 import torch.nn as nn
 
+from mink_ssl.models.engines import Engine, check_engine, get_engine
 from mink_ssl.models.registry import MODELS
+from mink_ssl.sparse import SparseVoxels, duplicate_rows
 
 #: kernel initialisations: MinkowskiEngine's default (the released code) or Kaiming-normal
 INITS = ("me", "kaiming")
-
-
-def _me():
-    import MinkowskiEngine as ME
-
-    return ME
+#: the engine a network runs on unless told otherwise
+DEFAULT_ENGINE = "minkowski"
 
 
 class BasicBlock(nn.Module):
@@ -65,17 +68,14 @@ class BasicBlock(nn.Module):
 
     expansion: ClassVar[int] = 1
 
-    def __init__(self, inplanes: int, planes: int, bn_momentum: float, dimension: int,
-                 stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, engine: Engine, inplanes: int, planes: int, bn_momentum: float,
+                 dimension: int, downsample: nn.Module | None = None):
         super().__init__()
-        ME = _me()
-        self.conv1 = ME.MinkowskiConvolution(inplanes, planes, kernel_size=3, stride=stride,
-                                             dilation=dilation, bias=False, dimension=dimension)
-        self.norm1 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
-        self.conv2 = ME.MinkowskiConvolution(planes, planes, kernel_size=3, stride=1,
-                                             dilation=dilation, bias=False, dimension=dimension)
-        self.norm2 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
-        self.relu = ME.MinkowskiReLU(inplace=True)
+        self.conv1 = engine.conv(inplanes, planes, 3, dimension=dimension)
+        self.norm1 = engine.batch_norm(planes, bn_momentum)
+        self.conv2 = engine.conv(planes, planes, 3, dimension=dimension)
+        self.norm2 = engine.batch_norm(planes, bn_momentum)
+        self.relu = engine.relu()
         self.downsample = downsample
 
     def forward(self, x):
@@ -90,21 +90,17 @@ class Bottleneck(nn.Module):
 
     expansion: ClassVar[int] = 4
 
-    def __init__(self, inplanes: int, planes: int, bn_momentum: float, dimension: int,
-                 stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, engine: Engine, inplanes: int, planes: int, bn_momentum: float,
+                 dimension: int, downsample: nn.Module | None = None):
         super().__init__()
-        ME = _me()
         out = planes * self.expansion
-        self.conv1 = ME.MinkowskiConvolution(inplanes, planes, kernel_size=1, bias=False,
-                                             dimension=dimension)
-        self.norm1 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
-        self.conv2 = ME.MinkowskiConvolution(planes, planes, kernel_size=3, stride=stride,
-                                             dilation=dilation, bias=False, dimension=dimension)
-        self.norm2 = ME.MinkowskiBatchNorm(planes, momentum=bn_momentum)
-        self.conv3 = ME.MinkowskiConvolution(planes, out, kernel_size=1, bias=False,
-                                             dimension=dimension)
-        self.norm3 = ME.MinkowskiBatchNorm(out, momentum=bn_momentum)
-        self.relu = ME.MinkowskiReLU(inplace=True)
+        self.conv1 = engine.conv(inplanes, planes, 1, dimension=dimension)
+        self.norm1 = engine.batch_norm(planes, bn_momentum)
+        self.conv2 = engine.conv(planes, planes, 3, dimension=dimension)
+        self.norm2 = engine.batch_norm(planes, bn_momentum)
+        self.conv3 = engine.conv(planes, out, 1, dimension=dimension)
+        self.norm3 = engine.batch_norm(out, bn_momentum)
+        self.relu = engine.relu()
         self.downsample = downsample
 
     def forward(self, x):
@@ -131,6 +127,8 @@ class Res16UNetBase(nn.Module):
             ``"kaiming"`` (Kaiming-normal kernels, fan-out; our earlier variant).
         normalize_output: L2-normalise each output row (used by the contrastive objectives).
         dimension: spatial dimension of the sparse tensors (3).
+        engine: the sparse engine that runs the layers, ``minkowski`` or ``spconv``; the
+            weights are the same on both (not part of the state dict).
     """
 
     BLOCK: ClassVar[type | None] = None
@@ -142,7 +140,8 @@ class Res16UNetBase(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, stem_kernel_size: int = 3,
                  bn_momentum: float = 0.1, block_bn_momentum: float | None = 0.1,
-                 init: str = "me", normalize_output: bool = False, dimension: int = 3):
+                 init: str = "me", normalize_output: bool = False, dimension: int = 3,
+                 engine: str = DEFAULT_ENGINE):
         super().__init__()
         if self.BLOCK is None:
             raise TypeError(f"{type(self).__name__} is abstract: use a concrete network such as "
@@ -166,21 +165,19 @@ class Res16UNetBase(nn.Module):
         self.block_bn_momentum = None if block_bn_momentum is None else float(block_bn_momentum)
         self.init = init
         self.normalize_output, self.dimension = normalize_output, dimension
-
-        ME = _me()
+        self.engine = check_engine(engine)
+        E = self._layers = get_engine(engine)
         block, P, L, D = self.BLOCK, self.PLANES, self.LAYERS, dimension
         exp = block.expansion
 
         def conv(cin, cout, k, s):
-            return ME.MinkowskiConvolution(cin, cout, kernel_size=k, stride=s, bias=False,
-                                           dimension=D)
+            return E.conv(cin, cout, k, stride=s, dimension=D)
 
         def up(cin, cout):
-            return ME.MinkowskiConvolutionTranspose(cin, cout, kernel_size=2, stride=2,
-                                                    bias=False, dimension=D)
+            return E.conv_transpose(cin, cout, 2, stride=2, dimension=D)
 
         def bn(c):
-            return ME.MinkowskiBatchNorm(c, momentum=bn_momentum)
+            return E.batch_norm(c, bn_momentum)
 
         self.inplanes = self.INIT_DIM
         self.conv0p1s1 = conv(in_channels, self.inplanes, stem_kernel_size, 1)
@@ -207,34 +204,29 @@ class Res16UNetBase(nn.Module):
         self.convtr7p2s2, self.bntr7 = up(self.inplanes, P[7]), bn(P[7])
         self.inplanes = P[7] + self.INIT_DIM
         self.block8 = self._make_layer(P[7], L[7])
-        self.final = ME.MinkowskiConvolution(P[7] * exp, out_channels, kernel_size=1, bias=True,
-                                             dimension=D)
-        self.relu = ME.MinkowskiReLU(inplace=True)
+        self.final = E.conv(P[7] * exp, out_channels, 1, bias=True, dimension=D)
+        self.relu = E.relu()
         self._init_weights()
 
     def _make_layer(self, planes: int, blocks: int) -> nn.Sequential:
-        ME = _me()
-        block, exp = self.BLOCK, self.BLOCK.expansion
+        E, block, exp = self._layers, self.BLOCK, self.BLOCK.expansion
         downsample = None
         if self.inplanes != planes * exp:
             downsample = nn.Sequential(
-                ME.MinkowskiConvolution(self.inplanes, planes * exp, kernel_size=1, bias=False,
-                                        dimension=self.dimension),
-                ME.MinkowskiBatchNorm(planes * exp, momentum=self.bn_momentum),
+                E.conv(self.inplanes, planes * exp, 1, dimension=self.dimension),
+                E.batch_norm(planes * exp, self.bn_momentum),
             )
         m = self.bn_momentum if self.block_bn_momentum is None else self.block_bn_momentum
-        layers = [block(self.inplanes, planes, m, self.dimension, downsample=downsample)]
+        layers = [block(E, self.inplanes, planes, m, self.dimension, downsample=downsample)]
         self.inplanes = planes * exp
-        layers += [block(self.inplanes, planes, m, self.dimension) for _ in range(1, blocks)]
+        layers += [block(E, self.inplanes, planes, m, self.dimension) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        ME = _me()
         for m in self.modules():
-            if self.init == "kaiming" and isinstance(
-                    m, ME.MinkowskiConvolution | ME.MinkowskiConvolutionTranspose):
+            if self.init == "kaiming" and self._layers.is_conv(m):
                 nn.init.kaiming_normal_(m.kernel, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, ME.MinkowskiBatchNorm):
+            elif isinstance(getattr(m, "bn", None), nn.BatchNorm1d):
                 nn.init.constant_(m.bn.weight, 1.0)
                 nn.init.constant_(m.bn.bias, 0.0)
 
@@ -245,52 +237,75 @@ class Res16UNetBase(nn.Module):
             "out_channels": self.out_channels, "stem_kernel_size": self.stem_kernel_size,
             "bn_momentum": self.bn_momentum, "block_bn_momentum": self.block_bn_momentum,
             "init": self.init, "normalize_output": self.normalize_output,
-            "dimension": self.dimension,
+            "dimension": self.dimension, "engine": self.engine,
         }
 
     def _check_input(self, x) -> None:
-        ME = _me()
-        if not isinstance(x, ME.SparseTensor):
-            raise ValueError(f"{type(self).__name__} takes an ME.SparseTensor, got "
+        if not isinstance(x, SparseVoxels):
+            raise ValueError(f"{type(self).__name__} takes a mink_ssl.sparse.SparseVoxels, got "
                              f"{type(x).__name__}; build one with mink_ssl.sparse.sparse_tensor")
-        if x.F.shape[1] != self.in_channels:
+        if x.feats.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} was built for in_channels="
                              f"{self.in_channels} but got features of shape {tuple(x.F.shape)}")
-        if x.D != self.dimension:
-            raise ValueError(f"expected a {self.dimension}-D sparse tensor, got dimension {x.D}")
-        stride = x.tensor_stride[0] if isinstance(x.tensor_stride, Sequence) else x.tensor_stride
-        if stride != 1:
-            raise ValueError(f"input must have tensor stride 1, got {x.tensor_stride}")
+        if x.coords.shape[1] != self.dimension + 1:
+            raise ValueError(f"expected {self.dimension}-D coordinates (N, {self.dimension + 1}) "
+                             f"with the batch index first, got shape {tuple(x.coords.shape)}")
+        if x.stride != 1:
+            raise ValueError(f"input must have tensor stride 1, got {x.stride}")
+        if len(x.coords) == 0:
+            raise ValueError(f"{type(self).__name__} got an empty sparse tensor (0 voxels)")
+        dup = duplicate_rows(x.coords)
+        if dup:
+            raise ValueError(f"{dup} voxel coordinate rows repeat an earlier row; a sparse tensor "
+                             "holds each voxel once (quantise with mink_ssl.sparse.quantize)")
 
-    def forward(self, x):
-        """(N, in_channels) at stride 1 -> (N, out_channels) on the same coordinates."""
+    def forward(self, x: SparseVoxels) -> SparseVoxels:
+        """(N, in_channels) at stride 1 -> (N, out_channels) on the same coordinates, in the
+        input's row order."""
+        return self.forward_stages(x, ())[0]
+
+    def forward_stages(self, x: SparseVoxels, keep: tuple[str, ...] | list[str]
+                       ) -> tuple[SparseVoxels, dict[str, SparseVoxels]]:
+        """The output and the outputs of the stages named in ``keep`` (``block1`` ..
+        ``block8``), each at its own tensor stride and in the engine's row order."""
         self._check_input(x)
-        ME = _me()
-        out = self.relu(self.bn0(self.conv0p1s1(x)))
+        E = self._layers
+        stages: dict[str, SparseVoxels] = {}
+
+        def stage(name, t):
+            t = getattr(self, name)(t)
+            if name in keep:
+                stages[name] = E.to_voxels(t)
+            return t
+
+        native = E.to_native(x, align=self.TOTAL_STRIDE)
+        out = self.relu(self.bn0(self.conv0p1s1(native)))
         out_p1 = out
         out = self.relu(self.bn1(self.conv1p1s2(out_p1)))
-        out_b1p2 = self.block1(out)
+        out_b1p2 = stage("block1", out)
         out = self.relu(self.bn2(self.conv2p2s2(out_b1p2)))
-        out_b2p4 = self.block2(out)
+        out_b2p4 = stage("block2", out)
         out = self.relu(self.bn3(self.conv3p4s2(out_b2p4)))
-        out_b3p8 = self.block3(out)
+        out_b3p8 = stage("block3", out)
         out = self.relu(self.bn4(self.conv4p8s2(out_b3p8)))
-        out = self.block4(out)  # stride 16
+        out = stage("block4", out)  # stride 16
 
         out = self.relu(self.bntr4(self.convtr4p16s2(out)))
-        out = self.block5(ME.cat(out, out_b3p8))  # stride 8
+        out = stage("block5", E.cat(out, out_b3p8))  # stride 8
         out = self.relu(self.bntr5(self.convtr5p8s2(out)))
-        out = self.block6(ME.cat(out, out_b2p4))  # stride 4
+        out = stage("block6", E.cat(out, out_b2p4))  # stride 4
         out = self.relu(self.bntr6(self.convtr6p4s2(out)))
-        out = self.block7(ME.cat(out, out_b1p2))  # stride 2
+        out = stage("block7", E.cat(out, out_b1p2))  # stride 2
         out = self.relu(self.bntr7(self.convtr7p2s2(out)))
-        out = self.block8(ME.cat(out, out_p1))  # stride 1
-        out = self.final(out)
+        out = stage("block8", E.cat(out, out_p1))  # stride 1
+        out = E.to_voxels(self.final(out))
+        if not torch.equal(out.coords, x.coords):  # both engines keep the input's rows; checked
+            raise RuntimeError(f"the {self.engine} engine returned the voxels in another order "
+                               "than the input's")
+        feats = out.feats
         if self.normalize_output:
-            feats = torch.nn.functional.normalize(out.F, p=2, dim=1)  # (N, out_channels)
-            out = ME.SparseTensor(feats, coordinate_map_key=out.coordinate_map_key,
-                                  coordinate_manager=out.coordinate_manager)
-        return out
+            feats = torch.nn.functional.normalize(feats, p=2, dim=1)  # (N, out_channels)
+        return SparseVoxels(x.coords, feats, 1), stages
 
 
 # The family. Letters vary the decoder widths; 14/18/34 the depth (BasicBlock), 50/101 use

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from mink_ssl.formats.model_files import DET_MODEL_FORMAT, load_tagged
 from mink_ssl.io import atomic_torch_save, library_versions
-from mink_ssl.models import build_model
+from mink_ssl.models import model_from_config
 from mink_ssl.ops import ball_query, farthest_point_sampling, nms_3d
 from mink_ssl.sparse import sparse_tensor
 
@@ -394,23 +394,25 @@ def save_detection_model(model: VoteNetDetector, path: str | os.PathLike, *,
     }, path)
 
 
-def detector_from_configs(model_cfg: dict, head_cfg: dict) -> VoteNetDetector:
-    """Rebuild an (untrained) detector from ``backbone.config()`` and ``head.config()``; a head
-    config without ``seed_projection`` (written before it existed) had the projection."""
-    cfg, head = dict(model_cfg), dict(head_cfg)
+def detector_from_configs(model_cfg: dict, head_cfg: dict, engine: str | None = None
+                          ) -> VoteNetDetector:
+    """Rebuild an (untrained) detector from ``backbone.config()`` and ``head.config()``, its
+    backbone on ``engine`` (default: the config's); a head config without ``seed_projection``
+    (written before it existed) had the projection."""
+    head = dict(head_cfg)
     head.setdefault("seed_projection", True)
-    backbone = build_model(cfg.pop("name"), **cfg)
+    backbone = model_from_config(model_cfg, engine)
     return VoteNetDetector(backbone, VoteNetHead(head.pop("in_channels"),
                                                  head.pop("num_classes"),
                                                  head.pop("mean_sizes"), **head))
 
 
-def load_detection_model(path: str | os.PathLike, map_location="cpu"
+def load_detection_model(path: str | os.PathLike, map_location="cpu", engine: str | None = None
                          ) -> tuple[VoteNetDetector, dict]:
-    """Rebuild a detector written by :func:`save_detection_model` (strict keys); returns it and
-    the file's metadata (classes, voxel_size, features)."""
+    """Rebuild a detector written by :func:`save_detection_model` (strict keys), on ``engine``
+    (default: the file's); returns it and the file's metadata (classes, voxel_size, features)."""
     state = load_tagged(path, [DET_MODEL_FORMAT], "a mink-ssl detection model", map_location)
-    model = detector_from_configs(state["model"], state["head"])
+    model = detector_from_configs(state["model"], state["head"], engine)
     model.backbone.load_state_dict(state["backbone"], strict=True)
     model.head.load_state_dict(state["head_state"], strict=True)
     return model, {k: state[k] for k in ("classes", "voxel_size", "features")}
