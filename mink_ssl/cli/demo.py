@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="synthetic transfer benchmark preset sizing steps 3 and 5 (demo, tiny)")
     p.add_argument("--objective", nargs="+", default=["point_info_nce"],
                    help="pretraining objective(s) by name, e.g. point_info_nce gmm_likelihood")
+    p.add_argument("--engine", help="sparse engine: spconv or minkowski (default: the preset's)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         run_demo(args.out, args.scenes, args.frames, args.seed, args.model, args.voxel_size,
                  args.repeats, args.device, args.pretrain_iterations, tuple(args.objective),
-                 args.preset, args.finetune_iterations)
+                 args.preset, args.finetune_iterations, engine=args.engine)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mink-ssl-demo: error: {e}", file=sys.stderr)
         return 2

@@ -16,10 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--settings", nargs="+", help="pts<N>, frac<F> or full")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--engine", help="sparse engine of every run: spconv or minkowski (default: "
+                   "the preset's)")
     args = p.parse_args(argv)
     try:
         result = run_benchmark(args.out, args.preset, objectives=args.objectives,
-                               seeds=args.seeds, settings=args.settings, device=args.device)
+                               seeds=args.seeds, settings=args.settings, device=args.device,
+                               engine=args.engine)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mink-ssl-transfer: error: {e}", file=sys.stderr)
         return 2

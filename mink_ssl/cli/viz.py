@@ -53,12 +53,13 @@ def _features(args) -> int:
             raise FileNotFoundError(f"model file {args.model} does not exist: pass a backbone "
                                     "saved by pretraining (<run>/backbone.pth) or use "
                                     "--random-init NAME for an untrained network")
-        model = load_model(args.model)
+        model = load_model(args.model, engine=args.engine)
         label = str(args.model)
     else:
         torch.manual_seed(args.seed)
         model = build_model(args.random_init, in_channels=args.in_channels,
-                            out_channels=args.out_channels)
+                            out_channels=args.out_channels,
+                            **({"engine": args.engine} if args.engine else {}))
         label = f"{args.random_init} (random init, seed {args.seed})"
     device = resolve_device(args.device)
     res = visualize_features(model, args.data, args.fragment, args.out,
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-channels", type=int, default=32,
                    help="with --random-init: output channels (default 32)")
     s.add_argument("--seed", type=int, default=0, help="with --random-init: weight seed (0)")
+    s.add_argument("--engine", default=None, help="sparse engine: spconv or minkowski (default: "
+                   "the model file's; with --random-init the default engine)")
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:i]")
     s.set_defaults(func=_features)
     return p

@@ -14,7 +14,8 @@ Rules (checked before anything is written; :class:`RunConflict` names the differ
 - with ``resume``, model, objectives, data, seed and batch size must match the run's config (and
   the checkpoint's); optimizer and schedule changes (``optim.*`` but the optimizer type,
   ``max_iterations``, ``epochs``, ``distributed.*``) need ``resume_override=true``, apply from
-  the resumed iteration and are recorded in ``config_history.json``;
+  the resumed iteration and are recorded in ``config_history.json``; so does another sparse
+  engine (``model.engine``: the same network and weights, but not bit-identical);
   logging, progress, device, checkpoint frequency, loader workers and evaluation settings may
   change freely (also recorded);
 - one run at a time per directory (:class:`mink_ssl.safety.DirLock`, rank 0);
@@ -36,7 +37,7 @@ FREE = ("resume", "resume_override", "progress", "log_every", "checkpoint_every"
         "data.num_workers", "eval.")
 #: optimizer and schedule: may change on resume with resume_override=true (not the optimizer
 #: type: its saved state would not fit)
-OVERRIDABLE = ("optim.", "max_iterations", "epochs", "distributed.")
+OVERRIDABLE = ("optim.", "max_iterations", "epochs", "distributed.", "model.engine")
 NEVER = ("optim.name",)
 
 
@@ -96,6 +97,14 @@ def check_resume_compatible(old: dict, new: dict, override: bool, where: str) ->
                           "instead (e.g. hydra.run.dir=<new dir>), or resume with the run's own "
                           "settings.")
     changed = {k: v for k, v in diff.items() if _kind(k) == "override"}
+    if "model.engine" in changed and not override:
+        old_e, new_e = changed["model.engine"]
+        raise RunConflict(f"resuming {where} on another sparse engine ({old_e} -> {new_e}): the "
+                          "engines run the same network with the same weights, but not bit for "
+                          "bit (float rounding), so the run would not continue exactly as it "
+                          f"would have on {old_e}. Resume with model.engine={old_e}, or pass "
+                          "resume_override=true to continue on the new engine (recorded in "
+                          "config_history.json).")
     if changed and not override:
         raise RunConflict(f"resuming {where} would change its optimizer / schedule: "
                           f"{_fmt(changed)}. Pass resume_override=true to continue with the new "

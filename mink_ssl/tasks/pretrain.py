@@ -258,7 +258,7 @@ def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
     scaling = (f"{cfg.optim.lr:g} x {info.world_size} ranks (linear scaling)"
                if cfg.optim.scale_lr_with_world_size and info.world_size > 1
                else "not scaled with world size")
-    tr.say(f"pretrain: {len(dataset)} pairs, {cfg.model.name}, objectives "
+    tr.say(f"pretrain: {len(dataset)} pairs, {cfg.model.name} on {cfg.model.engine}, objectives "
            f"{weights}, batch {cfg.batch_size} per rank x {info.world_size} ranks = "
            f"{cfg.batch_size * info.world_size} global, lr "
            f"{optimizer.defaults['lr']:g} ({scaling}{describe_schedule(cfg.optim)}), "

@@ -28,8 +28,10 @@ import torch
 from data_prep.pairs.prep import PrepParams, run as run_prep
 from data_prep.synthetic import generate_scene
 from mink_ssl.data.features import input_features
+from mink_ssl.engine.config import ModelConfig
 from mink_ssl.formats.fragments import FragmentStore
 from mink_ssl.models import MODELS, build_model
+from mink_ssl.models.engines import check_engine
 from mink_ssl.objectives import OBJECTIVES
 from mink_ssl.sparse import batched_coordinates, quantize, sparse_tensor
 from mink_ssl.tools import transfer_benchmark as bench
@@ -51,14 +53,16 @@ def generate_raw_scenes(raw: Path, n_scenes: int, n_frames: int, seed: int, prin
 
 
 def run_backbone_demo(coords: torch.Tensor, feats: torch.Tensor, model_name: str = "Res16UNet34C",
-                      repeats: int = 3, device: str = "auto", print_fn=print) -> dict:
+                      repeats: int = 3, device: str = "auto", print_fn=print,
+                      engine: str = ModelConfig.engine) -> dict:
     """Time the backbone on one scene given as voxel coordinates (M, 3) and features (M, 3)."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     bcoords = batched_coordinates([coords])  # (M, 4)
-    model = build_model(model_name, in_channels=feats.shape[1], out_channels=32).to(dev)
+    model = build_model(model_name, in_channels=feats.shape[1], out_channels=32,
+                        engine=engine).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
-    print_fn(f"model: {model_name}, {n_params / 1e6:.2f}M parameters, device {dev}")
+    print_fn(f"model: {model_name} on {engine}, {n_params / 1e6:.2f}M parameters, device {dev}")
 
     def forward():
         with torch.no_grad():
@@ -85,16 +89,19 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
              model_name: str = "Res16UNet34C", voxel_size: float = 0.025, repeats: int = 3,
              device: str = "auto", pretrain_iterations: int | None = None,
              objectives: tuple[str, ...] = ("point_info_nce",), preset: str = "demo",
-             finetune_iterations: int | None = None, print_fn=print) -> dict:
+             finetune_iterations: int | None = None, engine: str | None = None,
+             print_fn=print) -> dict:
     """The demo; ``preset`` (a synthetic transfer benchmark preset) sizes steps 3 and 5, and
-    ``pretrain_iterations`` / ``finetune_iterations`` override it (0 skips the step)."""
+    ``pretrain_iterations`` / ``finetune_iterations`` override it (0 skips the step), and
+    ``engine`` its sparse engine (default: the preset's)."""
     if preset not in bench.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid choices: {sorted(bench.PRESETS)}")
     cfg = bench.PRESETS[preset]
     cfg = replace(cfg, pretrain_iterations=(cfg.pretrain_iterations if pretrain_iterations is None
                                             else pretrain_iterations),
                   finetune_iterations=(cfg.finetune_iterations if finetune_iterations is None
-                                       else finetune_iterations))
+                                       else finetune_iterations),
+                  engine=cfg.engine if engine is None else check_engine(engine))
     if model_name not in MODELS:  # checked before any work
         MODELS.get(model_name)
     for name in objectives:
@@ -106,7 +113,8 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     (out / "demo_config.json").write_text(json.dumps(
         {"n_scenes": n_scenes, "n_frames": n_frames, "seed": seed, "model": model_name,
          "voxel_size": voxel_size, "repeats": repeats, "device": device, "preset": preset,
-         "objective": objective, "pretrain_iterations": cfg.pretrain_iterations,
+         "objective": objective, "engine": cfg.engine,
+         "pretrain_iterations": cfg.pretrain_iterations,
          "finetune_iterations": cfg.finetune_iterations}, indent=1))
     print_fn(f"== 1. synthetic ScanNet scenes -> {out / 'raw'}")
     generate_raw_scenes(out / "raw", n_scenes, n_frames, seed, print_fn)
@@ -132,7 +140,8 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
     feats = input_features(colors[q.index.numpy()], 3)  # (M, 3)
     print_fn(f"== 4. backbone on fragment {frag.name}: {len(points):,} points -> "
              f"{len(q.coords):,} voxels at {voxel_size * 100:g} cm")
-    result = run_backbone_demo(q.coords, feats, model_name, repeats, device, print_fn)
+    result = run_backbone_demo(q.coords, feats, model_name, repeats, device, print_fn,
+                               engine=cfg.engine)
 
     transfer_result = None
     if cfg.pretrain_iterations > 0 and cfg.finetune_iterations > 0:

@@ -103,8 +103,8 @@ def _finetune_det(cfg: FinetuneDetConfig, tr: TaskRun) -> dict:
     tr.say(f"finetune-det: {len(train_set)} {cfg.data.train_split} scenes, "
            f"{len(eval_set) if eval_set else 0} {cfg.data.eval_split} scenes, "
            f"{len(classes)} classes, voxel {train_set.voxel_size:g} m, "
-           f"{cfg.model.name}, {'pretrained' if cfg.pretrained else 'from scratch'}, "
-           f"{cfg.epochs} epochs = {max_iterations} iterations of batch "
+           f"{cfg.model.name} on {cfg.model.engine}, "
+           f"{'pretrained' if cfg.pretrained else 'from scratch'}, {cfg.epochs} epochs = {max_iterations} iterations of batch "
            f"{cfg.batch_size} per rank x {info.world_size} ranks, lr "
            f"{optimizer.param_groups[0]['lr']:g} x{cfg.optim.lr_gamma:g} at epochs "
            f"{sorted(cfg.optim.lr_steps)}, device {device}, out {out_dir}")

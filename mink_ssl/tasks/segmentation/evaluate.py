@@ -19,13 +19,15 @@ from mink_ssl.tasks.segmentation.inference import evaluate_scenes
 from mink_ssl.tasks.segmentation.model import build_seg_dataset
 
 
-def load_fine_tuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+def load_fine_tuned(path: str | os.PathLike, engine: str | None = None
+                    ) -> tuple[nn.Module, dict]:
     """The whole fine-tuned model (backbone + head, strict keys) in ``model.pth`` (format
     ``mink_ssl.seg_model/1``) or in a fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``),
     and what the file says about its input: ``classes``, ``voxel_size``, ``features`` and
     ``iterations``, None where it does not say (a checkpoint has no class names, and no voxel
     size when its run took the manifest's; ``model.pth`` has no iteration, but the
-    ``best.json`` next to ``best/model.pth`` has)."""
+    ``best.json`` next to ``best/model.pth`` has). The backbone runs on ``engine`` (default:
+    the file's)."""
     path = Path(path)
     state = load_tagged(path, [SEG_MODEL_FORMAT, SEG_CHECKPOINT_FORMAT],
                         "a fine-tuned segmentation model", missing="; pass a fine-tuned "
@@ -41,7 +43,7 @@ def load_fine_tuned(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         data = state.get("config", {}).get("data", {})
         meta = {"classes": None, "voxel_size": data.get("voxel_size"),
                 "features": data.get("features"), "iterations": state["state"]["iteration"]}
-    return segmentation_model_from_state(state), meta
+    return segmentation_model_from_state(state, engine), meta
 
 
 def check_fine_tuned(path: str, meta: dict, num_classes: int, eval_set, cfg: SegDataConfig
@@ -110,7 +112,7 @@ def evaluate_only(cfg: FinetuneSegConfig, out_dir: Path, device, print_fn=print)
     """Evaluate the fine-tuned model ``cfg.evaluate_only`` (no training), as the final
     evaluation of a run does; returns ``results.json``'s content."""
     path = cfg.evaluate_only
-    model, meta = load_fine_tuned(path)
+    model, meta = load_fine_tuned(path, cfg.model.engine)
     eval_set = build_seg_dataset(cfg.data, cfg.data.eval_split, train=False, seed=cfg.seed)
     if len(eval_set) == 0:
         filled = [k for k, v in eval_set.manifest["splits"].items() if v]
@@ -123,7 +125,7 @@ def evaluate_only(cfg: FinetuneSegConfig, out_dir: Path, device, print_fn=print)
                          f"{cfg.data.features!r} gives {eval_set.in_channels} channels; every "
                          f"constant mode but ones1 has 3 channels: set data.features=ones1")
     name = model.backbone.config()["name"]
-    print_fn(f"finetune-seg: evaluating {path} ({name}, "
+    print_fn(f"finetune-seg: evaluating {path} ({name} on {cfg.model.engine}, "
              f"{meta['iterations'] if meta['iterations'] is not None else 'unknown'} iterations) "
              f"on {len(eval_set)} {cfg.data.eval_split} scenes, voxel "
              f"{eval_set.voxel_size:g} m, device {device}, out {out_dir}")

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mink_ssl.io import atomic_path, library_versions
+from mink_ssl.models.engines import check_engine
 from mink_ssl.objectives import OBJECTIVES
 from mink_ssl.safety import DirectoryLocked
 from mink_ssl.tools.transfer_benchmark.presets import (PRESETS, SCRATCH, Preset, objective_args,
@@ -78,10 +79,12 @@ def _objective_seed(out: Path, data: tuple[Path, Path], obj: str, seed: int, pre
 def run_benchmark(out: Path, preset: Preset | str = "full", *,
                   objectives: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                   settings: Sequence[str] | None = None, device: str = "cpu",
-                  pairs: Path | None = None, log: Callable[[str], None] = print) -> dict:
+                  pairs: Path | None = None, engine: str | None = None,
+                  log: Callable[[str], None] = print) -> dict:
     """Run (or continue) the benchmark into ``out``; returns ``results.json``'s content.
 
     ``pairs``: pretrain on this pair-prep output instead of generating scans (the demo's).
+    ``engine``: the sparse engine of every run (default: the preset's).
     Several processes may share the work: an objective and seed whose run another process
     holds is skipped (logged), and then nothing is summarised: the call returns
     ``{"incomplete": [<objective>/seed<s>, ...]}`` and a later call writes the summary."""
@@ -90,6 +93,8 @@ def run_benchmark(out: Path, preset: Preset | str = "full", *,
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; valid choices: {sorted(PRESETS)}")
         preset = PRESETS[preset]
+    if engine is not None:
+        preset = replace(preset, engine=check_engine(engine))
     objectives = list(objectives or preset.objectives)
     seeds = [int(s) for s in (preset.seeds if seeds is None else seeds)]
     settings = list(settings or preset.settings)

@@ -6,6 +6,7 @@ import inspect
 import re
 from dataclasses import dataclass
 
+from mink_ssl.engine.config import ModelConfig
 from mink_ssl.objectives import OBJECTIVES
 
 SCRATCH = "none"
@@ -18,6 +19,7 @@ class Preset:
 
     model: str = SMALL_MODEL
     out_channels: int = 32
+    engine: str = ModelConfig.engine  # the sparse engine of every run (same weights on both)
     features: str = "ones"  # network input in both domains: ones (geometry only) | rgb
     # pretraining data: synthetic ScanNet scans
     scannet_scenes: int = 6

@@ -117,7 +117,8 @@ def pretrain_run(out: Path, pairs: Path, objective: str, seed: int, preset: Pres
     names = objective.split("+")
     frame_size = [60, 80] if "cluster_render" in names else None  # it renders the frames
     cfg = PretrainConfig(
-        model=ModelConfig(name=preset.model, out_channels=preset.out_channels),
+        model=ModelConfig(name=preset.model, out_channels=preset.out_channels,
+                          engine=preset.engine),
         data=DataConfig(root=str(pairs), voxel_size=preset.pretrain_voxel, num_workers=0,
                         features=preset.features, rotation_axis=preset.pretrain_rotation_axis,
                         max_matches=preset.max_matches, frame_size=frame_size),
@@ -146,7 +147,7 @@ def _seg_run(run_dir: Path, seg: Path, setting: str, seed: int, backbone: Path |
     iterations = extra.pop("max_iterations", preset.finetune_iterations)
     cfg = FinetuneSegConfig(
         model=ModelConfig(name=preset.model, out_channels=preset.out_channels,
-                          normalize_output=False),
+                          normalize_output=False, engine=preset.engine),
         data=SegDataConfig(root=str(seg), voxel_size=preset.seg_voxel, eval_split="test",
                            features=preset.features,
                            num_workers=0, label_seed=seed, **parse_setting(setting)),
