@@ -34,7 +34,9 @@ from _timing import alternate, paired_ratio, ratio_verdict, summary  # noqa: E40
 
 def main() -> int:
     from data_prep.pairs.prep import PrepParams, run as run_prep
-    from mink_ssl.engine.build import build_backbone, build_loader, build_optimizer, resolve_num_workers
+    from mink_ssl.data.pairs import collate_pairs
+    from mink_ssl.engine.build import (build_backbone, build_loader, build_optimizer,
+                                       resolve_num_workers)
     from mink_ssl.engine.config import ModelConfig, OptimConfig
     from mink_ssl.engine.trainer import Trainer
     from mink_ssl.sparse import sparse_tensor
@@ -51,6 +53,9 @@ def main() -> int:
     p.add_argument("--objective", default="hardest_contrastive")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    for name in ("batch", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     args.workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers))
     dev = torch.device(args.device)
 
@@ -74,7 +79,7 @@ def main() -> int:
         dataset = build_dataset(data, seed=0)
 
         # the loader alone
-        loader = build_loader(dataset, args.batch, args.workers, 0, 0, 1, 0)
+        loader = build_loader(dataset, args.batch, args.workers, 0, 0, 1, 0, collate_pairs)
         it = iter(loader)
         next(it)  # start-up
         t0, n = time.perf_counter(), 0
@@ -84,10 +89,15 @@ def main() -> int:
         del it, loader
 
         # the batches both steps run on, fetched in advance
-        it = iter(build_loader(dataset, args.batch, args.workers, 0, 0, 1, 0))
-        batches = []
+        it = iter(build_loader(dataset, args.batch, args.workers, 0, 0, 1, 0, collate_pairs))
+        batches, fetched, limit = [], 0, args.steps + -(-len(dataset) // args.batch)
         while len(batches) < args.steps:
-            b = next(it)
+            if fetched == limit:  # the loader is endless: a pass with too few kept pairs ends it
+                raise SystemExit(f"only {len(batches)} of {args.steps} batches in {fetched} "
+                                 f"fetched: the others held only pairs skipped for fewer than "
+                                 f"{data.min_matches} matches (--voxel-size {args.voxel_size}); "
+                                 "ask for fewer --steps or prepare more overlapping pairs")
+            b, fetched = next(it), fetched + 1
             if b is not None:
                 batches.append(b.to(dev))
         del it
@@ -126,8 +136,8 @@ def main() -> int:
           f"{f['median'] * 1e3:9.1f} ms  IQR {f['iqr'] * 1e3:7.1f} ms")
     print(f"  bare forward+backward:                                        "
           f"{b['median'] * 1e3:9.1f} ms  IQR {b['iqr'] * 1e3:7.1f} ms")
-    print(f"  ratio full / bare (per round): median {r['median']:.3f}, IQR {r['iqr']:.3f} "
-          f"(target <= 1.15)")
+    print(f"  ratio full / bare (per round): median {r['median']:.3f}x, IQR {r['iqr']:.3f} "
+          f"(target <= 1.15x)")
     print(f"  {ratio_verdict(r)}")
     need = args.batch / f["median"]
     print(f"  loader alone: {loader_pps:.2f} pairs/s ({args.workers} workers); the full step "

@@ -30,8 +30,20 @@ def npz_bytes(**arrays) -> int:
     return buf.getbuffer().nbytes
 
 
-def voxel_set(points: np.ndarray, voxel: float = 0.025) -> set:
-    return set(map(tuple, np.floor(points / voxel).astype(np.int64)))
+_KEY_BITS = 21  # bits per axis of a packed voxel key: cells within +-2**20 (+-26 km at 2.5 cm)
+
+
+def voxel_keys(points: np.ndarray, voxel: float = 0.025) -> np.ndarray:
+    """The occupied voxels of ``points`` as sorted unique int64 keys (x, y, z cells packed in
+    21 bits each): the same set as ``{tuple(c) for c in floor(points / voxel)}``, without a
+    Python tuple per point (that set took about 0.3 s per 640x480 frame)."""
+    cells = np.floor(points / voxel).astype(np.int64)
+    half = 1 << (_KEY_BITS - 1)
+    if len(cells) and (cells.min() < -half or cells.max() >= half):
+        raise ValueError(f"voxel cells beyond +-{half} at {voxel} m: points up to "
+                         f"{np.abs(points).max():.1f} m from the origin do not fit a packed key")
+    cells += half
+    return np.unique((cells[:, 0] << (2 * _KEY_BITS)) | (cells[:, 1] << _KEY_BITS) | cells[:, 2])
 
 
 def main() -> int:
@@ -67,9 +79,9 @@ def main() -> int:
             ref = cam @ pose[:3, :3].T + pose[:3, 3]
             xyz64.append(npz_bytes(pcd=ref))
             pcd7.append(npz_bytes(pcd=np.zeros((len(ref), 7))))
-            mine = voxel_set(store[k].points()[0])
-            full = voxel_set(ref)
-            kept.append(len(mine & full) / len(full))
+            mine = voxel_keys(store[k].points()[0])
+            full = voxel_keys(ref)
+            kept.append(np.intersect1d(mine, full, assume_unique=True).size / full.size)
     print(f"{source}: {len(store)} fragments")
     print(f"  ours (zlib depth + JPEG colour + index): {ours / 1e3:8.1f} KB per fragment")
     print(f"  float64 xyz npz                        : {np.mean(xyz64) / 1e3:8.1f} KB  "
