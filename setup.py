@@ -13,16 +13,19 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mink_ssl" / "__init__.p
 setup(
     name="mink-ssl",
     version=VERSION,
-    description="Self-supervised pretraining of sparse-voxel networks (MinkowskiEngine) on 3D scenes",
+    description="Self-supervised pretraining of sparse-voxel networks (MinkowskiEngine or spconv) "
+                "on 3D scenes",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["mink_ssl", "mink_ssl.*", "data_prep", "data_prep.*"]),
     install_requires=[
-        # torch and MinkowskiEngine are installed by `make setup` before this package (torch
-        # pinned per machine, ME built from source); these ranges only check what is there.
+        # torch and the sparse engines are installed by `make setup` before this package (torch
+        # pinned per machine; spconv's wheel chosen for that torch: spconv (CPU), spconv-cuXXX
+        # or spconv-triton, which all provide the module `spconv`; MinkowskiEngine 0.5.4 built
+        # from source, optional): pip cannot express "one of these wheels", so they are not
+        # listed here.
         "torch>=2.0",
-        "MinkowskiEngine==0.5.4",
         "numpy>=1.24,<3",
         "scipy>=1.10,<2",
         "open3d>=0.18,<0.21",

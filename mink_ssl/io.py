@@ -57,16 +57,25 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries a checkpoint depends on (plain strings)."""
+    """Versions of the libraries a checkpoint depends on (plain strings): torch, mink_ssl and
+    both sparse engines (``missing`` where not installed), read from the installed packages'
+    metadata without importing them."""
+    import importlib.metadata as md
+
     import torch
 
     import mink_ssl
 
-    versions = {"torch": str(torch.__version__), "mink_ssl": str(mink_ssl.__version__)}
-    try:
-        import MinkowskiEngine as ME
+    def version(*dists: str) -> str:
+        for dist in dists:
+            try:
+                return f"{dist} {md.version(dist)}" if len(dists) > 1 else md.version(dist)
+            except md.PackageNotFoundError:
+                continue
+        return "missing"
 
-        versions["MinkowskiEngine"] = str(ME.__version__)
-    except ImportError:  # pragma: no cover - ME is a hard dependency of the models
-        versions["MinkowskiEngine"] = "missing"
-    return versions
+    return {"torch": str(torch.__version__), "mink_ssl": str(mink_ssl.__version__),
+            "MinkowskiEngine": version("MinkowskiEngine"),
+            # the spconv wheels (CPU, CUDA builds, Triton) all provide the module spconv
+            "spconv": version("spconv", "spconv-cu126", "spconv-cu124", "spconv-cu121",
+                              "spconv-cu120", "spconv-cu118", "spconv-triton")}

@@ -45,6 +45,10 @@ MAX_BYTES = 64 * 2**20  # what the device machine's working tree may carry
 # Python (geomloss ships only an sdist: we build its py3-none-any wheel here).
 NEEDS = {"numpy": "numpy", "scipy": "scipy", "PIL": "pillow", "geomloss": "geomloss"}
 WHEELS = ("geomloss",)
+# the spconv engine on a GPU machine without network: spconv's CUDA wheels (97 MB with cumm)
+# exceed what a device run carries; spconv-triton (69 KB, pure Python on the Triton that CUDA
+# torch ships) has the same API and is installed where no spconv imports
+SPCONV_WHEEL = "spconv-triton==1.0.0"
 
 
 def log(msg: str) -> None:
@@ -99,6 +103,8 @@ def prepare(d: Path, frame_skip: int) -> None:
     reqs = [f"{name}=={version(name)}" for name in WHEELS]  # the versions the tests here ran with
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
                     *reqs], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
+                    SPCONV_WHEEL], check=True)
     impure = [w.name for w in wheels.glob("*.whl") if not w.name.endswith("-py3-none-any.whl")]
     if impure:
         raise SystemExit(f"wheels {impure} are not pure Python: they may not install on the GPU "
@@ -114,6 +120,8 @@ def prepare(d: Path, frame_skip: int) -> None:
 def install_needs(d: Path) -> Path | None:
     """Install the importable-nowhere needs from ``d/wheels`` into a folder on sys.path."""
     missing = [req for mod, req in NEEDS.items() if importlib.util.find_spec(mod) is None]
+    if all(importlib.util.find_spec(m) is None for m in ("spconv", "spconv_triton")):
+        missing.append(SPCONV_WHEEL.split("==")[0])
     if not missing:
         return None
     site = d / f"site-py{sys.version_info.major}{sys.version_info.minor}"
@@ -235,6 +243,14 @@ def table(res: dict) -> str:
         lines.append(f"    {p['verdict']}")
     elif p:
         lines.append(f"  FAIL speed pretrain step: {p.get('error')}")
+    e = res["speed"].get("engines_speed", {})
+    if "speedup" in e:
+        lines.append(f"  speed engines ({res['sizes']['model']} fwd+bwd, {e['voxels']:,} voxels): "
+                     f"MinkowskiEngine {e['minkowski_ms']['median']:.1f} ms, spconv "
+                     f"{e['spconv_ms']['median']:.1f} ms, speed-up {e['speedup']['median']:.2f}x "
+                     f"(IQR {e['speedup']['iqr']:.2f})")
+    elif e:
+        lines.append(f"  FAIL speed engines: {e.get('error')}")
     s = res["speed"].get("segmentation_step", {})
     if "step_ms" in s:
         lines.append(f"  speed segmentation step ({s['voxels']:,} voxels): "

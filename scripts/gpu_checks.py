@@ -1,8 +1,11 @@
 """The checks of ``make gpu-check`` (driven by scripts/gpu_check.py): correctness of the CUDA
-path against the CPU path, and speed, on real fragments prepared beforehand.
+path against the CPU path, the two sparse engines against each other on the device, and speed
+(both engines side by side), on real fragments prepared beforehand.
 
-Each check returns a dict with ``ok`` (correctness checks) and its numbers. Needs only torch,
-MinkowskiEngine, numpy, scipy, pillow (and geomloss for cluster_render): no open3d, no hydra.
+The backbone runs on the default engine (``mink_ssl.models.res16unet.DEFAULT_ENGINE``) unless a
+check names one. Each check returns a dict with ``ok`` (correctness checks) and its numbers.
+Needs only torch, spconv (or spconv-triton), MinkowskiEngine, numpy, scipy, pillow (and geomloss
+for cluster_render): no open3d, no hydra.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ FRAME_SIZE = (60, 80)  # frames for the rendering objective
 # CUDA vs CPU: relative L2 error of features and of every parameter gradient (float32 sums in
 # another order, cuBLAS/cuSPARSE vs OpenBLAS; no TF32 in MinkowskiEngine's kernels)
 FEATURE_RTOL, GRAD_RTOL = 1e-4, 1e-3
+# MinkowskiEngine vs spconv on one device: features as above; float32 gradients of the whole
+# network by norm (a ReLU input within rounding of 0 takes the other side on one engine: see
+# tests/test_engines.py, measured up to 3e-3 on CPU)
+ENGINE_GRAD_RTOL = 1e-2
 
 
 @dataclass
@@ -57,11 +64,12 @@ def pair_batch(ds, n: int):
                      "frames (scripts/gpu_check.py prepare --frame-skip smaller)")
 
 
-def backbone(sizes: Sizes, seed: int = 0):
+def backbone(sizes: Sizes, seed: int = 0, engine: str | None = None):
     from mink_ssl.models import build_model
 
     torch.manual_seed(seed)
-    return build_model(sizes.model, in_channels=3, out_channels=32)
+    return build_model(sizes.model, in_channels=3, out_channels=32,
+                       **({"engine": engine} if engine else {}))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -277,6 +285,75 @@ def speed_pretrain(root: Path, dev: torch.device, sizes: Sizes) -> dict:
             "peak_mem_mb": peak}
 
 
+def _engine_outputs(net, batch, dev) -> tuple[list, dict]:
+    """Both views through ``net``: (outputs sorted by coordinates, {param: grad}) of a fixed
+    random projection's backward."""
+    from mink_ssl.sparse import pack_keys, sparse_tensor
+
+    loss, outs = 0.0, []
+    for i, v in enumerate(batch.views):
+        out = net(sparse_tensor(v.coords.to(dev), v.feats.to(dev)))
+        c = out.coords.to(torch.int64)
+        lo = c.min(0).values
+        order = torch.argsort(pack_keys(c, lo, c.max(0).values - lo + 1))
+        w = torch.randn(out.feats.shape, generator=torch.Generator().manual_seed(i)).to(dev)
+        loss = loss + (out.feats[order] * w).sum()
+        outs.append(out.feats[order])
+    loss.backward()
+    return outs, {k: p.grad for k, p in net.named_parameters() if p.grad is not None}
+
+
+def check_engines(root: Path, dev: torch.device, sizes: Sizes) -> dict:
+    """MinkowskiEngine and spconv on the device, the same weights and batch: output features
+    (relative L2, per view) and the whole gradient (relative L2 by norm)."""
+    from mink_ssl.models.engines import engine_unavailable
+
+    missing = {e: engine_unavailable(e) for e in ("minkowski", "spconv")}
+    if any(missing.values()):
+        return {"ok": False, "error": f"needs both engines: {missing}"}
+    batch = pair_batch(dataset(root, sizes), sizes.check_pairs)
+    ref_net = backbone(sizes, engine="minkowski").to(dev).train()
+    sp_net = backbone(sizes, seed=1, engine="spconv")
+    sp_net.load_state_dict(ref_net.state_dict())
+    sp_net = sp_net.to(dev).train()
+    ref, got = _engine_outputs(ref_net, batch, dev), _engine_outputs(sp_net, batch, dev)
+    worst_f = max(_rel(a, b) for a, b in zip(got[0], ref[0]))
+    keys = sorted(ref[1])
+    g_ref = torch.cat([ref[1][k].flatten() for k in keys])
+    g_sp = torch.cat([got[1][k].flatten() for k in keys])
+    grad = _rel(g_sp, g_ref)
+    return {"ok": worst_f <= FEATURE_RTOL and grad <= ENGINE_GRAD_RTOL,
+            "voxels": sum(len(v.coords) for v in batch.views), "feature_rel_err": worst_f,
+            "grad_rel_err": grad, "params_compared": len(keys),
+            "tolerance": {"features": FEATURE_RTOL, "grads": ENGINE_GRAD_RTOL}}
+
+
+def speed_engines(root: Path, dev: torch.device, sizes: Sizes) -> dict:
+    """The backbone's forward+backward on view 0 of the speed batch, MinkowskiEngine against
+    spconv with the same weights, alternated; speed-up = ME time / spconv time per round."""
+    from mink_ssl.models.engines import engine_unavailable
+    from mink_ssl.sparse import sparse_tensor
+
+    missing = {e: engine_unavailable(e) for e in ("minkowski", "spconv")}
+    if any(missing.values()):
+        return {"ok": False, "error": f"needs both engines: {missing}"}
+    v = pair_batch(dataset(root, sizes), sizes.batch).views[0].to(dev)
+    x = sparse_tensor(v.coords, v.feats)
+    nets = {e: backbone(sizes, engine=e).to(dev).train() for e in ("minkowski", "spconv")}
+
+    def fwd_bwd(e):
+        def fn():
+            nets[e](x).feats.sum().backward()
+            nets[e].zero_grad(set_to_none=True)
+        return fn
+
+    times = alternate({e: fwd_bwd(e) for e in nets}, dev, sizes.repeats)
+    ratio = paired_ratio(times["minkowski"], times["spconv"])
+    return {"voxels": len(v.coords), "minkowski_ms": _ms(summary(times["minkowski"])),
+            "spconv_ms": _ms(summary(times["spconv"])), "speedup": ratio,
+            "verdict": ratio_verdict(ratio, "MinkowskiEngine / spconv")}
+
+
 def _ms(s: dict) -> dict:
     return {"median": s["median"] * 1e3, "iqr": s["iqr"] * 1e3, "n": s["n"]}
 
@@ -311,5 +388,7 @@ def speed_segmentation(root: Path, dev: torch.device, sizes: Sizes) -> dict:
 
 
 CHECKS = {"forward_backward": check_forward_backward, "objectives": check_objectives,
-          "detection_ops": check_detection_ops, "distributed": check_distributed}
-SPEED = {"pretrain_step": speed_pretrain, "segmentation_step": speed_segmentation}
+          "detection_ops": check_detection_ops, "distributed": check_distributed,
+          "engines_equal": check_engines}
+SPEED = {"pretrain_step": speed_pretrain, "segmentation_step": speed_segmentation,
+         "engines_speed": speed_engines}

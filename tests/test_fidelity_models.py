@@ -37,15 +37,26 @@ RELEASED_INIT_SEED0_OUT32 = {
 RELEASED_PARAMETERS_OUT32 = 37847808
 
 
-def test_row9_bn_momentum_and_init_equal_the_released_res16unet34c():
-    import MinkowskiEngine as ME
+def _batch_norms(net) -> dict:
+    """{module name: momentum} of the network's batch norms (a ``bn`` BatchNorm1d on either
+    engine, MinkowskiEngine's key)."""
+    return {n: m.bn.momentum for n, m in net.named_modules()
+            if isinstance(getattr(m, "bn", None), torch.nn.BatchNorm1d)}
 
+
+@pytest.mark.parametrize("engine", ["minkowski", "spconv"])
+def test_row9_bn_momentum_and_init_equal_the_released_res16unet34c(engine):
+    """Both engines build the released network: its batch-norm momenta, parameter count and
+    (same seed) initial weights."""
     from mink_ssl.models import build_model
+    from mink_ssl.models.engines import engine_unavailable
 
+    if engine_unavailable(engine):
+        pytest.skip(f"engine {engine}: {engine_unavailable(engine)}")
     torch.manual_seed(0)
-    net = build_model("Res16UNet34C", in_channels=3, out_channels=32, bn_momentum=0.05)
-    bns = {n: m.bn.momentum for n, m in net.named_modules()
-           if isinstance(m, ME.MinkowskiBatchNorm)}
+    net = build_model("Res16UNet34C", in_channels=3, out_channels=32, bn_momentum=0.05,
+                      engine=engine)
+    bns = _batch_norms(net)
     assert len(bns) == 62
     assert sorted(n for n, v in bns.items() if v != 0.1) == RELEASED_MODEL_MOMENTUM_BNS
     assert {bns[n] for n in RELEASED_MODEL_MOMENTUM_BNS} == {0.05}
@@ -58,9 +69,8 @@ def test_row9_bn_momentum_and_init_equal_the_released_res16unet34c():
     # our earlier variant stays an option: every BN at the model momentum, Kaiming kernels
     torch.manual_seed(0)
     ours = build_model("Res16UNet34C", in_channels=3, out_channels=32, bn_momentum=0.05,
-                       block_bn_momentum=None, init="kaiming")
-    assert {m.bn.momentum for m in ours.modules() if isinstance(m, ME.MinkowskiBatchNorm)} == {
-        0.05}
+                       block_bn_momentum=None, init="kaiming", engine=engine)
+    assert set(_batch_norms(ours).values()) == {0.05}
     k = dict(ours.named_parameters())["block1.0.conv1.kernel"].detach().double()
     assert float(k.square().sum()) != pytest.approx(
         RELEASED_INIT_SEED0_OUT32["block1.0.conv1.kernel"][1], rel=0.1)

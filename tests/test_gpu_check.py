@@ -47,7 +47,12 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == res  # $OUT copy
     assert res["ok"] and res["device"].startswith("CPU") and not res["stack"]["me_cuda"]
     assert set(res["correctness"]) == {"forward_backward", "objectives", "detection_ops",
-                                       "distributed"}
+                                       "distributed", "engines_equal"}
+    eq = res["correctness"]["engines_equal"]  # MinkowskiEngine vs spconv, same weights
+    assert eq["ok"] and eq["feature_rel_err"] < 1e-5 and eq["params_compared"] > 50
+    speed = res["speed"]["engines_speed"]
+    assert speed["speedup"]["n"] == 3 and speed["speedup"]["median"] > 0
+    assert "speed engines (Res16UNet14S fwd+bwd" in proc.stdout
     fb = res["correctness"]["forward_backward"]
     assert fb["feature_rel_err"] == 0.0 and fb["params_compared"] > 50  # CPU vs CPU: identical
     import mink_ssl.objectives  # noqa: F401

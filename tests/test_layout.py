@@ -101,6 +101,15 @@ def test_engine_is_the_generic_core_and_imports_no_task():
                                           "data_prep")) == []
 
 
+def test_only_models_engines_imports_a_sparse_engine():
+    """No engine type leaks above mink_ssl.models: the engines' packages are imported only in
+    mink_ssl/models/engines (everything else sees SparseVoxels and dense tensors)."""
+    for package in ("mink_ssl", "data_prep"):
+        bad = [v for v in violations(package, ("MinkowskiEngine", "spconv", "spconv_triton"))
+               if not v.startswith("mink_ssl/models/engines/")]
+        assert bad == []
+
+
 def test_ops_and_models_import_no_metrics_and_no_training():
     for package in ("mink_ssl.ops", "mink_ssl.models", "mink_ssl.data"):
         assert violations(package, ("mink_ssl.eval", "mink_ssl.tasks", "mink_ssl.engine",

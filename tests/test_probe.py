@@ -45,18 +45,18 @@ def test_multiscale_probe_gives_every_voxel_every_decoder_stage():
     assert multiscale_width(net) == 128 + 128 + 96 + 96 == probe.head.in_channels
     assert multiscale_width(build_model("Res16UNet34C", in_channels=3, out_channels=32)) == 576
     assert multiscale_width(build_model("Res16UNet14S", in_channels=3, out_channels=32)) == 224
-    stages = {}
-    for name, _ in DECODER_STAGES:  # the stages' own outputs, as the network computes them
-        getattr(net, name).register_forward_hook(
-            lambda m, i, o, name=name: stages.__setitem__(name, (o.C.clone(), o.F.clone())))
     coords, feats = _scene()
     x = sparse_tensor(coords, feats)
     f = probe.features(x)
     assert f.shape == (len(coords), 448)
+    # the stages' own outputs, as the (frozen, eval-mode) network computes them
+    with torch.no_grad():
+        _, stages = net.forward_stages(x, [name for name, _ in DECODER_STAGES])
     # brute force: the row of each stage whose voxel cube [c, c + stride) holds the voxel
     offset = 0
     for name, stride in DECODER_STAGES:
-        C, F = stages[name]
+        C, F = stages[name].coords, stages[name].feats
+        assert stages[name].stride == stride
         width = F.shape[1]
         for i in range(0, len(coords), 7):
             p = coords[i]

@@ -19,7 +19,7 @@ class ModelConfig:
     init: str = "me"  # me: MinkowskiEngine's default kernels (released code) | kaiming
     normalize_output: bool = True
     # the sparse engine (mink_ssl.models.engines): spconv | minkowski; same weights on both
-    engine: str = "minkowski"
+    engine: str = "spconv"
 
 
 @dataclass

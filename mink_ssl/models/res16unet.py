@@ -59,7 +59,7 @@ from mink_ssl.sparse import SparseVoxels, duplicate_rows
 #: kernel initialisations: MinkowskiEngine's default (the released code) or Kaiming-normal
 INITS = ("me", "kaiming")
 #: the engine a network runs on unless told otherwise
-DEFAULT_ENGINE = "minkowski"
+DEFAULT_ENGINE = "spconv"
 
 
 class BasicBlock(nn.Module):

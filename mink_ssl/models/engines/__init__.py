@@ -31,8 +31,11 @@ INSTALL_HINTS = {
     "spconv": "spconv 2.3: `pip install spconv` (CPU), `pip install spconv-cu126` (CUDA 12.x) "
               "or `pip install spconv-triton` (any recent GPU); `make setup` picks one",
 }
-_MODULES = {"minkowski": ("mink_ssl.models.engines.minkowski_engine", "MinkowskiEngine"),
-            "spconv": ("mink_ssl.models.engines.spconv_engine", "spconv")}
+#: engine -> (our module, the packages that can back it, in order of preference); spconv's
+#: kernel maps and CUDA kernels come from spconv 2 (CPU or CUDA wheels) or from spconv-triton
+_MODULES = {"minkowski": ("mink_ssl.models.engines.minkowski_engine", ("MinkowskiEngine",)),
+            "spconv": ("mink_ssl.models.engines.spconv_engine",
+                       ("spconv.pytorch", "spconv_triton.pytorch"))}
 
 
 class Engine(Protocol):
@@ -71,11 +74,14 @@ def check_engine(name: str) -> str:
 def engine_unavailable(name: str) -> str | None:
     """Why engine ``name`` cannot run here (its package does not import), or None."""
     check_engine(name)
-    try:
-        importlib.import_module(_MODULES[name][1])
-    except Exception as e:  # an ImportError, or a broken build failing while it loads
-        return f"{_MODULES[name][1]} does not import ({type(e).__name__}: {e})"
-    return None
+    reasons = []
+    for package in _MODULES[name][1]:
+        try:
+            importlib.import_module(package)
+            return None
+        except Exception as e:  # an ImportError, or a broken build failing while it loads
+            reasons.append(f"{package} does not import ({type(e).__name__}: {e})")
+    return "; ".join(reasons)
 
 
 def available_engines() -> tuple[str, ...]:

@@ -55,14 +55,23 @@ _NATIVE = None
 
 
 def _sp():
-    """spconv's ops and functional modules, and its native algorithm (imported once)."""
+    """spconv's ``ops`` and ``functional`` modules and its native algorithm, from spconv 2 or,
+    where that is not installed, from spconv-triton (the same API on Triton; imported once)."""
     global _NATIVE
     if _NATIVE is None:
-        from spconv.core import ConvAlgo
-        from spconv.pytorch import functional, ops
-
+        try:
+            from spconv.core import ConvAlgo
+            from spconv.pytorch import functional, ops
+        except ImportError:
+            from spconv_triton.core import ConvAlgo
+            from spconv_triton.pytorch import functional, ops
         _NATIVE = (ops, functional, ConvAlgo.Native)
     return _NATIVE
+
+
+def backend() -> str:
+    """Which package computes the kernel maps: ``spconv`` or ``spconv_triton``."""
+    return _sp()[0].__name__.split(".")[0]
 
 
 #: which arithmetic runs the maps: "auto" (torch on CPU, spconv's kernels on CUDA), or one of
