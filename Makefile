@@ -37,9 +37,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_objectives.py
 
 # GPU check (scripts/gpu_check.py): `make gpu-wheels` on a networked machine with the venv
-# prepares build/gpu-check (real fragments, ME sdist, wheels; < 64 MiB); `make gpu-check` on the
-# GPU machine (CUDA torch, nvcc, no network) builds ME for its GPU and checks and times the CUDA
-# path. GPU_CHECK_PYTHON: the interpreter holding the CUDA torch (default python3).
+# prepares build/gpu-check (real fragments, ME sdist, wheels incl. spconv-triton; < 64 MiB);
+# `make gpu-check` on the GPU machine (CUDA torch, nvcc, no network) builds ME for its GPU and
+# checks and times the CUDA path on both engines, and the engines against each other.
+# GPU_CHECK_PYTHON: the interpreter holding the CUDA torch (default python3); GPU_CHECK_ME=no
+# skips ME (its CUDA build outlasts a device call): spconv only, the comparisons skipped.
 gpu-wheels: $(STAMP)
 	$(PY) scripts/gpu_check.py prepare
 

@@ -8,7 +8,9 @@ alike; the report is the median and IQR of each and of the per-round ratio full 
 construction: the full step contains the bare one), with a warning when the spread is larger
 than the effect. Target: full / bare <= 1.15. The loader (reading fragments, voxelising,
 augmenting, matching in its workers) is timed on its own and compared with the pairs/s the full
-step consumes: it must keep up.
+step consumes: it must keep up. The steps run on the default engine; where the other engine is
+installed, its full step on the same batches and initial weights joins the alternation, and the
+engines' speed-up (other / default, per round) is printed too.
 
 Data: the real 7-Scenes frames (../shared/realdata), prepared every 25 frames, or synthetic
 scenes where those are absent.
@@ -39,6 +41,7 @@ def main() -> int:
                                        resolve_num_workers)
     from mink_ssl.engine.config import ModelConfig, OptimConfig
     from mink_ssl.engine.trainer import Trainer
+    from mink_ssl.models.engines import ENGINES, engine_unavailable
     from mink_ssl.sparse import sparse_tensor
     from mink_ssl.tasks.pretrain import DataConfig, PretrainModule, build_dataset, build_objectives
 
@@ -102,16 +105,25 @@ def main() -> int:
                 batches.append(b.to(dev))
         del it
 
-        torch.manual_seed(0)
-        backbone = build_backbone(ModelConfig(name=args.model), dataset.in_channels)
-        objectives, weights = build_objectives({args.objective: {}}, ModelConfig().out_channels)
-        module = PretrainModule(backbone, objectives, weights).to(dev).train()
-        optimizer, scheduler = build_optimizer(OptimConfig(), module.parameters())
-        trainer = Trainer(module, optimizer, scheduler, iter(()), max_iterations=10**9,
-                          batch_size=args.batch, device=dev)
-        full, bare = [], []
+        def make_trainer(engine: str):
+            torch.manual_seed(0)  # the same initial weights on every engine
+            backbone = build_backbone(ModelConfig(name=args.model, engine=engine),
+                                      dataset.in_channels)
+            objectives, weights = build_objectives({args.objective: {}},
+                                                   ModelConfig().out_channels)
+            module = PretrainModule(backbone, objectives, weights).to(dev).train()
+            optimizer, scheduler = build_optimizer(OptimConfig(), module.parameters())
+            return backbone, Trainer(module, optimizer, scheduler, iter(()),
+                                     max_iterations=10**9, batch_size=args.batch, device=dev)
+
+        engine = ModelConfig().engine  # the default engine: full and bare steps
+        backbone, trainer = make_trainer(engine)
+        # the other engine's full step, alternated with them: the engines' speed-up
+        other = [e for e in ENGINES if e != engine and engine_unavailable(e) is None]
+        others = {e: make_trainer(e)[1] for e in other}
+        full, bare, full_other = [], [], {e: [] for e in other}
         for batch in batches:
-            def full_step(batch=batch):
+            def full_step(batch=batch, trainer=trainer):
                 trainer.batches = iter((batch,))
                 trainer.run_step()
 
@@ -121,15 +133,21 @@ def main() -> int:
                  + backbone(sparse_tensor(v1.coords, v1.feats)).F.sum()).backward()
                 backbone.zero_grad(set_to_none=True)
 
-            t = alternate({"full": full_step, "bare": bare_step}, dev, args.repeats)
+            fns = {"full": full_step, "bare": bare_step}
+            fns.update({f"full_{e}": (lambda batch=batch, t=t: full_step(batch, t))
+                        for e, t in others.items()})
+            t = alternate(fns, dev, args.repeats)
             full += t["full"]
             bare += t["bare"]
+            for e in other:
+                full_other[e] += t[f"full_{e}"]
         voxels = sum(len(b.views[0].coords) + len(b.views[1].coords) for b in batches) / len(batches)
 
     f, b, r = summary(full), summary(bare), paired_ratio(full, bare)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {dev_name} | data: {source}, {len(dataset)} pairs | {args.model}, batch "
+    print(f"device: {dev_name} | data: {source}, {len(dataset)} pairs | {args.model} on "
+          f"{engine}, batch "
           f"{args.batch} pairs (~{voxels:,.0f} voxels), {args.objective}")
     print(f"  {args.steps} batches x {args.repeats} alternated rounds, the same batches for both")
     print(f"  full step (matching + forward + loss + backward + optimizer): "
@@ -139,6 +157,11 @@ def main() -> int:
     print(f"  ratio full / bare (per round): median {r['median']:.3f}x, IQR {r['iqr']:.3f} "
           f"(target <= 1.15x)")
     print(f"  {ratio_verdict(r)}")
+    for e, times in full_other.items():
+        o, ro = summary(times), paired_ratio(times, full)
+        print(f"  full step on {e}: {o['median'] * 1e3:9.1f} ms  IQR {o['iqr'] * 1e3:7.1f} ms; "
+              f"engine speed-up ({e} / {engine}, per round): median {ro['median']:.2f}x, IQR "
+              f"{ro['iqr']:.2f}")
     need = args.batch / f["median"]
     print(f"  loader alone: {loader_pps:.2f} pairs/s ({args.workers} workers); the full step "
           f"consumes {need:.2f} pairs/s: {'keeps up' if loader_pps >= need else 'BOTTLENECK'}")

@@ -19,6 +19,10 @@ same batch of 8 pairs at 2.5 cm, peak memory; one segmentation fine-tuning step)
 table and writes ``build/gpu-check/results.json`` (and ``$OUT/gpu_check.json`` when ``$OUT`` is
 set). Exit status 1 when a correctness check fails.
 
+``GPU_CHECK_ME=no`` (or ``--no-me``) skips MinkowskiEngine's CUDA build (about 87 min on 2
+cores, too long for one device call on 16): the checks then run on the spconv engine alone and
+the two engine comparisons say they were skipped.
+
 ``GPU_CHECK_DEVICE=cpu`` (or ``--device cpu``) runs the same checks on CPU against the installed
 CPU build of ME, preparing the data when missing: the test that keeps this script from rotting.
 """
@@ -49,6 +53,17 @@ WHEELS = ("geomloss",)
 # exceed what a device run carries; spconv-triton (69 KB, pure Python on the Triton that CUDA
 # torch ships) has the same API and is installed where no spconv imports
 SPCONV_WHEEL = "spconv-triton==1.0.0"
+
+
+# sitecustomize of the checks process under --no-me: MinkowskiEngine does not import
+NO_ME = """
+import importlib.abc, sys
+class _NoME(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'MinkowskiEngine':
+            raise ImportError('MinkowskiEngine is left out of this gpu-check (--no-me)')
+sys.meta_path.insert(0, _NoME())
+"""
 
 
 def log(msg: str) -> None:
@@ -154,7 +169,7 @@ def build_me(d: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run(d: Path, device: str, sizes_args: list[str]) -> int:
+def run(d: Path, device: str, sizes_args: list[str], with_me: bool = True) -> int:
     t0 = time.perf_counter()
     if device == "auto":
         import torch
@@ -169,7 +184,12 @@ def run(d: Path, device: str, sizes_args: list[str]) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (REPO, site) if p) + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    build_s = build_me(d) if device == "cuda" else 0.0
+    build_s = build_me(d) if device == "cuda" and with_me else 0.0
+    if not with_me:  # the checks process refuses to import MinkowskiEngine
+        blocker = d / "no-me"
+        blocker.mkdir(parents=True, exist_ok=True)
+        (blocker / "sitecustomize.py").write_text(NO_ME)
+        env["PYTHONPATH"] = str(blocker) + os.pathsep + env["PYTHONPATH"]
     out = d / "results.json"
     cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "checks", "--dir", str(d),
            "--device", device, *sizes_args]
@@ -194,17 +214,26 @@ def checks(d: Path, device: str, sizes) -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     import gpu_checks as gc
 
-    import MinkowskiEngine as ME
+    from mink_ssl.models.engines import engine_unavailable
 
     dev = torch.device(device)
-    if dev.type == "cuda" and not ME.is_cuda_available():
-        raise SystemExit("MinkowskiEngine was built CPU-only; the CUDA checks need its CUDA build")
+    me_missing = engine_unavailable("minkowski")
+    if me_missing is None:
+        import MinkowskiEngine as ME
+
+        if dev.type == "cuda" and not ME.is_cuda_available():
+            raise SystemExit("MinkowskiEngine was built CPU-only; the CUDA checks need its CUDA "
+                             "build")
+    else:
+        log(f"MinkowskiEngine unavailable ({me_missing}): the engine comparisons are skipped")
     root = d / "data" / "pairs"
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
            f"CPU ({torch.get_num_threads()} threads)",
            "stack": {"python": platform.python_version(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "minkowski_engine": ME.__version__,
-                     "me_cuda": bool(ME.is_cuda_available())},
+                     "cuda": torch.version.cuda,
+                     "minkowski_engine": "missing" if me_missing else ME.__version__,
+                     "me_cuda": bool(me_missing is None and ME.is_cuda_available()),
+                     "spconv": _spconv_backend()},
            "sizes": asdict(sizes), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "correctness": {}, "speed": {}}
     for name, fn in {**gc.CHECKS, **gc.SPEED}.items():
@@ -215,15 +244,29 @@ def checks(d: Path, device: str, sizes) -> None:
             r = {"ok": False, "error": f"{type(e).__name__}: {e}"[:1000]}
         r["seconds"] = time.perf_counter() - t0
         res["correctness" if name in gc.CHECKS else "speed"][name] = r
-        log(f"{name}: {'ok' if r.get('ok', True) else 'FAILED'} ({r['seconds']:.1f} s)")
+        state = "skipped: " + r["skipped"] if "skipped" in r else \
+            "ok" if r.get("ok", True) else "FAILED"
+        log(f"{name}: {state} ({r['seconds']:.1f} s)")
     res["ok"] = all(r["ok"] for r in res["correctness"].values()) and all(
         r.get("ok", True) for r in res["speed"].values())
     (d / "results.json").write_text(json.dumps(res, indent=1))
 
 
+def _spconv_backend() -> str:
+    from mink_ssl.models.engines import engine_unavailable
+
+    why = engine_unavailable("spconv")
+    if why:
+        return f"missing ({why})"
+    from mink_ssl.models.engines.spconv_engine import backend
+
+    return backend()
+
+
 def table(res: dict) -> str:
-    lines = [f"gpu-check on {res['device']} | torch {res['stack']['torch']} | ME "
-             f"{res['stack']['minkowski_engine']} ({'cuda' if res['stack']['me_cuda'] else 'cpu'})"
+    lines = [f"gpu-check on {res['device']} | torch {res['stack']['torch']} | spconv engine: "
+             f"{res['stack'].get('spconv')} | ME {res['stack']['minkowski_engine']} "
+             f"({'cuda' if res['stack']['me_cuda'] else 'cpu'})"
              f" | {res['sizes']['model']} at {res['sizes']['voxel_size'] * 100:g} cm"]
     for name, r in res["correctness"].items():
         detail = r.get("error") or ", ".join(
@@ -231,7 +274,8 @@ def table(res: dict) -> str:
             if k not in ("ok", "seconds", "objectives", "tolerance"))
         if "objectives" in r:
             detail = ", ".join(f"{k}:{'ok' if v['ok'] else 'FAIL'}" for k, v in r["objectives"].items())
-        lines.append(f"  {'ok  ' if r['ok'] else 'FAIL'} {name:18s} {detail}")
+        mark = "skip" if "skipped" in r else "ok  " if r["ok"] else "FAIL"
+        lines.append(f"  {mark} {name:18s} {detail}")
     p = res["speed"].get("pretrain_step", {})
     if "full_ms" in p:
         rt = p["ratio_full_over_bare"]
@@ -250,7 +294,8 @@ def table(res: dict) -> str:
                      f"{e['spconv_ms']['median']:.1f} ms, speed-up {e['speedup']['median']:.2f}x "
                      f"(IQR {e['speedup']['iqr']:.2f})")
     elif e:
-        lines.append(f"  FAIL speed engines: {e.get('error')}")
+        lines.append(f"  {'skip' if 'skipped' in e else 'FAIL'} speed engines: "
+                     f"{e.get('skipped') or e.get('error')}")
     s = res["speed"].get("segmentation_step", {})
     if "step_ms" in s:
         lines.append(f"  speed segmentation step ({s['voxels']:,} voxels): "
@@ -274,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="pairs in the speed batch")
     p.add_argument("--repeats", type=int, default=7, help="alternated full/bare rounds")
     p.add_argument("--check-pairs", type=int, default=2, help="pairs in the correctness batch")
+    p.add_argument("--no-me", action="store_true",
+                   default=os.environ.get("GPU_CHECK_ME", "yes").lower() in ("no", "0", "false"),
+                   help="skip MinkowskiEngine (its build and the engine comparisons)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))  # mink_ssl and data_prep from this checkout, installed or not
     sizes_args = ["--model", a.model, "--voxel-size", str(a.voxel_size), "--batch", str(a.batch),
@@ -282,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(a.dir, a.frame_skip)
         return 0
     if a.stage == "run":
-        return run(a.dir, a.device, sizes_args)
+        return run(a.dir, a.device, sizes_args, with_me=not a.no_me)
     sys.path.insert(0, str(REPO / "scripts"))
     from gpu_checks import Sizes
 

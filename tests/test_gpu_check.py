@@ -118,3 +118,26 @@ def test_one_rank_ddp_is_wrapped_and_matches_the_plain_model(tmp_path):
     r = gpu_checks.check_distributed(root, torch.device("cpu"), sizes)
     assert r["ok"] and r["world_size"] == 1 and r["backend"] == "gloo", r
     assert r["ddp_vs_plain_rel_err"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REALDATA / "depth").is_dir(), reason=f"real frames absent: {REALDATA}")
+def test_gpu_check_without_minkowski_engine_runs_on_spconv(tmp_path):
+    """`--no-me` (a GPU machine where ME's CUDA build does not fit the time): the checks
+    process cannot import MinkowskiEngine, every check runs on spconv, and the two engine
+    comparisons say they were skipped and why."""
+    gpu_check.prepare_data(tmp_path / "gc", frame_skip=10)
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "run", "--dir",
+         str(tmp_path / "gc"), "--model", "Res16UNet14S", "--voxel-size", "0.1", "--batch", "2",
+         "--repeats", "3", "--check-pairs", "2", "--no-me"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gc" / "results.json").read_text())
+    assert res["ok"] and res["stack"]["minkowski_engine"] == "missing"
+    assert res["stack"]["spconv"] == "spconv"
+    for part, name in (("correctness", "engines_equal"), ("speed", "engines_speed")):
+        assert "MinkowskiEngine is left out" in res[part][name]["skipped"]
+    assert res["correctness"]["forward_backward"]["params_compared"] > 50
+    assert "skip engines_equal" in proc.stdout

@@ -92,11 +92,14 @@ def to_spconv_kernel(kernel: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class _KernelMap:
-    """The pairs of one convolution: for each kernel offset with pairs, ``(me_offset, in_rows,
-    out_rows)`` (int64 rows), plus spconv's own form for its kernels."""
+    """The pairs of one convolution, offset after offset: ``rows_in`` / ``rows_out`` (P,) int64
+    hold every offset's pairs concatenated, ``segments`` the ``(me_offset, start, end)`` of each
+    offset's slice; plus spconv's own form for its kernels."""
     n_in: int
     n_out: int
-    offsets: list
+    rows_in: torch.Tensor
+    rows_out: torch.Tensor
+    segments: list
     identity: int | None  # ME offset whose pairs are (i, i) for every row (a subm centre)
     pairs: torch.Tensor  # (2, K, n_in) int32, -1 padded (spconv's "native" layout)
     counts: torch.Tensor  # (K,) int32
@@ -146,8 +149,15 @@ class _Grid:
         if subm and k > 1 and identity != order[centre]:
             raise RuntimeError(f"spconv's map of a {k}x{k}x{k} submanifold convolution does not "
                                "connect every voxel to itself through the centre offset")
+        segments, start = [], 0
+        for me_k, rows_in, _ in offsets:
+            segments.append((me_k, start, start + len(rows_in)))
+            start += len(rows_in)
+        empty = torch.zeros(0, dtype=torch.int64, device=indices.device)
         m = _KernelMap(len(indices), len(indices) if subm else len(self.levels[level + 1]),
-                       offsets, identity, pairs, counts)
+                       torch.cat([o[1] for o in offsets]) if offsets else empty,
+                       torch.cat([o[2] for o in offsets]) if offsets else empty,
+                       segments, identity, pairs, counts)
         self.maps[key] = m
         return m
 
@@ -177,22 +187,50 @@ def _arithmetic(feats: torch.Tensor) -> str:
     return "spconv" if feats.is_cuda else "torch"
 
 
+#: at most this many feature elements are gathered at once (4 MB in float32): offsets are
+#: processed in groups whose gathered rows fit, so a large batch does not hold every offset's
+#: copy of the features at the same time
+GATHER_ELEMENTS = 1 << 20
+
+
+def _groups(m: _KernelMap, channels: int):
+    """Consecutive offsets grouped so that each group's pairs times ``channels`` stay within
+    ``GATHER_ELEMENTS`` (a single offset may exceed it alone): (start, end, segments)."""
+    limit = max(GATHER_ELEMENTS // max(channels, 1), 1)
+    group, g_start = [], 0
+    for seg in m.segments:
+        if group and seg[2] - g_start > limit:
+            yield g_start, group[-1][2], group
+            group, g_start = [], seg[1]
+        group.append(seg)
+    if group:
+        yield g_start, group[-1][2], group
+
+
 class _GatherMatmulScatter(torch.autograd.Function):
-    """``out[dst] += x[src] @ W[k]`` over a kernel map's offsets, with a backward that
-    accumulates into one gradient buffer per tensor (autograd's own backward of the loop would
-    allocate and add a full-size zero gradient per offset, a third of the time)."""
+    """``out[dst] += x[src] @ W[k]`` over a kernel map's offsets: per group of offsets one
+    gather, one matrix product per offset into one buffer, one scatter-add. The backward
+    accumulates into one gradient buffer per tensor (autograd's own backward of a per-offset
+    loop would allocate and add a full-size zero gradient per offset)."""
 
     @staticmethod
     def forward(ctx, feats, kernel, m: _KernelMap, transpose: bool):
         ctx.save_for_backward(feats, kernel)
         ctx.m, ctx.transpose = m, transpose
+        src_all, dst_all = (m.rows_out, m.rows_in) if transpose else (m.rows_in, m.rows_out)
         n_out = m.n_in if transpose else m.n_out
         if m.identity is not None:
             out = feats @ kernel[m.identity]  # (N, C_out): the centre maps each row to itself
         else:
             out = feats.new_zeros((n_out, kernel.shape[-1]))
-        for me_k, src, dst in _directed(m, transpose):
-            out.index_add_(0, dst, feats.index_select(0, src) @ kernel[me_k])  # (n_out, C_out)
+        weights = kernel.unbind(0)  # K views (C_in, C_out), taken once
+        for a, b, segments in _groups(m, max(kernel.shape[-2:])):
+            sizes = [s1 - s0 for _, s0, s1 in segments]
+            x = feats.index_select(0, src_all[a:b])  # (P_g, C_in)
+            y = x.new_empty((b - a, kernel.shape[-1]))  # (P_g, C_out)
+            for (me_k, _, _), xs, ys in zip(segments, x.split(sizes), y.split(sizes)):
+                torch.mm(xs, weights[me_k], out=ys)
+            out.index_add_(0, dst_all[a:b], y)
         return out
 
     @staticmethod
@@ -200,6 +238,7 @@ class _GatherMatmulScatter(torch.autograd.Function):
     def backward(ctx, grad_out):
         feats, kernel = ctx.saved_tensors
         m = ctx.m
+        src_all, dst_all = (m.rows_out, m.rows_in) if ctx.transpose else (m.rows_in, m.rows_out)
         grad_out = grad_out.contiguous()
         grad_kernel = torch.zeros_like(kernel)  # (K, C_in, C_out); offsets without pairs: 0
         if m.identity is not None:
@@ -207,18 +246,19 @@ class _GatherMatmulScatter(torch.autograd.Function):
             grad_kernel[m.identity] = feats.T @ grad_out
         else:
             grad_feats = torch.zeros_like(feats)
-        for me_k, src, dst in _directed(m, ctx.transpose):
-            g = grad_out.index_select(0, dst)  # (n_k, C_out)
-            grad_kernel[me_k] += feats.index_select(0, src).T @ g  # (C_in, C_out)
-            grad_feats.index_add_(0, src, g @ kernel[me_k].T)  # (N, C_in)
+        weights_t = kernel.transpose(1, 2).unbind(0)  # K views (C_out, C_in)
+        grads = grad_kernel.unbind(0)  # K views (C_in, C_out), accumulated in place
+        for a, b, segments in _groups(m, max(kernel.shape[-2:])):
+            sizes = [s1 - s0 for _, s0, s1 in segments]
+            x = feats.index_select(0, src_all[a:b])  # (P_g, C_in)
+            g = grad_out.index_select(0, dst_all[a:b])  # (P_g, C_out)
+            gx = x.new_empty(x.shape)  # (P_g, C_in)
+            for (me_k, _, _), xs, gs, gxs in zip(segments, x.split(sizes), g.split(sizes),
+                                                 gx.split(sizes)):
+                grads[me_k].addmm_(xs.T, gs)  # (C_in, C_out)
+                torch.mm(gs, weights_t[me_k], out=gxs)
+            grad_feats.index_add_(0, src_all[a:b], gx)
         return grad_feats, grad_kernel, None, None
-
-
-def _directed(m: _KernelMap, transpose: bool):
-    """(ME offset, source rows, destination rows) of each offset's pairs; a transposed
-    convolution runs the pairs of the strided convolution it inverts backwards."""
-    for me_k, rows_in, rows_out in m.offsets:
-        yield (me_k, rows_out, rows_in) if transpose else (me_k, rows_in, rows_out)
 
 
 def _torch_apply(feats, kernel, m: _KernelMap, transpose: bool) -> torch.Tensor:
