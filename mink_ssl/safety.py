@@ -116,9 +116,14 @@ class DirLock:
         except OSError as e:
             raise output_error(e, self.dir, f"cannot create the output directory {self.dir}")
         for _ in range(10):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symbolic link: it would write our lock into its target
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
+                if os.path.islink(self.path):
+                    raise DirectoryLocked(
+                        f"{self.path} is a symbolic link (to {os.readlink(self.path)}), not a lock "
+                        f"file of ours; mink-ssl follows no link out of its output directory. "
+                        f"Remove the link (rm {self.path}) or use another directory") from None
                 raise output_error(e, self.path, f"cannot create the lock file {self.path}")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -139,7 +144,7 @@ class DirLock:
             except OSError:  # a file system without flock: fall back on the recorded pid
                 flocked = False
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # released (unlinked) between our open and flock: take the new file

@@ -82,6 +82,9 @@ class TaskRun:
         trainer.batches = iter(build_loader(dataset, batch_size, workers, seed, self.info.rank,
                                             self.info.world_size, trainer.state.samples,
                                             collate_fn))
+        # a whole pass of this rank's share skipped in a row: no step can be made
+        per_rank = -(-len(dataset) // self.info.world_size)
+        trainer.max_skipped = max(-(-per_rank // batch_size), 1)
 
     def standard_hooks(self, cfg, desc: str, save_fn: Callable, export_fn: Callable,
                        checkpoint_every: int | None = None,
@@ -99,6 +102,7 @@ class TaskRun:
         checkpoint, as :class:`~mink_ssl.safety.Interrupted`."""
         with StopSignals("saving a checkpoint at the next step boundary, then stopping") as sig:
             trainer.should_stop = stop_check(sig, self.info, self.device)
+            trainer.stop_requested = lambda: sig.requested
             trainer.train()
         if trainer.stopped:
             raise self.run.interrupted(trainer, sig.signum)

@@ -6,7 +6,10 @@
 ``module`` is any module, possibly wrapped in DistributedDataParallel, with
 ``forward(batch, iteration, max_iterations) -> {"loss": ..., "loss_*": ..., "stat_*": ...}``;
 batches have ``.to(device)``. A loader may yield ``None`` for a batch with nothing usable (the
-trainer skips it). Each task (:mod:`mink_ssl.tasks`) brings its module, batches and hooks.
+trainer skips it); ``max_skipped`` batches skipped in a row (a whole pass over the data) end the
+run with :class:`NoProgress` and the task's ``no_progress_hint``, and a stop signal is honoured
+between skipped batches too (``stop_requested``). Each task (:mod:`mink_ssl.tasks`) brings its
+module, batches and hooks.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+
+
+class NoProgress(RuntimeError):
+    """The loader gave nothing to train on for a whole pass: the run cannot make a step."""
 
 
 @dataclass
@@ -62,21 +69,41 @@ class Trainer:
         # asked after every step; True stops the run there (hooks' on_interrupt, not
         # after_train) and sets ``stopped`` (see mink_ssl.engine.rundir.stop_check)
         self.should_stop: Callable[[], bool] | None = None
+        # asked between skipped batches (no step boundary, no collective): this process got a
+        # stop signal; True stops the run as should_stop does
+        self.stop_requested: Callable[[], bool] | None = None
         self.stopped = False
+        # batches skipped in a row that end the run (None: no limit), and what to tell the user
+        self.max_skipped: int | None = None
+        self.no_progress_hint = "check the data and the settings that drop samples"
 
     def _next_batch(self):
+        """The next usable batch on the device; None when a stop was requested while batches
+        were being skipped."""
+        skipped = 0
         while True:
             batch = next(self.batches)
             self.state.samples += self.batch_size
             for h in self.hooks:
                 h.before_step(self, batch)
-            if batch is None:  # nothing usable in it (e.g. every pair had too few matches)
-                self.state.count("skipped_batches")
-                continue
-            return batch.to(self.device)
+            if batch is not None:
+                return batch.to(self.device)
+            # nothing usable in it (e.g. every pair had too few matches)
+            self.state.count("skipped_batches")
+            skipped += 1
+            if self.max_skipped is not None and skipped >= self.max_skipped:
+                raise NoProgress(
+                    f"no step can be made: the last {skipped} batches ({skipped * self.batch_size}"
+                    f" samples, a whole pass over the data) were all skipped, at iteration "
+                    f"{self.state.iteration}; {self.no_progress_hint}")
+            if self.stop_requested is not None and self.stop_requested():
+                return None
 
-    def run_step(self) -> dict[str, float]:
+    def run_step(self) -> dict[str, float] | None:
+        """One optimiser step; None (and no step) when a stop came while skipping batches."""
         batch = self._next_batch()
+        if batch is None:
+            return None
         out = self.module(batch, self.state.iteration, self.max_iterations)
         loss = out["loss"]
         if not torch.isfinite(loss):
@@ -96,11 +123,13 @@ class Trainer:
         for h in self.hooks:
             h.before_train(self)
         while self.state.iteration < self.max_iterations:
-            self.state.last_metrics = self.run_step()
-            self.state.iteration += 1
-            for h in self.hooks:
-                h.after_step(self)
-            if self.should_stop is not None and self.should_stop():
+            metrics = self.run_step()
+            if metrics is not None:
+                self.state.last_metrics = metrics
+                self.state.iteration += 1
+                for h in self.hooks:
+                    h.after_step(self)
+            if metrics is None or (self.should_stop is not None and self.should_stop()):
                 self.stopped = True
                 for h in self.hooks:
                     h.on_interrupt(self)

@@ -239,6 +239,28 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
         return _pretrain(cfg, tr)
 
 
+def no_progress_hint(cfg: DataConfig) -> str:
+    """What to change when no pair gives enough matches."""
+    return (f"every pair had fewer than data.min_matches={cfg.min_matches} matches within "
+            f"data.match_radius={cfg.match_radius:g} voxels of data.voxel_size="
+            f"{cfg.voxel_size:g} m: lower data.min_matches or raise data.match_radius (and check "
+            "that data.root holds overlapping pairs)")
+
+
+def check_pairs_usable(dataset: PairDataset, cfg: DataConfig, samples: int = 16) -> None:
+    """Up to ``samples`` pairs spread over the dataset, until one is usable: if none is, no
+    step could ever be made, and the user learns it now rather than after a whole pass."""
+    n = len(dataset)
+    if n == 0:
+        return  # build_dataset has said so already
+    picks = sorted({i * n // min(samples, n) for i in range(min(samples, n))})
+    for i in picks:
+        if dataset[(0, i)] is not None:
+            return
+    raise ValueError(f"none of {len(picks)} pairs sampled across the {n} pairs of "
+                     f"{cfg.root} can be trained on: {no_progress_hint(cfg)}")
+
+
 def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
     out_dir = tr.out_dir
     info, device = tr.info, tr.device
@@ -246,6 +268,7 @@ def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
 
     import_plugins(cfg.imports)
     dataset = build_dataset(cfg.data, cfg.seed)
+    check_pairs_usable(dataset, cfg.data)
     backbone = build_backbone(cfg.model, dataset.in_channels)
     objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
     module = PretrainModule(backbone, objectives, weights, cfg.freeze_bn).to(device)
@@ -269,6 +292,7 @@ def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
     resume, ckpt = tr.run.load_resume(load_checkpoint)
     tr.resume(trainer, resume, ckpt, restore)
     tr.attach_loader(trainer, dataset, cfg.batch_size, workers, cfg.seed, collate_pairs)
+    trainer.no_progress_hint = no_progress_hint(cfg.data)
     # objectives' hooks (e.g. an EMA teacher update) run right after the optimizer step,
     # so that logs and checkpoints see their result
     trainer.hooks = [PairTallies(), *unwrap(module).objective_hooks(),
