@@ -3,6 +3,7 @@ compatible resumes only, one writer, SIGINT / SIGTERM checkpoint at a step bound
 checkpoints, output-side I/O errors, failed starts. Real processes and signals."""
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -338,3 +339,25 @@ def test_labelled_points_beyond_the_scenes_is_named(tmp_path):
     assert any(f"{n} labelled points per scene" in s and f"1 of 2 training scenes have at most "
                f"{n} points (smallest: {smallest}, {n} points) and keep all their labels" in s
                for s in logs), logs
+
+
+@pytest.mark.slow
+def test_resume_changing_only_the_run_length_applies_the_new_schedule_from_its_first_step(
+        synthetic_pairs, tmp_path):
+    """Cosine to 0 at max_iterations=4, resumed to 6 with resume_override: the first resumed
+    step runs at the new schedule's lr (0.25 x lr), not at the old run's last lr (0, which left
+    the weights where checkpoint 4 had them)."""
+    out = tmp_path / "run"
+    cosine = OptimConfig(lr=0.05, schedule="cosine")
+    pretrain(tiny(synthetic_pairs, optim=cosine, checkpoint_every=1), out, print_fn=quiet)
+    old = torch.load(out / "checkpoint_4.pth", weights_only=True)
+    assert old["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    pretrain(tiny(synthetic_pairs, optim=cosine, checkpoint_every=1, max_iterations=6,
+                  resume="auto", resume_override=True), out, print_fn=quiet)
+    new = torch.load(out / "checkpoint_5.pth", weights_only=True)
+    moved = [k for k, v in old["backbone"].items()
+             if v.is_floating_point() and not torch.equal(v, new["backbone"][k])]
+    assert "conv0p1s1.kernel" in moved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr5 = [r["lr"] for r in rows if r.get("iteration") == 5]
+    assert lr5 and lr5[-1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))

@@ -215,9 +215,10 @@ class RunDir:
         return path, self._checked(path, ckpt)
 
     def restore(self, ckpt: dict, trainer, restore_fn: Callable) -> None:
-        """``restore_fn(ckpt, trainer)``; with ``resume_override`` and changed ``optim.*``, the
-        new optimizer settings and schedule then apply from the resumed iteration (the
-        optimizer's state, e.g. momentum buffers, is kept)."""
+        """``restore_fn(ckpt, trainer)``; with ``resume_override`` and changed ``optim.*`` or run
+        length (``max_iterations``, ``epochs``), the new optimizer settings and schedule then
+        apply from the resumed iteration, its first step included (the optimizer's state, e.g.
+        momentum buffers, is kept)."""
         import copy
         import warnings
 
@@ -225,7 +226,10 @@ class RunDir:
                         for g in trainer.optimizer.param_groups]
         fresh_schedule = copy.deepcopy(trainer.scheduler.state_dict())
         restore_fn(ckpt, trainer)
-        if not any(k.startswith("optim.") for k in self.changes):
+        # the schedule depends on optim.* and on the run's length (cosine, poly): either changed
+        # means the new schedule from the resumed iteration, its first step included
+        if not any(k.startswith("optim.") or k in ("max_iterations", "epochs")
+                   for k in self.changes):
             return
         for group, fresh in zip(trainer.optimizer.param_groups, fresh_groups):
             group.update(fresh)
