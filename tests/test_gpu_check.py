@@ -95,7 +95,13 @@ def test_missing_needs_install_from_the_wheel_folder_only(tmp_path, monkeypatch)
     monkeypatch.setattr(gpu_check, "NEEDS", {"numpy_absent_here": "numpy"})
     with pytest.raises(subprocess.CalledProcessError):  # numpy is not in the folder
         gpu_check.install_needs(tmp_path)
-    assert gpu_check.install_needs.__doc__
+    # a GPU machine without spconv (its CUDA wheels are too big to carry): spconv-triton
+    real = importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name, *a: None if name in (
+        "spconv", "spconv_triton") else real(name, *a))
+    monkeypatch.setattr(gpu_check, "NEEDS", {})
+    site = gpu_check.install_needs(tmp_path)
+    assert (site / "spconv_triton" / "pytorch" / "ops.py").exists()
 
 
 def test_no_wheels_prepared_is_a_clear_error(tmp_path, monkeypatch):
