@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,17 +143,24 @@ class FragmentStore:
         if not index.is_file() or not (self.dir / PAYLOAD_FILE).is_file():
             raise FileNotFoundError(f"{self.dir} is not a fragment directory ({INDEX_FILE} and "
                                     f"{PAYLOAD_FILE} expected); run `mink-ssl-prep scannet` first")
-        with np.load(index) as z:
-            schema = str(z["schema"])
-            if schema != SCHEMA:
-                raise ValueError(f"{index} has fragment schema {schema!r}; this version of "
-                                 f"mink-ssl reads {SCHEMA!r}: rerun data prep")
-            self.frames = z["frames"]
-            self.poses = z["poses"]
-            self.intrinsics = z["intrinsics"]
-            self.depth_shift = float(z["depth_shift"])
-            self.image_size = tuple(int(v) for v in z["image_size"])
-            self._depth, self._color = z["depth_offsets"], z["color_offsets"]
+        try:
+            with np.load(index) as z:
+                schema = str(z["schema"])
+                if schema != SCHEMA:
+                    raise ValueError(f"{index} has fragment schema {schema!r}; this version of "
+                                     f"mink-ssl reads {SCHEMA!r}: rerun data prep")
+                self.frames = z["frames"]
+                self.poses = z["poses"]
+                self.intrinsics = z["intrinsics"]
+                self.depth_shift = float(z["depth_shift"])
+                self.image_size = tuple(int(v) for v in z["image_size"])
+                self._depth, self._color = z["depth_offsets"], z["color_offsets"]
+        except ValueError as e:
+            if "fragment schema" in str(e):
+                raise
+            raise self._damaged(index, e) from None
+        except (zipfile.BadZipFile, KeyError, EOFError, OSError) as e:
+            raise self._damaged(index, e) from None
         self._row = {int(f): k for k, f in enumerate(self.frames)}
 
     def __len__(self) -> int:
@@ -164,6 +172,12 @@ class FragmentStore:
     def __del__(self) -> None:
         if getattr(self, "_fd_pid", None) == os.getpid():
             os.close(self._fd)
+
+    def _damaged(self, path: Path, e: BaseException, what: str = "") -> ValueError:
+        return ValueError(f"scene {self.scene}: {path} is damaged{what} ({type(e).__name__}: "
+                          f"{str(e)[:160]}); prepare the scene again: delete {self.dir} and rerun "
+                          "`mink-ssl-prep scannet` with the same --out (it redoes only missing "
+                          "scenes)")
 
     def names(self) -> list[str]:
         return [fragment_name(self.scene, int(f)) for f in self.frames]
@@ -189,15 +203,29 @@ class FragmentStore:
         if not -len(self) <= k < len(self):
             raise IndexError(f"fragment {k} out of range: {self.scene} has {len(self)}")
         H, W = self.image_size
-        raw = zlib.decompress(self._read(self._depth[k]))
-        depth = np.frombuffer(raw, "<u2").astype(np.uint16).reshape(H, W)
+        frame = int(self.frames[k])
+        payload = self.dir / PAYLOAD_FILE
+        name = fragment_name(self.scene, frame)
+        try:
+            raw = zlib.decompress(self._read(self._depth[k]))
+            depth = np.frombuffer(raw, "<u2").astype(np.uint16).reshape(H, W)
+        except (zlib.error, ValueError) as e:
+            if "is truncated at byte" in str(e):  # _read's own message names file and scene
+                raise
+            raise self._damaged(payload, e, f": the depth of fragment {name} does not decode "
+                                f"to {H}x{W} uint16") from None
         if color:
-            color = np.array(Image.open(io.BytesIO(self._read(self._color[k]))).convert("RGB"))
+            try:
+                color = np.array(Image.open(io.BytesIO(self._read(self._color[k]))).convert("RGB"))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's decoding errors
+                if "is truncated at byte" in str(e):
+                    raise
+                raise self._damaged(payload, e, f": the colour JPEG of fragment {name} does not "
+                                    "decode") from None
         else:
             color = None
-        frame = int(self.frames[k])
-        return Fragment(fragment_name(self.scene, frame), frame, self.poses[k], self.intrinsics,
-                        self.depth_shift, depth, color)
+        return Fragment(name, frame, self.poses[k], self.intrinsics, self.depth_shift, depth,
+                        color)
 
     def by_frame(self, frame: int, color: bool = True) -> Fragment:
         if frame not in self._row:

@@ -1,0 +1,56 @@
+"""Damaged prepared data is named (reliability issue, item 8): a corrupted depth or colour
+payload and a truncated fragment index name the scene, the fragment and the file, and say how
+to redo the scene; the copies are damaged here, the prepared originals stay intact."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from mink_ssl.formats.fragments import INDEX_FILE, PAYLOAD_FILE, FragmentStore
+
+
+@pytest.fixture
+def scene_copy(synthetic_pairs, tmp_path):
+    src = next(p for p in sorted(synthetic_pairs.iterdir()) if (p / INDEX_FILE).is_file())
+    return shutil.copytree(src, tmp_path / src.name)
+
+
+def test_corrupted_depth_payload_names_scene_fragment_and_file(scene_copy):
+    store = FragmentStore(scene_copy)
+    ok = store[1]  # another fragment still reads
+    offset, length = (int(v) for v in store._depth[0])
+    with open(scene_copy / PAYLOAD_FILE, "r+b") as f:
+        f.seek(offset + 2)
+        f.write(bytes(b ^ 0xFF for b in f.read(64)))  # flip bytes inside the zlib stream
+        f.seek(offset + 2)
+    store = FragmentStore(scene_copy)
+    name = store.names()[0]
+    with pytest.raises(ValueError, match=rf"scene {scene_copy.name}: .*{PAYLOAD_FILE} is damaged: "
+                                         rf"the depth of fragment {name} does not decode.*rerun "
+                                         r"`mink-ssl-prep scannet`"):
+        store[0]
+    np.testing.assert_array_equal(store[1].depth, ok.depth)
+
+
+def test_corrupted_colour_payload_names_the_fragment(scene_copy):
+    store = FragmentStore(scene_copy)
+    offset, length = (int(v) for v in store._color[0])
+    with open(scene_copy / PAYLOAD_FILE, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * min(length, 256))  # the JPEG header gone
+    with pytest.raises(ValueError, match=r"the colour JPEG of fragment .*/\d{6} does not decode"):
+        FragmentStore(scene_copy)[0]
+    assert FragmentStore(scene_copy).get(0, color=False).depth.shape == store.image_size
+
+
+def test_truncated_fragment_index_names_scene_and_file(scene_copy, synthetic_pairs):
+    index = scene_copy / INDEX_FILE
+    size = index.stat().st_size
+    with open(index, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ValueError, match=rf"scene {scene_copy.name}: .*{INDEX_FILE} is damaged "
+                                         r"\(BadZipFile.*delete .* and rerun"):
+        FragmentStore(scene_copy)
+    assert (synthetic_pairs / scene_copy.name / INDEX_FILE).stat().st_size == size  # original
