@@ -445,3 +445,19 @@ def test_learning_rate_warm_up_then_cosine_or_step():
         build_optimizer(replace(cfg, schedule="poly"), params, max_iterations=10)
     with pytest.raises(ValueError, match="unknown optimizer 'lamb'; valid choices: adam, adamw"):
         build_optimizer(replace(cfg, name="lamb"), params, max_iterations=10)
+
+
+def test_every_model_the_readme_names_has_a_config():
+    """model=<name> for each network the README's model list names (res16unet14s was missing)."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from mink_ssl.models import MODELS
+
+    readme = (REPO / "README.md").read_text()
+    named = set(re.findall(r"Res16UNet\w+", readme)) & set(MODELS.names())
+    assert {"Res16UNet14A", "Res16UNet14S", "Res16UNet34C"} <= named
+    for name in ("Res16UNet14A", "Res16UNet14S", "Res16UNet34C"):
+        cfg = OmegaConf.to_object(compose("data.root=/x", f"model={name.lower()}"))
+        assert cfg.model.name == name and cfg.model.engine == ModelConfig().engine
