@@ -361,3 +361,14 @@ def test_resume_changing_only_the_run_length_applies_the_new_schedule_from_its_f
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lr5 = [r["lr"] for r in rows if r.get("iteration") == 5]
     assert lr5 and lr5[-1] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_it_was_finished(synthetic_pairs, finished, tmp_path):
+    """Not 'final loss nan': no step runs, and the last line says why."""
+    out = copy_run(finished, tmp_path / "run")
+    logs = []
+    pretrain(tiny(synthetic_pairs, resume="auto"), out, print_fn=logs.append)
+    text = "\n".join(logs)
+    assert "nan" not in text
+    assert "had already made its 4 iterations; nothing to train" in text

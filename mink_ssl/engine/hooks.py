@@ -116,8 +116,13 @@ class LoggingHook(Hook):
         self._close()
         s = trainer.state
         tallies = "".join(f", {s.counts.get(name, 0)} {what}" for name, what in self.counts.items())
+        if "loss" not in s.last_metrics:  # resumed at its last iteration: no step ran here
+            self.print_fn(f"{self.desc}: the run had already made its {s.iteration} iterations; "
+                          f"nothing to train (raise max_iterations with resume_override=true to "
+                          f"train on){tallies}")
+            return
         self.print_fn(f"{self.desc}: {s.iteration} iterations, final loss "
-                      f"{s.last_metrics.get('loss', float('nan')):.4f}{tallies}")
+                      f"{s.last_metrics['loss']:.4f}{tallies}")
 
 
 def stat_name(metric: str) -> str:
