@@ -436,3 +436,25 @@ def test_s3dis_non_finite_point_is_dropped_naming_file_and_line(tmp_path):
     hits = [r for r in m["repairs"] if r["file"] == rel and r["line"] == 3]
     assert hits and "non-finite value(s)" in hits[0]["what"] and "nan" in hits[0]["what"]
     assert not m["skipped"] and len(m["scenes"]) == 2
+
+
+def test_s3dis_utf16_file_is_read_as_its_text(tmp_path):
+    """An annotation file saved as UTF-16 (with or without a byte-order mark) holds the same
+    points as its ASCII original, and the repair is reported; UTF-16 text that is not x y z r
+    g b numbers is refused naming the file and the fix (it was called "damaged or binary")."""
+    from data_prep.segmentation.s3dis import S3DISParams, parse_xyzrgb, run as run_s3dis
+    from data_prep.synthetic import generate_s3dis_rooms
+
+    raw = tmp_path / "s3dis"
+    generate_s3dis_rooms(raw, areas=(1, 5), rooms_per_area=1, seed=0, defects=False)
+    ref = run_s3dis(raw, tmp_path / "ref", S3DISParams(), progress=False)
+    anns = sorted(raw.glob("Area_1/*/Annotations/*.txt"))
+    for ann, codec in zip(anns[:2], ("utf-16", "utf-16-le")):
+        ann.write_bytes(ann.read_text().encode(codec))
+    m = run_s3dis(raw, tmp_path / "out", S3DISParams(), progress=False)
+    assert not m["skipped"] and m["scenes"] == ref["scenes"]  # the same points, scene by scene
+    whats = {r["file"]: r["what"] for r in m["repairs"]}
+    for ann, codec in zip(anns[:2], ("UTF-16", "UTF-16-LE")):
+        assert f"is {codec} text: read as the same ASCII text" in whats[ann.relative_to(raw).as_posix()]
+    with pytest.raises(ValueError, match=r"odd\.txt is UTF-16 text holding characters .*iconv"):
+        parse_xyzrgb("1 2 3 4 5 6 \u00e9\n".encode("utf-16"), "odd.txt")

@@ -159,6 +159,19 @@ def _diagnose(buf: np.ndarray) -> str | None:
     return f"line {k + 1} is not 6 numbers x y z r g b: {_show(buf[s:e].tobytes()[:200])}"
 
 
+def _utf16(data: bytes) -> str | None:
+    """The codec of UTF-16 text (a byte-order mark, or a NUL byte in every other position of
+    the first 4 KB, as an editor saving "Unicode" text writes), or None."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    head = np.frombuffer(data[:4096], dtype=np.uint8)
+    if len(head) >= 8 and len(head) % 2 == 0:
+        for codec, zeros in (("utf-16-le", head[1::2]), ("utf-16-be", head[0::2])):
+            if (zeros == 0).all() and (head[(0 if codec == "utf-16-le" else 1)::2] != 0).all():
+                return codec
+    return None
+
+
 def parse_xyzrgb(data: bytes, where: str = "<bytes>"
                  ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Parse S3DIS text ("x y z r g b" lines) into (N, 6) float64 rows.
@@ -167,9 +180,19 @@ def parse_xyzrgb(data: bytes, where: str = "<bytes>"
     Raises ValueError naming ``where`` and the first bad line if the text is not 6 numbers per
     line even after the repairs.
     """
+    repairs: list[tuple[int, str]] = []
+    codec = _utf16(data)
+    if codec is not None:  # the same text, saved as UTF-16: read it as such
+        try:
+            data = data.decode(codec).encode("ascii")
+        except (UnicodeDecodeError, UnicodeEncodeError) as e:
+            raise ValueError(f"{where} is {codec.upper()} text holding characters that are not "
+                             f"x y z r g b numbers ({e.reason} at byte {e.start}); convert it to "
+                             "ASCII (iconv -f UTF-16 -t ASCII) or restore it from the "
+                             "release") from None
+        repairs.append((1, f"the file is {codec.upper()} text: read as the same ASCII text"))
     buf = np.frombuffer(data, dtype=np.uint8)
     stray = _stray_bytes(buf)
-    repairs: list[tuple[int, str]] = []
     if stray.size:
         buf, repairs = _repair(buf, stray, where)
         data = buf.tobytes()
