@@ -372,3 +372,27 @@ def test_resuming_a_finished_run_says_it_was_finished(synthetic_pairs, finished,
     text = "\n".join(logs)
     assert "nan" not in text
     assert "had already made its 4 iterations; nothing to train" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _namespace_available(), reason="needs root and mount namespaces "
+                    "(unshare -m) to give the run a full file system")
+def test_disk_full_while_logging_metrics_names_the_file(synthetic_pairs, tmp_path):
+    """metrics.jsonl on a full file system (a one-page tmpfs, already full, bind-mounted over
+    it): the run stops at the first row with the path and what to do, not a bare OSError."""
+    import shlex
+
+    run, tiny_fs = tmp_path / "run", tmp_path / "tiny"
+    run.mkdir()
+    tiny_fs.mkdir()
+    (run / "metrics.jsonl").touch()
+    cmd = shlex.join(cli(synthetic_pairs, run, "max_iterations=4", "data.num_workers=0",
+                         "log_every=1"))
+    script = (f"set -e; mount --make-rprivate /; mount -t tmpfs -o size=4k tmpfs {tiny_fs}; "
+              f"head -c 4096 /dev/zero > {tiny_fs}/filler || true; : > {tiny_fs}/m; "
+              f"mount --bind {tiny_fs}/m {run}/metrics.jsonl; set +e; {cmd}")
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"cannot append iteration 1 to {run / 'metrics.jsonl'}" in res.stderr, res.stderr[-2000:]
+    assert "the disk is full" in res.stderr and "Traceback" not in res.stderr

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from mink_ssl.engine.trainer import Hook
 from mink_ssl.io import atomic_path
+from mink_ssl.safety import output_error
 
 
 class CheckpointHook(Hook):
@@ -76,7 +77,11 @@ class LoggingHook(Hook):
         except ImportError as e:  # pragma: no cover - tensorboard is a dependency
             raise ImportError("TensorBoard logging needs `pip install tensorboard`") from e
         self.writer = SummaryWriter(str(self.out_dir / "tb"))
-        self.jsonl = _open_metrics(self.out_dir / "metrics.jsonl")
+        path = self.out_dir / "metrics.jsonl"
+        try:
+            self.jsonl = _open_metrics(path)
+        except OSError as e:
+            raise output_error(e, path, f"cannot open {path} for appending") from None
         if self.progress:
             from tqdm import tqdm
 
@@ -94,8 +99,12 @@ class LoggingHook(Hook):
             for name in self.counts:
                 self.writer.add_scalar(f"stat/{name}", trainer.state.counts.get(name, 0), it)
             row = {"iteration": it, **{k: float(v) for k, v in m.items()}}
-            self.jsonl.write(json.dumps(row) + "\n")
-            self.jsonl.flush()
+            path = self.out_dir / "metrics.jsonl"
+            try:
+                self.jsonl.write(json.dumps(row) + "\n")
+                self.jsonl.flush()
+            except OSError as e:  # disk full, a file-size limit: the path and what to do
+                raise output_error(e, path, f"cannot append iteration {it} to {path}") from None
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.3g}")
