@@ -137,6 +137,8 @@ def main() -> int:
         print(f"needs both engines; missing: {missing}", file=sys.stderr)
         return 1
     threads = args.threads or [int(os.environ.get("OMP_NUM_THREADS", "1"))]
+    if min(threads) < 1 or args.repeats < 1:
+        p.error(f"--threads and --repeats must be >= 1, got {threads} and {args.repeats}")
     for n_threads in threads:
         rows = {}
         env = dict(os.environ, OMP_NUM_THREADS=str(n_threads))

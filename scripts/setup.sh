@@ -117,21 +117,15 @@ step "import check" \
   "an import failed; if it is open3d, install libusb-1.0-0 and libgl1 (apt-get); otherwise delete $VENV and rerun"
 "$PY" - <<'PY'
 import torch, open3d, numpy, scipy, plyfile, hydra, mink_ssl
+from mink_ssl.io import library_versions
 from mink_ssl.models.engines import ENGINES, engine_unavailable
 engines = {e: engine_unavailable(e) for e in ENGINES}
 if all(engines.values()):
     raise SystemExit(f"no sparse engine imports: {engines}")
-import importlib.metadata as md
-def version(dist):
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-sp = next((f"{d} {version(d)}" for d in ("spconv", "spconv-cu126", "spconv-cu124", "spconv-cu121",
-           "spconv-cu120", "spconv-cu118", "spconv-triton") if version(d)), "missing")
-me = version("MinkowskiEngine") or "missing"
-print(f"torch {torch.__version__} | engines: {sp}, MinkowskiEngine {me} | open3d "
-      f"{open3d.__version__} | numpy {numpy.__version__} | mink_ssl {mink_ssl.__version__}")
+v = library_versions()
+print(f"torch {torch.__version__} | engines: {v['spconv']}, MinkowskiEngine "
+      f"{v['MinkowskiEngine']} | open3d {open3d.__version__} | numpy {numpy.__version__} | "
+      f"mink_ssl {mink_ssl.__version__}")
 for e, why in engines.items():
     if why:
         print(f"!! engine {e} unavailable: {why}")

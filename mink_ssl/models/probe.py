@@ -195,9 +195,11 @@ class FrozenProbe(nn.Module):
         parts = []
         for name, stride in DECODER_STAGES:
             stage = stages[name]
+            if torch.equal(stage.coords, fine):  # stride 1: the input's voxels, in its order
+                parts.append(stage.feats)
+                continue
             # each voxel takes the features of the stage's voxel containing it; the engines
-            # order a stage's rows differently, so rows are found by coordinates (also at
-            # stride 1, which costs little and assumes nothing)
+            # order a coarse stage's rows differently, so rows are found by coordinates
             rows = row_index(parent_coordinates(fine, stride), stage.coords)  # (N,)
             parts.append(stage.feats[rows])
         return torch.cat(parts, 1), out  # (N, multiscale_width)

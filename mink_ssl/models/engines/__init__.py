@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from mink_ssl.sparse import SparseVoxels
 
-#: the engines, in the order ``auto`` prefers them
+#: the engines (the first is the default, mink_ssl.models.res16unet.DEFAULT_ENGINE)
 ENGINES = ("spconv", "minkowski")
 #: what to install for each engine
 INSTALL_HINTS = {
@@ -56,8 +56,6 @@ class Engine(Protocol):
     def cat(self, *xs): ...
 
     def is_conv(self, module: nn.Module) -> bool: ...
-
-    def kernel(self, module: nn.Module): ...
 
     def to_native(self, x: SparseVoxels, align: int = 16): ...
 

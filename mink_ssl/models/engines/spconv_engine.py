@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mink_ssl.sparse import SparseVoxels, duplicate_rows
+from mink_ssl.sparse import SparseVoxels
 
 _NATIVE = None
 
@@ -385,10 +385,7 @@ class SpconvEngineLayers:
             raise ValueError(f"the spconv engine takes inputs at tensor stride 1, got {x.stride}")
         if len(c) == 0:
             raise ValueError("the network got an empty sparse tensor (0 voxels)")
-        dup = duplicate_rows(c)
-        if dup:
-            raise ValueError(f"{dup} voxel coordinate rows repeat an earlier row; a sparse tensor "
-                             "holds each voxel once (quantise with mink_ssl.sparse.quantize)")
+        # rows must be unique (each voxel once): the network's input check holds that
         xyz = c[:, 1:].to(torch.int64)  # (N, 3)
         shift = torch.div(xyz.min(0).values, align, rounding_mode="floor") * align  # (3,) int64
         idx = xyz - shift  # (N, 3) int64, >= 0
