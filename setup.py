@@ -50,6 +50,7 @@ setup(
             "mink-ssl-viz=mink_ssl.cli.viz:main",
             "mink-ssl-finetune-seg=mink_ssl.cli.finetune_seg:main",
             "mink-ssl-finetune-det=mink_ssl.cli.finetune_det:main",
+            "mink-ssl-weights=mink_ssl.cli.weights:main",
         ],
     },
 )

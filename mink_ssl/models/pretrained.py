@@ -1,24 +1,27 @@
 """Strict, loud loading of pretrained backbone weights into a task model.
 
-Accepted files (all read with ``torch.load(weights_only=True)``):
+Accepted files: every layout :func:`mink_ssl.models.weight_files.read_weights` knows, read
+without running anything from the file's pickle:
 
 - a backbone exported by pretraining (``backbone.pth``, :func:`mink_ssl.models.save_model`,
   format ``mink_ssl.model/1``): its ``state_dict``;
 - a training checkpoint (``checkpoint_<it>.pth``, :mod:`mink_ssl.engine.checkpoint`, format
   ``mink_ssl.checkpoint/1``), a fine-tuning checkpoint (``mink_ssl.seg_checkpoint/1``) or a
   segmentation model (``mink_ssl.seg_model/1``): their ``backbone`` entry;
-- an untagged ``{"state_dict": {...}}`` (MinkowskiEngine / PointContrast checkpoints) or a bare
-  state dict of tensors.
+- the released checkpoints: PointContrast's and CSC's pretraining files (``state_dict`` with
+  ``curr_iter``, and PointContrast's OmegaConf ``config``), their fine-tuned semseg and VoteNet
+  files, any ``{"state_dict": ...}`` and a bare state dict of tensors; a backbone under a key
+  prefix (``module.``, ``encoder.``, ...) is found by its stem and the prefix removed, said in
+  the report.
 
-Rules: a missing file is an error; the file's architecture (where it records one) must match the
-model's; every key of the file must land on a key of the target module (after ``prefix``) with
-the same shape, and every key of the model must come from the file, except the task layers
+Rules: a missing file is an error; the file's architecture (recorded in the file, or inferred
+from its key names and shapes) must match the model's; every key of the file must land on a key
+of the target module (after ``prefix``) with the same shape, and every key of the model must come from the file, except the task layers
 (``model.task_layers``: the head, or ``backbone.final.`` where the backbone's final layer is
 rebuilt for the task as the released code does). File keys that land on a task layer (the
 pretrained ``final.kernel`` / ``final.bias``) are dropped, whatever their shape, and listed in the
 report. Anything else raises ``ValueError`` naming the keys, with a hint when all unexpected keys
-share an extra prefix such as ``module.`` (DistributedDataParallel) or ``backbone.``. Nothing is
-ever loaded partially.
+share an extra prefix. Nothing is ever loaded partially.
 
 The released code (``load_state_with_same_shape``) loads every key whose name and shape match and
 silently skips the rest; on a rebuilt final layer that skips exactly ``final.kernel`` and
@@ -34,11 +37,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from mink_ssl.formats.model_files import BACKBONE_ENTRY
-
+from mink_ssl.models.weight_files import read_weights
 #: constructor arguments that decide tensor names and shapes (bn_momentum, normalize_output
 #: do not, and may differ between pretraining and fine-tuning)
-ARCHITECTURE_KEYS = ("name", "in_channels", "out_channels", "stem_kernel_size", "dimension")
+from mink_ssl.models.weight_files.layouts import ARCHITECTURE_KEYS
 _SHOW = 8  # keys listed per problem in error messages
 
 
@@ -59,6 +61,7 @@ class LoadReport:
     matched_fraction: float
     matched_elements: float
     dropped: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         n, total = len(self.loaded), len(self.loaded) + len(self.allowed_missing)
@@ -68,35 +71,10 @@ class LoadReport:
                 f"{', '.join(layers)}" if self.allowed_missing else "")
         dropped = (f"; dropped from the file (task layer rebuilt): {', '.join(self.dropped)}"
                    if self.dropped else "")
+        notes = "".join(f"; {n}" for n in self.notices)
         return (f"pretrained: {self.path} ({self.source}): loaded {n}/{total} tensors "
                 f"({100 * self.matched_fraction:.1f}% of keys, {100 * self.matched_elements:.1f}%"
-                f" of elements){kept}{dropped}")
-
-
-def _read(path: Path) -> tuple[dict, dict | None, str]:
-    """(state dict, architecture config or None, description of the source) of ``path``."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise ValueError(f"{path} cannot be read as a weights-only torch file ({e}); export "
-                         "the weights as a plain state dict") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
-    fmt = obj.get("format")
-    if fmt is not None:
-        if fmt not in BACKBONE_ENTRY:
-            raise ValueError(f"{path} has format {fmt!r}; pretrained weights can come from "
-                             f"{sorted(BACKBONE_ENTRY)} or an untagged state dict")
-        entry = BACKBONE_ENTRY[fmt]
-        if not isinstance(obj.get(entry), dict):
-            raise ValueError(f"{path} (format {fmt!r}) has no {entry!r} entry")
-        return obj[entry], obj.get("model"), f"{fmt}, entry {entry!r}"
-    if isinstance(obj.get("state_dict"), dict):
-        return obj["state_dict"], None, "untagged checkpoint, entry 'state_dict'"
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, None, "bare state dict"
-    raise ValueError(f"{path} is neither a mink-ssl model/checkpoint nor a state dict (top-level "
-                     f"keys {sorted(obj)[:_SHOW]})")
+                f" of elements){kept}{dropped}{notes}")
 
 
 def _listing(keys: Sequence[str]) -> str:
@@ -133,7 +111,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path} do not exist; give an existing file "
                                 "or pretrained=null to train from scratch")
-    source, file_arch, desc = _read(path)
+    wf = read_weights(path)
+    source, file_arch, desc = wf.state_dict, wf.architecture, wf.source
     if allow_missing is None:
         allow_missing = tuple(getattr(model, "task_layers", ("head.",)))
     allow = tuple(allow_missing)
@@ -142,14 +121,17 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
     # a rebuilt final layer makes the file's output width irrelevant
     arch_keys = [k for k in ARCHITECTURE_KEYS
                  if not (k == "out_channels" and (prefix + "final.").startswith(allow))]
-    if file_arch is not None and architecture is not None:
+    if architecture is not None:
         diff = [f"{k}: file {file_arch.get(k)!r} vs model {architecture.get(k)!r}"
-                for k in arch_keys if file_arch.get(k) != architecture.get(k)]
+                for k in arch_keys if file_arch.get(k) is not None
+                and file_arch.get(k) != architecture.get(k)
+                and not (k == "name" and architecture.get(k) in wf.equivalent_names)]
         if diff:
             hint = ("; a 1-channel backbone was pretrained on data.features=ones1: fine-tune with "
                     "data.features=ones1, or pretrain on a 3-channel mode (ones_jitter)"
                     if file_arch.get("in_channels") == 1 else "")
-            raise ValueError(f"{path} holds a different backbone architecture ({'; '.join(diff)}); "
+            raise ValueError(f"{path} holds a different backbone architecture ({'; '.join(diff)}; "
+                             f"{wf.architecture_source}); "
                              "configure the model like the pretraining run (e.g. model=<same> "
                              f"model.out_channels=<same>){hint}")
     target = model.state_dict()
@@ -177,6 +159,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
         if shapes:
             problems.append(f"{len(shapes)} shape mismatch(es) (file vs model): "
                             f"{_listing(shapes)}")
+        problems += wf.notices
+        if file_arch.get("name") is None:
+            problems.append(f"architecture {wf.architecture_source}")
         raise ValueError(f"cannot load {path} ({desc}) strictly: " + "; ".join(problems))
     merged = dict(target)
     merged.update({k: v.to(target[k].dtype) for k, v in mapped.items()})
@@ -186,4 +171,5 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
     total_elements = sum(v.numel() for v in target.values()) or 1
     return LoadReport(path=path, source=desc, loaded=loaded, allowed_missing=missing,
                       matched_fraction=len(loaded) / max(len(target), 1),
-                      matched_elements=elements / total_elements, dropped=dropped)
+                      matched_elements=elements / total_elements, dropped=dropped,
+                      notices=list(wf.notices))
