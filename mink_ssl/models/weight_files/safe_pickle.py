@@ -148,6 +148,8 @@ _TORCH_ALLOWED = {
     ("collections", "defaultdict"): collections.defaultdict,
     ("collections", "deque"): collections.deque,
 }
+
+
 @dataclass
 class ReadReport:
     """What the reader met: ``foreign``: dotted names of the classes and functions it did not
@@ -159,11 +161,9 @@ class ReadReport:
 class SafeUnpickler(pickle.Unpickler):
     """``find_class`` returns data constructors only; any other name becomes a stand-in."""
 
-    report: ReadReport | None = None
+    report: ReadReport  # set per read by _module()
 
     def find_class(self, module: str, name: str):
-        if self.report is None:
-            type(self).report = ReadReport()
         # Python 2 names (protocol 2 files), mapped as pickle's fix_imports does
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
@@ -171,8 +171,8 @@ class SafeUnpickler(pickle.Unpickler):
         if allowed is not None:
             return allowed
         dotted = f"{module}.{name}"
-        root = module.split(".")[0]
-        if (module in CODE_MODULES or root in CODE_MODULES or
+        # a stand-in never runs; a name from a module that runs code marks a crafted file
+        if (any(module == m or module.startswith(m + ".") for m in CODE_MODULES) or
                 (module == "builtins" and name not in SAFE_BUILTINS)):
             raise UnsafeFileError(
                 f"the file names {dotted}, which runs code when unpickled; it was refused and "
