@@ -37,11 +37,17 @@ def _umask() -> int:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically; a failed write (disk full ...) is an ``OutputError`` naming
-    the file and the free space, not torch's serializer message."""
+    the file and the free space, not torch's serializer message. Our tagged files (``format``
+    ``mink_ssl.*``) are written with their checksum (:func:`~mink_ssl.formats.model_files.
+    with_checksum`)."""
     import shutil
 
     import torch
 
+    from mink_ssl.formats.model_files import with_checksum
+
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith("mink_ssl."):
+        obj = with_checksum(obj)  # our tagged files carry the digest load_tagged verifies
     try:
         with atomic_path(path) as tmp:
             torch.save(obj, tmp)

@@ -441,3 +441,48 @@ def test_convert_to_pointcept(tmp_path, frame):
     with pytest.raises(ValueError, match="SpUNet-v1m1 is not this network.*encoder stages 2-4"
                                          ".*eps: SpUNet 1e-3.*momentum: SpUNet 0.01"):
         convert(wf, "pointcept-spunet")
+
+
+# ---------------------------------------------------------------------- damaged weights
+
+def _flip_a_weight_bit(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit inside ``tensor``'s bytes in the saved file (torch's zip has no CRC check)."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.detach().contiguous().numpy().tobytes()[:64])
+    assert at > 0
+    data[at + 9] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def test_our_files_carry_a_checksum_that_finds_a_flipped_bit(tmp_path):
+    from mink_ssl.models import save_model
+
+    model = net()
+    save_model(model, tmp_path / "backbone.pth")
+    assert len(torch.load(tmp_path / "backbone.pth", weights_only=True)["checksum"]["sha256"]) == 64
+    load_model(tmp_path / "backbone.pth")  # intact: loads
+    _flip_a_weight_bit(tmp_path / "backbone.pth", model.state_dict()["block1.0.conv1.kernel"])
+    torch.load(tmp_path / "backbone.pth", weights_only=True)  # torch itself sees nothing
+    for load in (load_model, lambda p: load_pretrained(net(), p, prefix="")):
+        with pytest.raises(ValueError, match="backbone.pth is damaged: its content does not "
+                                             "match the checksum"):
+            load(tmp_path / "backbone.pth")
+    data = (tmp_path / "m.pth")
+    save_model(model, data)
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="m.pth cannot be read as a mink-ssl model file: it is "
+                                         "damaged, truncated"):
+        load_model(data)
+
+
+def test_non_finite_pretrained_weights_are_named_at_load(tmp_path):
+    state = net().state_dict()
+    state["block2.0.conv2.kernel"][0, 0, 0] = float("nan")
+    state["bn0.bn.running_var"][1] = float("inf")
+    torch.save({"state_dict": state}, tmp_path / "nan.pth")
+    model = net(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"non-finite values.*2 tensor\(s\): "
+                                         r"(?=.*block2\.0\.conv2\.kernel)(?=.*bn0\.bn\.running_var)"):
+        load_pretrained(model, tmp_path / "nan.pth", prefix="")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -38,6 +38,62 @@ BACKBONE_ENTRY = {
 }
 
 
+#: entry of a tagged file holding the digest of everything else in it
+CHECKSUM = "checksum"
+
+
+def content_digest(obj) -> str:
+    """SHA-256 of ``obj``'s content, ``checksum`` entry excluded: every tensor's dtype, shape and
+    bytes and every plain value, in a fixed walk (dict keys in their stored order)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(node):
+        if isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(node, dict):
+            items = [(k, v) for k, v in node.items() if k != CHECKSUM]
+            h.update(f"D{len(items)}".encode())
+            for k, v in items:
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            h.update(f"L{len(node)}".encode())
+            for v in node:
+                walk(v)
+        else:
+            h.update(f"V{type(node).__name__}:{node!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def with_checksum(obj: dict) -> dict:
+    """``obj`` with its :func:`content_digest` under ``checksum`` (verified by load_tagged)."""
+    return {**{k: v for k, v in obj.items() if k != CHECKSUM},
+            CHECKSUM: {"sha256": content_digest(obj)}}
+
+
+def verify_checksum(obj: dict, path) -> None:
+    """A ``ValueError`` naming ``path`` when its recorded checksum does not match its content
+    (files written before checksums existed have none and pass)."""
+    recorded = obj.get(CHECKSUM, {}).get("sha256") if isinstance(obj.get(CHECKSUM), dict) else None
+    if recorded is None:
+        return
+    found = content_digest(obj)
+    if found != recorded:
+        raise ValueError(f"{path} is damaged: its content does not match the checksum written "
+                         f"with it (sha256 {recorded[:12]}... recorded, {found[:12]}... now): "
+                         "a bit flipped on disk or in a copy. Use another copy, or the previous "
+                         "checkpoint (move this one away; resume=auto then takes the newest "
+                         "remaining one)")
+
+
 def format_of(obj) -> str:
     """The ``format`` tag of a loaded file, or its type's name when it is not a dict."""
     return obj.get("format") if isinstance(obj, dict) else type(obj).__name__
@@ -45,7 +101,8 @@ def format_of(obj) -> str:
 
 def load_tagged(path: str | os.PathLike, formats: Sequence[str], what: str,
                 map_location="cpu", missing: str = "", expected: str | None = None) -> dict:
-    """The tagged container in ``path``, read with ``torch.load(weights_only=True)``.
+    """The tagged container in ``path``, read with ``torch.load(weights_only=True)``, its
+    checksum verified where it has one.
 
     ``what`` says what the caller wants ("a mink-ssl model file"); a missing file is a
     ``FileNotFoundError`` (with the ``missing`` hint appended), and a file whose format is not
@@ -57,9 +114,17 @@ def load_tagged(path: str | os.PathLike, formats: Sequence[str], what: str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist{missing}")
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's readers raise many types for a damaged file
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise ValueError(f"{path} cannot be read as {what}: it is damaged, truncated or not a "
+                         f"torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); use "
+                         "another copy, or the previous checkpoint") from e
     found = format_of(obj)
     if found not in formats:
         expected = expected or " or ".join(repr(f) for f in formats)
         raise ValueError(f"{path} is not {what} (format {found!r}, expected {expected})")
+    verify_checksum(obj, path)
     return obj

@@ -134,6 +134,11 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, prefix: str = 
                              f"{wf.architecture_source}); "
                              "configure the model like the pretraining run (e.g. model=<same> "
                              f"model.out_channels=<same>){hint}")
+    bad = [k for k, v in source.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} ({desc}) holds non-finite values (NaN or inf) in {len(bad)} "
+                         f"tensor(s): {_listing(bad)}; these weights are broken (a diverged run "
+                         "or a damaged file): use an earlier checkpoint or another copy")
     target = model.state_dict()
     mapped = {prefix + k: v for k, v in source.items()}
     dropped = [k[len(prefix):] for k in mapped if k.startswith(allow)]

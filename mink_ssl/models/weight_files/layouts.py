@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from mink_ssl.formats.model_files import BACKBONE_ENTRY
+from mink_ssl.formats.model_files import BACKBONE_ENTRY, verify_checksum
 from mink_ssl.models.weight_files.safe_pickle import Foreign, plain_data, safe_torch_load
 
 STEM = "conv0p1s1.kernel"
@@ -123,6 +123,7 @@ def _layout(path: Path, obj: dict) -> tuple[str, str, dict, dict]:
         if fmt not in BACKBONE_ENTRY:
             raise ValueError(f"{path} has format {fmt!r}; weights can come from "
                              f"{sorted(BACKBONE_ENTRY)}, a released checkpoint or a state dict")
+        verify_checksum(obj, path)
         entry = BACKBONE_ENTRY[fmt]
         if not isinstance(obj.get(entry), dict):
             raise ValueError(f"{path} (format {fmt!r}) has no {entry!r} entry")
