@@ -18,7 +18,12 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["mink_ssl", "mink_ssl.*", "data_prep", "data_prep.*"]),
+    # the hydra configs (top-level configs/) ship inside the package as mink_ssl/configs, so
+    # that a non-editable install (pip install ., a wheel) finds them (mink_ssl/cli/_hydra.py)
+    packages=find_packages(include=["mink_ssl", "mink_ssl.*", "data_prep", "data_prep.*"])
+    + ["mink_ssl.configs"],
+    package_dir={"mink_ssl.configs": "configs"},
+    package_data={"mink_ssl.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=[
         # torch and the sparse engines are installed by `make setup` before this package (torch
         # pinned per machine; spconv's wheel chosen for that torch: spconv (CPU), spconv-cuXXX

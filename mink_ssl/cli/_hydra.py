@@ -6,7 +6,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """The hydra configs: shipped inside the installed package (``mink_ssl/configs``, see
+    setup.py), or the top-level ``configs/`` of a source checkout."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[1] / "configs", here.parents[2] / "configs"):
+        if (candidate / "pretrain.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"mink-ssl's configs are neither in {here.parents[1] / 'configs'} "
+                            f"(an installed package) nor in {here.parents[2] / 'configs'} (a "
+                            "source checkout); reinstall mink-ssl (pip install .)")
+
+
+CONFIG_DIR = _config_dir()
 #: errors that mean "bad input" (printed as one line, exit 2), not a bug (traceback)
 INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, FloatingPointError)
 
