@@ -195,7 +195,9 @@ class _Payload:
 
 
 @pytest.mark.parametrize("how", ["system", "eval", "subprocess"])
-def test_a_code_running_pickle_is_refused_and_never_runs(tmp_path, how):
+def test_a_code_running_pickle_is_refused_and_never_runs(tmp_path, capsys, how):
+    from mink_ssl.cli.weights import main
+
     marker = tmp_path / "ran"
     model = net()
     evil = {"curr_iter": 1, "state_dict": model.state_dict(), "config": _Payload(marker, how)}
@@ -206,13 +208,11 @@ def test_a_code_running_pickle_is_refused_and_never_runs(tmp_path, how):
             safe_torch_load(tmp_path / name)
         with pytest.raises(UnsafeFileError):
             load_pretrained(net(), tmp_path / name, prefix="")
-        out = subprocess.run([sys.executable, "-m", "mink_ssl.cli.weights", "inspect",
-                              str(tmp_path / name)], capture_output=True, text=True, cwd=REPO)
-        assert out.returncode == 3 and "refused" in out.stderr
+        assert main(["inspect", str(tmp_path / name)]) == 3
+        assert "refused" in capsys.readouterr().err
     assert not marker.exists()
     # the payload is live: the unsafe load that the old advice led to runs it
-    subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], "
-                    "weights_only=False)", str(tmp_path / "top.pth")], cwd=REPO)
+    torch.load(tmp_path / "top.pth", weights_only=False)
     assert marker.exists()
 
 
@@ -289,22 +289,20 @@ def _scrambled(model):
     return model
 
 
-def test_convert_to_our_format_gives_the_same_network(tmp_path, frame):
+def test_convert_to_our_format_gives_the_same_network(tmp_path, frame, capsys):
+    from mink_ssl.cli.weights import main
+
     model = _scrambled(net("Res16UNet34C"))
     path = released_file("pointcontrast", tmp_path / "pc.pth", model, legacy=True)
-    out = subprocess.run([sys.executable, "-m", "mink_ssl.cli.weights", "convert", str(path),
-                          "--out", str(tmp_path / "backbone.pth")], capture_output=True,
-                         text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
+    assert main(["convert", str(path), "--out", str(tmp_path / "backbone.pth")]) == 0
     state = torch.load(tmp_path / "backbone.pth", weights_only=True)  # plain data
     assert state["format"] == "mink_ssl.model/1" and state["model"]["bn_momentum"] == 0.05
     assert state["converted_from"]["layout"] == "PointContrast pretraining checkpoint"
     converted = load_model(tmp_path / "backbone.pth")
     assert torch.equal(_out(converted, frame), _out(model, frame))
-    again = subprocess.run([sys.executable, "-m", "mink_ssl.cli.weights", "convert", str(path),
-                            "--out", str(tmp_path / "backbone.pth")], capture_output=True,
-                           text=True, cwd=REPO)
-    assert again.returncode == 2 and "exists" in again.stderr
+    capsys.readouterr()
+    assert main(["convert", str(path), "--out", str(tmp_path / "backbone.pth")]) == 2
+    assert "exists; choose another --out or add --overwrite" in capsys.readouterr().err
 
 
 SPCONV_MISSING = engine_unavailable("spconv")
