@@ -2,13 +2,21 @@
 
 Every task's checkpoint holds its format tag (:mod:`mink_ssl.formats.model_files`), library
 versions, the resolved config as plain data, optimizer, scheduler, the trainer state (iteration,
-samples consumed: the sampler position, and the task's tallies), RNG states (torch, CUDA, numpy,
-python, and every :class:`~mink_ssl.seeding.SeededGenerator` of the module, e.g. objectives'),
-and the task's own parts (weights and the constructor arguments that rebuild them), which the
-task names when it saves and restores.
+rank 0's samples consumed and the task's tallies), ``ranks``: one entry per rank (process) of
+the run, ``{"rng": ..., "samples": ...}``, with that rank's RNG states (torch, CUDA, numpy,
+python, and every :class:`~mink_ssl.seeding.SeededGenerator` of the module, e.g. objectives')
+and its sampler position (samples it consumed, skipped batches included), and the task's own
+parts (weights and the constructor arguments that rebuild them), which the task names when it
+saves and restores.
+
+Ranks draw different amounts of randomness (their batches differ), so each rank saves and
+restores its own states: :func:`gather_rank_states` (a collective every rank calls) brings them
+to rank 0, which writes them; a resumed rank r takes entry r. Checkpoints written before
+``ranks`` existed hold one ``rng`` (rank 0's), which every rank then takes.
 """
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -62,15 +70,70 @@ def set_rng_state(state: dict, module) -> None:
         gens[key]._generator.set_state(gstate)
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in the initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_state(trainer) -> dict:
+    """What this rank alone knows and a resume needs: its RNG states and its sampler position
+    (samples consumed, skipped batches included, so ranks may differ)."""
+    return {"rng": rng_state(unwrap(trainer.module)), "samples": int(trainer.state.samples)}
+
+
+def gather_rank_states(trainer) -> list[dict] | None:
+    """Every rank's :func:`rank_state`, in rank order, on rank 0 (None on the other ranks).
+
+    A collective: every rank must call it at the same point. The states travel as
+    ``torch.save`` bytes and are read back with ``weights_only=True`` (plain containers and
+    tensors; nothing is unpickled as code)."""
+    import torch.distributed as dist
+
+    rank, world = process_rank()
+    mine = rank_state(trainer)
+    if world == 1:
+        return [mine]
+    buf = io.BytesIO()
+    torch.save(mine, buf)
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    payload = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s.item()) for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: payload.numel()] = payload
+    padded = padded.to(device)
+    chunks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    if rank != 0:
+        return None
+    return [torch.load(io.BytesIO(chunk[: int(n.item())].cpu().numpy().tobytes()),
+                       weights_only=True) for chunk, n in zip(chunks, sizes)]
+
+
 def save_checkpoint(path: Path, trainer, config: dict, fmt: str, parts: dict) -> Path:
     """Everything to resume ``trainer`` exactly, tagged ``fmt``; ``parts``: the task's weights
-    and constructor arguments (plain containers), stored as top-level entries."""
-    module = unwrap(trainer.module)
+    and constructor arguments (plain containers), stored as top-level entries. The per-rank
+    states are ``trainer.rank_states`` (gathered from every rank by the checkpoint hook) or,
+    without them, this process's alone."""
+    ranks = getattr(trainer, "rank_states", None) or [rank_state(trainer)]
     return atomic_torch_save({
         "format": fmt, "versions": library_versions(), "config": config, **parts,
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "state": trainer.state.to_dict(), "rng": rng_state(module),
+        "state": trainer.state.to_dict(), "ranks": ranks,
     }, path)
+
+
+def saved_world_size(ckpt: dict) -> int | None:
+    """The number of ranks that wrote ``ckpt`` (None: written before per-rank states)."""
+    ranks = ckpt.get("ranks") if isinstance(ckpt, dict) else None
+    return len(ranks) if isinstance(ranks, list) else None
 
 
 def load_checkpoint(path: Path, fmt: str, what: str) -> dict:
@@ -79,12 +142,21 @@ def load_checkpoint(path: Path, fmt: str, what: str) -> dict:
 
 
 def restore_training(ckpt: dict, trainer) -> TrainState:
-    """Optimizer, scheduler, RNG and trainer state from ``ckpt`` (the task restores its weights
-    first); the sampler restarts from the state's ``samples``."""
+    """Optimizer, scheduler, trainer state, and this rank's RNG states and sampler position from
+    ``ckpt`` (the task restores its weights first); the sampler restarts from ``samples``.
+
+    Rank r takes the checkpoint's entry r. A run on another number of ranks (allowed only with
+    ``resume_override``, see :class:`~mink_ssl.engine.rundir.RunDir`) takes entry r where there
+    is one and rank 0's otherwise: it continues, but not as the saved run would have."""
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     trainer.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"], unwrap(trainer.module))
     trainer.state = TrainState.from_dict(ckpt["state"])
+    rank, _ = process_rank()
+    ranks = ckpt.get("ranks")
+    own = ((ranks[rank] if rank < len(ranks) else ranks[0]) if ranks
+           else {"rng": ckpt["rng"], "samples": trainer.state.samples})
+    set_rng_state(own["rng"], unwrap(trainer.module))
+    trainer.state.samples = int(own["samples"])
     return trainer.state
 
 

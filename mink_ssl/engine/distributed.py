@@ -108,7 +108,8 @@ def start_run(out_dir: Path, config: dict, info: DistInfo, resume: str | None = 
               resume_override: bool = False, print_fn=print, what: str = "training run"):
     """The run directory, locked (rank 0) and checked against ``config`` and ``resume``
     (:class:`~mink_ssl.engine.rundir.RunDir`); nothing is written until ``record()``."""
-    return RunDir(out_dir, config, resume, resume_override, info.is_main, print_fn, what).open()
+    return RunDir(out_dir, config, resume, resume_override, info.is_main, print_fn, what,
+                  world_size=info.world_size).open()
 
 
 def barrier(info: DistInfo) -> None:

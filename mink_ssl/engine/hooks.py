@@ -20,36 +20,47 @@ class CheckpointHook(Hook):
     the end, keeping the last ``keep``; then the task's export (``backbone.pth``, ``model.pth``).
 
     ``save_fn(path, trainer, config)`` writes a checkpoint; ``export_fn(trainer, out_dir)``
-    writes what the run delivers."""
+    writes what the run delivers; only the ``writer`` (rank 0) writes. ``gather(trainer)``
+    (e.g. :func:`~mink_ssl.engine.checkpoint.gather_rank_states`) collects every rank's own
+    state for the checkpoint: a collective, so every rank's hook calls it at every save point
+    (save points are the same on every rank: the iteration, the agreed stop, the end), and the
+    writer hands the result to ``save_fn`` as ``trainer.rank_states``."""
 
     def __init__(self, out_dir: Path, every: int, config: dict, *,
-                 save_fn: Callable, export_fn: Callable, keep: int = 2, enabled: bool = True):
+                 save_fn: Callable, export_fn: Callable, keep: int = 2, writer: bool = True,
+                 gather: Callable | None = None):
         self.out_dir, self.every, self.config = Path(out_dir), every, config
-        self.keep, self.enabled = keep, enabled
+        self.keep, self.writer, self.gather = keep, writer, gather
         self.save_fn, self.export_fn = save_fn, export_fn
 
-    def _save(self, trainer) -> None:
+    def _save(self, trainer, unless_saved: bool = False) -> None:
+        states = self.gather(trainer) if self.gather is not None else None  # every rank
+        if not self.writer:
+            return
         it = trainer.state.iteration
-        self.save_fn(self.out_dir / f"checkpoint_{it}.pth", trainer, self.config)
+        path = self.out_dir / f"checkpoint_{it}.pth"
+        if unless_saved and path.exists():
+            return
+        trainer.rank_states = states
+        try:
+            self.save_fn(path, trainer, self.config)
+        finally:
+            trainer.rank_states = None
         old = sorted(self.out_dir.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for p in old[: -self.keep]:
             p.unlink()
 
     def after_step(self, trainer) -> None:
-        if self.enabled and self.every and trainer.state.iteration % self.every == 0:
+        if self.every and trainer.state.iteration % self.every == 0:
             self._save(trainer)
 
     def on_interrupt(self, trainer) -> None:
-        if self.enabled and not (self.out_dir / f"checkpoint_{trainer.state.iteration}.pth"
-                                 ).exists():
-            self._save(trainer)
+        self._save(trainer, unless_saved=True)
 
     def after_train(self, trainer) -> None:
-        if not self.enabled:
-            return
-        if not (self.out_dir / f"checkpoint_{trainer.state.iteration}.pth").exists():
-            self._save(trainer)
-        self.export_fn(trainer, self.out_dir)
+        self._save(trainer, unless_saved=True)
+        if self.writer:
+            self.export_fn(trainer, self.out_dir)
 
 
 class LoggingHook(Hook):

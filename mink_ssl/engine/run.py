@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from mink_ssl.engine.build import build_loader, resolve_num_workers
+from mink_ssl.engine.checkpoint import gather_rank_states
 from mink_ssl.engine.distributed import DistInfo, barrier, cleanup, init_distributed, start_run
 from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
 from mink_ssl.engine.rundir import RunDir, stop_check
@@ -95,14 +96,17 @@ class TaskRun:
         return [LoggingHook(self.out_dir, cfg.log_every, self.info.is_main, cfg.progress,
                             self.print_fn, desc=desc, counts=counts),
                 CheckpointHook(self.out_dir, every, self.config, save_fn=save_fn,
-                               export_fn=export_fn, enabled=self.info.is_main)]
+                               export_fn=export_fn, writer=self.info.is_main,
+                               gather=gather_rank_states)]
 
     def train(self, trainer: Trainer) -> None:
         """Train to the end; a stop signal ends the run at the next step boundary, with a
         checkpoint, as :class:`~mink_ssl.safety.Interrupted`."""
         with StopSignals("saving a checkpoint at the next step boundary, then stopping") as sig:
             trainer.should_stop = stop_check(sig, self.info, self.device)
-            trainer.stop_requested = lambda: sig.requested
+            # between skipped batches only on one process: with several, every rank stops at
+            # the same step boundary, so that the checkpoint holds every rank's state
+            trainer.stop_requested = None if self.info.enabled else (lambda: sig.requested)
             trainer.train()
         if trainer.stopped:
             raise self.run.interrupted(trainer, sig.signum)

@@ -15,7 +15,9 @@ Rules (checked before anything is written; :class:`RunConflict` names the differ
   the checkpoint's); optimizer and schedule changes (``optim.*`` but the optimizer type,
   ``max_iterations``, ``epochs``, ``distributed.*``) need ``resume_override=true``, apply from
   the resumed iteration and are recorded in ``config_history.json``; so does another sparse
-  engine (``model.engine``: the same network and weights, but not bit-identical);
+  engine (``model.engine``: the same network and weights, but not bit-identical), and another
+  number of ranks than the checkpoint's (each rank restores its own random state and data
+  position, so only the same number continues the run exactly);
   logging, progress, device, checkpoint frequency, loader workers and evaluation settings may
   change freely (also recorded);
 - one run at a time per directory (:class:`mink_ssl.safety.DirLock`, rank 0);
@@ -114,8 +116,10 @@ def check_resume_compatible(old: dict, new: dict, override: bool, where: str) ->
 
 class RunDir:
     def __init__(self, out_dir: Path, config: dict, resume: str | None, override: bool = False,
-                 is_main: bool = True, print_fn=print, what: str = "training run"):
+                 is_main: bool = True, print_fn=print, what: str = "training run",
+                 world_size: int = 1):
         self.dir, self.config, self.resume = Path(out_dir), config, resume
+        self.world_size = world_size  # ranks of this run: a checkpoint's must match
         self.override, self.is_main, self.print_fn, self.what = override, is_main, print_fn, what
         self.lock: DirLock | None = None
         self.previous: dict | None = None  # the config.json found here
@@ -206,8 +210,10 @@ class RunDir:
                               "newer ones out of the directory first")
         try:
             ckpt = load_fn(path)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             raise
+        except ValueError as e:  # damaged (named by the reader), or another file's format
+            raise RunConflict(f"resume={path}: cannot read the checkpoint: {e}") from None
         except Exception as e:
             raise RunConflict(f"resume={path}: cannot read the checkpoint ({type(e).__name__}: "
                               f"{str(e)[:200]}); it is damaged or not a checkpoint: resume from "
@@ -245,7 +251,39 @@ class RunDir:
             diff = check_resume_compatible(old, self.config, self.override, f"from {path}")
             if self.previous is None:
                 self.changes = diff
+        self._check_ranks(path, ckpt)
         return ckpt
+
+    def _check_ranks(self, path: Path, ckpt: dict) -> None:
+        """Each rank restores its own RNG states and sampler position: the same number of ranks
+        continues the run exactly; another number only with ``resume_override``."""
+        ranks = ckpt.get("ranks") if isinstance(ckpt, dict) else None
+        saved = len(ranks) if isinstance(ranks, list) else None
+        here = self.world_size
+        if saved is None:
+            if here > 1 and self.is_main:
+                self.print_fn(f"warning: {path} was written before checkpoints held every rank's "
+                              f"state: each of the {here} ranks continues from rank 0's random "
+                              "state, so the resumed run is not bit-identical to an "
+                              "uninterrupted one")
+            return
+        if saved == here:
+            return
+        what = (f"{path} was written by a run on {saved} rank(s) (processes) and this run has "
+                f"{here}")
+        if not self.override:
+            raise RunConflict(
+                f"cannot resume: {what}. Each rank saved its own random state and data position, "
+                f"so only {saved} rank(s) continue the run exactly: resume with {saved} "
+                f"(e.g. torchrun --nproc_per_node {saved} ...), or pass resume_override=true to "
+                f"continue on {here} (each rank r < {saved} then takes rank r's state and the "
+                "others rank 0's; the data order is split anew, so the run does not continue "
+                "as it would have)")
+        if self.is_main:
+            self.print_fn(f"warning: {what} (resume_override=true): ranks below {saved} take "
+                          "their own saved state, the others rank 0's, and the data order is "
+                          "split anew; the run continues, but not as it would have on "
+                          f"{saved} rank(s)")
 
     # -- after a successful start ---------------------------------------------------------------
     def record(self, iteration: int = 0, resumed_from: Path | None = None) -> None:

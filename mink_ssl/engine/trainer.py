@@ -70,9 +70,13 @@ class Trainer:
         # after_train) and sets ``stopped`` (see mink_ssl.engine.rundir.stop_check)
         self.should_stop: Callable[[], bool] | None = None
         # asked between skipped batches (no step boundary, no collective): this process got a
-        # stop signal; True stops the run as should_stop does
+        # stop signal; True stops the run as should_stop does. Single process only: a rank that
+        # stopped alone could not save the other ranks' states (they are in a collective)
         self.stop_requested: Callable[[], bool] | None = None
         self.stopped = False
+        # every rank's own state (RNG, sampler position), gathered to rank 0 by the checkpoint
+        # hook for the checkpoint it writes (mink_ssl.engine.checkpoint); None between saves
+        self.rank_states: list[dict] | None = None
         # batches skipped in a row that end the run (None: no limit), and what to tell the user
         self.max_skipped: int | None = None
         self.no_progress_hint = "check the data and the settings that drop samples"
