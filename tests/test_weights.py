@@ -46,12 +46,36 @@ def _optimised(model):
     return opt.state_dict(), sched.state_dict()
 
 
+#: our tap k takes ME 0.4 HYBRID tap PERM[k]. Measured, not derived: ME 0.4.3 built for CPU
+#: outside the project (torch 2.13, c++17, <cstdint>, collections.abc), a 3x3x3 convolution with
+#: RegionType.HYBRID (the released Res16UNet blocks' ConvType.SPATIAL_HYPERCUBE_TEMPORAL_HYPERCROSS)
+#: given one-hot kernels, the neighbour each tap reads recorded at tensor strides 1, 2, 4, 8 and
+#: dilations 1, 2 (docs/fidelity.md, "MinkowskiEngine 0.4.3 vs 0.5.4")
+PERM_MEASURED_ON_ME_0_4_3 = [19, 15, 23, 11, 9, 13, 21, 17, 25, 5, 3, 7, 1, 0, 2, 6, 4, 8, 20,
+                             16, 24, 12, 10, 14, 22, 18, 26]
+
+
+def in_released_order(state: dict) -> dict:
+    """``state`` with its residual-block 3x3x3 kernels in ME 0.4's HYBRID tap order, as the
+    released files hold them."""
+    from mink_ssl.models.weight_files.layouts import block_kernels
+
+    perm = torch.tensor(PERM_MEASURED_ON_ME_0_4_3)
+    out = dict(state)
+    for k in block_kernels(state):
+        hybrid = torch.empty_like(state[k])
+        hybrid[perm] = state[k]
+        out[k] = hybrid
+    return out
+
+
 def released_file(kind: str, path: Path, model, legacy: bool = False) -> Path:
-    """``path`` written in the layout ``kind`` with ``model``'s weights."""
+    """``path`` written in the layout ``kind`` with ``model``'s weights, its block kernels in the
+    released (HYBRID) tap order."""
     from omegaconf import OmegaConf
 
     opt, sched = _optimised(model)
-    state = model.state_dict()
+    state = in_released_order(model.state_dict())
     if kind == "pointcontrast":
         cfg = OmegaConf.create({"net": dict(PC_NET, model=type(model).__name__,
                                             model_n_out=model.out_channels,
@@ -103,6 +127,9 @@ def test_each_released_layout_is_read_and_loaded(tmp_path, kind, layout, source,
                                "stem_kernel_size": 3, "dimension": 3}
     assert wf.iteration == iteration and len(wf.state_dict) == len(model.state_dict())
     assert all(torch.equal(wf.state_dict[k], v) for k, v in model.state_dict().items())
+    assert wf.kernel_order == "me0.4-hybrid"
+    assert any("16 residual-block 3x3x3 kernels reordered from ME 0.4's HYBRID" in n
+               for n in wf.notices), wf.notices
     if kind == "pointcontrast":
         assert wf.config["net"]["model"] == "Res16UNet14A" and wf.config["opt"]["lr"] == 0.1
     if kind in ("csc_finetuned", "encoder"):
@@ -145,7 +172,8 @@ def test_architecture_inferred_from_keys_and_shapes(tmp_path, kwargs):
                      "stem_kernel_size": 3, "dimension": 3}, **kwargs)
     assert wf.architecture == expected
     assert wf.architecture_source == "inferred from the key names and shapes"
-    assert wf.layout == "bare state dict"
+    assert wf.layout == "bare state dict" and wf.kernel_order == "hypercube"
+    assert all(torch.equal(wf.state_dict[k], v) for k, v in model.state_dict().items())
 
 
 def test_every_family_member_is_recognised_by_its_shapes():
@@ -484,3 +512,66 @@ def test_non_finite_pretrained_weights_are_named_at_load(tmp_path):
                                          r"(?=.*block2\.0\.conv2\.kernel)(?=.*bn0\.bn\.running_var)"):
         load_pretrained(model, tmp_path / "nan.pth", prefix="")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------- ME 0.4 kernel order
+
+def test_the_hybrid_order_rule_gives_the_permutation_measured_on_me_0_4_3():
+    from mink_ssl.models.weight_files.layouts import hybrid_offsets, hybrid_to_hypercube
+
+    assert hybrid_to_hypercube() == PERM_MEASURED_ON_ME_0_4_3
+    assert hybrid_offsets()[:3] == [(0, 0, 0), (-1, 0, 0), (1, 0, 0)]
+    assert sorted(hybrid_offsets()) == sorted(
+        (x, y, z) for x in (-1, 0, 1) for y in (-1, 0, 1) for z in (-1, 0, 1))
+
+
+@pytest.mark.parametrize("engine", ["spconv", "minkowski"])
+def test_a_reordered_kernel_reads_the_neighbour_the_released_code_read(engine):
+    """One-hot kernels in HYBRID order, reordered on read, in our 3x3x3 convolution: the centre
+    voxel of a full 3x3x3 block receives exactly the neighbour at the released tap's offset."""
+    from mink_ssl.models.engines import get_engine
+    from mink_ssl.models.weight_files.layouts import hybrid_offsets, hybrid_to_hypercube
+
+    if engine_unavailable(engine):
+        pytest.skip(engine_unavailable(engine))
+    E = get_engine(engine)
+    grid = torch.tensor([(x, y, z) for z in range(3) for y in range(3) for x in range(3)],
+                        dtype=torch.int32)
+    ids = (grid[:, 0] + 10 * grid[:, 1] + 100 * grid[:, 2]).double()[:, None]
+    x = sparse_tensor(torch.cat([torch.zeros(27, 1, dtype=torch.int32), grid], 1), ids)
+    conv = E.conv(1, 1, 3, dimension=3).double()
+    centre = int(((grid == 1).all(1)).nonzero())
+    perm = torch.tensor(hybrid_to_hypercube())
+    for tap, (dx, dy, dz) in enumerate(hybrid_offsets()):
+        released = torch.zeros(27, 1, 1, dtype=torch.float64)
+        released[tap] = 1.0
+        with torch.no_grad():
+            conv.kernel.copy_(released[perm])
+            out = E.to_voxels(conv(E.to_native(x, align=16)))
+        row = int(((out.coords[:, 1:] == grid[centre]).all(1)).nonzero())
+        assert out.feats[row, 0] == (1 + dx) + 10 * (1 + dy) + 100 * (1 + dz), tap
+
+
+def test_kernel_order_can_be_declared_and_the_centre_tap_is_evidence(tmp_path, capsys):
+    from mink_ssl.cli.weights import main
+
+    model = net()
+    with torch.no_grad():  # trained 3x3x3 kernels weigh the centre most; make it so
+        for k in (k for k in model.state_dict() if k.startswith("block") and "conv" in k):
+            kernel = dict(model.named_parameters())[k]
+            if kernel.dim() == 3 and kernel.shape[0] == 27:
+                kernel[13] *= 10
+    torch.save(in_released_order(model.state_dict()), tmp_path / "extracted.pth")
+    assert read_weights(tmp_path / "extracted.pth").kernel_order == "hypercube"  # undecidable
+    assert main(["inspect", str(tmp_path / "extracted.pth")]) == 0
+    assert "strongest tap is 0 (13 is the centre" in capsys.readouterr().out
+    wf = read_weights(tmp_path / "extracted.pth", kernel_order="me0.4-hybrid")
+    assert all(torch.equal(wf.state_dict[k], v) for k, v in model.state_dict().items())
+    assert main(["inspect", "--kernel-order", "me0.4-hybrid", str(tmp_path / "extracted.pth")]) == 0
+    assert "strongest tap is 13" in capsys.readouterr().out
+    assert main(["convert", "--kernel-order", "me0.4-hybrid", str(tmp_path / "extracted.pth"),
+                 "--out", str(tmp_path / "ours.pth")]) == 0
+    assert torch.load(tmp_path / "ours.pth", weights_only=True)["converted_from"][
+        "kernel_order"] == "me0.4-hybrid"
+    assert all(torch.equal(load_model(tmp_path / "ours.pth").state_dict()[k], v)
+               for k, v in model.state_dict().items())

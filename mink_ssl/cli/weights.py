@@ -17,11 +17,12 @@ from pathlib import Path
 
 from mink_ssl.models.weight_files import UnsafeFileError, read_weights
 from mink_ssl.models.weight_files.convert import TARGETS, convert
+from mink_ssl.models.weight_files.layouts import KERNEL_ORDERS, block_kernels
 
 
-def describe(path: Path) -> dict:
+def describe(path: Path, kernel_order: str = "auto") -> dict:
     """What ``inspect`` prints, as plain data."""
-    wf = read_weights(path)
+    wf = read_weights(path, kernel_order)
     arch = wf.architecture
     return {
         "file": str(path), "bytes": path.stat().st_size, "layout": wf.layout,
@@ -32,8 +33,22 @@ def describe(path: Path) -> dict:
         "stem_kernel_size": arch.get("stem_kernel_size"), "iteration": wf.iteration,
         "tensors": len(wf.state_dict), "parameters": wf.parameter_count(),
         "config": config_summary(wf.config), "other_entries": wf.extra,
+        "kernel_order": wf.kernel_order, "centre_tap": centre_tap(wf.state_dict),
         "notices": wf.notices,
     }
+
+
+def centre_tap(state) -> int | None:
+    """The tap with the largest mean |weight| over the residual blocks' 3x3x3 kernels (read in
+    our order). In trained networks that is usually the centre, our tap 13; a 0 there suggests
+    a file in ME 0.4's HYBRID order (centre first) read as ours. Evidence, not proof."""
+    import torch
+
+    keys = block_kernels(state)
+    if not keys:
+        return None
+    per_tap = torch.stack([state[k].detach().abs().float().mean(dim=(1, 2)) for k in keys])
+    return int(per_tap.mean(0).argmax())
 
 
 def config_summary(config, limit: int = 16) -> dict | None:
@@ -69,6 +84,10 @@ def _print(info: dict) -> None:
     print(f"channels      in {info['in_channels']}, out {info['out_channels']}; stem kernel "
           f"{info['stem_kernel_size']}")
     print(f"iteration     {info['iteration']}")
+    tap = info["centre_tap"]
+    print(f"kernel order  {info['kernel_order']} as read; the blocks' strongest tap is "
+          f"{tap} (13 is the centre in our order)" if tap is not None else
+          f"kernel order  {info['kernel_order']}")
     print(f"parameters    {info['parameters']:,} in {info['tensors']} tensors")
     for k, v in (info["other_entries"] or {}).items():
         print(f"{k:<13} {v}")
@@ -84,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     ins = sub.add_parser("inspect", help="architecture, channels, iteration, layout, config")
     ins.add_argument("file", type=Path)
     ins.add_argument("--json", action="store_true", help="print plain JSON")
+    order_help = ("tap order of the residual blocks' 3x3x3 kernels in the file: auto (the "
+                  "released layouts are ME 0.4 HYBRID, everything else ours), me0.4-hybrid, "
+                  "hypercube")
+    ins.add_argument("--kernel-order", default="auto", choices=KERNEL_ORDERS, help=order_help)
     conv = sub.add_parser("convert", help="write the weights in another layout")
     conv.add_argument("file", type=Path)
     conv.add_argument("--out", type=Path, required=True, help="file to write (atomically)")
@@ -91,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="mink-ssl: our backbone file (default); spconv: a state dict for "
                            "spconv 2 layers; pointcept-minkunet / pointcept-spunet: Pointcept")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    conv.add_argument("--kernel-order", default="auto", choices=KERNEL_ORDERS, help=order_help)
     args = p.parse_args(argv)
     try:
         if args.command == "inspect":
-            info = describe(args.file)
+            info = describe(args.file, args.kernel_order)
             print(json.dumps(info, indent=1, default=str)) if args.json else _print(info)
             return 0
         return _convert(args)
@@ -113,7 +137,7 @@ def _convert(args) -> int:
         raise ValueError(f"--out {args.out} is the input file; write to another path")
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} exists; choose another --out or add --overwrite")
-    obj, notes = convert(read_weights(args.file), args.to)
+    obj, notes = convert(read_weights(args.file, args.kernel_order), args.to)
     atomic_torch_save(obj, args.out)
     print(f"wrote {args.out} ({args.to})")
     for note in notes:

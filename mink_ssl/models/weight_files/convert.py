@@ -95,9 +95,10 @@ def to_mink_ssl(wf: WeightsFile) -> tuple[dict, list[str]]:
     state = model_state(rebuild(wf))
     state["converted_from"] = {"file": wf.path.name, "layout": wf.layout,
                                "architecture": wf.architecture_source,
-                               "iteration": wf.iteration}
+                               "iteration": wf.iteration, "kernel_order": wf.kernel_order}
     return state, [f"architecture {wf.architecture['name']} "
-                   f"({wf.architecture_source}); load it with pretrained=<this file>"]
+                   f"({wf.architecture_source}); load it with pretrained=<this file>"] + [
+                       n for n in wf.notices if "HYBRID" in n]
 
 
 def spconv_weight(kernel: torch.Tensor) -> torch.Tensor:

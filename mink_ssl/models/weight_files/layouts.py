@@ -20,6 +20,14 @@ detection checkpoint (VoteNet)   ``state_dict``, ``epoch``, ``optimizer_state_di
 other ``state_dict`` / ``model_state`` checkpoints, and a bare state dict of tensors
 ===============================  ==========================================================
 
+Kernel order: the released code (PointContrast, CSC, their semseg and VoteNet backbones) builds
+its residual blocks' 3x3x3 convolutions with MinkowskiEngine 0.4's ``RegionType.HYBRID``, whose
+27 taps come in another order than the hypercube's (ME 0.5 removed HYBRID; docs/fidelity.md
+"MinkowskiEngine 0.4.3 vs 0.5.4"). Files in those layouts have their block kernels reordered to
+ours on read (``kernel_order="auto"``) and the report says so; our own files and other state
+dicts are in hypercube order already. ``kernel_order="me0.4-hybrid"`` / ``"hypercube"`` decide it
+for a file whose layout cannot tell (e.g. a bare state dict extracted from a released file).
+
 Key prefixes: the backbone is found by its stem key ``conv0p1s1.kernel``. Where it sits under a
 prefix (``module.`` of DistributedDataParallel, ``encoder.``, ``backbone.``, a detector's
 ``backbone_net.net.``), the prefix is removed and said; keys outside the backbone (a detector's
@@ -63,6 +71,8 @@ class WeightsFile:
     config: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+    #: the tap order the file's block kernels were read in (``state_dict`` is in ours)
+    kernel_order: str = "hypercube"
 
     @property
     def source(self) -> str:
@@ -75,10 +85,58 @@ class WeightsFile:
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
 
 
-def read_weights(path: str | os.PathLike) -> WeightsFile:
+KERNEL_ORDERS = ("auto", "me0.4-hybrid", "hypercube")
+#: the layouts written by the released code, whose block kernels are in HYBRID order
+RELEASED_LAYOUTS = ("PointContrast pretraining checkpoint", "CSC pretraining checkpoint",
+                    "fine-tuning checkpoint (PointContrast / CSC semseg)",
+                    "detection checkpoint (VoteNet)")
+
+
+def hybrid_offsets() -> list[tuple[int, int, int]]:
+    """The 27 offsets of ME 0.4's ``RegionType.HYBRID`` 3x3x3 kernel with cube axes, in tap
+    order: from the centre; then for x, y and z in turn, after the offsets listed so far, each of
+    them again at -1 and at +1 on that axis (``convert_region_type`` in ME 0.4.3's
+    ``Common.py``)."""
+    offsets = [(0, 0, 0)]
+    for axis in range(3):
+        offsets = offsets + [tuple(step if a == axis else o[a] for a in range(3))
+                             for o in offsets for step in (-1, 1)]
+    return offsets
+
+
+def hybrid_to_hypercube() -> list[int]:
+    """``perm`` with ``W_ours = W_hybrid[perm]``: our tap ``k = ix + 3*(iy + 3*iz)`` (offset
+    ``i - 1`` per axis, x fastest) takes the HYBRID tap of the same offset."""
+    where = {o: j for j, o in enumerate(hybrid_offsets())}
+    return [where[(k % 3 - 1, k // 3 % 3 - 1, k // 9 - 1)] for k in range(27)]
+
+
+def block_kernels(state: dict[str, torch.Tensor]) -> list[str]:
+    """The residual blocks' 3x3x3 kernels: the convolutions the released code built HYBRID."""
+    return [k for k, v in state.items() if k.startswith("block") and k.endswith(".kernel")
+            and v.dim() == 3 and v.shape[0] == 27]
+
+
+def _kernel_order(layout: str, requested: str, state: dict) -> tuple[dict, str, str]:
+    """(state in our order, the order the file was read in, a notice or '')."""
+    if requested not in KERNEL_ORDERS:
+        raise ValueError(f"kernel_order must be one of {KERNEL_ORDERS}, got {requested!r}")
+    order = requested if requested != "auto" else (
+        "me0.4-hybrid" if layout in RELEASED_LAYOUTS else "hypercube")
+    blocks = block_kernels(state)
+    if order == "hypercube" or not blocks:
+        return state, order, ""
+    perm = torch.tensor(hybrid_to_hypercube(), dtype=torch.int64)
+    state = {k: (v[perm].clone() if k in blocks else v) for k, v in state.items()}
+    why = "its layout is the released code's" if requested == "auto" else "as requested"
+    return state, order, (f"{len(blocks)} residual-block 3x3x3 kernels reordered from ME 0.4's "
+                          f"HYBRID tap order to ours ({why}; docs/fidelity.md)")
+
+
+def read_weights(path: str | os.PathLike, kernel_order: str = "auto") -> WeightsFile:
     """The :class:`WeightsFile` of ``path`` (see the module docstring); ``ValueError`` naming the
     file for anything it cannot understand, :class:`~.safe_pickle.UnsafeFileError` for a file
-    that names code to run."""
+    that names code to run. ``kernel_order``: one of ``KERNEL_ORDERS`` (module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -90,7 +148,8 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     layout, entry, recorded, extra = _layout(path, obj)
     state = obj[entry] if entry != "<top>" else obj
     state, prefix, outside = _backbone(path, state, entry)
-    notices = []
+    state, order, reordered = _kernel_order(layout, kernel_order, state)
+    notices = [reordered] if reordered else []
     if prefix:
         notices.append(f"keys under {prefix!r} are the backbone; the prefix was removed")
     if outside:
@@ -108,7 +167,7 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
         iteration = obj["state"].get("iteration")
     same = inferred["candidates"] if inferred else [architecture.get("name")]
     return WeightsFile(path, layout, entry, state, architecture, how, prefix, same, iteration,
-                       config, extra, notices)
+                       config, extra, notices, order)
 
 
 def _describe(obj) -> str:
