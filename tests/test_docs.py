@@ -1,5 +1,5 @@
-"""The user documentation stays honest: README.md and docs/*.md cite only files that are in the
-repository, the README stays short enough to read (at most 250 lines), links the pages a
+"""The user documentation stays honest: README.md and docs/*.md (the pages git tracks) cite only
+files that are in the repository, the README stays short enough to read (at most 250 lines), links the pages a
 newcomer needs, and names the test command CI runs.
 
 A cited path is a repository-rooted path (``mink_ssl/...``, ``data_prep/...``, ``configs/...``,
@@ -21,7 +21,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_README_LINES = 250
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 _TOP = r"(?:mink_ssl|data_prep|configs|docs|tests|benchmarks|scripts|docker|experiments|\.ci)"
 _PART = r"(?:[\w.*<>/-]|\{[\w.,-]*\})"
@@ -77,8 +76,23 @@ def cited_paths(text: str, page_dir: Path) -> list[tuple[int, str, Path]]:
 
 
 def _tracked_files() -> set[str] | None:
-    res = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    """The files git tracks (staged ones included); None outside a git checkout."""
+    try:
+        res = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    except OSError:  # no git
+        return None
     return set(res.stdout.decode().split("\0")) - {""} if res.returncode == 0 else None
+
+
+def _pages() -> list[Path]:
+    """README.md and docs/*.md; in a git checkout only those git tracks (a page still being
+    written is checked once it is added, with the files it cites)."""
+    tracked = _tracked_files()
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    return [p for p in pages if tracked is None or p.relative_to(REPO).as_posix() in tracked]
+
+
+PAGES = _pages()
 
 
 def exists_in_repo(pattern: Path, tracked: set[str] | None, root: Path = REPO) -> bool:
