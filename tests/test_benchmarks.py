@@ -60,6 +60,13 @@ SMALLEST: dict[str, Smallest] = {
          r"^Synthetic scene: 50 fragments, ",
          r"^  target: under 30 s and 2 GB on 2 cores: (met|NOT met)"],
         needs_real_frames=True),
+    "bench_prep_scannet.py": Smallest(
+        # a 50-frame scene of small images (2 fragments); its stage lines and both ratios
+        ["--frames", "50", "--frame-skip", "25", "--color-size", "324x242", "--depth-size",
+         "160x120", "--repeats", "1"],
+        [r"^  decode : +[\d.]+ s CPU", r"^  overlap: +[\d.]+ s CPU", r"^  write  : +[\d.]+ s CPU",
+         rf"^  core-hours: {N} .*PointContrast's 750 core-hours / ours: {N}x",
+         rf"^  disk: {N} [GM]B .*PointContrast's 1 TB / ours: {N}x"]),
     "bench_pretrain_step.py": Smallest(
         ["--model", "Res16UNet14S", "--batch", "1", "--steps", "1", "--repeats", "1",
          "--workers", "1", "--voxel-size", "0.05"],

@@ -9,13 +9,17 @@ marker file (``.mink-ssl-scene``) and never follows a symlink out of ``--out``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sys
 import time
 import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -77,7 +81,9 @@ class PrepParams:
 @dataclass
 class SceneReport:
     scene: str
-    status: str  # "done" | "already done" | "skipped" | "failed" (self-check)
+    # "done" | "already done" | "skipped" | "failed" (self-check); sharded prep adds "held"
+    # (claimed by another live worker) and "lost" (our claim was taken over: work discarded)
+    status: str
     reason: str = ""
     fragments: int = 0
     pairs: int = 0
@@ -85,6 +91,38 @@ class SceneReport:
     skipped_frames: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
     self_check: dict = field(default_factory=dict)  # overlap.SelfCheck.summary(); {} if off
+    input_error: bool = field(default=False, repr=False)  # skipped on an OSError reading input
+    recorded: bool = field(default=False, repr=False)  # skipped / failed by an earlier run
+
+
+class StageClock:
+    """Seconds a scene's prep spends per stage (for benchmarks; prep runs without one):
+    ``decode`` (read the sampled frames, decode depth and colour, re-encode colour at the depth
+    size), ``clouds`` (back-projection, 5 cm downsampling), ``overlap`` (all pairs and the
+    self-check) and ``write`` (fragment files, overlap.txt, scene.json, the rename): wall
+    seconds in :attr:`seconds`, CPU seconds of the process in :attr:`cpu`. :attr:`current`
+    names the stage in progress (None between stages)."""
+
+    STAGES = ("decode", "clouds", "overlap", "write")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.cpu = dict.fromkeys(self.STAGES, 0.0)
+        self.current: str | None = None
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self.current, t0, c0 = stage, time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+            self.cpu[stage] += time.process_time() - c0
+            self.current = None
+
+
+def _stage(clock: StageClock | None, stage: str):
+    return nullcontext() if clock is None else clock(stage)
 
 
 def pose_problem(pose: np.ndarray) -> str | None:
@@ -112,52 +150,71 @@ def scene_name_problem(name: str) -> str | None:
     return None
 
 
-def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]]):
+def _fragments(reader, params: PrepParams, writer, skipped: dict[str, list[int]],
+               clock: StageClock | None = None):
     """Yield the 5 cm overlap cloud of each usable sampled frame, writing it to ``writer``.
 
-    A frame is skipped (its index recorded under the reason in ``skipped``) when its pose is
-    unusable (:func:`pose_problem`) or its colour or depth payload does not decode: every
-    payload that is kept is decoded here, so training never meets a damaged one."""
+    Only the sampled frames are read (the reader hops over the others' payloads by their
+    headers). A frame is skipped (its index recorded under the reason in ``skipped``) when its
+    pose is unusable (:func:`pose_problem`) or its colour or depth payload does not decode:
+    every payload that is kept is decoded here, so training never meets a damaged one."""
     h = reader.header
     ids = list(getattr(reader, "frame_ids", range(len(reader))))
     for fid in (i for i in ids if i % params.frame_skip == 0):
-        frame = reader.frame(fid)
-        pose = frame.camera_to_world
-        bad = pose_problem(pose)
-        if bad is not None:
-            skipped.setdefault(bad, []).append(fid)
-            continue
-        try:
-            depth = frame.depth(h)  # (H, W) uint16
-            color = frame.color(h)  # (h, w, 3) uint8: decoded to prove the payload is intact
-        except SensFormatError as e:
-            skipped.setdefault(f"damaged payload: {e}", []).append(fid)
-            continue
-        changed = params.invalid_depth is not None and bool((depth == params.invalid_depth).any())
-        if changed:  # a sensor's "no reading" value besides 0: stored and back-projected as 0
-            depth = np.where(depth == params.invalid_depth, np.uint16(0), depth)
-        pts, _ = backproject(depth, h.intrinsic_depth, h.depth_shift, pose,
-                             max_depth=params.max_depth)
+        with _stage(clock, "decode"):
+            frame = reader.frame(fid)
+            pose = frame.camera_to_world
+            bad = pose_problem(pose)
+            if bad is not None:
+                skipped.setdefault(bad, []).append(fid)
+                continue
+            try:
+                depth = frame.depth(h)  # (H, W) uint16
+                color = frame.color(h)  # (h, w, 3) uint8: decoded to prove the payload is intact
+            except SensFormatError as e:
+                skipped.setdefault(f"damaged payload: {e}", []).append(fid)
+                continue
+            changed = (params.invalid_depth is not None
+                       and bool((depth == params.invalid_depth).any()))
+            if changed:  # a sensor's "no reading" value besides 0: stored and back-projected as 0
+                depth = np.where(depth == params.invalid_depth, np.uint16(0), depth)
+        with _stage(clock, "clouds"):
+            pts, _ = backproject(depth, h.intrinsic_depth, h.depth_shift, pose,
+                                 max_depth=params.max_depth)
         if len(pts) < params.min_points:
             skipped.setdefault(f"fewer than {params.min_points} valid depth points", []).append(fid)
             continue
-        same_size = (h.color_height, h.color_width) == depth.shape
-        color_bytes = (frame.color_bytes if same_size and h.color_compression == "jpeg"
-                       else encode_color(color, depth.shape, params.jpeg_quality))
-        depth_bytes = (frame.depth_bytes
-                       if h.depth_compression == "zlib_ushort" and not changed
-                       else encode_depth(depth))
-        writer.add(fid, pose, depth_bytes, color_bytes)
-        yield voxel_downsample(pts, params.voxel_size)
+        with _stage(clock, "decode"):
+            same_size = (h.color_height, h.color_width) == depth.shape
+            color_bytes = (frame.color_bytes if same_size and h.color_compression == "jpeg"
+                           else encode_color(color, depth.shape, params.jpeg_quality))
+            depth_bytes = (frame.depth_bytes
+                           if h.depth_compression == "zlib_ushort" and not changed
+                           else encode_depth(depth))
+        with _stage(clock, "write"):
+            writer.add(fid, pose, depth_bytes, color_bytes)
+        with _stage(clock, "clouds"):
+            cloud = voxel_downsample(pts, params.voxel_size)
+        yield cloud
 
 
-def prepare_scene(scene_dir: Path, out: Path, params: PrepParams,
-                  verify_pairs: int = 32) -> SceneReport:
+def prepare_scene(scene_dir: Path, out: Path, params: PrepParams, verify_pairs: int = 32, *,
+                  clock: StageClock | None = None, tmp_name: str | None = None,
+                  still_ours: Callable[[], bool] | None = None) -> SceneReport:
     """Prepare one scene atomically; returns its report (never raises for bad input data).
 
     ``verify_pairs`` sampled pairs are recomputed by the overlap's definition
     (:func:`~data_prep.pairs.overlap.verify_overlap`); a disagreement fails the scene
-    (status "failed") instead of writing it. 0 turns the self-check off."""
+    (status "failed") instead of writing it. 0 turns the self-check off.
+
+    Args:
+        clock: times the stages (:class:`StageClock`); None: not timed.
+        tmp_name: the scene's working folder in ``out`` (default ``.tmp-<scene>``); sharded
+            prep gives each claim its own.
+        still_ours: asked before the scene is published; False (its claim was taken over)
+            discards the work (status "lost"). A complete scene that appeared meanwhile is
+            kept and ours discarded ("already done"): a scene is published once.
+    """
     scene, t0 = scene_dir.name, time.perf_counter()
     bad_name = scene_name_problem(scene)
     if bad_name is not None:
@@ -168,7 +225,7 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams,
         return SceneReport(scene, "already done", **_counts(done))
     if not _ours(final):  # e.g. --out holds a folder of the raw data, or a user's own folder
         raise _not_ours(final)
-    tmp = out / f".tmp-{scene}"
+    tmp = out / (tmp_name or f".tmp-{scene}")
     _remove_ours(tmp)
     try:
         os.mkdir(tmp)
@@ -177,40 +234,49 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams,
         raise output_error(e, tmp, f"cannot create {tmp}") from None
     skipped: dict[str, list[int]] = {}
     try:
-        reader = open_scene(scene_dir)
+        with _stage(clock, "decode"):
+            reader = open_scene(scene_dir)
         h = reader.header
-        with FragmentWriter(tmp, h.intrinsic_depth, h.depth_shift,
-                            (h.depth_height, h.depth_width)) as writer:
-            clouds = list(_fragments(reader, params, writer, skipped))
-            frames = writer.frames
+        writer = FragmentWriter(tmp, h.intrinsic_depth, h.depth_shift,
+                                (h.depth_height, h.depth_width))
+        try:
+            clouds = list(_fragments(reader, params, writer, skipped, clock))
+        except BaseException:
+            writer.__exit__(*sys.exc_info())  # closes the payload file, writes no index
+            raise
+        with _stage(clock, "write"):
+            writer.close()  # the index
+        frames = writer.frames
         if len(clouds) < 2:
             raise SceneSkipped(f"fewer than 2 usable fragments ({len(clouds)}; skipped frames: "
                                f"{ {k: len(v) for k, v in skipped.items()} })")
-        radius = params.voxel_size * params.radius_factor
-        result = overlap_matrix(clouds, radius)
-        ov = result.overlap
-        check = {}
-        if verify_pairs > 0:
-            seed = zlib.crc32(scene.encode())  # a fixed sample per scene, any process
-            sc = verify_overlap(clouds, result, verify_pairs, params.min_overlap, radius, seed)
-            check = sc.summary()
-            if not sc.ok():
-                raise SelfCheckFailed(scene, check)
-        names = [fragment_name(scene, f) for f in frames]
-        iu, ju = np.triu_indices(len(names), k=1)
-        with open(tmp / "overlap.txt", "w") as f:
-            f.writelines(f"{names[i]} {names[j]} {ov[i, j]:.6f}\n" for i, j in zip(iu, ju))
-        report = SceneReport(scene, "done", fragments=len(names), pairs=len(iu),
-                             pairs_kept=int((ov[iu, ju] >= params.min_overlap).sum()),
-                             skipped_frames=skipped, seconds=round(time.perf_counter() - t0, 3),
-                             self_check=check)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
-                 if p.is_file() and p.name != MARKER}  # what "complete" means on a rerun
-        with open(tmp / SCENE_FILE, "w") as f:
-            json.dump({**asdict(report), "params": asdict(params), "files": files}, f, indent=1)
-        _remove_ours(final)  # an incomplete scene of an earlier run (checked: ours)
-        os.rename(tmp, final)
-        return report
+        with _stage(clock, "overlap"):
+            radius = params.voxel_size * params.radius_factor
+            result = overlap_matrix(clouds, radius)
+            ov = result.overlap
+            check = {}
+            if verify_pairs > 0:
+                seed = zlib.crc32(scene.encode())  # a fixed sample per scene, any process
+                sc = verify_overlap(clouds, result, verify_pairs, params.min_overlap, radius,
+                                    seed)
+                check = sc.summary()
+                if not sc.ok():
+                    raise SelfCheckFailed(scene, check)
+        with _stage(clock, "write"):
+            names = [fragment_name(scene, f) for f in frames]
+            iu, ju = np.triu_indices(len(names), k=1)
+            with open(tmp / "overlap.txt", "w") as f:
+                f.writelines(f"{names[i]} {names[j]} {ov[i, j]:.6f}\n" for i, j in zip(iu, ju))
+            report = SceneReport(scene, "done", fragments=len(names), pairs=len(iu),
+                                 pairs_kept=int((ov[iu, ju] >= params.min_overlap).sum()),
+                                 skipped_frames=skipped,
+                                 seconds=round(time.perf_counter() - t0, 3), self_check=check)
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
+                     if p.is_file() and p.name != MARKER}  # what "complete" means on a rerun
+            with open(tmp / SCENE_FILE, "w") as f:
+                json.dump({**_report_fields(report), "params": asdict(params), "files": files},
+                          f, indent=1)
+            return _publish(tmp, final, report, still_ours)
     except SelfCheckFailed as e:
         shutil.rmtree(tmp, ignore_errors=True)
         return SceneReport(scene, "failed", reason=str(e), skipped_frames=skipped,
@@ -223,10 +289,41 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams,
             raise (e if isinstance(e, OutputError) else
                    output_error(e, tmp, f"cannot write scene {scene} into {out}")) from None
         return SceneReport(scene, "skipped", reason=str(e), skipped_frames=skipped,
-                           seconds=round(time.perf_counter() - t0, 3))
+                           seconds=round(time.perf_counter() - t0, 3),
+                           input_error=isinstance(e, OSError))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, final: Path, report: SceneReport,
+             still_ours: Callable[[], bool] | None) -> SceneReport:
+    """Rename the finished ``tmp`` to ``final``, once: not if our claim was taken over, nor over
+    a complete scene (another worker's); an incomplete ``final`` of an earlier run is replaced.
+    The rename itself cannot replace a complete scene (a folder that is not empty)."""
+    if still_ours is not None and not still_ours():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return SceneReport(report.scene, "lost", reason="its claim was taken over by another "
+                           "worker while it ran; that worker's result is kept")
+    done = complete_scene(final)
+    if done is None:
+        _remove_ours(final)  # an incomplete scene of an earlier run (checked: ours)
+        try:
+            os.rename(tmp, final)
+            return report
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            done = complete_scene(final)  # published by another worker just now
+            if done is None:
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return SceneReport(report.scene, "already done", **_counts(done))
+
+
+def _report_fields(report: SceneReport) -> dict:
+    """What ``scene.json`` records of a report (the layout of earlier versions)."""
+    return {k: v for k, v in asdict(report).items() if k not in ("input_error", "recorded")}
 
 
 def _counts(scene_json: dict) -> dict:

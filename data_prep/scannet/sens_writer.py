@@ -69,8 +69,19 @@ def _encode_color(color, h: SensHeader, comp: str, quality: int, i: int) -> byte
 
 
 def _encode_depth(depth, h: SensHeader, comp: str, level: int, i: int) -> bytes:
-    depth = np.asarray(depth)
+    """Depth payload; ``bytes`` are taken as already encoded in ``comp`` (a zlib stream's
+    header or a raw payload's length is checked, nothing is decompressed)."""
     H, W = h.depth_height, h.depth_width
+    if isinstance(depth, (bytes, bytearray, memoryview)):
+        depth = bytes(depth)
+        if comp == "raw_ushort" and len(depth) != H * W * 2:
+            raise ValueError(f"frame {i}: raw depth bytes {len(depth)} != {H}*{W}*2")
+        if comp == "zlib_ushort" and (len(depth) < 2 or depth[0] & 0x0F != 8
+                                      or (depth[0] << 8 | depth[1]) % 31):
+            raise ValueError(f"frame {i}: depth bytes are not a zlib stream (header "
+                             f"{depth[:2].hex()}); pass the (H, W) uint16 image instead")
+        return depth
+    depth = np.asarray(depth)
     if depth.shape != (H, W) or depth.dtype != np.uint16:
         raise ValueError(f"frame {i}: depth must be ({H}, {W}) uint16 as the header says, "
                          f"got {depth.shape} {depth.dtype} (convert with .astype(np.uint16))")
@@ -92,7 +103,8 @@ def write_sens(path, header: SensHeader,
         frames: iterable of ``(camera_to_world (4, 4), color (H, W, 3) uint8, depth (h, w)
             uint16[, timestamp_color, timestamp_depth])``; timestamps default to 0. ``color``
             may also be ``bytes`` already encoded as ``color_compression`` (passed through,
-            e.g. the JPEGs of an exported folder).
+            e.g. the JPEGs of an exported folder), and ``depth`` bytes already encoded as
+            ``depth_compression`` (e.g. the payloads of another ``.sens``).
         color_compression: 'jpeg' (lossy), 'png' or 'raw'.
         depth_compression: 'zlib_ushort' or 'raw_ushort'.
 

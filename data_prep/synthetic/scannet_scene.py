@@ -76,12 +76,21 @@ class SensorModel:
     speckle_dropout: float = 0.001  # fraction of isolated missing depth pixels
     color_noise: float = 3.0  # sigma of per-pixel colour noise, 0..255 units
     exposure_jitter: float = 0.03  # sigma of the per-frame colour gain
+    # structured-light depth (PrimeSense / Structure sensor, Kinect v1) is measured as a
+    # disparity in steps of a fraction of a pixel: depth takes the values f b / (k step).
+    # 0 turns it off (continuous depth, the default); about 1/8 px with baseline 0.075 m is
+    # such a sensor, whose depth then compresses like real frames do
+    disparity_step: float = 0.0  # pixels
+    baseline: float = 0.075  # metres, projector to camera
 
     def __post_init__(self):
         if not 0 <= self.min_depth < self.max_depth:
             raise ValueError(f"need 0 <= min_depth < max_depth, got {self.min_depth}, "
                              f"{self.max_depth}")
-        for name in ("depth_noise", "holes_per_frame", "color_noise", "exposure_jitter"):
+        if self.baseline <= 0:
+            raise ValueError(f"SensorModel.baseline must be positive (metres), got {self.baseline}")
+        for name in ("depth_noise", "holes_per_frame", "color_noise", "exposure_jitter",
+                     "disparity_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SensorModel.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("edge_dropout", "speckle_dropout"):
@@ -167,8 +176,10 @@ def _hit_colors(room: Room, hits: _Hits, seed: int) -> np.ndarray:
     return np.where((box >= 0)[:, None], rgb, 0).reshape(H, W, 3)
 
 
-def _sensor_depth(hits: _Hits, sensor: SensorModel, rng: np.random.Generator) -> np.ndarray:
-    """(H, W) float64 metres after the sensor model; 0 where missing."""
+def _sensor_depth(hits: _Hits, sensor: SensorModel, rng: np.random.Generator,
+                  focal: float) -> np.ndarray:
+    """(H, W) float64 metres after the sensor model; 0 where missing. ``focal``: the depth
+    camera's focal length in pixels (for the disparity steps)."""
     z = hits.z.copy()
     H, W = z.shape
     valid = np.isfinite(z) & (z >= sensor.min_depth) & (z <= sensor.max_depth)
@@ -197,6 +208,11 @@ def _sensor_depth(hits: _Hits, sensor: SensorModel, rng: np.random.Generator) ->
         sigma = sensor.depth_noise * (0.0012 + 0.0019 * (zv - 0.4) ** 2)
         z[valid] = zv + rng.normal(0.0, 1.0, zv.shape) * sigma
         valid &= (z >= sensor.min_depth) & (z <= sensor.max_depth)  # readings stay in range
+    if sensor.disparity_step > 0:  # depth of the nearest disparity step
+        fb = focal * sensor.baseline  # pixel metres
+        steps = np.maximum(np.round(fb / np.where(valid, z, 1.0) / sensor.disparity_step), 1)
+        z = np.where(valid, fb / (steps * sensor.disparity_step), z)
+        valid &= (z >= sensor.min_depth) & (z <= sensor.max_depth)
     return np.where(valid, z, 0.0)
 
 
@@ -311,7 +327,7 @@ def generate_scene(out_dir: str | os.PathLike, scene_id: str, seed: int, *,
         pose = poses[i]
         rng = np.random.default_rng([seed, 2, i])
         hits = caster.cast(pose, K_depth, W, H)
-        depth = _to_uint16(_sensor_depth(hits, sensor, rng), depth_shift)
+        depth = _to_uint16(_sensor_depth(hits, sensor, rng, float(K_depth[0, 0])), depth_shift)
         chits = hits if (CW, CH) == (W, H) else caster.cast(pose, K_color, CW, CH)
         color = _sensor_color(_hit_colors(room, chits, seed), sensor, rng)
         if color_compression == "jpeg":  # encode here, in parallel; write_sens passes bytes on
