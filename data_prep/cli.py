@@ -3,6 +3,7 @@
     mink-ssl-prep scannet --raw scans/ --out data/scannet_pairs [--frame-skip 25]
                           [--min-overlap 0.3] [--workers N] [--scenes scene0000_00 ...]
                           [--invalid-depth 65535] [--verify-pairs 32]
+                          [--shard I/N | --finalize] [--claim-timeout 600]
     mink-ssl-prep s3dis --raw Stanford3dDataset_v1.2_Aligned_Version --out data/s3dis
                         [--test-area 5] [--stairs ignore|clutter] [--no-room-check]
     mink-ssl-prep synthia --raw Synthia4D --out data/synthia [--keep-axes]
@@ -20,17 +21,40 @@ import sys
 from pathlib import Path
 
 from data_prep.detection import scannet_det, sunrgbd
-from data_prep.pairs.prep import PrepParams, run as run_pairs
+from data_prep.pairs.prep import (PrepIncomplete, PrepParams, finalize, run as run_pairs,
+                                  run_shard)
 from data_prep.segmentation import s3dis, scannet_seg, synthia
 from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N), 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+        if n < 1 or not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected I/N with 0 <= I < N, e.g. 0/50 (SLURM: "
+            "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array 0-49)") from None
+    return i, n
 
 
 def _scannet(args) -> int:
     params = PrepParams(frame_skip=args.frame_skip, min_overlap=args.min_overlap,
                         max_depth=args.max_depth, min_points=args.min_points,
                         invalid_depth=args.invalid_depth)
-    manifest = run_pairs(args.raw, args.out, params, workers=args.workers, scenes=args.scenes,
-                         progress=not args.no_progress, verify_pairs=args.verify_pairs)
+    common = dict(scenes=args.scenes, verify_pairs=args.verify_pairs,
+                  claim_timeout=args.claim_timeout)
+    if args.shard is not None:
+        reports = run_shard(args.raw, args.out, params, args.shard, workers=args.workers,
+                            progress=not args.no_progress, **common)
+        return 1 if any(r.status == "failed" for r in reports) else 0
+    if args.finalize:
+        manifest = finalize(args.raw, args.out, params, **common)
+    else:
+        manifest = run_pairs(args.raw, args.out, params, workers=args.workers,
+                             progress=not args.no_progress, **common)
     if manifest["failed_scenes"]:  # a self-check disagreement is a bug: never a quiet success
         return 1
     return 0 if manifest["counts"]["scenes_done"] else 1
@@ -186,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="parallel scene workers (default 1)")
     s.add_argument("--scenes", nargs="+", default=None, help="only these scene names")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    many = s.add_mutually_exclusive_group()
+    many.add_argument("--shard", type=shard_arg, default=None, metavar="I/N",
+                      help="one of many processes (machines, SLURM array tasks) filling one "
+                      "--out: prepare every N-th scene of the sorted list from the I-th "
+                      "(0 <= I < N), one scene per claim; writes no pairs.txt / manifest.json "
+                      "(run --finalize once every shard is done). Processes may share a shard "
+                      "(0/1 everywhere: all share all scenes)")
+    many.add_argument("--finalize", action="store_true",
+                      help="after the --shard runs: write pairs.txt and manifest.json from the "
+                      "prepared scenes (the same bytes a single run writes); refused while a "
+                      "scene is unfinished or being prepared")
+    s.add_argument("--claim-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a scene claimed by a process of another machine counts as abandoned "
+                   "this long after its last heartbeat (default 600; on the same machine: as "
+                   "soon as the process has ended)")
     s.set_defaults(func=_scannet)
     _add_segmentation(sub)
     _add_detection(sub)
@@ -199,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"mink-ssl-prep: error: {e}", file=sys.stderr)
         return 2
-    except (OutputError, DirectoryLocked) as e:  # the output side failed: not bad input
+    except (OutputError, DirectoryLocked, PrepIncomplete) as e:  # not bad input
         print(f"mink-ssl-prep: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:  # SIGINT / SIGTERM: finished scenes kept, rerun continues

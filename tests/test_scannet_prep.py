@@ -181,10 +181,13 @@ def test_corrupt_scenes_are_reported_and_skipped(sens_scenes, tmp_path):
     assert "header" in skipped["scene0100_02"]
     assert "neither" in skipped["scene0100_03"]
     assert m["counts"]["scenes_done"] == 3
-    # nothing partial: no output folder for a skipped scene, no temp folder
+    # nothing partial: no output folder for a skipped scene, no temp folder, no claim left;
+    # each skipped scene has its record (what a --finalize lists)
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "pairs.txt", "params.json", "scene0000_00", "scene0000_01",
-        "scene0000_02"]
+        ".prep-status", "manifest.json", "pairs.txt", "params.json", "scene0000_00",
+        "scene0000_01", "scene0000_02"]
+    records = {p.stem: json.loads(p.read_text()) for p in (out / ".prep-status").iterdir()}
+    assert {k: r["reason"] for k, r in records.items()} == skipped
 
 
 def test_scene_with_fewer_than_two_fragments_is_skipped(sens_scenes, tmp_path):

@@ -2,10 +2,12 @@
 pair of them and ``scene.json``, written into ``out/<scene>/`` atomically (see
 :mod:`data_prep.pairs.prep` for the layout).
 
-A scene is prepared in ``out/.tmp-<scene>/`` and renamed into place when complete, so a scene
-directory either is whole or does not exist; a complete scene (every file that ``scene.json``
-lists is there with its recorded size) is not redone. Prep removes only folders that carry its
-marker file (``.mink-ssl-scene``) and never follows a symlink out of ``--out``.
+A scene is prepared in a temporary folder of ``out`` (``.tmp-<claim token>-<scene>``, see
+:mod:`data_prep.pairs.claimed`) and renamed into place when complete, so a scene directory
+either is whole or does not exist; a complete scene (every file that ``scene.json`` lists is
+there with its recorded size) is not redone, nor replaced by another worker's. Prep removes
+only folders that carry its marker file (``.mink-ssl-scene``) and never follows a symlink out
+of ``--out``.
 """
 from __future__ import annotations
 
@@ -222,11 +224,11 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams, verify_pairs: 
     final = out / scene
     done = complete_scene(final)
     if done is not None:
-        return SceneReport(scene, "already done", **_counts(done))
+        return SceneReport(scene, "already done", **scene_counts(done))
     if not _ours(final):  # e.g. --out holds a folder of the raw data, or a user's own folder
         raise _not_ours(final)
     tmp = out / (tmp_name or f".tmp-{scene}")
-    _remove_ours(tmp)
+    remove_ours(tmp)
     try:
         os.mkdir(tmp)
         (tmp / MARKER).write_text("made by mink-ssl-prep scannet; removed or replaced by it\n")
@@ -307,7 +309,7 @@ def _publish(tmp: Path, final: Path, report: SceneReport,
                            "worker while it ran; that worker's result is kept")
     done = complete_scene(final)
     if done is None:
-        _remove_ours(final)  # an incomplete scene of an earlier run (checked: ours)
+        remove_ours(final)  # an incomplete scene of an earlier run (checked: ours)
         try:
             os.rename(tmp, final)
             return report
@@ -318,7 +320,7 @@ def _publish(tmp: Path, final: Path, report: SceneReport,
             if done is None:
                 raise
     shutil.rmtree(tmp, ignore_errors=True)
-    return SceneReport(report.scene, "already done", **_counts(done))
+    return SceneReport(report.scene, "already done", **scene_counts(done))
 
 
 def _report_fields(report: SceneReport) -> dict:
@@ -326,7 +328,7 @@ def _report_fields(report: SceneReport) -> dict:
     return {k: v for k, v in asdict(report).items() if k not in ("input_error", "recorded")}
 
 
-def _counts(scene_json: dict) -> dict:
+def scene_counts(scene_json: dict) -> dict:
     return {**{k: scene_json[k] for k in ("fragments", "pairs", "pairs_kept", "skipped_frames")},
             "self_check": scene_json.get("self_check", {})}
 
@@ -369,7 +371,7 @@ def _not_ours(path: Path) -> OutputError:
                        "--out) and rerun.")
 
 
-def _remove_ours(path: Path) -> None:
+def remove_ours(path: Path) -> None:
     """Remove a folder prep created; OutputError for anything else at ``path``."""
     if not os.path.lexists(path):
         return
@@ -379,9 +381,3 @@ def _remove_ours(path: Path) -> None:
         shutil.rmtree(path)
     except OSError as e:
         raise output_error(e, path, f"cannot remove the incomplete {path}") from None
-
-
-def remove_temporaries(out: Path) -> None:
-    """The ``.tmp-<scene>`` folders a killed run left in ``out`` (only ours are removed)."""
-    for stale in out.glob(".tmp-*"):
-        _remove_ours(stale)
