@@ -6,6 +6,12 @@ fragment stores) and refuses a manifest schema it does not know. Each item is a 
 of ``(seed, epoch, index)``, so augmentation does not depend on the number of loader workers
 and a resumed run sees the same data as an uninterrupted one.
 
+At ScanNet's size (1,513 scenes, ~850K pairs) nothing a process holds grows with the scenes it
+has read: the pair list is a :class:`~mink_ssl.data.pair_list.PairList` (int32 arrays, 12
+bytes a pair, shared copy-on-write by forked loader workers) and each process keeps at most
+:data:`STORES_OPEN` fragment stores open (:class:`~mink_ssl.formats.fragments.StoreCache`);
+docs/scale.md has the measured figures.
+
 With ``frame_size=(h, w)`` every view also carries the camera it was measured with, for
 rendering objectives: the fragment's RGB frame downscaled to (h, w), the depth intrinsics
 scaled to it and the camera-to-world pose (all three are in the fragment store already).
@@ -24,13 +30,18 @@ from mink_ssl.data.batch import PairBatch, View
 from mink_ssl.data.correspondence import (check_matches, find_matches, random_rigid_transform,
                                           to_tensor)
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
+from mink_ssl.data.pair_list import PairList
 from mink_ssl.formats import manifest
-from mink_ssl.formats.fragments import FragmentStore
+from mink_ssl.formats.fragments import FragmentStore, StoreCache
 from mink_ssl.formats.manifest import PAIRS_SCHEMA
 from mink_ssl.sparse import quantize
 
 KNOWN_SCHEMAS = (PAIRS_SCHEMA,)
 FEATURES = tuple(FEATURE_MODES)
+# fragment stores each process keeps open (one descriptor each), the most recently used: a pair
+# reads one scene, so a worker needs one; what grows with the scenes it touched would exhaust
+# a node's `ulimit -n` (1024) on ScanNet's 1,513 scenes
+STORES_OPEN = 8
 
 
 @dataclass
@@ -93,8 +104,8 @@ class PairDataset(Dataset):
         self.match_radius, self.max_matches, self.min_matches = match_radius, max_matches, min_matches
         self.max_depth, self.seed = max_depth, seed
         self.frame_size = check_frame_size(frame_size)
-        self.pairs = self._read_pairs(self.root / self.manifest.get("pairs_file", "pairs.txt"))
-        self._stores: dict = {}
+        self.pairs = PairList.read(self.root / self.manifest.get("pairs_file", "pairs.txt"))
+        self._stores = StoreCache(self.root, STORES_OPEN)
         self.match_check = self.verify_matches(verify_matches)
 
     def verify_matches(self, n: int) -> dict:
@@ -110,25 +121,8 @@ class PairDataset(Dataset):
             got = check_matches(w0, w1, radius, find_matches(w0, w1, radius), rng=rng)
             total = {"pairs_checked": total["pairs_checked"] + 1,
                      **{k: total[k] + v for k, v in got.items()}}
-        self._stores = {}  # loader workers open their own
+        self._stores.clear()  # loader workers open their own
         return total
-
-    @staticmethod
-    def _read_pairs(path: Path) -> list[tuple[str, int, int]]:
-        pairs = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            parts = line.split()
-            try:
-                (sa, fa), (sb, fb) = (p.rsplit("/", 1) for p in parts[:2])
-                if sa != sb or len(parts) != 3:
-                    raise ValueError
-                pairs.append((sa, int(fa), int(fb)))
-            except ValueError:
-                raise ValueError(f"{path}:{n}: expected 'scene/frame scene/frame overlap' with "
-                                 f"one scene, got {line!r}") from None
-        if not pairs:
-            raise ValueError(f"{path} lists no pairs: lower --min-overlap or add scenes")
-        return pairs
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -137,10 +131,11 @@ class PairDataset(Dataset):
     def in_channels(self) -> int:
         return feature_mode(self.features).channels
 
-    def _store(self, scene: str):
-        if scene not in self._stores:
-            self._stores[scene] = FragmentStore(self.root / scene)
-        return self._stores[scene]
+    def __getstate__(self) -> dict:  # a spawned worker opens its own stores
+        return {**vars(self), "_stores": StoreCache(self.root, self._stores.capacity)}
+
+    def _store(self, scene: str) -> FragmentStore:
+        return self._stores.get(scene)
 
     def _view(self, scene: str, frame: int, rng: np.random.Generator) -> View:
         frag = self._store(scene).by_frame(

@@ -25,6 +25,7 @@ import io
 import os
 import zipfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,17 @@ class FragmentStore:
         if getattr(self, "_fd_pid", None) == os.getpid():
             os.close(self._fd)
 
+    def close(self) -> None:
+        """Close the descriptor of ``fragments.bin`` that this process holds, its own or, in a
+        forked process, the copy it inherited (the store reopens it when read again)."""
+        fd = vars(self).pop("_fd", None)
+        vars(self).pop("_fd_pid", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:  # already closed by this process
+                pass
+
     def _damaged(self, path: Path, e: BaseException, what: str = "") -> ValueError:
         return ValueError(f"scene {self.scene}: {path} is damaged{what} ({type(e).__name__}: "
                           f"{str(e)[:160]}); prepare the scene again: delete {self.dir} and rerun "
@@ -232,3 +244,41 @@ class FragmentStore:
             raise KeyError(f"{self.scene} has no fragment for frame {frame}; it has "
                            f"{len(self)} fragments (frames {self.frames[:5].tolist()}...)")
         return self.get(self._row[frame], color)
+
+
+class StoreCache:
+    """The fragment stores of the scenes under ``root``, at most ``capacity`` of them open at
+    once (the most recently used; one descriptor each), however many scenes a process reads.
+
+    A forked process (a loader worker) does not use the stores it inherited: the first call
+    there closes its copies of their descriptors and starts empty.
+    """
+
+    def __init__(self, root: str | os.PathLike, capacity: int):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        self.root, self.capacity = Path(root), capacity
+        self._open: OrderedDict[str, FragmentStore] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def get(self, scene: str) -> FragmentStore:
+        """The store of ``root/scene``, opened (closing the least recently used) if need be."""
+        if self._pid != os.getpid():
+            self.clear()
+        store = self._open.pop(scene, None)
+        if store is None:
+            store = FragmentStore(self.root / scene)
+            while len(self._open) >= self.capacity:
+                self._open.popitem(last=False)[1].close()
+        self._open[scene] = store
+        return store
+
+    def clear(self) -> None:
+        """Close every store this process holds (or inherited)."""
+        for store in self._open.values():
+            store.close()
+        self._open.clear()
+        self._pid = os.getpid()
