@@ -205,7 +205,7 @@ def test_config_takes_the_probe_keys():
 def test_unknown_probe_is_an_error_naming_the_choices(rooms, tmp_path):
     from mink_ssl.tasks.segmentation import finetune_seg
 
-    with pytest.raises(ValueError, match=r"probe must be one of \('linear', 'linear_multi"):
+    with pytest.raises(ValueError, match=r"probe=linaer: must be one of linear, linear_multi"):
         finetune_seg(tiny_config(rooms, probe="linaer"), tmp_path / "run",
                      print_fn=lambda *a: None)
 

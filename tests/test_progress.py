@@ -33,7 +33,8 @@ def _tiny(root, **data) -> PretrainConfig:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", [{"min_matches": 100_000_000}, {"match_radius": 0.0001}])
+@pytest.mark.parametrize("data", [{"min_matches": 100_000_000, "max_matches": None},
+                                  {"match_radius": 0.0001}])
 def test_pretraining_that_can_never_step_stops_at_once_naming_the_keys(synthetic_pairs,
                                                                         tmp_path, data):
     t0 = time.perf_counter()

@@ -128,7 +128,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(synthetic_pair
     out = copy_run(finished, tmp_path / "run")
     with open(out / "checkpoint_4.pth", "r+b") as f:
         f.truncate(1000)
-    (out / ".checkpoint_6.pth.x1y2.tmp").write_bytes(b"\0" * 4096)  # a killed write's temporary
+    (out / ".checkpoint_6.pth.x1y2z3_4.tmp").write_bytes(b"\0" * 4096)  # a killed write's temp
     logs = []
     cfg = tiny(synthetic_pairs, resume="auto")
     pretrain(cfg, out, print_fn=logs.append)
@@ -150,7 +150,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(synthetic_pair
 
 
 def test_zero_iterations_is_refused(synthetic_pairs, tmp_path):
-    with pytest.raises(ValueError, match="max_iterations must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_iterations=0: must be an integer >= 1"):
         pretrain(tiny(synthetic_pairs, max_iterations=0), tmp_path / "run", print_fn=quiet)
     assert not (tmp_path / "run").exists()
 

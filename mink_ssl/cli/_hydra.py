@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from hydra.experimental.callback import Callback
+
 
 def _config_dir() -> Path:
     """The hydra configs: shipped inside the installed package (``mink_ssl/configs``, see
@@ -39,6 +41,10 @@ def check_group_choices(overrides: list[str], groups: tuple[str, ...],
                 raise ValueError(f"unknown {key} {name!r}; available: {', '.join(available)}")
 
 
+#: the command's check and name, for StartCheck
+_START: dict = {}
+
+
 def _remove_if_unused(out_dir: Path) -> None:
     """After a failed start: remove the run directory Hydra made for it if nothing but Hydra's
     own files (``.hydra/``, the job log) is in it."""
@@ -58,6 +64,56 @@ def _remove_if_unused(out_dir: Path) -> None:
             out_dir.rmdir()
         except OSError:
             pass
+
+
+def _task_config(config):
+    """The task's part of Hydra's composed config (without the ``hydra`` node)."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    task_cfg = copy.deepcopy(config)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    return task_cfg
+
+
+class StartCheck(Callback):
+    """Hydra callback (``hydra.callbacks``) run after the config is composed and before Hydra
+    creates the run directory: checks every key and value (the task's ``check``); a bad value
+    ends the command with exit code 2 and nothing written. (Hydra turns a callback's exceptions
+    into warnings, but not the ``SystemExit`` this raises.)"""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        check, prog = _START.get("check"), _START.get("prog", "mink-ssl")
+        _report_input_errors(prog, lambda: _check(_task_config(config), check))
+
+
+def _check(cfg, check) -> object:
+    """``cfg``'s keys against its schema and its values (``check``); the typed config."""
+    from omegaconf import OmegaConf
+
+    check_schema_keys(cfg)
+    typed = OmegaConf.to_object(cfg)
+    if check is not None:
+        check(typed)
+    return typed
+
+
+def _report_input_errors(prog: str, fn) -> None:
+    """``fn()``; a bad input ends the command with its message and exit code 2."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        fn()
+    except MissingMandatoryValue as e:  # a ??? key, e.g. data.root
+        key = getattr(e, "full_key", None) or str(e)
+        print(f"{prog}: error: {key} is not set: pass {key}=<value> on the command line",
+              file=sys.stderr)
+        sys.exit(2)
+    except INPUT_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_schema_keys(cfg, path: str = "") -> None:
@@ -95,11 +151,12 @@ def register_schema(name: str, schema: type) -> None:
 
 
 def hydra_main(prog: str, config_name: str, register: Callable[[], None],
-               task: Callable[[object, Path], object], groups: tuple[str, ...]) -> None:
+               task: Callable[[object, Path], object], groups: tuple[str, ...],
+               check: Callable[[object], object] | None = None) -> None:
     """Compose ``configs/<config_name>.yaml`` from the command line (``register`` stores its
-    schema first), then ``task(typed config, run directory)``."""
+    schema first), check every key and value (``check(typed config)``) before Hydra creates the
+    run directory, then ``task(typed config, run directory)``."""
     import hydra
-    from omegaconf import OmegaConf
 
     try:
         check_group_choices(sys.argv[1:], groups)
@@ -111,25 +168,24 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
     # an existing run's); the run writes its resolved config.json itself once they pass
     if not any(a.lstrip("+~").startswith("hydra.output_subdir") for a in sys.argv[1:]):
         sys.argv.append("hydra.output_subdir=null")
+    # the checks before Hydra creates the run directory
+    _START.update(check=check, prog=prog)
+    sys.argv.append(f"+hydra.callbacks.mink_ssl_start._target_={__name__}.StartCheck")
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def run(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
-
-        from omegaconf.errors import MissingMandatoryValue
 
         from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
 
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         code = 0
         try:
-            check_schema_keys(cfg)
-            task(OmegaConf.to_object(cfg), out_dir)
-        except MissingMandatoryValue as e:  # a ??? key, e.g. data.root
-            key = getattr(e, "full_key", None) or str(e)
-            print(f"{prog}: error: {key} is not set: pass {key}=<value> on the command line",
-                  file=sys.stderr)
-            code = 2
+            typed = []
+            _report_input_errors(prog, lambda: typed.append(_check(cfg, check)))
+            task(typed[0], out_dir)
+        except SystemExit as e:
+            code = e.code
         except INPUT_ERRORS as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             code = 2

@@ -27,9 +27,14 @@ def _task(cfg, out_dir) -> None:
     finetune_det(cfg, out_dir)
 
 
+def _check(cfg) -> None:
+    from mink_ssl.tasks.detection.config import check_det_config
+
+    check_det_config(cfg)
+
 def main() -> None:
     # the model group is shared with pretraining; Hydra lists `detection=` options itself
-    hydra_main(PROG, "finetune_det", _register_schema, _task, groups=("model",))
+    hydra_main(PROG, "finetune_det", _register_schema, _task, groups=("model",), check=_check)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,14 @@ def _task(cfg, out_dir) -> None:
     finetune_seg(cfg, out_dir)
 
 
+def _check(cfg) -> None:
+    from mink_ssl.tasks.segmentation.config import check_seg_config
+
+    check_seg_config(cfg)
+
 def main() -> None:
     # the model group is shared with pretraining; Hydra lists `finetune=` options itself
-    hydra_main(PROG, "finetune_seg", _register_schema, _task, groups=("model",))
+    hydra_main(PROG, "finetune_seg", _register_schema, _task, groups=("model",), check=_check)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,13 @@ def _task(cfg, out_dir: Path) -> None:
     pretrain(cfg, out_dir)
 
 
+def _check(cfg) -> None:
+    from mink_ssl.tasks.pretrain_config import check_pretrain_config
+
+    check_pretrain_config(cfg)
+
 def main() -> None:
-    hydra_main(PROG, "pretrain", _register_schema, _task, GROUPS)
+    hydra_main(PROG, "pretrain", _register_schema, _task, GROUPS, check=_check)
 
 
 if __name__ == "__main__":

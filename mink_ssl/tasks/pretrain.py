@@ -29,6 +29,7 @@ from mink_ssl.formats.model_files import CHECKPOINT_FORMAT
 from mink_ssl.models import save_model
 from mink_ssl.objectives import OBJECTIVES
 from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.tasks.pretrain_config import check_pretrain_config
 
 # ------------------------------------------------------------------------------------ config
 
@@ -230,10 +231,10 @@ def export_backbone(trainer, out_dir: Path) -> None:
 def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
     """Train as ``cfg`` says, writing into ``out_dir``; returns the exported backbone's path."""
     out_dir = Path(out_dir)
-    if cfg.max_iterations < 1:
-        raise ValueError(f"max_iterations must be >= 1, got {cfg.max_iterations} (0 would export "
-                         "an untrained backbone)")
+    notes = check_pretrain_config(cfg)  # every value, before anything is written
     with task_run(cfg, out_dir, "pretraining", print_fn) as tr:
+        for note in notes:
+            tr.say(note)
         # the run's objects (module, loader, trainer) live in the call below and are freed
         # when it returns, before the process group goes
         return _pretrain(cfg, tr)

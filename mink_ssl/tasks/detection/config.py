@@ -86,3 +86,57 @@ class FinetuneDetConfig(RunConfig):
     epochs: int = 180
     batch_size: int = 8  # scenes per process (global batch = batch_size x world size)
     checkpoint_every: int = 10  # epochs (RunConfig's field, counted in epochs here)
+
+
+def check_det_config(cfg: FinetuneDetConfig) -> list[str]:
+    """Every value of ``cfg`` finite and in range, before anything is written; a
+    :class:`~mink_ssl.engine.validate.ConfigError` names each key that is not. Returns notes
+    for values that run but deserve a word."""
+    from mink_ssl.data.features import FEATURE_MODES
+    from mink_ssl.engine.validate import Checks, check_optimizer, check_run_config, check_workers
+    from mink_ssl.ops.nms import NMS_MODES
+
+    c = Checks(cfg)
+    notes = [n.replace("checkpoint_every=0: no periodic checkpoints",
+                       "checkpoint_every=0 (epochs): no periodic checkpoints")
+             for n in check_run_config(c)]
+    check_optimizer(c, ("adam", "sgd"))
+    c.numbers("optim.lr_steps", integer=True, minimum=1, what="epochs")
+    c.number("optim.lr_gamma", above=0)
+    c.number("optim.bn_momentum_init", above=0, maximum=1, optional=True)
+    c.number("optim.bn_momentum_decay", above=0, maximum=1)
+    c.number("optim.bn_momentum_step", integer=True, minimum=1, what="epochs")
+    c.number("optim.bn_momentum_min", minimum=0, maximum=1)
+    low, init = cfg.optim.bn_momentum_min, cfg.optim.bn_momentum_init
+    if isinstance(init, (int, float)) and isinstance(low, (int, float)) and 0 <= init < low:
+        c.fail("optim.bn_momentum_min", low, f"is above optim.bn_momentum_init={init}",
+               "pass optim.bn_momentum_min <= optim.bn_momentum_init")
+    c.number("epochs", integer=True, minimum=1)
+    c.number("batch_size", integer=True, minimum=1, what="scenes per process")
+
+    if cfg.data.root in ("???", "", None):
+        c.fail("data.root", cfg.data.root, "is not set",
+               "pass data.root=<output directory of detection prep>")
+    c.voxel_size("data.voxel_size", optional=True)
+    c.choice("data.features", sorted(FEATURE_MODES))
+    c.number("data.num_points", integer=True, minimum=1, optional=True)
+    c.number("data.max_votes", integer=True, minimum=1)
+    check_workers(c)
+    c.number("data.augmentation.rotation_deg", minimum=0, maximum=360, what="degrees")
+    c.numbers("data.augmentation.scale", length=2, ordered=True, above=0)
+
+    c.number("head.num_heading_bins", integer=True, minimum=1)
+    c.choice("head.size_clusters", ("reference", "train_mean"))
+    for key in ("num_seeds", "seed_channels", "num_proposals", "group_size"):
+        c.number(f"head.{key}", integer=True, minimum=1)
+    c.number("head.radius", above=0, what="metres")
+    c.choice("head.final_layer", ("rebuild", "keep"))
+
+    c.number("eval.every", integer=True, minimum=0, what="epochs; 0: at the end only")
+    c.numbers("eval.iou_thresholds", above=0, maximum=1)
+    c.number("eval.conf_threshold", minimum=0, maximum=1)
+    c.number("eval.nms_iou", above=0, maximum=1)
+    c.choice("eval.nms", NMS_MODES)
+    c.number("eval.batch_size", integer=True, minimum=1)
+    c.raise_if_any("detection config")
+    return notes

@@ -37,8 +37,7 @@ from mink_ssl.engine.run import TaskRun, task_run
 from mink_ssl.engine.trainer import Hook, Trainer
 from mink_ssl.formats.model_files import DET_CHECKPOINT_FORMAT
 from mink_ssl.models.votenet import save_detection_model
-from mink_ssl.ops.nms import NMS_MODES
-from mink_ssl.tasks.detection.config import FinetuneDetConfig
+from mink_ssl.tasks.detection.config import FinetuneDetConfig, check_det_config
 from mink_ssl.tasks.detection.inference import evaluate_detector, write_det_results
 from mink_ssl.tasks.detection.model import (DetectionModule, build_det_dataset, build_det_model,
                                             build_det_optimizer, check_head)
@@ -50,11 +49,10 @@ def finetune_det(cfg: FinetuneDetConfig, out_dir: Path, print_fn=print) -> dict:
     """Fine-tune as ``cfg`` says, writing into ``out_dir``; returns the final evaluation
     (``results.json``'s content; empty without an evaluation split)."""
     out_dir = Path(out_dir)
-    if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {cfg.epochs!r}")
-    if cfg.eval.nms not in NMS_MODES:
-        raise ValueError(f"eval.nms must be one of {NMS_MODES}, got {cfg.eval.nms!r}")
+    notes = check_det_config(cfg)  # every value, before anything is written
     with task_run(cfg, out_dir, "finetune-det", print_fn) as tr:
+        for note in notes:
+            tr.say(note)
         # the run's objects (module, loader, trainer) live in the call below and are freed
         # when it returns, before the process group goes
         return _finetune_det(cfg, tr)

@@ -85,3 +85,69 @@ class FinetuneSegConfig(RunConfig):
     max_iterations: int = 10000
     batch_size: int = 6  # scenes per process (global batch = batch_size x world size)
     evaluate_only: Optional[str] = None  # a fine-tuned model.pth or checkpoint: evaluate it only
+
+
+def check_seg_config(cfg: FinetuneSegConfig) -> list[str]:
+    """Every value of ``cfg`` finite and in range, before anything is written; a
+    :class:`~mink_ssl.engine.validate.ConfigError` names each key that is not. Returns notes
+    for values that run but deserve a word."""
+    from mink_ssl.data.features import FEATURE_MODES
+    from mink_ssl.data.segmentation import LABEL_RULES, UP_AXES
+    from mink_ssl.engine.validate import Checks, check_optimizer, check_run_config, check_workers
+    from mink_ssl.models.probe import PROBES
+
+    c = Checks(cfg)
+    notes = check_run_config(c)
+    check_optimizer(c, ("sgd", "adam"))
+    c.number("optim.dampening", minimum=0, below=1)
+    c.choice("optim.scheduler", ("poly", "step"))
+    c.number("optim.poly_power", minimum=0)
+    c.number("optim.lr_step", integer=True, minimum=1, what="iterations")
+    c.number("optim.lr_gamma", above=0)
+    c.number("max_iterations", integer=True, minimum=1)
+    c.number("batch_size", integer=True, minimum=1, what="scenes per process")
+    c.choice("final_layer", ("rebuild", "keep"))
+    c.choice("probe", PROBES, optional=True)
+    c.number("knn_k", integer=True, minimum=1)
+    c.number("knn_bank", integer=True, minimum=1)
+
+    if cfg.data.root in ("???", "", None):
+        c.fail("data.root", cfg.data.root, "is not set",
+               "pass data.root=<output directory of segmentation prep>")
+    c.voxel_size("data.voxel_size", optional=True)
+    c.voxel_size("data.prevoxel_size", optional=True)
+    c.number("data.eval_clip_bound", above=0, optional=True, what="metres")
+    c.choice("data.features", sorted(FEATURE_MODES))
+    c.choice("data.up_axis", sorted(UP_AXES))
+    c.choice("data.label_rule", LABEL_RULES)
+    c.number("data.scene_fraction", above=0, maximum=1)
+    c.number("data.labelled_points", integer=True, minimum=1, optional=True)
+    c.number("data.label_seed", integer=True, minimum=0, below=2**32)
+    check_workers(c)
+    a = "data.augmentation."
+    c.number(a + "rotation_deg", minimum=0, maximum=360, what="degrees")
+    c.number(a + "tilt_deg", minimum=0, maximum=90, what="degrees")
+    c.numbers(a + "scale", length=2, ordered=True, above=0)
+    if not isinstance(cfg.data.augmentation.elastic, (list, tuple)):
+        c.fail(a + "elastic", cfg.data.augmentation.elastic,
+               "must be a list of [granularity, magnitude] pairs (metres)")
+    else:
+        for i, pair in enumerate(cfg.data.augmentation.elastic):
+            sub = Checks({"elastic": pair})
+            sub.numbers("elastic", length=2, above=0)
+            if sub.problems:
+                c.fail(f"{a}elastic[{i}]", pair, "must be [granularity, magnitude] in metres, "
+                       "both > 0")
+    c.number(a + "color_auto_contrast", minimum=0, maximum=1, what="a probability")
+    c.number(a + "color_translation", minimum=0)
+    c.number(a + "color_jitter", minimum=0)
+    c.number(a + "dropout", minimum=0, below=1, what="a probability")
+    c.number(a + "clip_bound", above=0, optional=True, what="metres")
+    c.numbers(a + "clip_translation", length=2, minimum=0)
+
+    c.number("eval.every", integer=True, minimum=0, what="iterations; 0: at the end only")
+    c.number("eval.rotations", integer=True, minimum=1)
+    c.number("eval.ply_scenes", integer=True, minimum=0)
+    c.choice("eval.protocol", ("voxels", "points"))
+    c.raise_if_any("segmentation config")
+    return notes

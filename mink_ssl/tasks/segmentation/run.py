@@ -43,7 +43,7 @@ from mink_ssl.formats.model_files import SEG_CHECKPOINT_FORMAT
 from mink_ssl.models.heads import save_segmentation_model
 from mink_ssl.tasks.finetune import (load_task_checkpoint, restore_task, save_task_checkpoint,
                                      start_weights)
-from mink_ssl.tasks.segmentation.config import FinetuneSegConfig
+from mink_ssl.tasks.segmentation.config import FinetuneSegConfig, check_seg_config
 from mink_ssl.tasks.segmentation.evaluate import (check_evaluate_only, evaluate_only,
                                                   final_evaluation)
 from mink_ssl.tasks.segmentation.inference import evaluate_scenes
@@ -57,9 +57,12 @@ def finetune_seg(cfg: FinetuneSegConfig, out_dir: Path, print_fn=print) -> dict:
     """Fine-tune as ``cfg`` says, writing into ``out_dir``; returns the final evaluation
     (``results.json``'s content; empty without an evaluation split)."""
     out_dir = Path(out_dir)
+    notes = check_seg_config(cfg)  # every value, before anything is written
     if cfg.evaluate_only:
         check_evaluate_only(cfg)
     with task_run(cfg, out_dir, "finetune-seg", print_fn) as tr:
+        for note in notes:
+            tr.say(note)
         # the run's objects (module, loader, trainer) live in the call below and are freed
         # when it returns, before the process group goes
         return _finetune_seg(cfg, tr)
