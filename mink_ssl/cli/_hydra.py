@@ -41,29 +41,76 @@ def check_group_choices(overrides: list[str], groups: tuple[str, ...],
                 raise ValueError(f"unknown {key} {name!r}; available: {', '.join(available)}")
 
 
-#: the command's check and name, for StartCheck
+#: what the command's start found before Hydra created anything (filled by StartCheck)
 _START: dict = {}
 
 
-def _remove_if_unused(out_dir: Path) -> None:
-    """After a failed start: remove the run directory Hydra made for it if nothing but Hydra's
-    own files (``.hydra/``, the job log) is in it."""
-    import shutil
+def _start_record(config) -> dict | None:
+    """What exists where Hydra is about to write (the run directory and its missing parents,
+    the job log, ``.hydra/``), so that a failed start removes only what it created."""
+    import copy
+    import os
+
+    from omegaconf import OmegaConf, open_dict, read_write
 
     try:
-        entries = list(out_dir.iterdir())
-    except OSError:
+        out = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
+        config = copy.deepcopy(config)
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(out)  # as Hydra sets it next
+        log = OmegaConf.select(config, "hydra.job_logging.handlers.file.filename", default=None)
+        sub = OmegaConf.select(config, "hydra.output_subdir", default=None)
+    except Exception:  # an interpolation only Hydra resolves later: record nothing
+        return None
+    top = None  # the highest folder Hydra's mkdir(parents=True) creates
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        top = folder
+    log = Path(os.path.abspath(str(log))) if log else None
+    sub = out / str(sub) if sub is not None else None
+    return {"out": out, "top": top,
+            "log": log if log is not None and not (log.exists() or log.is_symlink()) else None,
+            "hydra": sub if sub is not None and not (sub.exists() or sub.is_symlink()) else None}
+
+
+def _remove_created(out_dir: Path) -> None:
+    """After a failed start: remove what this start made for the run (recorded before Hydra
+    wrote anything): the job log if Hydra created it and it stayed empty, ``.hydra/`` if Hydra
+    created it, then the run directory and the parents it needed, each only if this start
+    created it and it is empty. A folder or file that was there before is never touched;
+    without a record (a multirun job) nothing is removed."""
+    import shutil
+
+    from mink_ssl.engine.distributed import rendezvous_from_env
+
+    rec = _START.get("record")
+    if rec is None or rec["out"] != Path(out_dir).absolute():
         return
-    hydra_only = all(p.name == ".hydra" or (p.suffix == ".log" and p.is_file()) for p in entries)
-    if hydra_only and not any(p.suffix == ".log" and p.stat().st_size for p in entries):
-        shutil.rmtree(out_dir / ".hydra", ignore_errors=True)
-        for p in entries:
-            if p.suffix == ".log":
-                p.unlink(missing_ok=True)
+    try:
+        if rendezvous_from_env()[0].rank != 0:  # rank 0 tidies up, the others leave it
+            return
+    except (RuntimeError, ValueError):
+        return
+    if rec["hydra"] is not None and rec["hydra"].is_dir() and not rec["hydra"].is_symlink():
+        shutil.rmtree(rec["hydra"], ignore_errors=True)
+    log = rec["log"]
+    try:
+        if log is not None and log.is_file() and not log.is_symlink() and not log.stat().st_size:
+            log.unlink()
+    except OSError:
+        pass
+    if rec["top"] is None:
+        return
+    folder = rec["out"]
+    while True:
         try:
-            out_dir.rmdir()
+            folder.rmdir()  # only an empty folder
         except OSError:
-            pass
+            return
+        if folder == rec["top"]:
+            return
+        folder = folder.parent
 
 
 def _task_config(config):
@@ -80,11 +127,13 @@ def _task_config(config):
 
 class StartCheck(Callback):
     """Hydra callback (``hydra.callbacks``) run after the config is composed and before Hydra
-    creates the run directory: checks every key and value (the task's ``check``); a bad value
-    ends the command with exit code 2 and nothing written. (Hydra turns a callback's exceptions
-    into warnings, but not the ``SystemExit`` this raises.)"""
+    creates the run directory: records what is there (:func:`_remove_created`), then checks
+    every key and value (the task's ``check``); a bad value ends the command with exit code 2
+    and nothing written. (Hydra turns a callback's exceptions into warnings, but not the
+    ``SystemExit`` this raises.)"""
 
     def on_run_start(self, config, **kwargs) -> None:
+        _START["record"] = _start_record(config)
         check, prog = _START.get("check"), _START.get("prog", "mink-ssl")
         _report_input_errors(prog, lambda: _check(_task_config(config), check))
 
@@ -155,7 +204,8 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
                check: Callable[[object], object] | None = None) -> None:
     """Compose ``configs/<config_name>.yaml`` from the command line (``register`` stores its
     schema first), check every key and value (``check(typed config)``) before Hydra creates the
-    run directory, then ``task(typed config, run directory)``."""
+    run directory, then ``task(typed config, run directory)``. A start that fails removes only
+    what it created."""
     import hydra
 
     try:
@@ -168,8 +218,8 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
     # an existing run's); the run writes its resolved config.json itself once they pass
     if not any(a.lstrip("+~").startswith("hydra.output_subdir") for a in sys.argv[1:]):
         sys.argv.append("hydra.output_subdir=null")
-    # the checks before Hydra creates the run directory
-    _START.update(check=check, prog=prog)
+    # the checks, and the record of what exists, before Hydra creates the run directory
+    _START.update(check=check, prog=prog, record=None)
     sys.argv.append(f"+hydra.callbacks.mink_ssl_start._target_={__name__}.StartCheck")
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
@@ -196,7 +246,7 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
             print(f"{prog}: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         if code:
-            _remove_if_unused(out_dir)
+            _remove_created(out_dir)
             sys.exit(code)
 
     run()

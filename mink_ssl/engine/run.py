@@ -48,6 +48,7 @@ class TaskRun:
     config: dict
     out_dir: Path
     print_fn: Callable[[str], None]
+    steps: int = 0  # optimiser steps this start made (a failed start with none leaves no trace)
 
     def say(self, line: str) -> None:
         """Print on rank 0 only."""
@@ -102,12 +103,16 @@ class TaskRun:
     def train(self, trainer: Trainer) -> None:
         """Train to the end; a stop signal ends the run at the next step boundary, with a
         checkpoint, as :class:`~mink_ssl.safety.Interrupted`."""
+        first = trainer.state.iteration
         with StopSignals("saving a checkpoint at the next step boundary, then stopping") as sig:
             trainer.should_stop = stop_check(sig, self.info, self.device)
             # between skipped batches only on one process: with several, every rank stops at
             # the same step boundary, so that the checkpoint holds every rank's state
             trainer.stop_requested = None if self.info.enabled else (lambda: sig.requested)
-            trainer.train()
+            try:
+                trainer.train()
+            finally:
+                self.steps = trainer.state.iteration - first
         if trainer.stopped:
             raise self.run.interrupted(trainer, sig.signum)
 
@@ -121,11 +126,17 @@ def task_run(cfg, out_dir: Path, what: str, print_fn=print) -> Iterator[TaskRun]
     before the process group is destroyed."""
     out_dir = Path(out_dir)
     info, device = init_distributed(cfg.device, cfg.distributed.backend)
-    run = None
+    run = tr = None
     try:
         plain = asdict(cfg)
         run = start_run(out_dir, plain, info, cfg.resume, cfg.resume_override, print_fn, what)
-        yield TaskRun(info, device, run, plain, out_dir, print_fn)
+        tr = TaskRun(info, device, run, plain, out_dir, print_fn)
+        try:
+            yield tr
+        except BaseException:
+            if not tr.steps:  # failed before its first step: remove what this start wrote
+                run.discard_created()
+            raise
         # a run that ended well: the module (DDP and its reducer) must be gone, and every rank
         # done, before the process group is destroyed; gloo aborts the process ("terminate
         # called without an active exception") when it goes with work still referenced

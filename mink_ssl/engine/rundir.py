@@ -21,12 +21,19 @@ Rules (checked before anything is written; :class:`RunConflict` names the differ
   logging, progress, device, checkpoint frequency, loader workers and evaluation settings may
   change freely (also recorded);
 - one run at a time per directory (:class:`mink_ssl.safety.DirLock`, rank 0);
-- temporaries of a killed checkpoint write (``.<name>.<random>.tmp``) are removed;
+- temporaries of a killed write of ours (``.<our file>.<8 random characters>.tmp``, e.g.
+  ``.checkpoint_4.pth.k2x9q0_a.tmp``; :data:`OUR_TEMPORARY`) are removed; other files, hidden
+  ``.tmp`` ones included, are never touched;
+- a start that fails before its first step (a bad value, a refused resume, unreadable data)
+  removes what it created in the directory (``config.json``, logs), nothing else
+  (:meth:`RunDir.discard_created`);
 - ``resume=auto`` passes over a damaged newest checkpoint (named, kept as ``<name>.damaged``).
 """
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,6 +48,14 @@ FREE = ("resume", "resume_override", "progress", "log_every", "checkpoint_every"
 #: type: its saved state would not fit)
 OVERRIDABLE = ("optim.", "max_iterations", "epochs", "distributed.", "model.engine")
 NEVER = ("optim.name",)
+#: the temporary of an atomic write (mink_ssl.io.atomic_path: ``.<name>.<mkstemp's 8>.tmp``) of
+#: a file a run writes into its directory or ``best/``
+OUR_TEMPORARY = re.compile(r"\.(checkpoint_\d+\.pth|config\.json|config_history\.json|"
+                           r"val_history\.json|best\.json|model\.pth|backbone\.pth|"
+                           r"results\.json|results\.md)\.[a-z0-9_]{8}\.tmp")
+#: what a start writes before and at its first step: removed again by a start that fails there
+#: (only those this start created)
+START_OUTPUTS = ("config.json", "config_history.json", "metrics.jsonl", "tb")
 
 
 def _iteration(path: Path) -> int:
@@ -125,6 +140,7 @@ class RunDir:
         self.previous: dict | None = None  # the config.json found here
         self.changes: dict = {}
         self.damaged: list[Path] = []  # checkpoints resume=auto passed over
+        self.found: set[str] | None = None  # the directory's entries when the run started
 
     # -- before anything is built --------------------------------------------------------------
     def open(self) -> "RunDir":
@@ -136,9 +152,11 @@ class RunDir:
         try:
             self._check()
             if self.is_main:
+                self.found = {p.name for p in self.dir.iterdir()}
                 for sub in (self.dir, self.dir / "best"):  # a killed atomic write's temporary
                     for stale in sub.glob(".*.tmp"):
-                        stale.unlink(missing_ok=True)
+                        if OUR_TEMPORARY.fullmatch(stale.name) and not stale.is_symlink():
+                            stale.unlink(missing_ok=True)
         except BaseException:
             self.close()
             raise
@@ -314,6 +332,28 @@ class RunDir:
                           f"{hist_path}): {_fmt(self.changes)}")
         with atomic_path(self.dir / "config.json") as tmp:
             tmp.write_text(json.dumps(self.config, indent=1))
+
+    def discard_created(self) -> list[str]:
+        """After a start that failed before its first step: remove what this start created
+        here (:data:`START_OUTPUTS` that were not in the directory when it was opened), so that
+        the corrected command starts afresh; nothing if the start wrote a checkpoint (a stop
+        signal at iteration 0: it is resumable). Returns the names removed."""
+        if not self.is_main or self.found is None or not self.dir.is_dir():
+            return []
+        now = {p.name for p in self.dir.iterdir()}
+        if any(n.startswith("checkpoint_") and n.endswith(".pth") for n in now - self.found):
+            return []
+        removed = []
+        for name in START_OUTPUTS:
+            path = self.dir / name
+            if name in self.found or name not in now:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(name)
+        return removed
 
     def interrupted(self, trainer, signum: int | None):
         """The :class:`~mink_ssl.safety.Interrupted` a run stopped by a signal ends with."""
