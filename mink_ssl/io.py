@@ -38,13 +38,10 @@ def _umask() -> int:
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically; a failed write (disk full ...) is an ``OutputError`` naming
     the file and the free space, not torch's serializer message. Our tagged files (``format``
-    ``mink_ssl.*``) are written with their checksum (:func:`~mink_ssl.formats.model_files.
-    with_checksum`)."""
+    ``mink_ssl.*``) are written with their checksum (:func:`with_checksum`)."""
     import shutil
 
     import torch
-
-    from mink_ssl.formats.model_files import with_checksum
 
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("mink_ssl."):
         obj = with_checksum(obj)  # our tagged files carry the digest load_tagged verifies
@@ -85,3 +82,59 @@ def library_versions() -> dict[str, str]:
             # the spconv wheels (CPU, CUDA builds, Triton) all provide the module spconv
             "spconv": version("spconv", "spconv-cu126", "spconv-cu124", "spconv-cu121",
                               "spconv-cu120", "spconv-cu118", "spconv-triton")}
+
+
+#: entry of a tagged file holding the digest of everything else in it
+CHECKSUM = "checksum"
+
+
+def content_digest(obj) -> str:
+    """SHA-256 of ``obj``'s content, ``checksum`` entry excluded: every tensor's dtype, shape and
+    bytes and every plain value, in a fixed walk (dict keys in their stored order)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(node):
+        if isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(node, dict):
+            items = [(k, v) for k, v in node.items() if k != CHECKSUM]
+            h.update(f"D{len(items)}".encode())
+            for k, v in items:
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            h.update(f"L{len(node)}".encode())
+            for v in node:
+                walk(v)
+        else:
+            h.update(f"V{type(node).__name__}:{node!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def with_checksum(obj: dict) -> dict:
+    """``obj`` with its :func:`content_digest` under ``checksum`` (verified by load_tagged)."""
+    return {**{k: v for k, v in obj.items() if k != CHECKSUM},
+            CHECKSUM: {"sha256": content_digest(obj)}}
+
+
+def verify_checksum(obj: dict, path) -> None:
+    """A ``ValueError`` naming ``path`` when its recorded checksum does not match its content
+    (files written before checksums existed have none and pass)."""
+    recorded = obj.get(CHECKSUM, {}).get("sha256") if isinstance(obj.get(CHECKSUM), dict) else None
+    if recorded is None:
+        return
+    found = content_digest(obj)
+    if found != recorded:
+        raise ValueError(f"{path} is damaged: its content does not match the checksum written "
+                         f"with it (sha256 {recorded[:12]}... recorded, {found[:12]}... now): "
+                         "a bit flipped on disk or in a copy. Use another copy, or the previous "
+                         "checkpoint (move this one away; resume=auto then takes the newest "
+                         "remaining one)")

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from mink_ssl.io import CHECKSUM, content_digest, verify_checksum, with_checksum  # noqa: F401
+
 MODEL_FORMAT = "mink_ssl.model/1"
 CHECKPOINT_FORMAT = "mink_ssl.checkpoint/1"
 SEG_MODEL_FORMAT = "mink_ssl.seg_model/1"
@@ -36,62 +38,6 @@ BACKBONE_ENTRY = {
     DET_MODEL_FORMAT: "backbone",
     DET_CHECKPOINT_FORMAT: "backbone",
 }
-
-
-#: entry of a tagged file holding the digest of everything else in it
-CHECKSUM = "checksum"
-
-
-def content_digest(obj) -> str:
-    """SHA-256 of ``obj``'s content, ``checksum`` entry excluded: every tensor's dtype, shape and
-    bytes and every plain value, in a fixed walk (dict keys in their stored order)."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-
-    def walk(node):
-        if isinstance(node, torch.Tensor):
-            t = node.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(node, dict):
-            items = [(k, v) for k, v in node.items() if k != CHECKSUM]
-            h.update(f"D{len(items)}".encode())
-            for k, v in items:
-                h.update(repr(k).encode())
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            h.update(f"L{len(node)}".encode())
-            for v in node:
-                walk(v)
-        else:
-            h.update(f"V{type(node).__name__}:{node!r}".encode())
-
-    walk(obj)
-    return h.hexdigest()
-
-
-def with_checksum(obj: dict) -> dict:
-    """``obj`` with its :func:`content_digest` under ``checksum`` (verified by load_tagged)."""
-    return {**{k: v for k, v in obj.items() if k != CHECKSUM},
-            CHECKSUM: {"sha256": content_digest(obj)}}
-
-
-def verify_checksum(obj: dict, path) -> None:
-    """A ``ValueError`` naming ``path`` when its recorded checksum does not match its content
-    (files written before checksums existed have none and pass)."""
-    recorded = obj.get(CHECKSUM, {}).get("sha256") if isinstance(obj.get(CHECKSUM), dict) else None
-    if recorded is None:
-        return
-    found = content_digest(obj)
-    if found != recorded:
-        raise ValueError(f"{path} is damaged: its content does not match the checksum written "
-                         f"with it (sha256 {recorded[:12]}... recorded, {found[:12]}... now): "
-                         "a bit flipped on disk or in a copy. Use another copy, or the previous "
-                         "checkpoint (move this one away; resume=auto then takes the newest "
-                         "remaining one)")
 
 
 def format_of(obj) -> str:
