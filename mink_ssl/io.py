@@ -10,15 +10,22 @@ from typing import Iterator
 from mink_ssl.safety import OutputError, output_error
 
 
+#: the temporaries of atomic_path carry it, then the writer's pid: ``.<name>.mink-ssl-<pid>-..tmp``
+TEMPORARY_PREFIX = "mink-ssl-"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds.
+    Its name says it is ours and which process wrote it (``.<name>.mink-ssl-<pid>-<8>.tmp``).
 
     A crash or exception leaves any previous ``path`` untouched and no partial file behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # ".<name>.mink-ssl-<pid>-<8 random>.tmp": ours, and whose (TEMPORARY_PREFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMPORARY_PREFIX}"
+                               f"{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -84,7 +84,13 @@ def test_start_removes_only_temporaries_of_ours(tmp_path):
             ".checkpoint_2.pth.tmp": b"x", ".results.json.ABCDEFGH.tmp": b"upper case",
             ".data.json.abcdefgh.tmp": b"not ours", "best/.draft.tmp": b"y"}
     ours = [".checkpoint_6.pth.k2x9q0_a.tmp", ".config.json.0a1b2c3d.tmp",
-            "best/.model.pth.zz_9y8x7.tmp", "best/.best.json.qwertyui.tmp"]
+            "best/.model.pth.zz_9y8x7.tmp", "best/.best.json.qwertyui.tmp",
+            ".checkpoint_8.pth.mink-ssl-4121-k2x9q0_a.tmp"]  # today's names carry our pid
+    from mink_ssl.engine.rundir import OUR_TEMPORARY
+    from mink_ssl.io import atomic_path
+
+    with atomic_path(tmp_path / "config.json") as tmp:  # the name atomic_path really uses
+        assert OUR_TEMPORARY.fullmatch(tmp.name) and f"mink-ssl-{os.getpid()}-" in tmp.name
     for name, data in user.items():
         (run / name).write_bytes(data)
     for name in ours:

@@ -21,8 +21,8 @@ Rules (checked before anything is written; :class:`RunConflict` names the differ
   logging, progress, device, checkpoint frequency, loader workers and evaluation settings may
   change freely (also recorded);
 - one run at a time per directory (:class:`mink_ssl.safety.DirLock`, rank 0);
-- temporaries of a killed write of ours (``.<our file>.<8 random characters>.tmp``, e.g.
-  ``.checkpoint_4.pth.k2x9q0_a.tmp``; :data:`OUR_TEMPORARY`) are removed; other files, hidden
+- temporaries of a killed write of ours (``.<our file>.mink-ssl-<pid>-<8 random>.tmp``, e.g.
+  ``.checkpoint_4.pth.mink-ssl-4121-k2x9q0_a.tmp``; :data:`OUR_TEMPORARY`) are removed; other files, hidden
   ``.tmp`` ones included, are never touched;
 - a start that fails before its first step (a bad value, a refused resume, unreadable data)
   removes what it created in the directory (``config.json``, logs), nothing else
@@ -48,11 +48,11 @@ FREE = ("resume", "resume_override", "progress", "log_every", "checkpoint_every"
 #: type: its saved state would not fit)
 OVERRIDABLE = ("optim.", "max_iterations", "epochs", "distributed.", "model.engine")
 NEVER = ("optim.name",)
-#: the temporary of an atomic write (mink_ssl.io.atomic_path: ``.<name>.<mkstemp's 8>.tmp``) of
-#: a file a run writes into its directory or ``best/``
+#: the temporary of an atomic write (mink_ssl.io.atomic_path: ``.<name>.mink-ssl-<pid>-<8>.tmp``;
+#: before that ``.<name>.<8>.tmp``) of a file a run writes into its directory or ``best/``
 OUR_TEMPORARY = re.compile(r"\.(checkpoint_\d+\.pth|config\.json|config_history\.json|"
                            r"val_history\.json|best\.json|model\.pth|backbone\.pth|"
-                           r"results\.json|results\.md)\.[a-z0-9_]{8}\.tmp")
+                           r"results\.json|results\.md)\.(mink-ssl-\d+-)?[a-z0-9_]{8}\.tmp")
 #: what a start writes before and at its first step: removed again by a start that fails there
 #: (only those this start created)
 START_OUTPUTS = ("config.json", "config_history.json", "metrics.jsonl", "tb")
