@@ -11,12 +11,14 @@ the steps that write folder-wide files (a single-process run, ``--finalize``).
 - **Heartbeat**: while a claim is held, a thread of the holding process touches the claim file
   every ``timeout / 10`` seconds (its modification time is the heartbeat).
 - **Stale claims** (the rule): a claim is stale when its holder is known to be gone:
-  on the *same host* (same host name), when the holder's process is not running (no such pid,
-  the pid now belongs to a process started at another time, or the machine has rebooted
-  since); on *another host*, when its heartbeat is older than ``timeout`` seconds (default
-  600; the machines' clocks must agree within a few minutes, as NTP keeps them). A stale claim
-  is taken over: moved aside by an atomic rename, checked to be the very claim judged stale
-  (else put back), then replaced by the new holder's.
+  on the *same machine* (same host name and boot id), when the holder's process is not running
+  (no such pid, or the pid now belongs to a process started at another time); otherwise
+  (another host, or this one since rebooted, or a machine of the same name), when its
+  heartbeat is older than ``timeout`` seconds (default 600; the machines' clocks must agree
+  within a few minutes, as NTP keeps them). Processes in different pid namespaces (containers)
+  must have distinct host names. A stale claim is taken over: moved aside by an atomic rename,
+  checked to be the very claim judged stale (else put back), then replaced by the new
+  holder's.
 - **Publishing** a scene (renaming its finished temporary folder into place) happens only while
   the worker's claim is still its own, and the rename cannot replace a complete scene: a scene
   is published once even in the rare race where a claim is taken over from a holder that was
@@ -49,6 +51,9 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
+
+
+BOOT_ID = _boot_id()  # tells this machine's boot from another machine of the same name
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -93,10 +98,13 @@ class _Heartbeat:
         self.interval = CLAIM_TIMEOUT_S / 10
 
     def add(self, claim: "Claim", interval: float) -> None:
+        if self.pid != os.getpid():  # first claim of this process, or of a forked child:
+            # fresh state (a lock copied by fork may be held by a thread the child lacks)
+            self.lock, self.wake, self.claims = threading.Lock(), threading.Event(), set()
+            self.pid = os.getpid()
+            threading.Thread(target=self._run, args=(self.lock, self.wake, self.claims),
+                             name="claim-heartbeat", daemon=True).start()
         with self.lock:
-            if self.pid != os.getpid():  # first claim of this process (or a forked child)
-                self.claims, self.pid = set(), os.getpid()
-                threading.Thread(target=self._run, name="claim-heartbeat", daemon=True).start()
             if interval < self.interval:  # a shorter timeout: beat sooner from now on
                 self.interval = interval
                 self.wake.set()
@@ -106,12 +114,12 @@ class _Heartbeat:
         with self.lock:
             self.claims.discard(claim)
 
-    def _run(self) -> None:
+    def _run(self, lock: threading.Lock, wake: threading.Event, claims: set) -> None:
         while True:
-            self.wake.wait(self.interval)
-            self.wake.clear()
-            with self.lock:  # held while touching: a released claim's fd is closed after
-                for c in self.claims:
+            wake.wait(self.interval)
+            wake.clear()
+            with lock:  # held while touching: a released claim's fd is closed after
+                for c in claims:
                     try:
                         os.utime(c.fd)  # the file the claim was taken with, never a path
                     except OSError:
@@ -211,11 +219,9 @@ class SceneClaims:
 
     def stale(self, holder: dict, st: os.stat_result) -> bool:
         """The stale rule (module docstring)."""
-        pid = holder.get("pid")
-        if holder.get("host") == HOST and isinstance(pid, int):
-            boot = holder.get("boot_id")
-            if boot and _boot_id() and boot != _boot_id():
-                return True  # this machine rebooted since the claim was taken
+        pid, boot = holder.get("pid"), holder.get("boot_id")
+        if (holder.get("host") == HOST and isinstance(pid, int)
+                and (not boot or not BOOT_ID or boot == BOOT_ID)):  # this machine, this boot
             return not process_alive(pid, holder.get("start_ticks"))
         return time.time() - st.st_mtime > self.timeout
 
@@ -245,7 +251,7 @@ class SceneClaims:
         path, took_over = self.dir / scene, None
         for _ in range(20):
             token = secrets.token_hex(6)
-            info = {"token": token, "pid": os.getpid(), "host": HOST, "boot_id": _boot_id(),
+            info = {"token": token, "pid": os.getpid(), "host": HOST, "boot_id": BOOT_ID,
                     "start_ticks": _start_ticks(os.getpid()),
                     "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "command": " ".join(sys.argv)[:300]}

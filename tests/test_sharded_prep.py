@@ -337,6 +337,40 @@ def test_sigkilled_worker_leaves_a_claim_that_the_next_worker_takes_over(sources
     assert json.loads((out / "manifest.json").read_text())["counts"]["scenes_done"] == 3
 
 
+def test_the_stale_rule(tmp_path):
+    """Same machine (host name and boot id): stale when the process has ended or its pid is
+    another process's; otherwise only after the timeout without a heartbeat."""
+    from data_prep.claims import BOOT_ID, HOST, _start_ticks
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        ticks = _start_ticks(sleeper.pid)
+        here = dict(host=HOST, boot_id=BOOT_ID)
+        cases = {"alive": dict(here, pid=sleeper.pid, start_ticks=ticks),
+                 "ended": dict(here, pid=dead_pid()),
+                 "pid-reused": dict(here, pid=sleeper.pid, start_ticks=(ticks or 0) + 1),
+                 "rebooted-or-namesake": dict(host=HOST, boot_id="another-boot", pid=dead_pid()),
+                 "other-host": dict(host="some-other-node", pid=sleeper.pid)}
+        for name, holder in cases.items():
+            plant_claim(tmp_path, name, **holder)
+        (tmp_path / ".claims" / "unreadable").write_bytes(b"\x00garbage")
+        claims = SceneClaims(tmp_path, timeout=60)
+        fresh = {n: claims.stale(*claims.read(n)) for n in [*cases, "unreadable"]}
+        assert fresh == {"alive": False, "ended": True, "pid-reused": True,
+                         "rebooted-or-namesake": False, "other-host": False,
+                         "unreadable": False}
+        old = time.time() - 61
+        for p in (tmp_path / ".claims").iterdir():
+            os.utime(p, (old, old))
+        aged = {n: claims.stale(*claims.read(n)) for n in fresh}
+        assert aged == {**{n: True for n in fresh}, "alive": False}  # a live process is live
+        assert set(claims.live()) == {"alive"} and claims.remove_stale() == sorted(
+            set(fresh) - {"alive"})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_heartbeat_keeps_a_held_claim_fresh(tmp_path):
     claims = SceneClaims(tmp_path, timeout=0.5)  # a beat every 0.05 s
     claim = claims.claim("scene0000_00")
