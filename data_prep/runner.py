@@ -13,7 +13,10 @@ detection share is :mod:`data_prep.scene_store`.
 - ``--out`` must not overlap any raw input folder, however spelled (same folder, either one
   inside the other, through symlinks): prep only ever deletes what it created, and an output
   inside the input (or the reverse) would mix the two.
-- One prep per output folder (:class:`mink_ssl.safety.DirLock`).
+- One prep per output folder (:class:`mink_ssl.safety.DirLock`). ScanNet pair prep can also
+  be spread over many processes and machines that share the folder, one scene per claim
+  (:func:`data_prep.pairs.prep.run_shard`, :mod:`data_prep.claims`); its ``--finalize`` takes
+  the lock to write the folder-wide files.
 - One set of processing parameters per output folder (``params.json``).
 - SIGINT / SIGTERM: no new scene is started, the scenes in progress finish (each is written
   atomically), and the run ends with :class:`mink_ssl.safety.Interrupted` (exit 128 + signal);

@@ -294,6 +294,23 @@ def test_claim_of_a_dead_process_on_this_host_is_taken_over(sources, tmp_path):
     assert not list((out / ".claims").iterdir())
 
 
+def test_single_run_clears_the_claims_killed_runs_left(sources, tmp_path):
+    """A worker killed between publishing its scene and releasing the claim: the scene is
+    complete, its claim stale; the next single-process run removes it (and the folder)."""
+    raw = make_raw(tmp_path / "raw", sources, 2, bad=False, real=False)
+    out = tmp_path / "out"
+    run(raw, out, PARAMS, progress=False)
+    plant_claim(out, "scene0000_00", pid=dead_pid(), host=socket.gethostname())
+    live = plant_claim(out, "scene0001_00", pid=1, host="some-other-node")  # not stale yet
+    logs = []
+    run(raw, out, PARAMS, progress=False, log=logs.append)
+    assert "(2 already done)" in logs[0]
+    assert sorted(p.name for p in (out / ".claims").iterdir()) == ["scene0001_00"]
+    live.unlink()
+    run(raw, out, PARAMS, progress=False)
+    assert not (out / ".claims").exists()
+
+
 def test_claim_of_another_host_is_stale_only_after_the_timeout(sources, tmp_path):
     raw = make_raw(tmp_path / "raw", sources, 2, bad=False, real=False)
     out = tmp_path / "out"

@@ -89,7 +89,12 @@ def run(raw: Path, out: Path, params: PrepParams, workers: int = 1,
     _check(workers, verify_pairs, claim_timeout)
     scene_dirs = list_scenes(raw, scenes)
     claims = SceneClaims(out, claim_timeout)
-    with _prep_run(raw, out, params, lambda: remove_temporaries(out, claims), log):
+
+    def clean():  # what killed runs left: temporaries and claims no live process holds
+        remove_temporaries(out, claims)
+        claims.remove_stale()
+
+    with _prep_run(raw, out, params, clean, log):
         t0 = time.perf_counter()
         try:
             reports = map_scenes(prepare_claimed, scene_dirs,
