@@ -207,7 +207,7 @@ def test_bad_detection_value_is_named_and_nothing_is_written(tmp_path, key, valu
 
 
 def test_the_shipped_configs_pass_the_checks():
-    from conftest import compose_config
+    from helpers import compose_config
     from omegaconf import OmegaConf
 
     from mink_ssl.tasks.detection.config import check_det_config
@@ -228,7 +228,7 @@ def test_the_shipped_configs_pass_the_checks():
 
 
 def test_segmentation_corrected_value_then_runs(rooms, tmp_path):
-    from conftest import tiny_seg_config
+    from helpers import tiny_seg_config
 
     out, before = user_folder(tmp_path)
     with pytest.raises(ConfigError, match="eval.rotations=0"):

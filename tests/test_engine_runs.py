@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import (SEG_VOXEL as VOXEL, REPO, pretrained_backbone, tiny_seg_config,
+from helpers import (SEG_VOXEL as VOXEL, REPO, pretrained_backbone, tiny_seg_config,
                       write_benchmark)
 
 from mink_ssl.engine.config import ModelConfig, OptimConfig

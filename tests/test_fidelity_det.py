@@ -200,7 +200,7 @@ def test_row14_recipes_keep_the_references_global_batch_for_batch_norm():
     """PointContrast's votenet_det_new ran one process (hydra launcher: gpus_per_node 1,
     tasks_per_node 1) with data.batch_size=32 (scripts/train_scannet.sh) and 64
     (scripts/train_sunrgbd.sh): batch norm saw the whole batch."""
-    from conftest import compose_config
+    from helpers import compose_config
     from omegaconf import OmegaConf
 
     from mink_ssl.engine.config import ModelConfig

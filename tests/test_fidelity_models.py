@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose_config
+from helpers import compose_config
 
 # ------------------------------------------------------------------ row 9: batch norm, init
 

@@ -101,7 +101,7 @@ def test_hardest_contrastive_named_variants_differ_from_the_released_code():
 
 
 def test_hardest_contrastive_counts_scale_with_the_pairs_in_the_batch():
-    from conftest import matched_pair_batch as make_pair_batch
+    from helpers import matched_pair_batch as make_pair_batch
 
     class Fixed(StepContext):  # features without a network
         def features(self, view):

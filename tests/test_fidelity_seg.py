@@ -78,7 +78,7 @@ def test_row8_prevoxelisation_dropout_and_the_recipes():
                for d in fired)
     assert voxel_dropout(1001, 0.0, rng) is None
     # the recipes (CSC stanford.py / synthia.py, dataset.py) are the defaults
-    from conftest import compose_config
+    from helpers import compose_config
     from omegaconf import OmegaConf
 
     want = {"s3dis": (4.0, [0.2, 0.05], None, None), "synthia": (18.0, [0.1, 0.0], 0.075, 25.0),

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import (SEG_CLASSES as CLASSES, SEG_VOXEL as VOXEL, REPO, compose_config,
+from helpers import (SEG_CLASSES as CLASSES, SEG_VOXEL as VOXEL, REPO, compose_config,
                       pretrained_backbone as _pretrained_backbone, tiny_seg_config as tiny_config)
 import torch
 

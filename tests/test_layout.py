@@ -157,3 +157,10 @@ def test_packages_import_only_the_layers_below_them():
         bad = [m for m, _, _ in imports_of(path)
                if m.startswith("mink_ssl.") and m.split(".")[1] in LAYERS]
         assert bad == [], path.name
+
+
+def test_no_test_file_imports_from_conftest():
+    """Shared helpers come from tests/helpers.py; conftest.py holds fixtures only."""
+    bad = [f"{p.name}:{line}" for p in sorted((ROOT / "tests").glob("*.py"))
+           for module, line, _ in imports_of(p) if module == "conftest"]
+    assert bad == []

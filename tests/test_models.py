@@ -115,7 +115,7 @@ def test_batch_independence_in_eval_mode(small_net):
 
 def test_real_kinect_frame_batch_independence(kitchen):
     """Two real 7-Scenes frames at 2.5 cm through one batch equal each frame alone."""
-    from conftest import read_depth_png
+    from helpers import read_depth_png
 
     K = np.loadtxt(kitchen / "intrinsic" / "intrinsic_depth.txt")
     coords, feats = [], []

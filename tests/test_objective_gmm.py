@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_pair_batch as make_pair_batch, tiny_net
+from helpers import random_pair_batch as make_pair_batch, tiny_net
 from scipy.stats import multivariate_normal
 
 from mink_ssl.objectives import OBJECTIVES, StepContext

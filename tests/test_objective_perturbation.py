@@ -12,7 +12,7 @@ from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.perturbation import (Perturbation, chamfer_l2, knn_patches,
                                               patch_chamfer, perturb_voxels, sample_centres)
 from mink_ssl.sparse import batched_coordinates
-from conftest import random_pair_batch as make_pair_batch, tiny_net
+from helpers import random_pair_batch as make_pair_batch, tiny_net
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

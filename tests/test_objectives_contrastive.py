@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import matched_pair_batch as make_pair_batch
+from helpers import matched_pair_batch as make_pair_batch
 
 from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.hardest_contrastive import hardest_contrastive_loss

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config
+from helpers import compose_config
 import torch
 import torch.multiprocessing as mp
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import (SEG_CLASSES as CLASSES, SEG_VOXEL as VOXEL, REPO,
+from helpers import (SEG_CLASSES as CLASSES, SEG_VOXEL as VOXEL, REPO,
                       pretrained_backbone as _pretrained_backbone, tiny_seg_config as tiny_config,
                       write_benchmark)
 
@@ -190,7 +190,7 @@ def test_knn_bank_follows_the_limited_labels(rooms, tmp_path):
 
 
 def test_config_takes_the_probe_keys():
-    from conftest import compose_config
+    from helpers import compose_config
     from omegaconf import OmegaConf
 
     default = OmegaConf.to_object(compose_config("finetune_seg", "data.root=/x"))

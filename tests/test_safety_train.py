@@ -260,7 +260,7 @@ def test_disk_full_while_checkpointing_names_the_file(synthetic_pairs, tmp_path)
 
 
 def test_plus_prefixed_misspelled_key_is_refused(tmp_path):
-    from conftest import compose_config
+    from helpers import compose_config
 
     from mink_ssl.cli._hydra import check_schema_keys
 
@@ -282,7 +282,7 @@ def test_finetune_seg_shares_the_run_dir_rules_and_the_signal(tmp_path):
     """Fine-tuning (segmentation, via its CLI): SIGTERM checkpoints at a step boundary and exits
     143; a fresh start in that directory is refused naming the differing key; resume=auto
     continues."""
-    from conftest import SEG_VOXEL as VOXEL, write_benchmark
+    from helpers import SEG_VOXEL as VOXEL, write_benchmark
 
     rooms = write_benchmark(tmp_path / "rooms", {"train": [f"Area_1/room_{i}" for i in range(4)],
                                                  "val": [], "test": []})
@@ -317,7 +317,7 @@ def test_finetune_seg_shares_the_run_dir_rules_and_the_signal(tmp_path):
 
 
 def test_labelled_points_beyond_the_scenes_is_named(tmp_path):
-    from conftest import tiny_seg_config as seg_config, write_benchmark
+    from helpers import tiny_seg_config as seg_config, write_benchmark
 
     from mink_ssl.tasks.segmentation import finetune_seg
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config, pretrained_backbone as _pretrained_backbone
+from helpers import compose_config, pretrained_backbone as _pretrained_backbone
 import torch
 
 from data_prep.detection import scannet_det
