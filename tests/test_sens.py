@@ -447,7 +447,8 @@ def patched(data: bytes, offset: int, fmt: str, value) -> bytes:
     (TAIL_AT + 8, "<I", 0, rf"byte offset {TAIL_AT + 8}: color_width = 0, expected 1..20000"),
     (TAIL_AT + 20, "<I", 20001, r"depth_height = 20001"),
     (TAIL_AT + 24, "<f", 0.0, r"depth_shift = 0.0"),
-    (TAIL_AT + 28, "<Q", 2 ** 62, r"frame 6, byte offset \d+: truncated"),
+    (TAIL_AT + 28, "<Q", 2 ** 62, r"header counts 4611686018427387904 frames but the file "
+                                  r"holds 6 complete frames"),
 ])
 def test_bad_header_fields(written, offset, fmt, value, match):
     path, _, _ = written
@@ -581,3 +582,26 @@ def test_zero_frames(tmp_path):
         assert len(r) == 0 and list(r.frames()) == []
         with pytest.raises(IndexError, match="frame index 0 out of range.*0 frames"):
             r.frame(0)
+
+
+def test_a_wrong_frame_count_in_the_header_is_named(written):
+    """More frames counted than the file holds (it ends between frames), or fewer (complete
+    frames follow the counted ones): named as a wrong count, not as a truncated frame, and
+    never read silently. An IMU section after the frames is the format's and stays fine."""
+    path, _, frames = written
+    data = path.read_bytes()
+    n = len(frames)
+    more = damaged(path, patched(data, TAIL_AT + 28, "<Q", n + 3), "more.sens")
+    with SensReader(more) as r, pytest.raises(
+            SensFormatError, match=rf"more\.sens: .*header counts {n + 3} frames but the file "
+                                   rf"holds {n} complete frames"):
+        r.check()
+    fewer = damaged(path, patched(data, TAIL_AT + 28, "<Q", n - 2), "fewer.sens")
+    with SensReader(fewer) as r:  # opening reads no frame; the up-front check (prep's) finds it
+        with pytest.raises(SensFormatError, match=rf"header counts {n - 2} frames but 2 more "
+                                                  r"complete frame\(s\) follow them"):
+            r.check()
+    imu = damaged(path, data + struct.pack("<Q", 1) + b"\x00" * 128, "imu.sens")
+    with SensReader(imu) as r:
+        r.check()
+        assert len(r) == n

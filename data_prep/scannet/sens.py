@@ -39,6 +39,8 @@ HEAD_START = struct.Struct("<IQ")  # version, sensor-name length
 HEAD_MATS = struct.Struct("<64f")  # 4 x (4x4) intrinsic/extrinsic matrices
 HEAD_TAIL = struct.Struct("<iiIIIIfQ")  # compressions, sizes, depth_shift, num_frames
 FRAME_HEAD = struct.Struct("<16fQQQQ")  # pose, timestamps, payload sizes: 96 bytes
+IMU_FRAME_SIZE = 5 * 24 + 8  # rotation rate, acceleration, magnetic field, attitude, gravity
+                             # (3 doubles each) and a uint64 timestamp
 U64 = struct.Struct("<Q")
 
 
@@ -191,7 +193,7 @@ class SensReader:
             self.header, end = self._read_header()
             self._offsets = [end]  # _offsets[i]: byte offset of frame i's header (lazy)
             if self.header.num_frames * FRAME_HEAD.size > self.size - end:
-                self._locate(self.header.num_frames)  # raises at the first truncated frame
+                self.check()  # raises: a wrong frame count, or the first truncated frame
                 raise self._error(None, end, "file too short for the frame count")  # unreachable
         except BaseException:
             self._file.close()
@@ -326,5 +328,48 @@ class SensReader:
         """Walk all frame headers (payloads skipped): raises SensFormatError on the first damage.
 
         Cheap (one 96-byte read per frame); lets data prep reject a truncated scene up front.
+        A header whose frame count disagrees with the frames the file holds is named as such:
+        the file ends at a frame boundary before the count is reached, or complete frames
+        follow the counted ones (an IMU section after the frames is the format's, not frames).
         """
-        self._locate(len(self))
+        try:
+            self._locate(len(self))
+        except SensFormatError:
+            held = len(self._offsets) - 1  # frames located completely
+            if self._imu_section_or_end(self._offsets[-1]):  # no frame is cut: a wrong count
+                raise self._error(None, 0, f"the header counts {len(self)} frames but the file "
+                                  f"holds {held} complete frames and ends after them: the "
+                                  "header's frame count is wrong, or the file was cut between "
+                                  "frames (compare its size with the download's)") from None
+            raise
+        extra = self._frames_after(self._offsets[len(self)])
+        if extra:
+            raise self._error(None, self._offsets[len(self)], f"the header counts {len(self)} "
+                              f"frames but {extra} more complete frame(s) follow them: the "
+                              "header's frame count is wrong; rewrite the file (e.g. with "
+                              "data_prep.scannet.sens_writer) or re-download it")
+
+    def _imu_section_or_end(self, offset: int) -> bool:
+        """Whether the file ends at ``offset`` or right after an IMU section starting there
+        (``uint64 count`` then ``count`` records of 128 bytes, SensorData v4's tail)."""
+        left = self.size - offset
+        if left == 0:
+            return True
+        if left < 8:
+            return False
+        (count,) = struct.unpack("<Q", self._read(offset, 8, "IMU frame count"))
+        return left == 8 + count * IMU_FRAME_SIZE
+
+    def _frames_after(self, offset: int) -> int:
+        """How many complete RGB-D frames (a header whose sizes fit and whose colour payload
+        starts as the header's compression says) follow ``offset``; 0 for an IMU section."""
+        magic = {"jpeg": b"\xff\xd8", "png": b"\x89PNG"}.get(self.header.color_compression)
+        count = 0
+        while magic is not None and self.size - offset >= FRAME_HEAD.size:
+            *_, csize, dsize = FRAME_HEAD.unpack(self._read(offset, FRAME_HEAD.size, "frame"))
+            start = offset + FRAME_HEAD.size
+            if not 0 < csize + dsize <= self.size - start or csize < len(magic) or \
+                    self._read(start, len(magic), "colour payload") != magic:
+                break
+            count, offset = count + 1, start + csize + dsize
+        return count
