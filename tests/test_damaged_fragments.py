@@ -54,3 +54,22 @@ def test_truncated_fragment_index_names_scene_and_file(scene_copy, synthetic_pai
                                          r"\(BadZipFile.*delete .* and rerun"):
         FragmentStore(scene_copy)
     assert (synthetic_pairs / scene_copy.name / INDEX_FILE).stat().st_size == size  # original
+
+
+@pytest.mark.parametrize("text", ["{\"schema\": \"mink_ssl.scannet_pairs/1\", \"scen", "[1, 2]",
+                                  "\udcff"], ids=["cut", "a list", "binary"])
+def test_a_damaged_manifest_is_named_and_prep_rewrites_it(synthetic_pairs, tmp_path, text):
+    from data_prep.pairs.prep import PrepParams, run as run_prep
+    from mink_ssl.data.pairs import PairDataset
+
+    out = tmp_path / "pairs"
+    shutil.copytree(synthetic_pairs, out)
+    good = (out / "manifest.json").read_bytes()
+    (out / "manifest.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=r"pairs/manifest\.json (is not valid JSON|holds a JSON "
+                                         r"list).*rerun `mink-ssl-prep scannet`"):
+        PairDataset(out, voxel_size=0.05)
+    # the advice holds: rerunning prep into the folder rewrites it, the scenes kept
+    run_prep(synthetic_pairs.parent / "raw", out, PrepParams(frame_skip=25), progress=False)
+    assert (out / "manifest.json").read_bytes() == good
+    PairDataset(out, voxel_size=0.05)

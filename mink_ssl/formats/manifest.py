@@ -42,7 +42,15 @@ def read_manifest(root: str | Path, schemas: Sequence[str], prep: str,
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point data.root at the --out directory of "
                                 f"{prep}")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged or was edited; "
+                         f"rerun {prep} into this folder to rewrite it (prepared scenes are "
+                         "kept)") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest "
+                         f"object; rerun {prep} into this folder to rewrite it")
     if manifest.get("schema") not in schemas:
         raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
                          f"{tuple(schemas)}: rerun {prep} with this version")
