@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mink_ssl.safety import OutputError, output_error
+from mink_ssl.safety import RERUN, RESUME, OutputError, output_error
 
 
 #: the temporaries of atomic_path carry it, then the writer's pid: ``.<name>.mink-ssl-<pid>-..tmp``
@@ -42,26 +42,71 @@ def _umask() -> int:
     return mask
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically; a failed write (disk full ...) is an ``OutputError`` naming
-    the file and the free space, not torch's serializer message. Our tagged files (``format``
-    ``mink_ssl.*``) are written with their checksum (:func:`with_checksum`)."""
+@contextmanager
+def output_file(path: str | os.PathLike, doing: str | None = None,
+                then: str = RERUN) -> Iterator[Path]:
+    """:func:`atomic_path` for an output file: an ``OSError`` while writing it (disk full,
+    ``ulimit -f``, read-only, no permission, a name too long) is an ``OutputError`` naming
+    ``path`` and what to do, ``then`` what to run when fixed (:data:`mink_ssl.safety.RESUME`
+    for a training run's outputs)."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise output_error(e, path, doing or f"cannot write {path}", then) from None
+
+
+class _Recording:
+    """A binary file for ``torch.save`` that keeps the ``OSError`` of a failed write (torch's
+    zip writer replaces it with its own RuntimeError, which has no errno)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def atomic_torch_save(obj, path: str | os.PathLike, then: str | None = None) -> Path:
+    """``torch.save`` atomically; a failed write is an ``OutputError`` naming the file and its
+    cause (a full disk, the file-size limit ``ulimit -f``, ...), not torch's serializer
+    message; ``then``: what to run when fixed (default: :data:`~mink_ssl.safety.RESUME`). Our
+    tagged files (``format`` ``mink_ssl.*``) are written with their checksum
+    (:func:`with_checksum`)."""
     import shutil
 
     import torch
 
+    then = then or RESUME
     if isinstance(obj, dict) and str(obj.get("format", "")).startswith("mink_ssl."):
         obj = with_checksum(obj)  # our tagged files carry the digest load_tagged verifies
+    recording = None
     try:
         with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
+            with open(tmp, "wb") as f:
+                recording = _Recording(f)
+                torch.save(obj, recording)
     except OSError as e:
-        raise output_error(e, path, f"cannot write {path}") from None
-    except RuntimeError as e:  # torch's zip writer reports ENOSPC as "enforce fail ..."
+        raise output_error(e, path, f"cannot write {path}", then) from None
+    except RuntimeError as e:  # torch's zip writer: "enforce fail ... unexpected pos"
+        if recording is not None and recording.error is not None:
+            raise output_error(recording.error, path, f"cannot write {path}", then) from None
         free = shutil.disk_usage(Path(path).parent).free
         raise OutputError(f"cannot write {path}: {free / 2**20:.1f} MiB free on its file "
-                          "system: is the disk full? Free space (or choose another run "
-                          "directory) and resume with resume=auto (torch's writer said: "
+                          f"system: is the disk full? Free space or choose another run directory; "
+                          f"{then} (torch's writer said: "
                           f"{str(e).splitlines()[0][:160]})") from None
     return Path(path)
 

@@ -5,10 +5,13 @@
   exactly as long as the holder (or a process it forked) lives, and a lock file left by a
   killed run is taken over with a notice.
 - :class:`StopSignals`: SIGINT / SIGTERM ask the run to stop at its next safe point instead of
-  killing it; a second signal interrupts at once.
+  killing it; a second signal interrupts at once (under torchrun, not a repeat within 2 s:
+  torchrun forwards the signal a scheduler sent to every process).
 - :func:`output_error`: an ``OSError`` met while writing the output (disk full, read-only,
-  no permission) becomes an :class:`OutputError` that names the path: it aborts the run and is
-  never reported as bad input.
+  no permission, the file-size limit ``ulimit -f``, told apart from a full disk) becomes an
+  :class:`OutputError` that names the path and what to do: it aborts the run and is never
+  reported as bad input; :func:`written_before` adds which results an optional export came
+  after.
 - :func:`worker_init`: pool workers die with their parent and leave signals to it.
 """
 from __future__ import annotations
@@ -212,34 +215,87 @@ def is_output_error(e: BaseException, out: str | os.PathLike) -> bool:
     return any(name is not None and _inside(name, Path(out)) for name in (e.filename, e.filename2))
 
 
-def output_error(e: OSError, path: str | os.PathLike, doing: str | None = None) -> OutputError:
-    """An :class:`OutputError` for ``e`` met while writing ``path``, with what to do about it."""
-    where = e.filename if e.filename is not None else path
-    hint = {errno.ENOSPC: "the disk is full: free space or choose another output directory",
+#: the closing advice of an output error: the default, and that of a training run's outputs
+RERUN = "rerun the same command when fixed (finished work is kept)"
+RESUME = ("when fixed, rerun the command with resume=auto: the run continues from its last "
+          "checkpoint (a finished run redoes only its final evaluation and exports)")
+
+
+def _size_limit_hint() -> str:
+    """What EFBIG means here: this process's file-size limit (``ulimit -f``), when one is set,
+    else the file system's largest file."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = None
+    if soft is not None and soft != resource.RLIM_INFINITY:
+        return (f"the file reached this process's file-size limit of {soft / 2**20:.1f} MiB "
+                f"({soft} bytes, ulimit -f): raise the limit (ulimit -f unlimited); more free "
+                "disk space does not help")
+    return ("the file is larger than its file system allows (e.g. 4 GiB on FAT32): choose "
+            "an output directory on another file system")
+
+
+def write_hint(e: OSError) -> str:
+    """What to do about ``e``, an error met while writing the output."""
+    if e.errno == errno.EFBIG:
+        return _size_limit_hint()
+    return {errno.ENOSPC: "the disk is full: free space or choose another output directory",
             errno.EDQUOT: "the disk quota is exhausted: free space or choose another output "
                           "directory",
-            errno.EFBIG: "a file-size limit was hit (ulimit -f): raise it or choose another "
-                         "output directory",
             errno.EROFS: "the file system is read-only: choose a writable output directory",
             errno.EACCES: "no permission to write there: fix its permissions or choose another "
                           "output directory",
             errno.EPERM: "no permission to write there: fix its permissions or choose another "
-                         "output directory"}.get(e.errno, "check the output directory")
-    return OutputError(f"{doing or f'cannot write {path}'}: {e.strerror or e} ({where}); {hint}. "
-                       "Nothing was reported as bad input; rerun the same command when fixed "
-                       "(finished work is kept).")
+                         "output directory",
+            errno.ENAMETOOLONG: "a name in the path is longer than its file system allows "
+                                "(usually 255 bytes): choose a shorter output path",
+            }.get(e.errno, "check the output directory")
+
+
+def output_error(e: OSError, path: str | os.PathLike, doing: str | None = None,
+                 then: str = RERUN) -> OutputError:
+    """An :class:`OutputError` for ``e`` met while writing ``path``, with what to do about it
+    (a full disk and a file-size limit, EFBIG, are told apart) and, ``then``, what to run once
+    it is fixed."""
+    where = e.filename if e.filename is not None else path
+    return OutputError(f"{doing or f'cannot write {path}'}: {e.strerror or e} ({where}); "
+                       f"{write_hint(e)}. Nothing was reported as bad input; {then}.")
+
+
+def written_before(e: OutputError, paths) -> OutputError:
+    """``e``, met writing an optional export, saying which results were written before it."""
+    names = [str(p) for p in paths]
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    return OutputError(f"{e} (The results, {listed}, were written before it and are "
+                       "complete.)")
 
 
 # -- signals ----------------------------------------------------------------------------------
+def under_torchrun(environ=os.environ) -> bool:
+    """Whether torchrun (torch.distributed's elastic agent) started this process."""
+    return "TORCHELASTIC_RUN_ID" in environ
+
+
 class StopSignals:
     """Within the block, SIGINT / SIGTERM set :attr:`signum` (the run stops at its next safe
     point) and print ``message``; a second signal raises KeyboardInterrupt at once. Only the
-    main thread can install signal handlers; elsewhere this does nothing."""
+    main thread can install signal handlers; elsewhere this does nothing.
+
+    Under torchrun, the same signal again within :attr:`REPEAT_WINDOW` seconds of the first is
+    the same request, not the second one: a scheduler (SLURM) signals every process of the job,
+    torchrun included, and torchrun forwards the signal to its workers, so a worker receives it
+    twice within milliseconds (which used to abort the checkpoint)."""
+
+    REPEAT_WINDOW = 2.0
 
     def __init__(self, message: str = "", print_fn=None):
         self.message = message
         self.print_fn = print_fn or (lambda s: print(s, file=sys.stderr, flush=True))
         self.signum: int | None = None
+        self._at = 0.0  # time.monotonic() of the first signal
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -254,10 +310,17 @@ class StopSignals:
         self._old.clear()
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.signum = signum
-        self.print_fn(f"\n{signal.Signals(signum).name} received: {self.message} "
+            if (signum == self.signum and under_torchrun()
+                    and time.monotonic() - self._at < self.REPEAT_WINDOW):
+                self.print_fn(f"{name} again within {self.REPEAT_WINDOW:g} s (torchrun forwards "
+                              "the signal it got too): the same stop request; send it again "
+                              "later to abort at once")
+                return
+            raise KeyboardInterrupt(f"second {name}")
+        self.signum, self._at = signum, time.monotonic()
+        self.print_fn(f"\n{name} received: {self.message} "
                       "(send it again to abort at once)")
 
     @property

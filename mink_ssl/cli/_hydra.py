@@ -64,14 +64,71 @@ def _start_record(config) -> dict | None:
         return None
     top = None  # the highest folder Hydra's mkdir(parents=True) creates
     for folder in (out, *out.parents):
-        if folder.exists() or folder.is_symlink():
+        if _there(folder):
             break
         top = folder
     log = Path(os.path.abspath(str(log))) if log else None
     sub = out / str(sub) if sub is not None else None
     return {"out": out, "top": top,
-            "log": log if log is not None and not (log.exists() or log.is_symlink()) else None,
-            "hydra": sub if sub is not None and not (sub.exists() or sub.is_symlink()) else None}
+            "log": log if log is not None and not _there(log) else None,
+            "hydra": sub if sub is not None and not _there(sub) else None}
+
+
+def _there(path: Path) -> bool:
+    """Whether ``path`` exists (a symlink counts); a path that cannot be looked up (a name
+    too long, a file as a folder) does not."""
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError:
+        return False
+
+
+def _run_dir_problem(rec: dict | None) -> str | None:
+    """Why the run directory Hydra is about to create cannot hold the run (a name longer than
+    its file system allows, a read-only file system, no permission, a file in its way), or
+    None. Creates the directory as Hydra would next (a failed start removes it again)."""
+    import errno
+    import os
+
+    from mink_ssl.safety import write_hint
+
+    if rec is None:
+        return None
+    out = rec["out"]
+    fix = "choose another hydra.run.dir"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            base = next((p for p in out.parents if _there(p)), Path("/"))
+            try:
+                limit = os.pathconf(base, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                limit = 255
+            longest = max(out.parts, key=lambda part: len(os.fsencode(part)))
+            return (f"cannot create the run directory {out}: the folder name "
+                    f"{longest[:40]}... is {len(os.fsencode(longest))} bytes long, more than "
+                    f"the {limit} its file system allows; {fix} with shorter names")
+        if e.errno in (errno.EEXIST, errno.ENOTDIR):
+            return (f"cannot create the run directory {out}: {e.strerror} "
+                    f"({e.filename or out}): a file is in its way; {fix}")
+        return (f"cannot create the run directory {out}: {e.strerror} ({e.filename or out}); "
+                f"{write_hint(e).replace('output directory', 'hydra.run.dir')}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        how = ("its file system is read-only" if _read_only(out)
+               else "no permission to write there")
+        return (f"cannot write into the run directory {out}: {how}; {fix}"
+                f"{'' if _read_only(out) else ' or fix its permissions'}")
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    import os
+
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _remove_created(out_dir: Path) -> None:
@@ -136,6 +193,10 @@ class StartCheck(Callback):
         _START["record"] = _start_record(config)
         check, prog = _START.get("check"), _START.get("prog", "mink-ssl")
         _report_input_errors(prog, lambda: _check(_task_config(config), check))
+        problem = _run_dir_problem(_START["record"])  # Hydra's own mkdir / log: a traceback
+        if problem:
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+            sys.exit(2)
 
 
 def _check(cfg, check) -> object:
@@ -193,6 +254,22 @@ def check_schema_keys(cfg, path: str = "") -> None:
             check_schema_keys(node, f"{path}{name}.")
 
 
+def stop_exit_code(e, prog: str) -> int:
+    """The exit code of a run stopped cleanly by a signal (checkpoint saved): 128 + signal,
+    the shell's convention, except under torchrun: torchrun counts every non-zero exit of a
+    worker as a failure (it ends with ChildFailedError and exit 1, and with --max-restarts it
+    would start the workers afresh into the stopped run), so a worker exits 0 there, saying so.
+    """
+    from mink_ssl.safety import under_torchrun
+
+    if not under_torchrun():
+        return e.exit_code
+    print(f"{prog}: exits 0, not {e.exit_code}, under torchrun: torchrun counts any other exit "
+          "as a failure (ChildFailedError). The run is not finished: resume it as said above",
+          file=sys.stderr)
+    return 0
+
+
 def register_schema(name: str, schema: type) -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -244,7 +321,7 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
             code = 1
         except Interrupted as e:  # SIGINT / SIGTERM: checkpoint saved at a step boundary
             print(f"{prog}: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
+            sys.exit(stop_exit_code(e, prog))
         if code:
             _remove_created(out_dir)
             sys.exit(code)

@@ -1,6 +1,8 @@
 """The generic trainer hooks: checkpoints and the final export, TensorBoard scalars with
 ``metrics.jsonl`` and a progress bar, periodic evaluation keeping the best model, and a
-batch-norm momentum schedule. Rank 0 writes; the others wait where they must."""
+batch-norm momentum schedule. Rank 0 writes; the others wait where they must. Every write
+error is an :class:`~mink_ssl.safety.OutputError` naming the file, with ``resume=auto`` as the
+way on once it is fixed."""
 from __future__ import annotations
 
 import json
@@ -10,9 +12,10 @@ from typing import Callable
 
 import torch.nn as nn
 
+from mink_ssl.engine.events import EventFile
 from mink_ssl.engine.trainer import Hook
-from mink_ssl.io import atomic_path
-from mink_ssl.safety import output_error
+from mink_ssl.io import output_file
+from mink_ssl.safety import RESUME, output_error
 
 
 class CheckpointHook(Hook):
@@ -48,7 +51,11 @@ class CheckpointHook(Hook):
             trainer.rank_states = None
         old = sorted(self.out_dir.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
         for p in old[: -self.keep]:
-            p.unlink()
+            try:
+                p.unlink()
+            except OSError as e:
+                raise output_error(e, p, f"cannot remove the old checkpoint {p}",
+                                   RESUME) from None
 
     def after_step(self, trainer) -> None:
         if self.every and trainer.state.iteration % self.every == 0:
@@ -83,16 +90,12 @@ class LoggingHook(Hook):
     def before_train(self, trainer) -> None:
         if not self.enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # pragma: no cover - tensorboard is a dependency
-            raise ImportError("TensorBoard logging needs `pip install tensorboard`") from e
-        self.writer = SummaryWriter(str(self.out_dir / "tb"))
+        self.writer = EventFile(self.out_dir / "tb")  # I/O errors name the file (OutputError)
         path = self.out_dir / "metrics.jsonl"
         try:
             self.jsonl = _open_metrics(path)
         except OSError as e:
-            raise output_error(e, path, f"cannot open {path} for appending") from None
+            raise output_error(e, path, f"cannot open {path} for appending", RESUME) from None
         if self.progress:
             from tqdm import tqdm
 
@@ -106,16 +109,18 @@ class LoggingHook(Hook):
         if self.every and it % self.every == 0:
             for k, v in m.items():
                 group = "loss" if k.startswith("loss") else "stat"
-                self.writer.add_scalar(f"{group}/{k}", v, it)
+                self.writer.scalar(f"{group}/{k}", v, it)
             for name in self.counts:
-                self.writer.add_scalar(f"stat/{name}", trainer.state.counts.get(name, 0), it)
+                self.writer.scalar(f"stat/{name}", trainer.state.counts.get(name, 0), it)
+            self.writer.flush()
             row = {"iteration": it, **{k: float(v) for k, v in m.items()}}
             path = self.out_dir / "metrics.jsonl"
             try:
                 self.jsonl.write(json.dumps(row) + "\n")
                 self.jsonl.flush()
             except OSError as e:  # disk full, a file-size limit: the path and what to do
-                raise output_error(e, path, f"cannot append iteration {it} to {path}") from None
+                raise output_error(e, path, f"cannot append iteration {it} to {path}",
+                                   RESUME) from None
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.3g}")
@@ -123,8 +128,14 @@ class LoggingHook(Hook):
     def _close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
-        self.jsonl.close()
+        path = self.out_dir / "metrics.jsonl"
+        try:
+            self.writer.close()
+        finally:
+            try:
+                self.jsonl.close()
+            except OSError as e:
+                raise output_error(e, path, f"cannot write {path}", RESUME) from None
 
     def on_interrupt(self, trainer) -> None:
         if self.enabled:
@@ -195,9 +206,12 @@ class EvalHook(Hook):
         if self.save_best is None:
             return
         best_dir = self.out_dir / "best"
-        best_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            best_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(e, best_dir, f"cannot create {best_dir}", RESUME) from None
         self.save_best(best_dir)
-        with atomic_path(best_dir / "best.json") as tmp:  # after the model: it describes it
+        with output_file(best_dir / "best.json", then=RESUME) as tmp:  # after the model
             tmp.write_text(json.dumps({"iteration": entry["iteration"], "metric": self.key,
                                        **{k: v for k, v in entry.items() if k != "iteration"}},
                                       indent=1))
@@ -213,7 +227,7 @@ class EvalHook(Hook):
         if self.enabled:
             metrics = self.evaluate()
             self.history.append({"iteration": it, **metrics})
-            with atomic_path(self.out_dir / "val_history.json") as tmp:
+            with output_file(self.out_dir / "val_history.json", then=RESUME) as tmp:
                 tmp.write_text(json.dumps(self.history, indent=1))
             for name, value in metrics.items():
                 trainer.state.last_metrics[stat_name(name)] = value

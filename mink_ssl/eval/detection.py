@@ -31,8 +31,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mink_ssl.io import atomic_path
+from mink_ssl.io import output_file
 from mink_ssl.ops.boxes import as_oriented, check_boxes, group_pairs, paired_iou
+from mink_ssl.safety import RERUN, OutputError, written_before
 
 DEFAULT_IOU_THRESHOLDS = (0.25, 0.5)
 
@@ -301,11 +302,15 @@ def detection_table(result: DetectionResult) -> str:
 
 
 def write_detection_report(result: DetectionResult, run_dir: str | os.PathLike,
-                           name: str = "detection") -> dict[str, Path]:
-    """Write ``<name>.md`` (table, values in %), ``<name>.json`` (all numbers and curves) and
-    ``<name>_pr.png`` (per class the interpolated precision envelope over recall, whose area is
-    the AP, and the raw precision/recall points; one panel per IoU threshold) to ``run_dir``,
-    each atomically. Returns the paths by kind (``markdown``, ``json``, ``plot``)."""
+                           name: str = "detection", extra: dict | None = None,
+                           then: str = RERUN) -> dict[str, Path]:
+    """Write ``<name>.md`` (table, values in %) and ``<name>.json`` (all numbers and curves;
+    with ``extra``: ``extra``, then ``mAP@<t>`` per threshold, then all numbers and curves),
+    then ``<name>_pr.png`` (per class the interpolated precision envelope over recall, whose
+    area is the AP, and the raw precision/recall points; one panel per IoU threshold) to
+    ``run_dir``, each atomically. Returns the paths by kind (``markdown``, ``json``, ``plot``).
+    An I/O error is an ``OutputError`` naming the file (``then``: what to run when fixed); one
+    met writing the plot says that the results were written before it."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # headless, no global backend
     from matplotlib.figure import Figure
@@ -315,10 +320,14 @@ def write_detection_report(result: DetectionResult, run_dir: str | os.PathLike,
              "plot": run_dir / f"{name}_pr.png"}
     summary = ", ".join(f"mAP@{t:g} = {100 * result.mean_ap(t):.2f}"
                         for t in result.iou_thresholds)
-    with atomic_path(paths["markdown"]) as tmp:
+    numbers = result.to_dict()
+    if extra is not None:
+        numbers = {**extra, **{f"mAP@{t:g}": result.mean_ap(t) for t in result.iou_thresholds},
+                   **numbers}
+    with output_file(paths["markdown"], then=then) as tmp:
         tmp.write_text(f"# 3D detection ({summary})\n\n" + detection_table(result))
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    with output_file(paths["json"], then=then) as tmp:
+        tmp.write_text(json.dumps(numbers, indent=1))
 
     n = len(result.iou_thresholds)
     fig = Figure(figsize=(5.5 * n, 5))
@@ -340,6 +349,9 @@ def write_detection_report(result: DetectionResult, run_dir: str | os.PathLike,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="lower left", ncol=2)
     fig.tight_layout()
-    with atomic_path(paths["plot"]) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    try:
+        with output_file(paths["plot"], then=then) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    except OutputError as e:
+        raise written_before(e, [paths["markdown"], paths["json"]]) from None
     return paths

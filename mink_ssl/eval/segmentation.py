@@ -43,7 +43,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mink_ssl.io import atomic_path
+from mink_ssl.io import output_file
+from mink_ssl.safety import RERUN, OutputError, written_before
 
 
 def _tensor(x, name: str) -> torch.Tensor:
@@ -158,9 +159,10 @@ def class_palette(num_classes: int) -> np.ndarray:
 
 
 def write_prediction_ply(path: str | os.PathLike, points: np.ndarray, pred: np.ndarray,
-                         labels: np.ndarray | None, num_classes: int) -> Path:
+                         labels: np.ndarray | None, num_classes: int, then: str = RERUN) -> Path:
     """Binary PLY of points (N, 3) coloured by predicted class, with int properties ``pred``
-    (predicted class) and ``label`` (ground truth, -1 ignored), written atomically."""
+    (predicted class) and ``label`` (ground truth, -1 ignored), written atomically; an I/O
+    error is an ``OutputError`` naming the file (``then``: what to run when fixed)."""
     from plyfile import PlyData, PlyElement
 
     points = np.asarray(points, np.float32).reshape(-1, 3)
@@ -180,7 +182,7 @@ def write_prediction_ply(path: str | os.PathLike, points: np.ndarray, pred: np.n
     vertex["x"], vertex["y"], vertex["z"] = points.T
     vertex["red"], vertex["green"], vertex["blue"] = colors.T
     vertex["pred"], vertex["label"] = pred, labels
-    with atomic_path(path) as tmp:
+    with output_file(path, then=then) as tmp:
         PlyData([PlyElement.describe(vertex, "vertex")], text=False,
                 comments=["written by mink_ssl.eval.segmentation: colour = predicted class"]
                 ).write(str(tmp))
@@ -206,8 +208,10 @@ def results_markdown(metrics: SegMetrics, title: str = "Segmentation results") -
     return "\n".join(lines) + "\n"
 
 
-def plot_class_iou(metrics: SegMetrics, path: str | os.PathLike, title: str = "") -> Path:
-    """Horizontal bar chart of per-class IoU with the mIoU as a line (PNG, headless Agg)."""
+def plot_class_iou(metrics: SegMetrics, path: str | os.PathLike, title: str = "",
+                   then: str = RERUN) -> Path:
+    """Horizontal bar chart of per-class IoU with the mIoU as a line (PNG, headless Agg); an
+    I/O error is an ``OutputError`` naming the file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -230,24 +234,28 @@ def plot_class_iou(metrics: SegMetrics, path: str | os.PathLike, title: str = ""
     ax.set_xlabel("IoU (%)")
     ax.set_title(title or "Per-class IoU", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with output_file(path, then=then) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
 
 
 def write_results(out_dir: str | os.PathLike, metrics: SegMetrics, *, title: str,
-                  extra: dict | None = None, stem: str = "results") -> dict[str, Path]:
-    """``<stem>.md``, ``<stem>.json`` (metrics plus ``extra``) and ``<stem>_iou.png`` in
-    ``out_dir``, each written atomically; returns their paths."""
+                  extra: dict | None = None, stem: str = "results",
+                  then: str = RERUN) -> dict[str, Path]:
+    """``<stem>.md`` and ``<stem>.json`` (metrics plus ``extra``), then the plot
+    ``<stem>_iou.png``, in ``out_dir``, each written atomically; returns their paths. An I/O
+    error is an ``OutputError`` naming the file (``then``: what to run when fixed); one met
+    writing the plot says that the results were written before it."""
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json",
              "plot": out_dir / f"{stem}_iou.png"}
-    with atomic_path(paths["markdown"]) as tmp:
+    with output_file(paths["markdown"], then=then) as tmp:
         tmp.write_text(results_markdown(metrics, title))
-    with atomic_path(paths["json"]) as tmp:
+    with output_file(paths["json"], then=then) as tmp:
         tmp.write_text(json.dumps({"title": title, **(extra or {}), **metrics.to_dict()},
                                   indent=1))
-    plot_class_iou(metrics, paths["plot"], title)
+    try:
+        plot_class_iou(metrics, paths["plot"], title, then)
+    except OutputError as e:
+        raise written_before(e, [paths["markdown"], paths["json"]]) from None
     return paths
-
-

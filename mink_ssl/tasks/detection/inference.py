@@ -2,7 +2,6 @@
 :mod:`mink_ssl.eval.detection`), and the run's results files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,8 +9,8 @@ import torch.nn as nn
 
 from mink_ssl.data.detection import collate_detection
 from mink_ssl.eval.detection import DetectionEvaluator, write_detection_report
-from mink_ssl.io import atomic_path
 from mink_ssl.models.votenet import detect
+from mink_ssl.safety import RERUN
 
 
 @torch.no_grad()
@@ -44,12 +43,11 @@ def evaluate_detector(model: nn.Module, dataset, device: torch.device, *, batch_
     return evaluator.compute()
 
 
-def write_det_results(out_dir: Path, result, extra: dict) -> dict:
-    """``results.md`` / ``results_pr.png`` (:func:`~mink_ssl.eval.detection.
-    write_detection_report`) and ``results.json`` = ``extra`` plus every number and curve."""
-    paths = write_detection_report(result, out_dir, name="results")
-    summary = {**extra, **{f"mAP@{t:g}": result.mean_ap(t) for t in result.iou_thresholds},
-               **result.to_dict()}
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
-    return summary
+def write_det_results(out_dir: Path, result, extra: dict, then: str = RERUN) -> dict:
+    """``results.md``, ``results.json`` = ``extra`` plus every number and curve, then the plot
+    ``results_pr.png`` (:func:`~mink_ssl.eval.detection.write_detection_report`, which names
+    the file of an I/O error, ``then`` what to run when fixed); returns ``results.json``'s
+    content."""
+    write_detection_report(result, out_dir, name="results", extra=extra, then=then)
+    return {**extra, **{f"mAP@{t:g}": result.mean_ap(t) for t in result.iou_thresholds},
+            **result.to_dict()}

@@ -37,6 +37,7 @@ from mink_ssl.engine.run import TaskRun, task_run
 from mink_ssl.engine.trainer import Hook, Trainer
 from mink_ssl.formats.model_files import DET_CHECKPOINT_FORMAT
 from mink_ssl.models.votenet import save_detection_model
+from mink_ssl.safety import RESUME
 from mink_ssl.tasks.detection.config import FinetuneDetConfig, check_det_config
 from mink_ssl.tasks.detection.inference import evaluate_detector, write_det_results
 from mink_ssl.tasks.detection.model import (DetectionModule, build_det_dataset, build_det_model,
@@ -164,7 +165,7 @@ def _finetune_det(cfg: FinetuneDetConfig, tr: TaskRun) -> dict:
                  "pretrained_loaded_fraction": (pretrained_report.matched_fraction
                                                 if pretrained_report else None),
                  "train_scenes": len(train_set), "mean_sizes": mean_sizes.tolist()}
-        results = write_det_results(out_dir, result, extra)
+        results = write_det_results(out_dir, result, extra, then=RESUME)
         print_fn(f"finetune-det: {cfg.data.eval_split} " + ", ".join(
             f"mAP@{t:g} {100 * result.mean_ap(t):.1f}" for t in result.iou_thresholds)
             + f" ({len(eval_set)} scenes); {out_dir / 'results.md'}")

@@ -15,7 +15,8 @@ from mink_ssl.eval.segmentation import write_results
 from mink_ssl.formats.model_files import SEG_CHECKPOINT_FORMAT, SEG_MODEL_FORMAT, load_tagged
 from mink_ssl.models.heads import segmentation_model_from_state
 from mink_ssl.tasks.segmentation.config import FinetuneSegConfig, SegDataConfig
-from mink_ssl.tasks.segmentation.inference import evaluate_scenes
+from mink_ssl.safety import RERUN, RESUME, OutputError, written_before
+from mink_ssl.tasks.segmentation.inference import evaluate_scenes, write_prediction_plys
 from mink_ssl.tasks.segmentation.model import build_seg_dataset
 
 
@@ -70,23 +71,34 @@ def check_fine_tuned(path: str, meta: dict, num_classes: int, eval_set, cfg: Seg
 
 def final_evaluation(model: nn.Module, eval_set, cfg: FinetuneSegConfig, out_dir: Path,
                      device, extra: dict, print_fn=print) -> dict:
-    """Evaluate ``model`` on every scene of ``eval_set`` (original points, ``eval.rotations``,
-    PLY files of the first ``eval.ply_scenes``), write ``results.md`` / ``results.json`` (with
-    ``extra``) / ``results_iou.png``; returns ``results.json``'s numbers and ``extra``."""
+    """Evaluate ``model`` on every scene of ``eval_set`` (original points, ``eval.rotations``),
+    write ``results.md`` / ``results.json`` (with ``extra``), then the exports:
+    ``results_iou.png`` and PLY files of the first ``eval.ply_scenes`` scenes' predictions
+    (so that a full disk during the exports leaves the results); returns ``results.json``'s
+    numbers and ``extra``. An I/O error is an ``OutputError`` naming the file and, for an
+    export, the results written before it."""
     e = cfg.eval
+    kept: list = []  # the PLY scenes' predictions, written after the results
     metrics = evaluate_scenes(model, eval_set.scenes_for_eval(e.protocol), eval_set.classes,
                               eval_set.voxel_size, eval_set.features, rotations=e.rotations,
                               up_axis=eval_set.up_axis, device=device,
-                              ply_dir=out_dir / "predictions", ply_scenes=e.ply_scenes,
+                              ply_scenes=e.ply_scenes, predictions=kept,
                               protocol=e.protocol, label_rule=eval_set.label_rule)
     extra = {"split": cfg.data.eval_split, "scenes": len(eval_set), **extra,
              "rotations": e.rotations, "voxel_size": eval_set.voxel_size,
              "protocol": e.protocol}
     title = f"{eval_set.manifest.get('benchmark', 'segmentation')} {cfg.data.eval_split}"
-    write_results(out_dir, metrics, title=title, extra=extra)
+    # what to run once an I/O error is fixed: a trained run resumes (its final checkpoint is
+    # there), an evaluation (evaluate_only, the kNN probe) is run again
+    then = RERUN if cfg.evaluate_only or cfg.probe == "knn" else RESUME
+    paths = write_results(out_dir, metrics, title=title, extra=extra, then=then)
     print_fn(f"finetune-seg: {cfg.data.eval_split} mIoU {100 * metrics.miou:.1f}, mAcc "
              f"{100 * metrics.macc:.1f}, oAcc {100 * metrics.oacc:.1f} ({len(eval_set)} scenes, "
              f"{e.rotations} rotation(s)); {out_dir / 'results.md'}")
+    try:
+        write_prediction_plys(out_dir / "predictions", kept, len(eval_set.classes), then)
+    except OutputError as err:
+        raise written_before(err, paths.values()) from None
     return {**extra, **metrics.to_dict()}
 
 

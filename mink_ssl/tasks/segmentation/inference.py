@@ -15,6 +15,7 @@ from mink_ssl.data.features import input_features, make_features
 from mink_ssl.data.segmentation import EVAL_PROTOCOLS, rotation_matrix, voxel_labels
 from mink_ssl.eval.segmentation import (SegMetrics, confusion_matrix, segmentation_metrics,
                                         write_prediction_ply)
+from mink_ssl.safety import RERUN
 from mink_ssl.sparse import batched_coordinates, quantize, sparse_tensor, unique_voxels
 
 
@@ -98,13 +99,15 @@ def predict_voxels(model: torch.nn.Module, points: np.ndarray, colors: np.ndarra
 def evaluate_scenes(model: torch.nn.Module, scenes: Iterable, classes: Sequence[str],
                     voxel_size: float, in_channels: int | str, *, rotations: int = 1,
                     up_axis: int = 2, device: torch.device | str = "cpu",
-                    ply_dir: Path | None = None, ply_scenes: int = 0,
+                    ply_scenes: int = 0, predictions: list | None = None,
                     protocol: str = "points", label_rule: str = "uniform") -> SegMetrics:
     """Evaluate on ``scenes``: (name, points (N, 3), colors (N, 3) uint8, labels (N,) int in
     [0, C) or -1) tuples, per original point (``protocol="points"``) or per voxel
-    (``"voxels"``, the reference; voxel labels by ``label_rule``), see the module docstring;
-    PLY files of the first ``ply_scenes`` (points, or each voxel's first point) go to
-    ``ply_dir`` as ``<name with / -> __>.ply``."""
+    (``"voxels"``, the reference; voxel labels by ``label_rule``), see the module docstring.
+    The predictions of the first ``ply_scenes`` scenes (points, or each voxel's first point)
+    are appended to ``predictions`` as (name, points float32 (N, 3), predicted class int16,
+    label int16) for :func:`write_prediction_plys`, which the caller runs after writing the
+    results (16 bytes a point are kept meanwhile)."""
     if protocol not in EVAL_PROTOCOLS:
         raise ValueError(f"eval protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}")
     C = len(classes)
@@ -128,9 +131,19 @@ def evaluate_scenes(model: torch.nn.Module, scenes: Iterable, classes: Sequence[
                                  f"has {C} ({list(classes)})")
             pred = logits.argmax(1).cpu()  # (N,)
             cm += confusion_matrix(pred, torch.as_tensor(labels), C)
-            if ply_dir is not None and k < ply_scenes:
-                write_prediction_ply(Path(ply_dir) / f"{name.replace('/', '__')}.ply", points,
-                                     pred.numpy(), labels, C)
+            if predictions is not None and k < ply_scenes:
+                predictions.append((name, np.asarray(points, np.float32).reshape(-1, 3),
+                                    pred.numpy().astype(np.int16),
+                                    np.asarray(labels).reshape(-1).astype(np.int16)))
     finally:
         model.train(was_training)
     return segmentation_metrics(cm, classes)
+
+
+def write_prediction_plys(ply_dir: Path, predictions: list, num_classes: int,
+                          then: str = RERUN) -> list[Path]:
+    """``<ply_dir>/<name with / -> __>.ply`` for each (name, points, predicted class, label)
+    that :func:`evaluate_scenes` kept; an I/O error is an ``OutputError`` naming the file."""
+    return [write_prediction_ply(Path(ply_dir) / f"{name.replace('/', '__')}.ply", points, pred,
+                                 labels, num_classes, then)
+            for name, points, pred, labels in predictions]
