@@ -11,8 +11,13 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 NGPUS=${NGPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 [[ ${NGPUS} -ge 1 ]] || NGPUS=1
+resume_env=("NNODES=${NNODES}" "NODE_RANK=${NODE_RANK}" "MASTER_ADDR=${MASTER_ADDR}"
+            "MASTER_PORT=${MASTER_PORT}" "NGPUS=${NGPUS}" "RUN_DIR=${RUN_DIR}")
 cmd=(torchrun --nnodes "${NNODES}" --node_rank "${NODE_RANK}" --nproc_per_node "${NGPUS}"
      --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR}:${MASTER_PORT}"
      --rdzv_id "${RDZV_ID:-mink-ssl}" -m mink_ssl.cli.pretrain "hydra.run.dir=${RUN_DIR}" "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+# a stop request (Ctrl-C, docker stop, kill) goes to the training processes, not to torchrun:
+# they checkpoint and stop, and this script exits 130 / 143 (docker/torchrun_stop.sh)
+source "$(dirname "${BASH_SOURCE[0]}")/torchrun_stop.sh"
+run_torchrun "$(resume_command "${resume_env[@]}" -- "$0" "$@")" "${cmd[@]}"
