@@ -264,8 +264,8 @@ def stop_exit_code(e, prog: str) -> int:
 
     if not under_torchrun():
         return e.exit_code
-    print(f"{prog}: exits 0, not {e.exit_code}, under torchrun: torchrun counts any other exit "
-          "as a failure (ChildFailedError). The run is not finished: resume it as said above",
+    print(f"{prog}: exits 0, not {e.exit_code}, under torchrun: torchrun reports any other exit "
+          "as a failed worker. The run is not finished: resume it as said above",
           file=sys.stderr)
     return 0
 
