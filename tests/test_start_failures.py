@@ -85,7 +85,11 @@ def test_start_removes_only_temporaries_of_ours(tmp_path):
             ".data.json.abcdefgh.tmp": b"not ours", "best/.draft.tmp": b"y"}
     ours = [".checkpoint_6.pth.k2x9q0_a.tmp", ".config.json.0a1b2c3d.tmp",
             "best/.model.pth.zz_9y8x7.tmp", "best/.best.json.qwertyui.tmp",
-            ".checkpoint_8.pth.mink-ssl-4121-k2x9q0_a.tmp"]  # today's names carry our pid
+            ".checkpoint_8.pth.mink-ssl-4121-k2x9q0_a.tmp",  # today's names carry our pid
+            ".results_iou.png.mink-ssl-77-abcdefgh.tmp",
+            "predictions/.Area_5_room_0.ply.mink-ssl-77-abcdefgh.tmp"]
+    (run / "predictions").mkdir()
+    user[".scan.ply.abcdefgh.tmp"] = b"a user's, outside predictions/"
     from mink_ssl.engine.rundir import OUR_TEMPORARY
     from mink_ssl.io import atomic_path
 

@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args) -> int:
     from mink_ssl.io import atomic_torch_save
+    from mink_ssl.safety import RERUN
 
     if args.out.exists() and args.out.resolve() == args.file.resolve():
         raise ValueError(f"--out {args.out} is the input file; write to another path")
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"{args.out} exists; choose another --out or add --overwrite")
     obj, notes = convert(read_weights(args.file, args.kernel_order), args.to)
-    atomic_torch_save(obj, args.out)
+    atomic_torch_save(obj, args.out, then=RERUN)  # a failed write: rerun this command
     print(f"wrote {args.out} ({args.to})")
     for note in notes:
         print(f"note: {note}")

@@ -52,7 +52,10 @@ NEVER = ("optim.name",)
 #: before that ``.<name>.<8>.tmp``) of a file a run writes into its directory or ``best/``
 OUR_TEMPORARY = re.compile(r"\.(checkpoint_\d+\.pth|config\.json|config_history\.json|"
                            r"val_history\.json|best\.json|model\.pth|backbone\.pth|"
-                           r"results\.json|results\.md)\.(mink-ssl-\d+-)?[a-z0-9_]{8}\.tmp")
+                           r"results\.json|results\.md|results_iou\.png|results_pr\.png)"
+                           r"\.(mink-ssl-\d+-)?[a-z0-9_]{8}\.tmp")
+#: the same for the exported predictions (``predictions/<scene>.ply``)
+OUR_PREDICTION_TEMPORARY = re.compile(r"\.[^/]+\.ply\.(mink-ssl-\d+-)?[a-z0-9_]{8}\.tmp")
 #: what a start writes before and at its first step: removed again by a start that fails there
 #: (only those this start created)
 START_OUTPUTS = ("config.json", "config_history.json", "metrics.jsonl", "tb")
@@ -153,9 +156,10 @@ class RunDir:
             self._check()
             if self.is_main:
                 self.found = {p.name for p in self.dir.iterdir()}
-                for sub in (self.dir, self.dir / "best"):  # a killed atomic write's temporary
-                    for stale in sub.glob(".*.tmp"):
-                        if OUR_TEMPORARY.fullmatch(stale.name) and not stale.is_symlink():
+                for sub, ours in ((self.dir, OUR_TEMPORARY), (self.dir / "best", OUR_TEMPORARY),
+                                  (self.dir / "predictions", OUR_PREDICTION_TEMPORARY)):
+                    for stale in sub.glob(".*.tmp"):  # a killed atomic write's temporary
+                        if ours.fullmatch(stale.name) and not stale.is_symlink():
                             stale.unlink(missing_ok=True)
         except BaseException:
             self.close()
