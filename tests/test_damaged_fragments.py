@@ -73,3 +73,26 @@ def test_a_damaged_manifest_is_named_and_prep_rewrites_it(synthetic_pairs, tmp_p
     run_prep(synthetic_pairs.parent / "raw", out, PrepParams(frame_skip=25), progress=False)
     assert (out / "manifest.json").read_bytes() == good
     PairDataset(out, voxel_size=0.05)
+
+
+@pytest.mark.parametrize("damage", ["truncated store", "missing scene"])
+def test_a_damaged_store_is_named_when_the_dataset_is_built(synthetic_pairs, tmp_path, damage):
+    """Found at build time (one stat per file against scene.json's sizes), not when a pair of
+    the scene is reached; prep's rerun repairs it."""
+    from data_prep.pairs.prep import PrepParams, run as run_prep
+    from mink_ssl.data.pairs import PairDataset
+
+    out = tmp_path / "pairs"
+    shutil.copytree(synthetic_pairs, out)
+    scene = next(p for p in sorted(out.iterdir()) if (p / INDEX_FILE).is_file())
+    if damage == "truncated store":
+        with open(scene / PAYLOAD_FILE, "r+b") as f:
+            f.truncate(1000)
+        match = rf"{scene.name}/{PAYLOAD_FILE} has 1000 bytes, \d+ recorded \(truncated"
+    else:
+        shutil.rmtree(scene)
+        match = rf"{scene.name}: no scene.json"
+    with pytest.raises(ValueError, match=match + r".*Rerun `mink-ssl-prep scannet`"):
+        PairDataset(out, voxel_size=0.05)
+    run_prep(synthetic_pairs.parent / "raw", out, PrepParams(frame_skip=25), progress=False)
+    assert len(PairDataset(out, voxel_size=0.05)) > 0

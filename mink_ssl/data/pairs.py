@@ -32,7 +32,7 @@ from mink_ssl.data.correspondence import (check_matches, find_matches, random_ri
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 from mink_ssl.data.pair_list import PairList
 from mink_ssl.formats import manifest
-from mink_ssl.formats.fragments import FragmentStore, StoreCache
+from mink_ssl.formats.fragments import FragmentStore, StoreCache, check_scene_files
 from mink_ssl.formats.manifest import PAIRS_SCHEMA
 from mink_ssl.sparse import quantize
 
@@ -105,6 +105,7 @@ class PairDataset(Dataset):
         self.max_depth, self.seed = max_depth, seed
         self.frame_size = check_frame_size(frame_size)
         self.pairs = PairList.read(self.root / self.manifest.get("pairs_file", "pairs.txt"))
+        check_scene_files(self.root, self.pairs.scenes)  # missing / truncated stores, named now
         self._stores = StoreCache(self.root, STORES_OPEN)
         self.match_check = self.verify_matches(verify_matches)
 

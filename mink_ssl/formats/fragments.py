@@ -246,6 +246,43 @@ class FragmentStore:
         return self.get(self._row[frame], color)
 
 
+SCENE_FILE = "scene.json"
+
+
+def check_scene_files(root: str | os.PathLike, scenes) -> None:
+    """Every scene in ``scenes`` has its fragment store under ``root``, at the sizes its
+    ``scene.json`` recorded (pair prep writes them): one stat per file, so that a missing or
+    truncated store is named when a dataset is built, not when a pair of it is reached."""
+    import json
+
+    root, problems = Path(root), []
+    for scene in scenes:
+        folder = root / scene
+        try:
+            recorded = json.loads((folder / SCENE_FILE).read_text()).get("files") or {}
+        except FileNotFoundError:
+            problems.append(f"{scene}: no {SCENE_FILE} (the scene's folder is missing or was "
+                            "never finished)")
+            continue
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            problems.append(f"{scene}/{SCENE_FILE} is not a valid scene record")
+            continue
+        for name in (INDEX_FILE, PAYLOAD_FILE):
+            try:
+                size = (folder / name).stat().st_size
+            except FileNotFoundError:
+                problems.append(f"{scene}/{name} is missing")
+                continue
+            if name in recorded and size != recorded[name]:
+                problems.append(f"{scene}/{name} has {size} bytes, {recorded[name]} recorded "
+                                "(truncated or replaced)")
+    if problems:
+        more = f" ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ValueError(f"{root}: {len(problems)} problem(s) with scenes the pair list names: "
+                         f"{'; '.join(problems[:5])}{more}. Rerun `mink-ssl-prep scannet` into "
+                         f"{root}: it redoes the damaged scenes and keeps the others")
+
+
 class StoreCache:
     """The fragment stores of the scenes under ``root``, at most ``capacity`` of them open at
     once (the most recently used; one descriptor each), however many scenes a process reads.
