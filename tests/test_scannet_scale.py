@@ -192,11 +192,13 @@ def test_one_epoch_over_every_scene_keeps_files_and_memory_flat(scale_root):
         assert floor(samples, proc, "fds", last) <= floor(samples, proc, "fds", second) + 1, \
             (proc, curve)
         assert max(s[proc]["fds"] for s in samples) < NOFILE // 2, (proc, curve)
-        # a worker reads ~75 scenes it had not read between the two quarters: 16 MB is the
-        # allocator's noise plus ~200 KB a scene (300 MB over ScanNet's 1,513)
+        # a worker reads ~75 scenes it had not read between the two quarters. Measured on a
+        # loaded 2-core machine, a worker's floor rose by up to 31 MB in one of three runs (its
+        # samples swing 87-118 MB within a quarter: the allocator), 0 to 12 MB in the others;
+        # 40 MB still fails a leak of 0.5 MB a scene (750 MB over ScanNet's 1,513)
         grew = floor(samples, proc, "private_mb", last) - floor(samples, proc, "private_mb",
                                                                  second)
-        assert grew < 16.0, (proc, curve)
+        assert grew < 40.0, (proc, curve)
 
 
 def test_a_long_epoch_resumes_at_its_exact_position():
