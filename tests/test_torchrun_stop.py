@@ -77,6 +77,9 @@ def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
     runs in a session of its own under the launch script)."""
     try:
         code = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("still running 300 s after the stop; its output:\n"
+                             + log.read_text()[-4000:]) from None
     finally:
         if proc.poll() is None:
             for pid in descendants(proc.pid):
