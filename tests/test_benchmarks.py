@@ -10,7 +10,8 @@ nothing; what is tested is that the measurement still runs to its report.
 Measured on the 2-core development machine with ../shared/realdata present: backbone 8 s,
 objectives 33 s, overlap 22 s, pretrain_step 8 s, storage 16 s (88 s in all). Without it,
 pretrain_step (67 s), objectives (44 s) and storage (35 s) render synthetic scenes instead, and
-overlap, whose baseline comparison needs the real frames, is skipped.
+overlap, whose baseline comparison needs the real frames, is skipped. scannet_scale (32 s) needs
+the real frames too.
 """
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ SMALLEST: dict[str, Smallest] = {
          "--workers", "1", "--voxel-size", "0.05"],
         [rf"^  ratio full / bare \(per round\): median {N}x, IQR {N} \(target <= 1\.15x\)$",
          r"^  loader alone: .* pairs/s: (keeps up|BOTTLENECK)$"]),
+    "bench_scannet_scale.py": Smallest(
+        # 6 hard-linked scenes of 10 pairs, one worker, one step of the smallest network
+        ["--scenes", "6", "--pairs", "60", "--workers", "1", "--steps", "1", "--batch", "1",
+         "--model", "res16unet14s", "--voxel-size", "0.1", "--frame-skip", "50",
+         "--sweep-items", "12", "--repeats", "1"],
+        [rf"^  arrays {N} MB; held: list of tuples / ours {N}x; parse time {N}x; target < 100 MB",
+         rf"^  resume after k batches .*: exact; sampler state in a checkpoint {N} bytes .* {N}x",
+         rf"^loader start-up, 1 workers .*: {N}x \(IQR {N}; load average",
+         rf"^start-up, 1 workers: first step {N} s after start .* {N}x the one-scene folder's",
+         rf"^sweep, 1 workers: .*open files {N}x.*, resident memory {N}x"],
+        needs_real_frames=True),
     "bench_storage.py": Smallest(
         [],
         [rf"^  float64 xyz npz +: +{N} KB  -> ours is {N}x smaller$",
