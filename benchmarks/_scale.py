@@ -140,13 +140,14 @@ def children(pid: int) -> list[int]:
 # ------------------------------------------------------------- the loader pass (a subprocess)
 
 def loader_pass(root: Path, workers: int, nofile: int, mode: str, batch: int, every: int,
-                voxel_size: float, limit: int = 0, seed: int = 0) -> dict:
+                voxel_size: float, limit: int = 0, seed: int = 0,
+                features: str = "ones") -> dict:
     """Run in a fresh process: under a soft ``ulimit -n`` of ``nofile``, build the pair
     dataset of ``root`` and pull batches through the training loader, sampling the resources
     of this process and of each loader worker every ``every`` batches.
 
     ``mode``: ``epoch``: one epoch of the real pretraining loader (``build_loader``: the
-    resumable sampler's shuffled order); ``sweep``: the same loader settings over the first pair
+    resumable sampler's shuffled order; with ``limit``, its first ``limit`` batches); ``sweep``: the same loader settings over the first pair
     of every scene, each repeated once per worker (batch 1, dealt round-robin), so that every
     worker opens every scene once (with ``limit``, only the first ``limit // workers`` scenes).
     Cheap views (``voxel_size``, constant features) keep the
@@ -165,11 +166,11 @@ def loader_pass(root: Path, workers: int, nofile: int, mode: str, batch: int, ev
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    ds = PairDataset(root, voxel_size=voxel_size, features="ones", min_matches=1, seed=seed)
+    ds = PairDataset(root, voxel_size=voxel_size, features=features, min_matches=1, seed=seed)
     t_dataset = time.perf_counter() - t0
     if mode == "epoch":
         loader = build_loader(ds, batch, workers, seed, 0, 1, 0, collate_pairs)
-        n_batches = len(ds) // batch
+        n_batches = min(len(ds) // batch, limit) if limit else len(ds) // batch
     elif mode == "sweep":
         first = ds.pairs.first_of_each_scene()  # (S,) int64
         if limit:
@@ -214,10 +215,11 @@ def loader_pass(root: Path, workers: int, nofile: int, mode: str, batch: int, ev
             "first_batch_s": first_batch_s, "samples": samples}
 
 
-if __name__ == "__main__":  # _scale.py ROOT WORKERS NOFILE MODE BATCH EVERY VOXEL [LIMIT]
+if __name__ == "__main__":  # _scale.py ROOT WORKERS NOFILE MODE BATCH EVERY VOXEL [LIMIT [FEATURES]]
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     a = sys.argv[1:]
     print(json.dumps(loader_pass(Path(a[0]), int(a[1]), int(a[2]), a[3], int(a[4]), int(a[5]),
-                                 float(a[6]), int(a[7]) if len(a) > 7 else 0)))
+                                 float(a[6]), int(a[7]) if len(a) > 7 else 0,
+                                 features=a[8] if len(a) > 8 else "ones")))
