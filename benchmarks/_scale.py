@@ -160,7 +160,7 @@ def loader_pass(root: Path, workers: int, nofile: int, mode: str, batch: int, ev
 
     from mink_ssl.data.pairs import PairDataset, collate_pairs
     from mink_ssl.engine.build import build_loader
-    from mink_ssl.safety import ignore_stop_signals
+    from mink_ssl.signals import ignore_stop_signals
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))

@@ -1,7 +1,7 @@
 """Per-scene claims: several prep processes, on one machine or many, fill one ``--out``.
 
 A process prepares a scene only while it holds the scene's *claim*, the file
-``<out>/.claims/<scene>``; the whole-folder lock (:class:`mink_ssl.safety.DirLock`) is kept for
+``<out>/.claims/<scene>``; the whole-folder lock (:class:`mink_ssl.locks.DirLock`) is kept for
 the steps that write folder-wide files (a single-process run, ``--finalize``).
 
 - **Taking a claim** is atomic on local and network file systems: the claim is written
@@ -24,7 +24,7 @@ the steps that write folder-wide files (a single-process run, ``--finalize``).
   is published once even in the rare race where a claim is taken over from a holder that was
   merely slow.
 - Nothing here follows a symbolic link: a link at ``.claims`` or at a claim's name is refused
-  with an :class:`~mink_ssl.safety.OutputError` naming it, its target untouched.
+  with an :class:`~mink_ssl.errors.OutputError` naming it, its target untouched.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mink_ssl.safety import OutputError, output_error
+from mink_ssl.errors import OutputError, output_error
 
 CLAIMS_DIR = ".claims"
 CLAIM_TIMEOUT_S = 600.0  # a claim of another host is stale after this long without a heartbeat

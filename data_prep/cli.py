@@ -24,7 +24,8 @@ from data_prep.detection import scannet_det, sunrgbd
 from data_prep.pairs.prep import (PrepIncomplete, PrepParams, finalize, run as run_pairs,
                                   run_shard)
 from data_prep.segmentation import s3dis, scannet_seg, synthia
-from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
+from mink_ssl.errors import Interrupted, OutputError
+from mink_ssl.locks import DirectoryLocked
 
 
 def shard_arg(text: str) -> tuple[int, int]:

@@ -13,16 +13,16 @@ detection share is :mod:`data_prep.scene_store`.
 - ``--out`` must not overlap any raw input folder, however spelled (same folder, either one
   inside the other, through symlinks): prep only ever deletes what it created, and an output
   inside the input (or the reverse) would mix the two.
-- One prep per output folder (:class:`mink_ssl.safety.DirLock`). ScanNet pair prep can also
+- One prep per output folder (:class:`mink_ssl.locks.DirLock`). ScanNet pair prep can also
   be spread over many processes and machines that share the folder, one scene per claim
   (:func:`data_prep.pairs.prep.run_shard`, :mod:`data_prep.claims`); its ``--finalize`` takes
   the lock to write the folder-wide files.
 - One set of processing parameters per output folder (``params.json``).
 - SIGINT / SIGTERM: no new scene is started, the scenes in progress finish (each is written
-  atomically), and the run ends with :class:`mink_ssl.safety.Interrupted` (exit 128 + signal);
+  atomically), and the run ends with :class:`mink_ssl.errors.Interrupted` (exit 128 + signal);
   rerunning the command continues. A second signal aborts at once (in-progress scenes leave
   only hidden temporaries, removed by the next run).
-- An :class:`mink_ssl.safety.OutputError` from a scene (disk full, read-only, no permission)
+- An :class:`mink_ssl.errors.OutputError` from a scene (disk full, read-only, no permission)
   stops scheduling and aborts the run once the scenes in progress are done.
 """
 from __future__ import annotations
@@ -39,7 +39,9 @@ import numpy as np
 
 import mink_ssl
 from mink_ssl.io import atomic_path
-from mink_ssl.safety import DirLock, Interrupted, OutputError, StopSignals, worker_init
+from mink_ssl.errors import Interrupted, OutputError
+from mink_ssl.locks import DirLock
+from mink_ssl.signals import StopSignals, worker_init
 
 
 class SceneSkipped(Exception):

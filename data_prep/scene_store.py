@@ -34,7 +34,7 @@ import numpy as np
 from data_prep.runner import SceneSkipped, log_skipped, map_scenes, prep_run, versions
 from mink_ssl.formats.manifest import write_manifest
 from mink_ssl.io import atomic_path
-from mink_ssl.safety import is_output_error, output_error
+from mink_ssl.errors import is_output_error, output_error
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from mink_ssl.safety import RERUN, RESUME, OutputError, output_error
+from mink_ssl.errors import RERUN, RESUME, OutputError, output_error
 
 
 #: the temporaries of atomic_path carry it, then the writer's pid: ``.<name>.mink-ssl-<pid>-..tmp``
@@ -47,7 +47,7 @@ def output_file(path: str | os.PathLike, doing: str | None = None,
                 then: str = RERUN) -> Iterator[Path]:
     """:func:`atomic_path` for an output file: an ``OSError`` while writing it (disk full,
     ``ulimit -f``, read-only, no permission, a name too long) is an ``OutputError`` naming
-    ``path`` and what to do, ``then`` what to run when fixed (:data:`mink_ssl.safety.RESUME`
+    ``path`` and what to do, ``then`` what to run when fixed (:data:`mink_ssl.errors.RESUME`
     for a training run's outputs)."""
     path = Path(path)
     try:
@@ -82,7 +82,7 @@ class _Recording:
 def atomic_torch_save(obj, path: str | os.PathLike, then: str | None = None) -> Path:
     """``torch.save`` atomically; a failed write is an ``OutputError`` naming the file and its
     cause (a full disk, the file-size limit ``ulimit -f``, ...), not torch's serializer
-    message; ``then``: what to run when fixed (default: :data:`~mink_ssl.safety.RESUME`). Our
+    message; ``then``: what to run when fixed (default: :data:`~mink_ssl.errors.RESUME`). Our
     tagged files (``format`` ``mink_ssl.*``) are written with their checksum
     (:func:`with_checksum`)."""
     import shutil

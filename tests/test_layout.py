@@ -141,7 +141,7 @@ def test_no_code_file_is_longer_than_450_lines():
 
 
 #: the library's packages from the bottom up: each imports only the ones before it (and the
-#: base modules at the top of mink_ssl/: sparse, io, safety, geometry, seeding, registry)
+#: base modules at the top of mink_ssl/: sparse, io, errors, locks, signals, geometry, seeding, registry)
 LAYERS = ("formats", "data", "ops", "models", "eval", "engine", "objectives", "tasks", "tools",
           "cli")
 

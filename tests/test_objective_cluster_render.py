@@ -13,7 +13,7 @@ from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.cluster_render import (ClusterRender, clustering_loss, fitting_l1,
                                                 fitting_sinkhorn, prototypes,
                                                 sinkhorn_soft_labels)
-from mink_ssl.objectives.render import render_points
+from mink_ssl.objectives.render import splat_points
 from mink_ssl.sparse import batched_coordinates
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -164,7 +164,7 @@ def test_renderer_reproduces_hand_computed_pixels_of_two_points():
     eye = torch.eye(4, dtype=torch.float64)[None]
     zero = torch.zeros(2, dtype=torch.long)
     kw = dict(radius=1.0, sigma=1.0, opacity=opacity)
-    r = render_points(points, colors, zero, eye, K, (5, 5), k=2, **kw)
+    r = splat_points(points, colors, zero, eye, K, (5, 5), k=2, **kw)
     img, cov = r.images[0], r.coverage[0]  # (5, 5, 3) rows v, columns u
     a0, a1 = 0.5, 0.5 * math.exp(-0.5)  # A at distance 0 and 1 (opacity 0.5)
     b = math.exp(-0.125)  # B at distance 0.5 (pixels (2, 2) and (2, 3))
@@ -175,28 +175,28 @@ def test_renderer_reproduces_hand_computed_pixels_of_two_points():
     torch.testing.assert_close(img, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(cov, expected.sum(-1))  # single-colour points: coverage = sum
     # k = 1 keeps only the nearest splat per pixel
-    one = render_points(points, colors, zero, eye, K, (5, 5), k=1, **kw).images[0]
+    one = splat_points(points, colors, zero, eye, K, (5, 5), k=1, **kw).images[0]
     torch.testing.assert_close(one[2, 3], a1 * RED)
     # B moved in front of A (same pixel position): the order of composition flips
-    front = render_points(*two_points(depth_b=0.5)[:2], zero, eye, K, (5, 5), k=2, **kw)
+    front = splat_points(*two_points(depth_b=0.5)[:2], zero, eye, K, (5, 5), k=2, **kw)
     torch.testing.assert_close(front.images[0, 2, 2], b * GREEN + (1 - b) * a0 * RED)
     # eta sharpens alpha = opacity * rho^eta; a background fills the uncovered remainder
-    sharp = render_points(points, colors, zero, eye, K, (5, 5), k=2, eta=2.0, **kw).images[0]
+    sharp = splat_points(points, colors, zero, eye, K, (5, 5), k=2, eta=2.0, **kw).images[0]
     torch.testing.assert_close(sharp[2, 1], 0.5 * math.exp(-1.0) * RED)
-    bg = render_points(points, colors, zero, eye, K, (5, 5), k=2, background=BLUE, **kw)
+    bg = splat_points(points, colors, zero, eye, K, (5, 5), k=2, background=BLUE, **kw)
     torch.testing.assert_close(bg.images[0, 2, 2], expected[2, 2] + (1 - cov[2, 2]) * BLUE)
     torch.testing.assert_close(bg.images[0, 0, 0], BLUE)
     # two images in one call: the second camera is moved 10 cm left, A lands on column 3;
     # a point behind the camera is culled
     shifted = eye.clone()
     shifted[0, 0, 3] = 0.1
-    both = render_points(torch.cat([points[:1], points[:1] * -1]), colors,
+    both = splat_points(torch.cat([points[:1], points[:1] * -1]), colors,
                          torch.tensor([1, 1]), torch.cat([eye, shifted]), K.expand(2, 3, 3),
                          (5, 5), k=2, **kw)
     assert both.coverage[0].sum() == 0
     torch.testing.assert_close(both.images[1, 2, 3], a0 * RED)
     with pytest.raises(ValueError, match="image_index spans"):
-        render_points(points, colors, torch.tensor([0, 3]), eye, K, (5, 5))
+        splat_points(points, colors, torch.tensor([0, 3]), eye, K, (5, 5))
 
 
 def test_renderer_gradients_reach_colours_and_opacities():
@@ -209,7 +209,7 @@ def test_renderer_gradients_reach_colours_and_opacities():
     opacity = (torch.rand(12, dtype=torch.float64) * 0.6 + 0.2).requires_grad_(True)
 
     def render(c, o):
-        return render_points(points, c, torch.zeros(12, dtype=torch.long), eye, K, (8, 8),
+        return splat_points(points, c, torch.zeros(12, dtype=torch.long), eye, K, (8, 8),
                              radius=1.5, k=4, opacity=o).images
 
     assert torch.autograd.gradcheck(render, (colors, opacity))
@@ -240,7 +240,7 @@ def test_real_fragment_rendered_into_its_camera_reproduces_the_real_frame(kitche
     def mae(view, cam, pose=None):
         v, c = batch.views[view], batch.views[cam]
         pose = c.poses if pose is None else pose
-        r = render_points(v.world, v.feats + 0.5, v.batch_index, torch.linalg.inv(pose),
+        r = splat_points(v.world, v.feats + 0.5, v.batch_index, torch.linalg.inv(pose),
                           c.intrinsics, (60, 80), k=8)  # feats + 0.5: the true colours
         mask = r.coverage[0] > 0.5
         rgb = r.images[0] / r.coverage[0, ..., None].clamp_min(1e-6)

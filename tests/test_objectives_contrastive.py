@@ -13,7 +13,7 @@ from helpers import matched_pair_batch as make_pair_batch
 from mink_ssl.objectives import OBJECTIVES, StepContext
 from mink_ssl.objectives.hardest_contrastive import hardest_contrastive_loss
 from mink_ssl.objectives.point_info_nce import info_nce_loss, point_info_nce_loss
-from mink_ssl.objectives.sampling import one_to_one_matches, sample_matches
+from mink_ssl.objectives.matches import one_to_one_matches, sample_matches
 from mink_ssl.objectives.shape_context_nce import (partitioned_info_nce_loss,
                                                    shape_context_nce_loss,
                                                    shape_context_partition)

@@ -213,7 +213,7 @@ DETECTION_REPORT = """
 import sys, json, resource, torch
 from pathlib import Path
 from mink_ssl.eval.detection import evaluate_detection
-from mink_ssl.safety import RESUME, OutputError
+from mink_ssl.errors import RESUME, OutputError
 from mink_ssl.tasks.detection.inference import write_det_results
 
 g = torch.Generator().manual_seed(0)

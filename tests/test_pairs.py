@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data_prep.pairs.prep import PrepParams, run
-from mink_ssl.data.correspondence import find_matches, random_rigid_transform
+from mink_ssl.data.correspondence import find_matches, random_similarity_transform
 from mink_ssl.data.pairs import PairDataset, collate_pairs
 from mink_ssl.data.samplers import ResumableSampler
 from mink_ssl.sparse import quantize
@@ -38,14 +38,14 @@ def test_matches_on_the_real_3dmatch_pair(realdata):
 def test_random_rigid_transform_is_a_rotation():
     rng = np.random.default_rng(0)
     for axis in ("random", "z"):
-        T = random_rigid_transform(rng, 360.0, axis, translation=0.5)
+        T = random_similarity_transform(rng, 360.0, axis, translation=0.5)
         R = T[:3, :3]
         np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
         assert np.linalg.det(R) == pytest.approx(1.0)
         if axis == "z":
             np.testing.assert_allclose(R[2], [0, 0, 1], atol=1e-12)
     with pytest.raises(ValueError, match="'random' or 'z'"):
-        random_rigid_transform(rng, 10, "x")
+        random_similarity_transform(rng, 10, "x")
 
 
 @pytest.fixture(scope="module")

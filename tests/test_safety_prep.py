@@ -19,7 +19,7 @@ from data_prep.cli import main as prep_main
 from data_prep.pairs.prep import PrepParams, run
 from data_prep.scannet.sens import SensReader
 from data_prep.scannet.sens_writer import write_sens
-from mink_ssl.safety import LOCK_NAME
+from mink_ssl.locks import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--frame-skip", "25", "--min-points", "100", "--no-progress"]

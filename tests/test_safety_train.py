@@ -18,7 +18,7 @@ import torch
 
 from mink_ssl.engine.config import ModelConfig, OptimConfig
 from mink_ssl.engine.rundir import RunConflict
-from mink_ssl.safety import LOCK_NAME
+from mink_ssl.locks import LOCK_NAME
 from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from mink_ssl.engine.config import ModelConfig, OptimConfig
-from mink_ssl.safety import LOCK_NAME, DirectoryLocked, DirLock
+from mink_ssl.locks import LOCK_NAME, DirectoryLocked, DirLock
 from mink_ssl.tasks.pretrain import DataConfig, PretrainConfig, pretrain
 
 PRECIOUS = b"a user's file, not ours\n"

@@ -1,4 +1,4 @@
-"""Synthetic transfer benchmark (mink_ssl/tools/transfer_benchmark.py): the tiny preset end to
+"""Synthetic transfer benchmark (mink_ssl/tools/transfer_benchmark/): the tiny preset end to
 end (real synthetic scans and rooms, real pretraining and fine-tuning), the structure of
 results.json / results.md / results.png, and resumability."""
 import json
@@ -10,6 +10,7 @@ import torch
 from mink_ssl.cli import transfer as transfer_cli
 from mink_ssl.tools import transfer_benchmark as bench
 from mink_ssl.tools.transfer_benchmark import runs as bench_runs
+from mink_ssl.tools.transfer_benchmark import presets as bench_presets
 
 OBJECTIVES = ["none", "point_info_nce", "hardest_contrastive"]
 SETTINGS = ["pts20", "full"]
@@ -184,7 +185,7 @@ def test_rerun_does_no_work_and_an_interrupted_run_continues(tiny_run):
 def test_a_run_held_by_another_process_is_skipped_and_nothing_summarised(tiny_run):
     """Processes sharing a benchmark: a run whose directory another process holds is skipped,
     the others go on, no summary is written (exit code 3) until a later call finds it done."""
-    from mink_ssl.safety import DirLock
+    from mink_ssl.locks import DirLock
 
     out, result, _ = tiny_run
     summary = out / "results.json"
@@ -213,7 +214,7 @@ def test_bad_arguments_name_the_value_and_the_choices(tmp_path):
         bench.run_benchmark(tmp_path, "tiny", settings=["pts"])
     with pytest.raises(ValueError, match=r"unknown preset 'huge'; valid choices: \['demo'"):
         bench.run_benchmark(tmp_path, "huge")
-    assert bench.parse_setting("frac0.1") == {"scene_fraction": 0.1, "labelled_points": None}
+    assert bench_presets.parse_setting("frac0.1") == {"scene_fraction": 0.1, "labelled_points": None}
     assert transfer_cli.main(["--out", str(tmp_path), "--preset", "tiny",
                               "--settings", "frac0"]) == 2
     assert not (tmp_path / "data").exists()  # arguments are checked before any work
@@ -284,17 +285,17 @@ def test_distillation_pretrains_with_its_papers_optimizer(tiny_run):
     momentum for short runs; the other objectives with the preset's SGD."""
     out, _, _ = tiny_run
     full = bench.PRESETS["full"]
-    assert bench.objective_optim("point_info_nce", full) == {"lr": 0.1}
+    assert bench_presets.objective_optim("point_info_nce", full) == {"lr": 0.1}
     want = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.04, "schedule": "cosine",
             "warmup_iterations": 80}
-    assert bench.objective_optim("distillation", full) == want
-    assert bench.objective_optim("point_info_nce+distillation", full) == want
+    assert bench_presets.objective_optim("distillation", full) == want
+    assert bench_presets.objective_optim("point_info_nce+distillation", full) == want
     tiny = bench.PRESETS["tiny"]
     logs: list[str] = []
-    backbone, _ = bench.pretrain_run(out, out / "data" / "pairs", "distillation", 0, tiny,
+    backbone, _ = bench_runs.pretrain_run(out, out / "data" / "pairs", "distillation", 0, tiny,
                                      log=logs.append)
     assert "lr 0.001 (not scaled with world size, cosine)" in logs[0], logs[0]  # the peak lr
     cfg = json.loads((backbone.parent / "config.json").read_text())
     assert cfg["optim"]["name"] == "adamw" and cfg["optim"]["schedule"] == "cosine"
     assert cfg["objectives"]["distillation"]["momentum"] == 0.99
-    assert len(bench.loss_curve(backbone.parent)["curve"]) == tiny.pretrain_iterations
+    assert len(bench_runs.loss_curve(backbone.parent)["curve"]) == tiny.pretrain_iterations

@@ -8,7 +8,7 @@ import torch
 
 from mink_ssl.cli.viz import main
 from mink_ssl.tools.viz import (Camera, backbone_features, layout_pair, load_fragment, open_pairs,
-                          pca_colors, render_points, write_ply)
+                          pca_colors, draw_points, write_ply)
 
 o3d = pytest.importorskip("open3d")
 
@@ -194,17 +194,17 @@ def test_renderer_z_buffer_keeps_the_nearest_point():
     behind = eye - 0.5 * (target - eye)  # behind the camera: not drawn
     red, blue, green = [255, 0, 0], [0, 0, 255], [0, 255, 0]
     for pts, cols in (([red_pt, blue_pt], [red, blue]), ([blue_pt, red_pt], [blue, red])):
-        img = render_points(np.array(pts + [behind]), np.array(cols + [green], np.uint8),
+        img = draw_points(np.array(pts + [behind]), np.array(cols + [green], np.uint8),
                             camera=cam, point_size=1)
         arr = np.asarray(img)
         assert tuple(arr[24, 32]) == (255, 0, 0)  # the principal point, v=24, u=32
         assert (arr.reshape(-1, 3) != 255).any(1).sum() == 1  # one pixel; green not drawn
-    arr = np.asarray(render_points(np.array([blue_pt]), np.array([blue], np.uint8),
+    arr = np.asarray(draw_points(np.array([blue_pt]), np.array([blue], np.uint8),
                                    camera=cam, point_size=3))
     assert (arr[23:26, 31:34] == [0, 0, 255]).all() and (arr != 255).any(2).sum() == 9
     # lines are drawn over the points
     seg = np.array([[eye + 0.5 * (np.array([-1.0, 0, 0]) - eye), red_pt]])
-    arr = np.asarray(render_points(np.array([blue_pt]), np.array([blue], np.uint8), camera=cam,
+    arr = np.asarray(draw_points(np.array([blue_pt]), np.array([blue], np.uint8), camera=cam,
                                    lines=seg, line_colors=np.array([green], np.uint8)))
     assert (arr.reshape(-1, 3) == green).all(1).sum() > 5
 

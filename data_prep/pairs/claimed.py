@@ -28,7 +28,7 @@ from data_prep.claims import CLAIM_TIMEOUT_S, SceneClaims, describe
 from data_prep.pairs.scene import (PrepParams, SceneReport, complete_scene, prepare_scene,
                                    remove_ours, scene_counts, scene_name_problem)
 from mink_ssl.io import atomic_path
-from mink_ssl.safety import OutputError, output_error
+from mink_ssl.errors import OutputError, output_error
 
 STATUS_DIR = ".prep-status"
 TOKEN_LEN = 12  # hex characters of a claim token

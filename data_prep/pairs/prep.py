@@ -21,7 +21,7 @@ writes them byte for byte the same.
 Three ways to run it:
 
 - :func:`run`: one process (and its ``workers``) prepares every scene and writes the pair list
-  and the manifest, holding the folder's lock (:class:`mink_ssl.safety.DirLock`) throughout.
+  and the manifest, holding the folder's lock (:class:`mink_ssl.locks.DirLock`) throughout.
 - :func:`run_shard`: one of many processes, on one machine or many, sharing ``out``: it
   prepares the scenes of its shard (every ``n``-th scene of the sorted list, from the
   ``i``-th), one scene per claim (:mod:`data_prep.claims`), and writes no folder-wide file.
@@ -54,7 +54,7 @@ from data_prep.scannet.scans import list_scenes
 from mink_ssl.formats.fragments import SCHEMA as FRAGMENTS_SCHEMA
 from mink_ssl.formats.manifest import PAIRS_SCHEMA, write_manifest
 from mink_ssl.io import atomic_path
-from mink_ssl.safety import output_error
+from mink_ssl.errors import output_error
 
 
 class PrepIncomplete(RuntimeError):

@@ -32,7 +32,7 @@ from data_prep.scannet.scans import open_scene
 from data_prep.scannet.sens import SensFormatError
 from mink_ssl.formats.fragments import FragmentWriter, encode_color, encode_depth, fragment_name
 from mink_ssl.geometry import backproject
-from mink_ssl.safety import OutputError, is_output_error, output_error
+from mink_ssl.errors import OutputError, is_output_error, output_error
 
 SCENE_FILE = "scene.json"
 MARKER = ".mink-ssl-scene"  # in every folder prep creates: the only folders it may remove

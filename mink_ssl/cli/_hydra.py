@@ -90,7 +90,7 @@ def _run_dir_problem(rec: dict | None) -> str | None:
     import errno
     import os
 
-    from mink_ssl.safety import write_hint
+    from mink_ssl.errors import write_hint
 
     if rec is None:
         return None
@@ -260,7 +260,7 @@ def stop_exit_code(e, prog: str) -> int:
     worker as a failure (it ends with ChildFailedError and exit 1, and with --max-restarts it
     would start the workers afresh into the stopped run), so a worker exits 0 there, saying so.
     """
-    from mink_ssl.safety import under_torchrun
+    from mink_ssl.signals import under_torchrun
 
     if not under_torchrun():
         return e.exit_code
@@ -303,7 +303,9 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
     def run(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from mink_ssl.safety import DirectoryLocked, Interrupted, OutputError
+        from mink_ssl.errors import Interrupted, OutputError
+
+        from mink_ssl.locks import DirectoryLocked
 
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         code = 0

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _convert(args) -> int:
     from mink_ssl.io import atomic_torch_save
-    from mink_ssl.safety import RERUN
+    from mink_ssl.errors import RERUN
 
     if args.out.exists() and args.out.resolve() == args.file.resolve():
         raise ValueError(f"--out {args.out} is the input file; write to another path")

@@ -30,7 +30,7 @@ def find_matches(world0: np.ndarray, world1: np.ndarray, radius: float,
     return matches[order]
 
 
-def check_matches(world0: np.ndarray, world1: np.ndarray, radius: float, matches: np.ndarray,
+def self_check_matches(world0: np.ndarray, world1: np.ndarray, radius: float, matches: np.ndarray,
                   rows: int = 256, rng: np.random.Generator | None = None) -> dict:
     """Self-check of :func:`find_matches` (uncapped) by brute force: for ``rows`` sampled voxels
     of view 0, their partners within ``radius`` among *all* voxels of view 1, by explicit
@@ -62,9 +62,9 @@ def check_matches(world0: np.ndarray, world1: np.ndarray, radius: float, matches
     return {"rows_checked": int(len(sample)), "matches_checked": len(expected)}
 
 
-def random_rigid_transform(rng: np.random.Generator, rotation_deg: float, axis: str = "random",
-                           scale: tuple[float, float] = (1.0, 1.0), translation: float = 0.0
-                           ) -> np.ndarray:
+def random_similarity_transform(rng: np.random.Generator, rotation_deg: float,
+                                axis: str = "random", scale: tuple[float, float] = (1.0, 1.0),
+                                translation: float = 0.0) -> np.ndarray:
     """A 4x4 similarity: rotation by up to ``rotation_deg`` about a random unit axis ('random')
     or about z ('z'), uniform scale in ``scale``, translation uniform in [-t, t]^3 metres."""
     if axis == "random":

@@ -27,8 +27,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mink_ssl.data.batch import PairBatch, View
-from mink_ssl.data.correspondence import (check_matches, find_matches, random_rigid_transform,
-                                          to_tensor)
+from mink_ssl.data.correspondence import (find_matches, random_similarity_transform,
+                                          self_check_matches, to_tensor)
 from mink_ssl.data.features import FEATURE_MODES, feature_mode, make_features
 from mink_ssl.data.pair_list import PairList
 from mink_ssl.formats import manifest
@@ -111,7 +111,7 @@ class PairDataset(Dataset):
 
     def verify_matches(self, n: int) -> dict:
         """Check the correspondence search of ``n`` seeded pairs against brute force
-        (:func:`~mink_ssl.data.correspondence.check_matches`); raises on a disagreement."""
+        (:func:`~mink_ssl.data.correspondence.self_check_matches`); raises on a disagreement."""
         rng = np.random.default_rng([self.seed, 2**31])  # apart from the items' streams
         total = {"pairs_checked": 0, "rows_checked": 0, "matches_checked": 0}
         for index in rng.choice(len(self.pairs), min(n, len(self.pairs)), replace=False):
@@ -119,7 +119,7 @@ class PairDataset(Dataset):
             v0, v1 = self._view(scene, fa, rng), self._view(scene, fb, rng)
             w0, w1 = v0.world.numpy(), v1.world.numpy()
             radius = self.match_radius * self.voxel_size
-            got = check_matches(w0, w1, radius, find_matches(w0, w1, radius), rng=rng)
+            got = self_check_matches(w0, w1, radius, find_matches(w0, w1, radius), rng=rng)
             total = {"pairs_checked": total["pairs_checked"] + 1,
                      **{k: total[k] + v for k, v in got.items()}}
         self._stores.clear()  # loader workers open their own
@@ -142,7 +142,7 @@ class PairDataset(Dataset):
         frag = self._store(scene).by_frame(
             frame, color=feature_mode(self.features).colour or self.frame_size is not None)
         points, colors = frag.points(self.max_depth)  # (P, 3) world, (P, 3) uint8
-        T = random_rigid_transform(rng, self.rotation_deg, self.rotation_axis, self.scale,
+        T = random_similarity_transform(rng, self.rotation_deg, self.rotation_axis, self.scale,
                                    self.translation)
         centred = points - points.mean(axis=0)
         moved = centred @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from mink_ssl.data.samplers import ResumableSampler
 from mink_ssl.engine.config import ModelConfig, OptimConfig
 from mink_ssl.models import build_model
-from mink_ssl.safety import ignore_stop_signals
+from mink_ssl.signals import ignore_stop_signals
 
 
 def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:

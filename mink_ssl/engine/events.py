@@ -1,5 +1,5 @@
 """TensorBoard scalars written in the training process itself, so that a write error (disk
-full, ``ulimit -f``) is an :class:`~mink_ssl.safety.OutputError` naming the event file at the
+full, ``ulimit -f``) is an :class:`~mink_ssl.errors.OutputError` naming the event file at the
 step that met it.
 
 ``torch.utils.tensorboard.SummaryWriter`` writes from a background thread: a failed write
@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from mink_ssl.safety import RESUME, output_error
+from mink_ssl.errors import RESUME, output_error
 
 _serial = itertools.count()  # the <n> of a process's event files, as SummaryWriter counts
 

@@ -1,7 +1,7 @@
 """The generic trainer hooks: checkpoints and the final export, TensorBoard scalars with
 ``metrics.jsonl`` and a progress bar, periodic evaluation keeping the best model, and a
 batch-norm momentum schedule. Rank 0 writes; the others wait where they must. Every write
-error is an :class:`~mink_ssl.safety.OutputError` naming the file, with ``resume=auto`` as the
+error is an :class:`~mink_ssl.errors.OutputError` naming the file, with ``resume=auto`` as the
 way on once it is fixed."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn as nn
 from mink_ssl.engine.events import EventFile
 from mink_ssl.engine.trainer import Hook
 from mink_ssl.io import output_file
-from mink_ssl.safety import RESUME, output_error
+from mink_ssl.errors import RESUME, output_error
 
 
 class CheckpointHook(Hook):

@@ -35,7 +35,7 @@ from mink_ssl.engine.distributed import DistInfo, barrier, cleanup, init_distrib
 from mink_ssl.engine.hooks import CheckpointHook, LoggingHook
 from mink_ssl.engine.rundir import RunDir, stop_check
 from mink_ssl.engine.trainer import Hook, Trainer
-from mink_ssl.safety import StopSignals
+from mink_ssl.signals import StopSignals
 
 
 @dataclass
@@ -102,7 +102,7 @@ class TaskRun:
 
     def train(self, trainer: Trainer) -> None:
         """Train to the end; a stop signal ends the run at the next step boundary, with a
-        checkpoint, as :class:`~mink_ssl.safety.Interrupted`."""
+        checkpoint, as :class:`~mink_ssl.errors.Interrupted`."""
         first = trainer.state.iteration
         with StopSignals("saving a checkpoint at the next step boundary, then stopping") as sig:
             trainer.should_stop = stop_check(sig, self.info, self.device)

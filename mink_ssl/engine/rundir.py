@@ -20,7 +20,7 @@ Rules (checked before anything is written; :class:`RunConflict` names the differ
   position, so only the same number continues the run exactly);
   logging, progress, device, checkpoint frequency, loader workers and evaluation settings may
   change freely (also recorded);
-- one run at a time per directory (:class:`mink_ssl.safety.DirLock`, rank 0);
+- one run at a time per directory (:class:`mink_ssl.locks.DirLock`, rank 0);
 - temporaries of a killed write of ours (``.<our file>.mink-ssl-<pid>-<8 random>.tmp``, e.g.
   ``.checkpoint_4.pth.mink-ssl-4121-k2x9q0_a.tmp``; :data:`OUR_TEMPORARY`) are removed; other files, hidden
   ``.tmp`` ones included, are never touched;
@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 from mink_ssl.io import atomic_path
-from mink_ssl.safety import DirLock, Interrupted, output_error
+from mink_ssl.errors import Interrupted, output_error
+from mink_ssl.locks import DirLock
 
 #: config keys (dotted prefixes) that do not change what a run computes
 FREE = ("resume", "resume_override", "progress", "log_every", "checkpoint_every", "device",
@@ -360,7 +361,7 @@ class RunDir:
         return removed
 
     def interrupted(self, trainer, signum: int | None):
-        """The :class:`~mink_ssl.safety.Interrupted` a run stopped by a signal ends with."""
+        """The :class:`~mink_ssl.errors.Interrupted` a run stopped by a signal ends with."""
         import signal
 
         signum = signum or signal.SIGTERM  # another rank got the signal
@@ -378,7 +379,7 @@ class RunDir:
 
 def stop_check(signals, info, device) -> Callable[[], bool]:
     """``trainer.should_stop``: whether a stop signal arrived (``signals``, a
-    :class:`~mink_ssl.safety.StopSignals`); with several ranks, whether any rank got one, so all
+    :class:`~mink_ssl.signals.StopSignals`); with several ranks, whether any rank got one, so all
     stop at the same step."""
     if not info.enabled:
         return lambda: signals.requested

@@ -33,7 +33,7 @@ import torch
 
 from mink_ssl.io import output_file
 from mink_ssl.ops.boxes import as_oriented, check_boxes, group_pairs, paired_iou
-from mink_ssl.safety import RERUN, OutputError, written_before
+from mink_ssl.errors import RERUN, OutputError, written_before
 
 DEFAULT_IOU_THRESHOLDS = (0.25, 0.5)
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from mink_ssl.io import output_file
-from mink_ssl.safety import RERUN, OutputError, written_before
+from mink_ssl.errors import RERUN, OutputError, written_before
 
 
 def _tensor(x, name: str) -> torch.Tensor:

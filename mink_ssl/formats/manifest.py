@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mink_ssl.io import atomic_path
-from mink_ssl.safety import output_error
+from mink_ssl.errors import output_error
 
 PAIRS_SCHEMA = "mink_ssl.scannet_pairs/1"
 SEG_SCHEMA = "mink_ssl.seg_scenes/1"

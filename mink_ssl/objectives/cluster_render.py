@@ -80,8 +80,8 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.render import render_points
-from mink_ssl.objectives.sampling import SeededGenerator, random_subset, zero_loss
+from mink_ssl.objectives.render import splat_points
+from mink_ssl.objectives.matches import SeededGenerator, random_subset, zero_loss
 
 FITTING_LOSSES = ("sinkhorn", "l1")
 
@@ -264,7 +264,7 @@ class ClusterRender(Objective):
         views: which views of the pair are clustered and rendered.
         render_other_view: also render each view into the other view's camera.
         radius, sigma, k, eta: splatting disk radius and Gaussian fall-off (pixels), splats
-            composited per pixel, blending exponent (see :func:`mink_ssl.objectives.render.render_points`).
+            composited per pixel, blending exponent (see :func:`mink_ssl.objectives.render.splat_points`).
         fitting_loss: 'sinkhorn' (the paper's OT fitting loss) or 'l1' (cheaper).
         render_weight: weight of the fitting loss against the clustering loss (1 in eq. 1).
         fit_lambda: lambda of eq. 18 (position vs colour).
@@ -386,7 +386,7 @@ class ClusterRender(Objective):
                                      for c in cams])  # (I, 4, 4)
         intrinsics = torch.cat([views[c].intrinsics.to(device).float() for c in cams])
         target = torch.cat([views[c].frames.to(device) for c in cams]).float() / 255  # (I,h,w,3)
-        rendering = render_points(torch.cat(points), torch.cat(colors), torch.cat(image),
+        rendering = splat_points(torch.cat(points), torch.cat(colors), torch.cat(image),
                                   world_to_camera, intrinsics, (h, w), radius=self.radius,
                                   sigma=self.sigma, k=self.k, eta=self.eta)
         coverage = rendering.coverage  # (I, h, w)

@@ -69,7 +69,7 @@ from mink_ssl.engine.trainer import Hook
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.crops import cap_per_group, check_scales, make_crops, match_shared_points
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import SeededGenerator, zero_loss
+from mink_ssl.objectives.matches import SeededGenerator, zero_loss
 from mink_ssl.sparse import sparse_tensor
 
 

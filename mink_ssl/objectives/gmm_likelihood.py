@@ -63,7 +63,7 @@ import torch.nn as nn
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import SeededGenerator, random_subset
+from mink_ssl.objectives.matches import SeededGenerator, random_subset
 
 _TINY = 1e-12  # floor of a component's total responsibility (an empty component stays finite)
 

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import SeededGenerator, check_matches, random_subset, zero_loss
+from mink_ssl.objectives.matches import (SeededGenerator, check_match_rows, random_subset,
+                                         zero_loss)
 
 _EPS = 1e-7
 POSITIVE_MODES = ("code", "paper")
@@ -130,7 +131,7 @@ def hardest_contrastive_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.
     _check_modes(positive, negatives)
     n0, n1 = len(f0), len(f1)
     device = f0.device
-    matches = check_matches(matches.to(device), n0, n1)
+    matches = check_match_rows(matches.to(device), n0, n1)
     pos = matches[random_subset(len(matches), num_pos, generator, device)]  # (P, 2)
     num = torch.tensor(float(len(pos)), device=device)
     if len(pos) == 0:

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import SeededGenerator, zero_loss
+from mink_ssl.objectives.matches import SeededGenerator, zero_loss
 from mink_ssl.sparse import pack_keys, sparse_tensor, unique_voxels
 
 PAPER_NOISE_STD = 0.03  # SeRP Sec. 3.1, on unit-scale shapes

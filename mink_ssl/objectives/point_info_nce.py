@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import (SeededGenerator, check_matches, check_nce_args,
+from mink_ssl.objectives.matches import (SeededGenerator, check_match_rows, check_nce_args,
                                          sample_matches, zero_loss)
 
 
@@ -56,7 +56,7 @@ def point_info_nce_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.Tenso
     Returns ``loss_point_info_nce``, ``stat_accuracy`` and ``stat_num_matches`` (matches used;
     0 means nothing to contrast and the loss is a zero connected to the features).
     """
-    matches = check_matches(matches.to(f0.device), len(f0), len(f1))
+    matches = check_match_rows(matches.to(f0.device), len(f0), len(f1))
     sample = sample_matches(matches, num_matches, generator)  # (K, 2)
     n = torch.tensor(float(len(sample)), device=f0.device)
     if len(sample) == 0:

@@ -78,7 +78,7 @@ def _check(points, colors, image_index, world_to_camera, intrinsics, image_size,
         raise ValueError(f"opacity must be (N,) with N = {n}, got {tuple(opacity.shape)}")
 
 
-def render_points(points: torch.Tensor, colors: torch.Tensor, image_index: torch.Tensor,
+def splat_points(points: torch.Tensor, colors: torch.Tensor, image_index: torch.Tensor,
                   world_to_camera: torch.Tensor, intrinsics: torch.Tensor,
                   image_size: tuple[int, int], *, radius: float = 1.25,
                   sigma: float | None = None, k: int = 16, eta: float = 1.0,

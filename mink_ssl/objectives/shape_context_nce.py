@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.registry import OBJECTIVES
-from mink_ssl.objectives.sampling import (SeededGenerator, check_matches, check_nce_args,
+from mink_ssl.objectives.matches import (SeededGenerator, check_match_rows, check_nce_args,
                                          one_to_one_matches, zero_loss)
 
 PARTITION_MODES = ("csc4", "csc8", "sectors")
@@ -255,7 +255,7 @@ def shape_context_nce_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.Te
     check_shape_context_args(partitions, reduction, n_radial, n_angular, inner_radius,
                              outer_radius)
     device = f0.device
-    matches = check_matches(matches.to(device), len(f0), len(f1))
+    matches = check_match_rows(matches.to(device), len(f0), len(f1))
     batch_index0 = batch_index0.to(device).long()
     sample = sample_per_scene(matches, batch_index0, num_matches_per_scene, generator)  # (K, 2)
     num = torch.tensor(float(len(sample)), device=device)

@@ -141,7 +141,7 @@ def auto_point_size(camera: Camera, points: np.ndarray, voxel_size: float,
     return int(np.clip(np.ceil(camera.focal * voxel_size / np.median(depth)), 1, max_size))
 
 
-def render_points(points: np.ndarray, colors: np.ndarray, *, camera: Camera | None = None,
+def draw_points(points: np.ndarray, colors: np.ndarray, *, camera: Camera | None = None,
                   lines: np.ndarray | None = None, line_colors: np.ndarray | None = None,
                   size: tuple[int, int] = (800, 600), point_size: int = 2,
                   background: Sequence[int] = (255, 255, 255), shade: float = 0.0,

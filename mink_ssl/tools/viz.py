@@ -25,7 +25,7 @@ from mink_ssl.data.features import input_features
 from mink_ssl.data.pairs import PairDataset
 from mink_ssl.formats.fragments import INDEX_FILE, FragmentStore
 from mink_ssl.sparse import batched_coordinates, pack_keys, quantize, sparse_tensor
-from mink_ssl.tools.snapshot import (Camera, auto_point_size, distinct_colors, render_points,
+from mink_ssl.tools.snapshot import (Camera, auto_point_size, distinct_colors, draw_points,
                                      save_png, write_ply)
 
 VIEW_TINTS = np.array([[255, 140, 0], [0, 120, 255]], np.float32)  # view 0 orange, view 1 blue
@@ -123,7 +123,7 @@ def visualize_pair(data: str | os.PathLike, index: int, out: str | os.PathLike, 
     camera = Camera.fit(scene.points, size)
     if point_size is None:
         point_size = auto_point_size(camera, scene.points, voxel_size)
-    img = render_points(scene.points, scene.colors, camera=camera,
+    img = draw_points(scene.points, scene.colors, camera=camera,
                         lines=scene.points[scene.edges], line_colors=scene.edge_colors,
                         point_size=point_size, shade=0.3, line_alpha=0.6)
     png = save_png(img, out / f"pair_{index}.png")
@@ -244,13 +244,13 @@ def visualize_features(model: torch.nn.Module, data: str | os.PathLike, fragment
     paths = {}
     for kind, cols in (("features", colors), ("rgb", rgb)):
         paths[f"{kind}_ply"] = write_ply(out / f"{kind}_{stem}.ply", centres, cols)
-        img = render_points(centres, cols, camera=camera, point_size=point_size, shade=0.3)
+        img = draw_points(centres, cols, camera=camera, point_size=point_size, shade=0.3)
         paths[f"{kind}_png"] = save_png(img, out / f"{kind}_{stem}.png")
     return {**paths, "voxels": len(centres), "channels": int(feats.shape[1]),
             "fragment": frag.name}
 
 
-__all__ = ["write_ply", "save_png", "Camera", "auto_point_size", "render_points",
+__all__ = ["write_ply", "save_png", "Camera", "auto_point_size", "draw_points",
            "distinct_colors", "PairScene", "open_pairs", "layout_pair", "visualize_pair",
            "parse_fragment", "load_fragment", "fragment_voxels",
            "backbone_features", "pca_colors", "resolve_device", "visualize_features"]

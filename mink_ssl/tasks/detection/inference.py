@@ -10,7 +10,7 @@ import torch.nn as nn
 from mink_ssl.data.detection import collate_detection
 from mink_ssl.eval.detection import DetectionEvaluator, write_detection_report
 from mink_ssl.models.votenet import detect
-from mink_ssl.safety import RERUN
+from mink_ssl.errors import RERUN
 
 
 @torch.no_grad()

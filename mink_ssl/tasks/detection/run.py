@@ -37,7 +37,7 @@ from mink_ssl.engine.run import TaskRun, task_run
 from mink_ssl.engine.trainer import Hook, Trainer
 from mink_ssl.formats.model_files import DET_CHECKPOINT_FORMAT
 from mink_ssl.models.votenet import save_detection_model
-from mink_ssl.safety import RESUME
+from mink_ssl.errors import RESUME
 from mink_ssl.tasks.detection.config import FinetuneDetConfig, check_det_config
 from mink_ssl.tasks.detection.inference import evaluate_detector, write_det_results
 from mink_ssl.tasks.detection.model import (DetectionModule, build_det_dataset, build_det_model,

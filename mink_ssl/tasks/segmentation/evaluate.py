@@ -15,7 +15,7 @@ from mink_ssl.eval.segmentation import write_results
 from mink_ssl.formats.model_files import SEG_CHECKPOINT_FORMAT, SEG_MODEL_FORMAT, load_tagged
 from mink_ssl.models.heads import segmentation_model_from_state
 from mink_ssl.tasks.segmentation.config import FinetuneSegConfig, SegDataConfig
-from mink_ssl.safety import RERUN, RESUME, OutputError, written_before
+from mink_ssl.errors import RERUN, RESUME, OutputError, written_before
 from mink_ssl.tasks.segmentation.inference import evaluate_scenes, write_prediction_plys
 from mink_ssl.tasks.segmentation.model import build_seg_dataset
 

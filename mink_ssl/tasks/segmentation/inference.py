@@ -15,7 +15,7 @@ from mink_ssl.data.features import input_features, make_features
 from mink_ssl.data.segmentation import EVAL_PROTOCOLS, rotation_matrix, voxel_labels
 from mink_ssl.eval.segmentation import (SegMetrics, confusion_matrix, segmentation_metrics,
                                         write_prediction_ply)
-from mink_ssl.safety import RERUN
+from mink_ssl.errors import RERUN
 from mink_ssl.sparse import batched_coordinates, quantize, sparse_tensor, unique_voxels
 
 

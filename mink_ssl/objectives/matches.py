@@ -7,7 +7,7 @@ import torch
 
 from mink_ssl.seeding import SeededGenerator
 
-__all__ = ["SeededGenerator", "check_matches", "check_nce_args", "one_to_one_matches",
+__all__ = ["SeededGenerator", "check_match_rows", "check_nce_args", "one_to_one_matches",
            "random_subset", "sample_matches", "zero_loss"]
 
 
@@ -17,7 +17,7 @@ def random_subset(n: int, k: int, generator: torch.Generator | None,
     return torch.randperm(n, generator=generator, device=device)[:k]
 
 
-def check_matches(matches: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
+def check_match_rows(matches: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
     """``matches`` as (M, 2) int64; ``ValueError`` naming the bad shape or out-of-range rows."""
     if matches.ndim != 2 or matches.shape[1] != 2:
         raise ValueError(f"matches must have shape (M, 2), got {tuple(matches.shape)}")
