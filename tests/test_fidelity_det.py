@@ -11,10 +11,15 @@ from mink_ssl.ops.boxes import aligned_hull, box_corners
 
 # ------------------------------------------------------------------ row 12: SUN RGB-D NMS
 
-# 40 oriented boxes [cx, cy, cz, dx, dy, dz, heading] (numpy default_rng(12), rounded), distinct
-# scores and 3 classes. Golden: VoteNet's parse_predictions path run on them: get_3d_box(size,
-# -heading, flip_axis_to_camera(centre)) (VoteNet's SUN RGB-D heading is minus ours), hull =
-# min / max of the 8 corners, nms_3d_faster_samecls(hulls + score + class, threshold).
+# input: 40 oriented boxes [cx, cy, cz, dx, dy, dz, heading] (numpy default_rng(12), rounded),
+# distinct scores and 3 classes.
+# golden: facebookresearch/votenet models/ap_helper.py parse_predictions (use_3d_nms, cls_nms),
+# utils/box_util.py get_3d_box, utils/nms.py nms_3d_faster_samecls (the same files under
+# PointContrast's downstream/votenet_det_new). how: per box get_3d_box(size, -heading,
+# flip_axis_to_camera(centre)) (VoteNet's SUN RGB-D heading is minus ours), hull = min / max of
+# the 8 corners, nms_3d_faster_samecls(hulls + score + class, threshold), its pick list. Added
+# in fcf4c17 (a commit named after gpu-check). Re-run 2026-12-07 on PointContrast @47e8682's
+# copy: equal.
 NMS_BOXES = [
     [-0.748, 1.34, -0.28, 0.442, 1.52, 0.509, -1.442], [-0.962, -0.45, -0.243, 0.636, 0.467, 0.412, -3.062],
     [0.511, -1.155, 0.357, 0.549, 1.506, 1.235, -2.068], [1.074, -1.492, 0.037, 0.886, 0.408, 1.394, 0.27],
@@ -70,8 +75,11 @@ def test_row12_nms_default_is_votenets_aligned_hull_nms(threshold):
 
 # --------------------------------------------------------- row 5: SUN RGB-D v1 labels default
 
-# The same chair annotated in label_v1/ and label/ (v2) of one image. Golden: VoteNet's
-# SUNObject3d + my_compute_box_3d (sunrgbd_utils.py) on each line: the 8 corners (x, y, z).
+# input: the same chair annotated in label_v1/ and label/ (v2) of one image.
+# golden: facebookresearch/votenet sunrgbd/sunrgbd_utils.py SUNObject3d + my_compute_box_3d,
+# as sunrgbd/sunrgbd_data.py calls them (size [obj.l, obj.w, obj.h], obj.heading_angle).
+# how: on each line, the 8 corners (x, y, z) printed to 6 decimals. Added in fcf4c17. Re-run
+# 2026-12-07 on PointContrast @47e8682's copy (lib/datasets/sunrgbd/): equal to 6 decimals.
 SUN_V1 = "chair 10 20 100 80 0.512000 2.250000 0.410000 0.270000 0.310000 0.440000 0.819152 0.573576"
 SUN_V2 = "chair 10 20 100 80 0.530000 2.210000 0.420000 0.290000 0.330000 0.450000 0.642788 -0.766044"
 VOTENET_CORNERS = {
@@ -130,8 +138,11 @@ def test_row5_sunrgbd_prep_defaults_to_the_v1_boxes(tmp_path):
 
 # --------------------------------------------------------------- row 13: size clusters
 
-# Golden: VoteNet's scannet/meta_data/scannet_means.npz (arr_0, also in PointContrast's
-# votenet_det_new) and SunrgbdDatasetConfig().mean_size_arr (sunrgbd/model_util_sunrgbd.py).
+# golden: facebookresearch/votenet scannet/meta_data/scannet_means.npz (arr_0, read by
+# scannet/model_util_scannet.py ScannetDatasetConfig) and sunrgbd/model_util_sunrgbd.py
+# SunrgbdDatasetConfig().mean_size_arr. how: the file's array printed to 8 decimals, the
+# config's array as written. Added in fcf4c17. Re-run 2026-12-07 on PointContrast @47e8682's
+# copies (votenet_det_new/lib/datasets/): within 5e-9 / equal.
 SCANNET_MEANS = [
     [0.76966726, 0.81160211, 0.92573741], [1.876858, 1.84255952, 1.19315654],
     [0.61327999, 0.61486087, 0.71827014], [1.39550063, 1.51215451, 0.83443565],
@@ -199,7 +210,10 @@ def test_row13_size_clusters_default_to_votenets_fixed_values(scannet_det_root, 
 def test_row14_recipes_keep_the_references_global_batch_for_batch_norm():
     """PointContrast's votenet_det_new ran one process (hydra launcher: gpus_per_node 1,
     tasks_per_node 1) with data.batch_size=32 (scripts/train_scannet.sh) and 64
-    (scripts/train_sunrgbd.sh): batch norm saw the whole batch."""
+    (scripts/train_sunrgbd.sh): batch norm saw the whole batch.
+
+    golden: facebookresearch/PointContrast downstream/votenet_det_new/scripts/train_scannet.sh,
+    train_sunrgbd.sh and config/default.yaml. how: the values read from those files."""
     from helpers import compose_config
     from omegaconf import OmegaConf
 

@@ -17,6 +17,14 @@ from helpers import compose_config
 
 # ------------------------------------------------------------------ row 9: batch norm, init
 
+# golden: facebookresearch/PointContrast pretrain/pointcontrast/model/res16unet.py Res16UNet34C
+# (resnet.py, modules/resnet_block.py, modules/common.py: which BNs take bn_momentum) and
+# facebookresearch/ContrastiveSceneContexts downstream/semseg/models/res16unet.py (same names).
+# how: the released classes instantiated as Res16UNet34C(3, 32, config) after
+# torch.manual_seed(0), outside the project on MinkowskiEngine 0.5.4 / torch 2.13 CPU (commit
+# b332ee9); momenta read from the modules, the sums from named_parameters() in float64. The
+# edits that let the ME 0.4 code build on ME 0.5.4 (RegionType.HYBRID is gone there) are
+# (provenance not recorded); not re-run since.
 #: batch norms that get the model's bn_momentum in the released Res16UNet34C (PointContrast
 #: pretraining with opt.bn_momentum 0.05 and CSC fine-tuning with optimizer.bn_momentum 0.02
 #: give the same names); the other 46 of its 62 batch norms keep 0.1
@@ -80,6 +88,13 @@ def test_row9_bn_momentum_and_init_equal_the_released_res16unet34c(engine):
 
 # ------------------------------------------------------------- rows 4 and 10: the optimizer
 
+# golden: facebookresearch/ContrastiveSceneContexts downstream/semseg/lib/solvers.py
+# initialize_optimizer + PolyLR (config/default.yaml: sgd_momentum 0.9, sgd_dampening 0.1,
+# weight_decay 1e-4, poly_power 0.9; scripts/train_scannet.sh lr 0.8). how: W0 (float64) and
+# GRAD x (k + 1) stepped 3 times (trajectory); a zero-gradient weight stepped 21 times with
+# PolyLR(max_iter=20), param_groups[0]['lr'] read before each step (lrs). Added in b332ee9.
+# Re-run 2026-12-07 on CSC @83515be, torch 2.13 CPU: equal to the last bit.
+# input: W0 and GRAD (fixed weights and gradients, chosen by hand)
 #: CSC solvers: SGD(lr 0.8, momentum 0.9, dampening 0.1, weight decay 1e-4) and
 #: PolyLR(max_iter=20, power 0.9) on w0 with gradients GRAD x (k + 1) at steps k = 0, 1, 2
 W0 = [[0.5, -1.0, 2.0], [0.25, 0.0, -0.75]]
@@ -150,6 +165,13 @@ def test_row4_scannet_recipe_is_lr_0_8_poly_batch_48():
 
 # ------------------------------------------------------------------- row 7: input features
 
+# golden: facebookresearch/PointContrast pretrain/pointcontrast/lib/transforms.py Jitter()
+# (mu 0, sigma 0.01, p 0.95) and the semseg normalize_color step (downstream/semseg/lib/
+# train.py, test.py: input[:, :3] / 255. - 0.5). how: random.seed(0), np.random.seed(0), then
+# Jitter()(None, np.ones((64, 3))) 4,000 times: fraction of views changed, np.mean / np.std
+# (ddof 0) of the noise of those views; COLOURS / 255. - 0.5 in float64. Added in b332ee9.
+# Re-run 2026-12-07 on PointContrast @47e8682: equal.
+# input: COLOURS (fixed colours)
 #: the released Jitter on 4,000 views of ones (64, 3) (random.seed(0), np.random.seed(0)):
 #: fraction of jittered views, mean and std of the noise
 RELEASED_JITTER = {"fraction": 0.951, "mean": 2.337820330088497e-05, "std": 0.009995004066353315}
@@ -226,6 +248,13 @@ def test_row7_pretraining_defaults_and_recipes_name_their_input_mode(synthetic_p
 
 # ------------------------------------------------------- row 6: task layers on the backbone
 
+# golden: facebookresearch/ContrastiveSceneContexts downstream/semseg/lib/utils.py
+# load_state_with_same_shape (PointContrast's is the same) and the task models' final layer
+# (downstream/semseg/ddp_main.py; votenet_det_new models/backbone_module.py
+# SparseConvBackbone: Res16UNet34C(3, 256)). how: a Res16UNet14A(3, 32) state dict loaded into
+# Res16UNet14A(3, 20) and (3, 256); the keys it leaves out, the count it keeps, final.kernel's
+# shape. Added in b332ee9. Re-run 2026-12-07 (CSC @83515be) with our Res16UNet14A's state
+# dicts (same keys and shapes as the released model's): equal.
 #: the released load_state_with_same_shape of a pretrained Res16UNet14A(3, 32) state into the
 #: released Res16UNet14A(3, 20) (segmentation) and Res16UNet14A(3, 256) (VoteNet's
 #: SparseConvBackbone): the keys it skips, how many it loads, the rebuilt final kernel's shape

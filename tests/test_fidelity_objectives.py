@@ -19,7 +19,9 @@ from mink_ssl.objectives.hardest_contrastive import hardest_contrastive_loss
 from mink_ssl.objectives.shape_context_nce import (csc_partition, sample_per_scene,
                                                    shape_context_nce_loss)
 
-VOXEL = 0.025  # the released script's voxel: positions below are in voxel units
+# input: CSC scripts/pretrain_sparseconv.sh data.voxel_size=0.025 (positions below are in voxel
+# units; its shape_context.r1=2.0, r2=20.0 are in voxels too)
+VOXEL = 0.025
 
 
 def normalise(x):
@@ -63,6 +65,11 @@ def sc_inputs(seed, per_scene=(30, 26), c=8, noise=0.5):
 # --- rows 1 and 2: hardest contrastive -------------------------------------------------------
 
 # released (pos_loss, neg_loss); seed 0 drops 24 + 18 of 30 anchor terms, seed 1 13 + 17
+# golden: facebookresearch/PointContrast pretrain/pointcontrast/lib/ddp_trainer.py
+# HardestContrastiveLossTrainer.contrastive_hardest_negative_loss (with its pdist and _hash).
+# how: called on hc_inputs(seed) with num_pos=num_hn_samples=10000 (every match and candidate,
+# so np.random draws change nothing), pos_thresh 0.1 / neg_thresh 1.4 (config/defaults.yaml),
+# CPU float32; added in 12945a1. Re-run 2026-12-07 on PointContrast @47e8682: bitwise equal.
 HC_RELEASED = {0: (0.6789880394935608, 0.6319719552993774),
                1: (0.8080987334251404, 0.43839800357818604)}
 
@@ -119,11 +126,25 @@ def test_hardest_contrastive_counts_scale_with_the_pairs_in_the_batch():
 # --- row 3: shape-context NCE ----------------------------------------------------------------
 
 # released loss (batch 2): (csc4 tau 0.4, csc8 tau 0.4, csc4 tau 0.07)
+# golden: facebookresearch/ContrastiveSceneContexts pretrain/contrastive_scene_contexts/lib/
+# ddp_trainer.py PartitionPointNCELossTrainer._train_iter (PointNCELossTrainer.compute_loss,
+# lib/criterion.py NCESoftmaxLoss, lib/shape_context.py ShapeContext).
+# how: sc_inputs(seed) fed as one batch: network = identity on the unit features, sinput0_C =
+# (scene, voxel position), correspondences = the matches (one per view-0 row, so the uniform
+# draw picks it), npos 4096 (no sampling), batch_size 2, world_space False, weight_inner False,
+# r1 2 / r2 20, nbins_xy = nbins_zy = 2; csc4 = fast_partition True, csc8 = False; .cuda() a
+# no-op on CPU; the returned batch_loss['loss']. Added in 12945a1. Re-run 2026-12-07 on CSC
+# @83515be: bitwise equal.
 SC_RELEASED = {0: (0.6048586964607239, 0.35001060366630554, 0.09402637928724289),
                1: (0.6475719213485718, 0.3889662027359009, 0.13874851167201996),
                2: (0.5905246734619141, 0.34463274478912354, 0.06454552710056305)}
 # released partition matrix of sc_inputs(0)'s 56 positions (one scene), diagonal set to -1:
 # counts of the ids -1, 0, 1, ... (compute_partitions_fast, compute_partitions)
+# golden: facebookresearch/ContrastiveSceneContexts pretrain/contrastive_scene_contexts/lib/
+# shape_context.py ShapeContext(r1=2, r2=20, nbins_xy=2, nbins_zy=2).compute_partitions_fast
+# (csc4) and .compute_partitions (csc8). how: on the 56 voxel positions of sc_inputs(0), CPU;
+# entries < 0 (fast: -1e9) and the diagonal set to -1, then torch.bincount(ids + 1). Added in
+# 12945a1. Re-run 2026-12-07 on CSC @83515be: equal.
 PARTITION_COUNTS = {"csc4": [254, 609, 609, 832, 832],
                     "csc8": [58, 322, 326, 361, 287, 373, 518, 432, 459]}
 
@@ -151,6 +172,9 @@ def test_csc_partitions_equal_released_partitions(mode):
 
 
 def test_shape_context_defaults_are_the_released_script():
+    # golden: facebookresearch/ContrastiveSceneContexts pretrain/contrastive_scene_contexts/
+    # scripts/pretrain_sparseconv.sh (misc.npos=4096, misc.nceT=0.4, shape_context.r1=2.0,
+    # r2=20.0, fast_partition=True, data.voxel_size=0.025). how: read from the script.
     objective = OBJECTIVES.get("shape_context_nce")()
     assert (objective.partitions, objective.reduction, objective.num_matches_per_scene,
             objective.temperature) == ("csc4", "csc", 4096, 0.4)

@@ -28,6 +28,7 @@ def kronecker(n: int, extent) -> np.ndarray:
     return ((i * a) % 1.0 * np.asarray(extent, np.float64)).astype(np.float32)
 
 
+# input: Kronecker-sequence clouds (no generator), the same on any platform
 ROOM = kronecker(3000, [10.0, 7.0, 3.0])  # metres, an S3DIS-sized room
 SMALL_ROOM = kronecker(500, [3.0, 2.5, 2.0])
 FRAME_CM = kronecker(4000, [7000.0, 400.0, 6000.0])  # a Synthia frame in CSC's centimetres
@@ -42,10 +43,14 @@ def block_labels(ignore: int = -1) -> np.ndarray:
 
 # ---------------------------------------------------- row 8: segmentation augmentations
 
-# Golden: Voxelizer(clip_bound=4).clip(ROOM, None, ratio) (S3DIS CLIP_BOUND): kept points and
-# the sum of their indices; Voxelizer(clip_bound=((-B, B),) * 3).clip(FRAME_CM, None, ratio)
-# (Synthia CLIP_BOUND 1800 cm in training, TEST_CLIP_BOUND 2500 cm); CSC dataset.py
-# prevoxelisation ME.utils.sparse_quantize(coords / 7.5, return_index=True) (cells kept).
+# golden: facebookresearch/ContrastiveSceneContexts downstream/semseg/datasets/voxelizer.py
+# Voxelizer.clip (bounds from datasets/stanford.py CLIP_BOUND 4, synthia.py CLIP_BOUND /
+# TEST_CLIP_BOUND) and datasets/dataset.py's prevoxelisation ME.utils.sparse_quantize(coords /
+# PREVOXELIZATION_VOXEL_SIZE, return_index=True) (synthia.py: 7.5).
+# how: Voxelizer(clip_bound=4).clip(ROOM, None, ratio): kept points and the sum of their
+# indices; Voxelizer(clip_bound=((-B, B),) * 3).clip(FRAME_CM, None, ratio), B = 1800 (train) /
+# 2500 cm (test); cells = number of indices sparse_quantize returns. Added in 01a57bb. Re-run
+# 2026-12-07 on CSC @83515be, MinkowskiEngine 0.5.4 for the cells: equal.
 CSC_CLIPS = [
     (ROOM, 4.0, [0.13, -0.07, 0.02], 2311, 3464513),
     (ROOM, 4.0, [-0.2, 0.2, -0.05], 1831, 2743833),
@@ -114,10 +119,14 @@ def test_row8_training_crop_inside_the_augmentations():
 
 # ----------------------------------------------- row 15: segmentation evaluation protocol
 
-# Golden: CSC Voxelizer(voxel_size, clip_bound=None, use_augmentation=False,
-# ignore_label=255).voxelize(BLOCK, ones, labels (ignored: 255)), labels by ME 0.4.3's rule:
-# voxels, ignored voxels, histogram of the other labels, and checksum =
-# sum(key * (label + 1 | -1 if ignored)), key = x + 1000 y + 1e6 z of the voxel coordinates.
+# golden: facebookresearch/ContrastiveSceneContexts downstream/semseg/datasets/voxelizer.py
+# Voxelizer.voxelize, with ME.utils.sparse_quantize(labels=...) given MinkowskiEngine 0.4.3's
+# label rule (src/quantization.cpp quantize_label, transcribed: the module docstring).
+# how: Voxelizer(voxel_size, clip_bound=None, use_augmentation=False,
+# ignore_label=255).voxelize(BLOCK, ones, labels (ignored: 255)): voxels, ignored voxels,
+# histogram of the other labels, and checksum = sum(key * (label + 1 | -1 if ignored)),
+# key = x + 1000 y + 1e6 z of the voxel coordinates. Added in 01a57bb. Re-run 2026-12-07 on
+# CSC @83515be with the rule transcribed again (np.unique per voxel): equal.
 CSC_VOXELS = {0.05: (5278, 402, [961, 963, 992, 986, 974], 136479774892),
               0.15: (978, 683, [60, 60, 68, 54, 53], 674682388)}
 

@@ -27,6 +27,8 @@ from mink_ssl.models.weight_files.convert import convert, spconv_weight
 from mink_ssl.sparse import SparseVoxels, quantize, sparse_tensor
 
 REPO = Path(__file__).resolve().parents[1]
+# input: the net keys of PointContrast's pretrain/pointcontrast/config/defaults.yaml, as its
+# released checkpoints record them in 'config'
 PC_NET = {"model": "Res16UNet34C", "model_n_out": 32, "conv1_kernel_size": 3,
           "normalize_feature": True, "dist_type": "L2"}
 
@@ -51,6 +53,11 @@ def _optimised(model):
 #: RegionType.HYBRID (the released Res16UNet blocks' ConvType.SPATIAL_HYPERCUBE_TEMPORAL_HYPERCROSS)
 #: given one-hot kernels, the neighbour each tap reads recorded at tensor strides 1, 2, 4, 8 and
 #: dilations 1, 2 (docs/fidelity.md, "MinkowskiEngine 0.4.3 vs 0.5.4")
+# golden: NVIDIA/MinkowskiEngine v0.4.3 (b683e25) MinkowskiEngine/Common.py convert_region_type
+# with src/region.cpp, for RegionType.HYBRID as PointContrast's model/modules/common.py builds
+# it. how: the one-hot measurement above, run on the 0.4.3 build in a throwaway venv (its
+# scripts stayed in /tmp, not recorded); added in 1aeb42d; the rule-derived permutation
+# (hybrid_to_hypercube) is checked equal to it below.
 PERM_MEASURED_ON_ME_0_4_3 = [19, 15, 23, 11, 9, 13, 21, 17, 25, 5, 3, 7, 1, 0, 2, 6, 4, 8, 20,
                              16, 24, 12, 10, 14, 22, 18, 26]
 
@@ -114,6 +121,10 @@ def net(name="Res16UNet14A", seed=0, **kwargs):
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_each_released_layout_is_read_and_loaded(tmp_path, kind, layout, source, iteration,
                                                  legacy):
+    # golden: the layouts' keys from facebookresearch/PointContrast pretrain/pointcontrast/lib/
+    # ddp_trainer.py _save_checkpoint and downstream/semseg/lib/utils.py checkpoint (CSC's the
+    # same; its pretraining without 'config'). how: read from the code; released_file writes
+    # them with real optimiser / scheduler states. No number of a released run is compared.
     model = net()
     path = released_file(kind, tmp_path / "w.pth", model, legacy=legacy)
     with pytest.raises(Exception):  # what the user met before: the safe torch.load refuses it
@@ -150,6 +161,12 @@ def test_each_released_layout_is_read_and_loaded(tmp_path, kind, layout, source,
 
 
 def test_released_34c_pointcontrast_file_is_374_tensors_of_37_85m(tmp_path):
+    # golden: 37,847,808 parameters = the released Res16UNet34C(3, 32)'s count
+    # (facebookresearch/PointContrast pretrain/pointcontrast/model/res16unet.py; how: see
+    # RELEASED_PARAMETERS_OUT32 in test_fidelity_models.py). The 374 tensors (62 batch norms x
+    # 5 entries + 64 kernels / bias) count our state dict; a released file's count is
+    # (provenance not recorded). The layout keys: PointContrast lib/ddp_trainer.py
+    # _save_checkpoint, as released_file writes them.
     model = net("Res16UNet34C")
     path = released_file("pointcontrast", tmp_path / "hardest_contrastive.pth", model)
     out = subprocess.run([sys.executable, "-m", "mink_ssl.cli.weights", "inspect", str(path)],
@@ -528,7 +545,11 @@ def test_the_hybrid_order_rule_gives_the_permutation_measured_on_me_0_4_3():
 @pytest.mark.parametrize("engine", ["spconv", "minkowski"])
 def test_a_reordered_kernel_reads_the_neighbour_the_released_code_read(engine):
     """One-hot kernels in HYBRID order, reordered on read, in our 3x3x3 convolution: the centre
-    voxel of a full 3x3x3 block receives exactly the neighbour at the released tap's offset."""
+    voxel of a full 3x3x3 block receives exactly the neighbour at the released tap's offset.
+
+    golden: the tap offsets are hybrid_offsets(), MinkowskiEngine v0.4.3 MinkowskiEngine/
+    Common.py convert_region_type's order. how: checked against PERM_MEASURED_ON_ME_0_4_3 by
+    test_the_hybrid_order_rule_gives_the_permutation_measured_on_me_0_4_3."""
     from mink_ssl.models.engines import get_engine
     from mink_ssl.models.weight_files.layouts import hybrid_offsets, hybrid_to_hypercube
 
