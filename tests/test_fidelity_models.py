@@ -22,9 +22,10 @@ from helpers import compose_config
 # facebookresearch/ContrastiveSceneContexts downstream/semseg/models/res16unet.py (same names).
 # how: the released classes instantiated as Res16UNet34C(3, 32, config) after
 # torch.manual_seed(0), outside the project on MinkowskiEngine 0.5.4 / torch 2.13 CPU (commit
-# b332ee9); momenta read from the modules, the sums from named_parameters() in float64. The
-# edits that let the ME 0.4 code build on ME 0.5.4 (RegionType.HYBRID is gone there) are
-# (provenance not recorded); not re-run since.
+# b332ee9); momenta read from the modules, the sums from named_parameters() in float64.
+# Re-run 2026-12-07 on PointContrast @47e8682 under ME 0.4 names mapped onto ME 0.5.4
+# (RegionType.HYBRID built as HYPER_CUBE: the same 27 taps in another order, which leaves
+# these sums unchanged; has_bias -> bias; collections.Sequence restored): equal to the bit.
 #: batch norms that get the model's bn_momentum in the released Res16UNet34C (PointContrast
 #: pretraining with opt.bn_momentum 0.05 and CSC fine-tuning with optimizer.bn_momentum 0.02
 #: give the same names); the other 46 of its 62 batch norms keep 0.1

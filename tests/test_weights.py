@@ -163,9 +163,9 @@ def test_each_released_layout_is_read_and_loaded(tmp_path, kind, layout, source,
 def test_released_34c_pointcontrast_file_is_374_tensors_of_37_85m(tmp_path):
     # golden: 37,847,808 parameters = the released Res16UNet34C(3, 32)'s count
     # (facebookresearch/PointContrast pretrain/pointcontrast/model/res16unet.py; how: see
-    # RELEASED_PARAMETERS_OUT32 in test_fidelity_models.py). The 374 tensors (62 batch norms x
-    # 5 entries + 64 kernels / bias) count our state dict; a released file's count is
-    # (provenance not recorded). The layout keys: PointContrast lib/ddp_trainer.py
+    # RELEASED_PARAMETERS_OUT32 in test_fidelity_models.py). 374 tensors (62 batch norms x 5
+    # entries + 64 kernels / bias): len(state_dict()) of that released model, re-run 2026-12-07
+    # as RELEASED_INIT_SEED0_OUT32 says. The layout keys: PointContrast lib/ddp_trainer.py
     # _save_checkpoint, as released_file writes them.
     model = net("Res16UNet34C")
     path = released_file("pointcontrast", tmp_path / "hardest_contrastive.pth", model)
@@ -547,9 +547,9 @@ def test_a_reordered_kernel_reads_the_neighbour_the_released_code_read(engine):
     """One-hot kernels in HYBRID order, reordered on read, in our 3x3x3 convolution: the centre
     voxel of a full 3x3x3 block receives exactly the neighbour at the released tap's offset.
 
-    golden: the tap offsets are hybrid_offsets(), MinkowskiEngine v0.4.3 MinkowskiEngine/
-    Common.py convert_region_type's order. how: checked against PERM_MEASURED_ON_ME_0_4_3 by
-    test_the_hybrid_order_rule_gives_the_permutation_measured_on_me_0_4_3."""
+    golden: the tap offsets are hybrid_offsets(), the order of NVIDIA/MinkowskiEngine v0.4.3
+    MinkowskiEngine/Common.py convert_region_type. how: checked equal to the measured
+    PERM_MEASURED_ON_ME_0_4_3 by the test above."""
     from mink_ssl.models.engines import get_engine
     from mink_ssl.models.weight_files.layouts import hybrid_offsets, hybrid_to_hypercube
 
