@@ -27,9 +27,11 @@ INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError, FloatingPointError)
 
 
 def check_group_choices(overrides: list[str], groups: tuple[str, ...],
-                        config_dir: Path = CONFIG_DIR) -> None:
+                        config_dir: Path = CONFIG_DIR, names: dict[str, str] | None = None
+                        ) -> None:
     """``group=name`` / ``group=[a,b]`` overrides must name existing configs; the error lists
-    the options (Hydra does not for list selections)."""
+    the options (Hydra does not for list selections) under the key the user typed
+    (``names``: group -> that key)."""
     for arg in overrides:
         key, _, value = arg.lstrip("+~").partition("=")
         if key not in groups or not value:
@@ -38,7 +40,30 @@ def check_group_choices(overrides: list[str], groups: tuple[str, ...],
         for name in value.strip("[]").split(","):
             name = name.strip()
             if name and name not in available:
-                raise ValueError(f"unknown {key} {name!r}; available: {', '.join(available)}")
+                said = (names or {}).get(key, key)
+                raise ValueError(f"unknown {said} {name!r}; available: {', '.join(available)}")
+
+
+#: the one key that selects a fine-tuning task's benchmark recipe, on every fine-tuning command
+RECIPE_KEY = "recipe"
+
+
+def recipe_overrides(overrides: list[str], recipe_group: str) -> list[str]:
+    """``recipe=<name>`` selects the task's recipe (the config group ``recipe_group``, e.g.
+    ``configs/finetune/`` for segmentation, ``configs/detection/`` for detection); the group's
+    own name keeps working for commands written before ``recipe=``. Both at once is an error."""
+    out, given = [], []
+    for arg in overrides:
+        prefix = arg[:len(arg) - len(arg.lstrip("+~"))]
+        key, eq, value = arg[len(prefix):].partition("=")
+        if eq and key in (RECIPE_KEY, recipe_group):
+            given.append(arg)
+            arg = f"{prefix}{recipe_group}={value}"
+        out.append(arg)
+    if len(given) > 1:
+        raise ValueError(f"the recipe is selected twice ({', '.join(given)}); give "
+                         f"{RECIPE_KEY}=<name> once")
+    return out
 
 
 #: what the command's start found before Hydra created anything (filled by StartCheck)
@@ -270,6 +295,15 @@ def stop_exit_code(e, prog: str) -> int:
     return 0
 
 
+def add_overrides(argv: list[str], *extra: str) -> None:
+    """Put ``extra`` overrides next to the user's own in ``argv``: Hydra's parser takes the
+    overrides as one run of positional arguments, so after an option (``--cfg job``) they
+    would be refused as unrecognised."""
+    last = max((i for i, a in enumerate(argv[1:], 1) if "=" in a and not a.startswith("-")),
+               default=len(argv) - 1)
+    argv[last + 1:last + 1] = extra
+
+
 def register_schema(name: str, schema: type) -> None:
     from hydra.core.config_store import ConfigStore
 
@@ -278,15 +312,20 @@ def register_schema(name: str, schema: type) -> None:
 
 def hydra_main(prog: str, config_name: str, register: Callable[[], None],
                task: Callable[[object, Path], object], groups: tuple[str, ...],
-               check: Callable[[object], object] | None = None) -> None:
+               check: Callable[[object], object] | None = None,
+               recipe_group: str | None = None) -> None:
     """Compose ``configs/<config_name>.yaml`` from the command line (``register`` stores its
     schema first), check every key and value (``check(typed config)``) before Hydra creates the
     run directory, then ``task(typed config, run directory)``. A start that fails removes only
-    what it created."""
+    what it created. ``recipe_group``: the config group ``recipe=`` selects (fine-tuning)."""
     import hydra
 
     try:
-        check_group_choices(sys.argv[1:], groups)
+        if recipe_group is not None:
+            sys.argv[1:] = recipe_overrides(sys.argv[1:], recipe_group)
+            groups = (*groups, recipe_group)
+        check_group_choices(sys.argv[1:], groups,
+                            names={recipe_group: RECIPE_KEY} if recipe_group else None)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -294,10 +333,10 @@ def hydra_main(prog: str, config_name: str, register: Callable[[], None],
     # Hydra would write .hydra/*.yaml into the run directory before the run's checks (and over
     # an existing run's); the run writes its resolved config.json itself once they pass
     if not any(a.lstrip("+~").startswith("hydra.output_subdir") for a in sys.argv[1:]):
-        sys.argv.append("hydra.output_subdir=null")
+        add_overrides(sys.argv, "hydra.output_subdir=null")
     # the checks, and the record of what exists, before Hydra creates the run directory
     _START.update(check=check, prog=prog, record=None)
-    sys.argv.append(f"+hydra.callbacks.mink_ssl_start._target_={__name__}.StartCheck")
+    add_overrides(sys.argv, f"+hydra.callbacks.mink_ssl_start._target_={__name__}.StartCheck")
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def run(cfg) -> None:

@@ -1,9 +1,9 @@
 """``mink-ssl-finetune-det``: Hydra entry point of detection fine-tuning (see
 configs/finetune_det.yaml; benchmark recipes in configs/detection/).
 
-    mink-ssl-finetune-det detection=scannet data.root=data/scannet_det \
+    mink-ssl-finetune-det recipe=scannet data.root=data/scannet_det \
         pretrained=runs/pt/backbone.pth
-    mink-ssl-finetune-det detection=sunrgbd data.root=data/sunrgbd pretrained=null
+    mink-ssl-finetune-det recipe=sunrgbd data.root=data/sunrgbd pretrained=null
 
 Several processes: ``torchrun --nproc_per_node N -m mink_ssl.cli.finetune_det ...`` with an
 explicit ``hydra.run.dir=...`` so that every rank agrees on the run directory.
@@ -33,8 +33,9 @@ def _check(cfg) -> None:
     check_det_config(cfg)
 
 def main() -> None:
-    # the model group is shared with pretraining; Hydra lists `detection=` options itself
-    hydra_main(PROG, "finetune_det", _register_schema, _task, groups=("model",), check=_check)
+    # the model group is shared with pretraining; `recipe=` selects a configs/detection/ recipe (its error lists them); `detection=` is its older name
+    hydra_main(PROG, "finetune_det", _register_schema, _task, groups=("model",), check=_check,
+               recipe_group="detection")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``mink-ssl-finetune-seg``: Hydra entry point of segmentation fine-tuning (see
 configs/finetune_seg.yaml; benchmark recipes in configs/finetune/).
 
-    mink-ssl-finetune-seg finetune=s3dis data.root=data/s3dis pretrained=runs/pt/backbone.pth
-    mink-ssl-finetune-seg finetune=scannet data.root=data/scannet_seg pretrained=null
+    mink-ssl-finetune-seg recipe=s3dis data.root=data/s3dis pretrained=runs/pt/backbone.pth
+    mink-ssl-finetune-seg recipe=scannet data.root=data/scannet_seg pretrained=null
 
 Several processes: ``torchrun --nproc_per_node N -m mink_ssl.cli.finetune_seg ...`` with an
 explicit ``hydra.run.dir=...`` so that every rank agrees on the run directory.
@@ -32,8 +32,9 @@ def _check(cfg) -> None:
     check_seg_config(cfg)
 
 def main() -> None:
-    # the model group is shared with pretraining; Hydra lists `finetune=` options itself
-    hydra_main(PROG, "finetune_seg", _register_schema, _task, groups=("model",), check=_check)
+    # the model group is shared with pretraining; `recipe=` selects a configs/finetune/ recipe (its error lists them); `finetune=` is its older name
+    hydra_main(PROG, "finetune_seg", _register_schema, _task, groups=("model",), check=_check,
+               recipe_group="finetune")
 
 
 if __name__ == "__main__":
