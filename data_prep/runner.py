@@ -5,8 +5,7 @@ records (versions, JSON-friendly parameters).
 A prep run is: refuse an ``--out`` that overlaps a raw folder, lock ``--out``, refuse parameters
 other than those ``--out`` was prepared with, remove the temporaries of a killed run
 (:func:`prep_run`), prepare every scene that is not done yet, in worker processes
-(:func:`map_scenes`; a scene with bad input raises :class:`SceneSkipped` inside the prep and is
-reported, not fatal), then write the manifest (:func:`mink_ssl.formats.manifest.write_manifest`)
+(:func:`map_scenes`), then write the manifest (:func:`mink_ssl.formats.manifest.write_manifest`)
 and log the skipped scenes (:func:`log_skipped`). The scene-file layout segmentation and
 detection share is :mod:`data_prep.scene_store`.
 
@@ -22,8 +21,12 @@ detection share is :mod:`data_prep.scene_store`.
   atomically), and the run ends with :class:`mink_ssl.errors.Interrupted` (exit 128 + signal);
   rerunning the command continues. A second signal aborts at once (in-progress scenes leave
   only hidden temporaries, removed by the next run).
-- An :class:`mink_ssl.errors.OutputError` from a scene (disk full, read-only, no permission)
-  stops scheduling and aborts the run once the scenes in progress are done.
+- What a scene's error means (:func:`scene_error`): only :class:`mink_ssl.errors.BadInput`,
+  raised by the readers of the input files, makes a skipped scene (reported in the manifest;
+  the others go on). An :class:`mink_ssl.errors.OutputError` (disk full, read-only, no
+  permission) stops scheduling and aborts the run once the scenes in progress are done. Any
+  other exception is a bug: it stops the run as :class:`SceneFailed`, naming the scene, with the
+  original error and its traceback chained; finished scenes are kept.
 """
 from __future__ import annotations
 
@@ -39,13 +42,33 @@ import numpy as np
 
 import mink_ssl
 from mink_ssl.io import atomic_path
-from mink_ssl.errors import Interrupted, OutputError
+from mink_ssl.errors import (BadInput, Interrupted, OutputError, is_output_error,
+                             output_error)
 from mink_ssl.locks import DirLock
 from mink_ssl.signals import StopSignals, worker_init
 
 
-class SceneSkipped(Exception):
-    """A scene that cannot be prepared; the message is the reason reported in the manifest."""
+class SceneFailed(RuntimeError):
+    """A scene's prep raised an error that is neither bad input nor an output error: a bug (or
+    an input case prep does not know). The run stops; the cause is chained."""
+
+
+def scene_error(e: BaseException, scene: str, out: Path, writing: Path) -> BadInput:
+    """What the error ``e`` of scene ``scene`` is: :class:`BadInput` is returned (the scene is
+    skipped); an output-side ``OSError`` (writing ``writing`` in ``out``) is raised as an
+    :class:`OutputError`; anything else is raised as :class:`SceneFailed` naming the scene and
+    chaining ``e`` (a KeyboardInterrupt and the like as they are). Call it in an ``except``."""
+    if isinstance(e, BadInput):
+        return e
+    if isinstance(e, OutputError) or not isinstance(e, Exception):
+        raise e
+    if is_output_error(e, out):  # disk full, read-only ...: abort, never bad input
+        raise output_error(e, writing, f"cannot write scene {scene} into {out}") from None
+    raise SceneFailed(
+        f"scene {scene}: {type(e).__name__}: {e}. This is not reported as bad input: it is a "
+        "bug in mink-ssl or an input case prep does not handle, so the run stopped (finished "
+        "scenes are kept; a rerun continues from them). Please report it with this "
+        "traceback.") from e
 
 
 def check_out_vs_raw(raws: Iterable[str | os.PathLike], out: str | os.PathLike,

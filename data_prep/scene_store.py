@@ -3,19 +3,23 @@
 Output layout (``out/``)::
 
     manifest.json        schema, benchmark, classes, splits, scenes {name: {file, points, ...}},
-                         skipped [{scene, reason}], parameters, created, versions, and what the
-                         kind of prep adds (:class:`SceneKind`)
+                         skipped_scenes {scene: reason}, parameters, created, versions, and
+                         what the kind of prep adds (:class:`SceneKind`)
     scenes/<file>.npz    one per scene; <file> is the scene name with "/" replaced by "__"
-    reports/<file>.json  what prep found in that scene's input (points, ...); written just
-                         before the .npz, so a rerun can rebuild the manifest without re-reading
+    reports/<file>.json  the scene's record: what prep found in its input (points, ...) and
+                         ``files`` {"scenes/<file>.npz": size}; written after the .npz, so a
+                         rerun can rebuild the manifest without re-reading the input
     params.json          the processing parameters; a rerun with other parameters is refused
 
-A scene is written atomically (temp file + rename) and its ``.npz`` is written last, so a scene
-whose ``.npz`` exists is complete: a rerun skips it. A scene whose input is bad is reported in
-``skipped`` with the reason and leaves nothing behind; the others go on. The run safety of
-:mod:`data_prep.runner` applies: ``--out`` may not overlap the raw folders, one prep per
-``--out``, an output-side I/O error aborts the run (never a "skipped" scene), SIGINT / SIGTERM
-finish the scenes in progress and stop without a manifest.
+Each file is written atomically (temp file + rename), the report last: a scene is finished when
+its report lists the size of its ``.npz`` and the ``.npz`` has that size, the definition every
+prep shares (:func:`mink_ssl.formats.scene_record.finished_record`); a rerun skips it. A scene
+whose input is bad (:class:`mink_ssl.errors.BadInput`, raised by the readers) is reported in
+``skipped_scenes`` with the reason and leaves nothing behind; the others go on. The run safety
+of :mod:`data_prep.runner` applies: ``--out`` may not overlap the raw folders, one prep per
+``--out``, an output-side I/O error aborts the run (never a "skipped" scene), any other error is
+a bug that stops the run naming the scene (:func:`data_prep.runner.scene_error`), SIGINT /
+SIGTERM finish the scenes in progress and stop without a manifest.
 
 What a scene holds, how its names are checked and what the manifest adds is the kind's:
 :mod:`data_prep.segmentation.writer` and :mod:`data_prep.detection.writer`.
@@ -31,10 +35,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from data_prep.runner import SceneSkipped, log_skipped, map_scenes, prep_run, versions
-from mink_ssl.formats.manifest import write_manifest
+from data_prep.runner import log_skipped, map_scenes, prep_run, scene_error, versions
+from mink_ssl.formats.manifest import SKIPPED, skipped_scenes, write_manifest
+from mink_ssl.formats.scene_record import FILES, file_sizes, finished_record
 from mink_ssl.io import atomic_path
-from mink_ssl.errors import is_output_error, output_error
 
 
 @dataclass(frozen=True)
@@ -102,36 +106,38 @@ def report_file(name: str) -> str:
 
 
 def store_scene(out: Path, name: str, report: dict, arrays: dict) -> dict:
-    """The scene's files in the layout's order: its report, then its ``.npz`` of ``arrays``
-    (the completion marker), both atomically; returns ``report``."""
-    with atomic_path(out / report_file(name)) as tmp:
-        tmp.write_text(json.dumps({"scene": name, **report}, indent=1))
-    with atomic_path(out / scene_file(name)) as tmp, open(tmp, "wb") as f:
+    """The scene's files in the layout's order: its ``.npz`` of ``arrays``, then its report
+    listing the ``.npz``'s size (the scene's record: what makes it finished), both atomically;
+    returns ``report``."""
+    npz = scene_file(name)
+    with atomic_path(out / npz) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)  # to a file object: savez(path) would add .npz
+    with atomic_path(out / report_file(name)) as tmp:
+        tmp.write_text(json.dumps({"scene": name, **report, FILES: file_sizes(out, [npz])},
+                                  indent=1))
     return report
 
 
 def _done(out: Path, name: str) -> dict | None:
-    """The report of a complete scene, or None if the scene still has to be prepared."""
-    report = out / report_file(name)
-    if not ((out / scene_file(name)).is_file() and report.is_file()):
+    """The report of a finished scene, less its name and files, or None if the scene still has
+    to be prepared."""
+    record = finished_record(out / report_file(name), out)
+    if record is None:
         return None
-    return json.loads(report.read_text())
+    return {k: v for k, v in record.items() if k not in ("scene", FILES)}
 
 
 def _run_job(job: SceneJob, out: Path, kind: SceneKind, num_classes: int) -> SceneResult:
-    """Prepare one scene; bad input data becomes a "skipped" result, bugs propagate."""
+    """Prepare one scene; bad input (:class:`BadInput`) becomes a "skipped" result, an output
+    error or a bug stops the run (:func:`data_prep.runner.scene_error`)."""
     old = _done(out, job.name)
     if old is not None:
-        return SceneResult(job.name, job.split, "already done",
-                           {k: v for k, v in old.items() if k != "scene"})
+        return SceneResult(job.name, job.split, "already done", old)
     try:
         report = kind.write(out, job.name, job.fn(*job.args), num_classes)
-    except (SceneSkipped, OSError, ValueError, EOFError) as e:
-        if is_output_error(e, out):  # disk full, read-only ...: abort, not bad input
-            raise output_error(e, out / scene_file(job.name),
-                               f"cannot write scene {job.name} into {out}") from None
-        return SceneResult(job.name, job.split, "skipped", reason=str(e))
+    except BaseException as e:
+        bad = scene_error(e, job.name, out, out / scene_file(job.name))
+        return SceneResult(job.name, job.split, "skipped", reason=str(bad))
     return SceneResult(job.name, job.split, "done", report)
 
 
@@ -153,7 +159,7 @@ def run_scenes(out: Path, kind: SceneKind, *, benchmark: str, classes: Sequence[
             ``inputs["raw"]`` (a path or a list of them) may not overlap ``out``.
         head: manifest fields after ``classes`` (e.g. segmentation's ignore label).
         skipped: scenes reported as skipped before any work (e.g. listed in a split file but
-            missing), as manifest entries {"scene", "reason"}.
+            missing), as {"scene", "reason"} entries.
     """
     out = Path(out)
     if workers < 1:
@@ -174,8 +180,8 @@ def run_scenes(out: Path, kind: SceneKind, *, benchmark: str, classes: Sequence[
             "splits": {s: [r.name for r in done if r.split == s] for s in kind.splits},
             "scenes": {r.name: {"file": scene_file(r.name), **kind.entry(r.report)}
                        for r in done},
-            "skipped": list(skipped) + [{"scene": r.name, "reason": r.reason}
-                                        for r in ordered if r.status == "skipped"],
+            SKIPPED: {**{s["scene"]: s["reason"] for s in skipped},
+                      **{r.name: r.reason for r in ordered if r.status == "skipped"}},
             **kind.collect(done),
             "parameters": {**params, **inputs},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -185,9 +191,9 @@ def run_scenes(out: Path, kind: SceneKind, *, benchmark: str, classes: Sequence[
         counts, lines = kind.summary(manifest, done)
         log(f"{benchmark}: {len(done)}/{len(ordered)} scenes done "
             f"({sum(r.status == 'already done' for r in ordered)} already done), "
-            f"{sum(r.points for r in done)} points, {counts}{len(manifest['skipped'])} skipped, "
+            f"{sum(r.points for r in done)} points, {counts}{len(manifest[SKIPPED])} skipped, "
             f"{time.perf_counter() - t0:.1f} s")
         for line in lines:
             log(line)
-        log_skipped(log, ((s["scene"], s["reason"]) for s in manifest["skipped"]))
+        log_skipped(log, skipped_scenes(manifest).items())
         return manifest

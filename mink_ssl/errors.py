@@ -7,6 +7,8 @@ only: data prep imports it).
   never reported as bad input; :func:`written_before` adds which results an optional export came
   after.
 - :class:`Interrupted`: the run stopped on a signal at a safe point.
+- :class:`BadInput`: a user's input file cannot be used (damaged, unreadable, not what the
+  format allows); the only error prep reports as a skipped scene.
 """
 from __future__ import annotations
 
@@ -35,6 +37,36 @@ class Interrupted(RuntimeError):
 
     def __reduce__(self):
         return type(self), (str(self), self.signum)
+
+
+class BadInput(ValueError):
+    """A user's input cannot be used: the message says what is wrong, naming the file, and what
+    to do about it. Data prep reports the scene as skipped and goes on; every other error stops
+    the run (it is a bug, or an output error). A ``ValueError``, so a command's usual handling
+    of bad values applies to it outside a scene.
+
+    ``path``: the file at fault (None when it is not one file). ``unreadable``: the file could
+    not be read at all (an ``OSError``: permissions, an I/O error, a disk that went away), so a
+    rerun tries the scene again rather than trusting the earlier verdict.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None,
+                 unreadable: bool = False):
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
+        self.unreadable = unreadable
+
+    @classmethod
+    def unreadable_file(cls, e: OSError, path: str | os.PathLike) -> "BadInput":
+        """The :class:`BadInput` for ``e``, an ``OSError`` met while reading the input file
+        ``path`` (a missing, unreadable or vanished file)."""
+        where = os.fsdecode(e.filename) if e.filename is not None else os.fspath(path)
+        return cls(f"cannot read {where}: {e.strerror or e}; check that the file is there and "
+                   "readable (its permissions, a disk or network mount that went away), or "
+                   "copy it again from the dataset's download", where, unreadable=True)
+
+    def __reduce__(self):  # keeps path and unreadable across processes
+        return type(self), (str(self), self.path, self.unreadable)
 
 
 def _inside(path, root: Path) -> bool:

@@ -80,7 +80,7 @@ def test_boxes_are_the_aligned_objects_of_the_generated_rooms(scannet_raw, tmp_p
     assert m["classes"][:5] == ["cabinet", "bed", "chair", "sofa", "table"]
     assert m["classes"][13] == "showercurtrain" and len(m["classes"]) == 18
     assert m["splits"] == {"train": ["scene0000_00", "scene0001_00"], "val": []}
-    assert m["skipped"] == [] and m["notes"] == []
+    assert m["skipped_scenes"] == {} and m["notes"] == []
     for k, name in enumerate(["scene0000_00", "scene0001_00"]):
         d = np.load(tmp_path / m["scenes"][name]["file"])
         assert {f: d[f].dtype for f in d.files} == {
@@ -200,7 +200,7 @@ def test_bad_annotations_are_reported_and_skipped(scannet_raw, tmp_path):
 
     m = scannet_det.run(raw, tmp_path / "out", scannet_raw / TSV, progress=False, log=str)
     assert list(m["scenes"]) == [src]
-    reasons = {s["scene"]: s["reason"] for s in m["skipped"]}
+    reasons = m["skipped_scenes"]
     expect = {"scene0100_00": "missing scene0100_00.aggregation.json",
               "scene0101_00": "segs.json is not valid JSON",
               "scene0102_00": "segIndices but scene0102_00_vh_clean_2.ply has",
@@ -228,8 +228,8 @@ def test_splits_resume_and_cli(scannet_raw, tmp_path, capsys):
     assert prep_main(args) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["splits"] == {"train": ["scene0000_00"], "val": ["scene0001_00"]}
-    assert m["skipped"] == [{"scene": "scene0707_00", "reason":
-                             f"listed in scannetv2_train.txt but not in {scannet_raw}"}]
+    assert m["skipped_scenes"] == {"scene0707_00":
+                                   f"listed in scannetv2_train.txt but not in {scannet_raw}"}
     assert m["parameters"]["splits_dir"] == str(splits.resolve())
     # a killed run left a temp file and lost one scene file: the rerun cleans and redoes only it
     npz0 = out / "scenes" / "scene0000_00.npz"
@@ -379,7 +379,7 @@ def test_sunrgbd_boxes_instances_and_calibration(sun_raw, tmp_path):
 def test_sunrgbd_bad_images_are_reported_and_skipped(sun_raw, tmp_path):
     root, _, _ = sun_raw
     m = sunrgbd.run(root, tmp_path, workers=2, progress=False, log=str)
-    reasons = {s["scene"]: s["reason"] for s in m["skipped"]}
+    reasons = m["skipped_scenes"]
     expect = {"000003": "depth/000003.mat is not a readable MATLAB file",
               "000004": "label_v1/000004.txt line 2: expected a class name and 12 numbers, "
                         "got 12 fields",

@@ -435,7 +435,7 @@ def test_s3dis_non_finite_point_is_dropped_naming_file_and_line(tmp_path):
     rel = ann.relative_to(raw).as_posix()
     hits = [r for r in m["repairs"] if r["file"] == rel and r["line"] == 3]
     assert hits and "non-finite value(s)" in hits[0]["what"] and "nan" in hits[0]["what"]
-    assert not m["skipped"] and len(m["scenes"]) == 2
+    assert not m["skipped_scenes"] and len(m["scenes"]) == 2
 
 
 def test_s3dis_utf16_file_is_read_as_its_text(tmp_path):
@@ -452,7 +452,7 @@ def test_s3dis_utf16_file_is_read_as_its_text(tmp_path):
     for ann, codec in zip(anns[:2], ("utf-16", "utf-16-le")):
         ann.write_bytes(ann.read_text().encode(codec))
     m = run_s3dis(raw, tmp_path / "out", S3DISParams(), progress=False)
-    assert not m["skipped"] and m["scenes"] == ref["scenes"]  # the same points, scene by scene
+    assert not m["skipped_scenes"] and m["scenes"] == ref["scenes"]  # the same points, scene by scene
     whats = {r["file"]: r["what"] for r in m["repairs"]}
     for ann, codec in zip(anns[:2], ("UTF-16", "UTF-16-LE")):
         assert f"is {codec} text: read as the same ASCII text" in whats[ann.relative_to(raw).as_posix()]

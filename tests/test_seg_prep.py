@@ -46,7 +46,7 @@ def check_contract(out: Path, m: dict, benchmark: str, voxel: float):
         assert coords.dtype == np.float32 and coords.shape == (entry["points"], 3)
         assert colors.dtype == np.uint8 and colors.shape == (entry["points"], 3)
         assert labels.dtype == np.int16 and labels.shape == (entry["points"],)
-    for key in ("skipped", "repairs", "parameters", "created", "versions"):
+    for key in ("skipped_scenes", "repairs", "parameters", "created", "versions"):
         assert key in m
     assert not list(out.glob("scenes/.*")) and not list(out.glob("reports/.*"))
 
@@ -97,7 +97,7 @@ def test_s3dis_every_point_and_every_known_defect(s3dis_raw, tmp_path):
     assert prep_main(["s3dis", "--raw", str(raw), "--out", str(out), "--no-progress"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     check_contract(out, m, "s3dis", 0.05)
-    assert m["classes"] == S3DIS_13 and m["skipped"] == []
+    assert m["classes"] == S3DIS_13 and m["skipped_scenes"] == {}
     assert set(m["scenes"]) == set(truth.rooms) and len(truth.rooms) == 10
     assert set(m["splits"]["test"]) == {n for n in truth.rooms if n.startswith("Area_5/")}
     assert set(m["splits"]["train"]) == {n for n in truth.rooms if not n.startswith("Area_5/")}
@@ -151,7 +151,7 @@ def test_s3dis_bad_rooms_are_reported_and_a_rerun_resumes(tmp_path):
     (raw / d / truth.rooms[d].room_file).write_bytes(b"1 2 3\n")  # unreadable: only a check
     logs = []
     m = run_s3dis(raw, out, progress=False, log=logs.append)
-    reasons = {s["scene"]: s["reason"] for s in m["skipped"]}
+    reasons = m["skipped_scenes"]
     assert set(reasons) == {a, b}
     n_lines = len(good_bytes.splitlines()) + 1
     assert f"{a}/Annotations/{truth.rooms[a].files[1]}: line {n_lines} is not 6 numbers" \
@@ -177,7 +177,7 @@ def test_s3dis_bad_rooms_are_reported_and_a_rerun_resumes(tmp_path):
     m2 = run_s3dis(raw, out, progress=False, log=logs.append)
     assert "4/4 scenes done (2 already done)" in logs[0]
     assert all((out / "scenes" / k).stat().st_mtime_ns == v for k, v in before.items())
-    assert m2["skipped"] == [] and m2["repairs"] == m["repairs"]  # kept from the first run
+    assert m2["skipped_scenes"] == {} and m2["repairs"] == m["repairs"]  # kept from the first run
     for name in (a, b):
         coords, _, labels = load(out, m2, name)
         np.testing.assert_array_equal(coords, truth.rooms[name].coords)
@@ -286,7 +286,7 @@ def test_synthia_frames_split_units_axes_and_labels(tmp_path):
             ids == 200, "<ignore>", expected_synthia_names(np.minimum(ids, 15))))
     road = coords[names_of(m, labels) == "road"]
     assert np.allclose(road[:, 2], -1.6, atol=0.03)  # the road is below the camera along z
-    skipped = {s["scene"]: s["reason"] for s in m["skipped"]}
+    skipped = m["skipped_scenes"]
     assert "truncated" in skipped["SYNTHIA-SEQS-06-SUNSET/000002"]
     assert "no point_clouds/ folder" in skipped["SYNTHIA-SEQS-02-DAWN"]
     assert "of the test split not found" in skipped["SYNTHIA-SEQS-06-SPRING"]
@@ -373,8 +373,8 @@ def test_scannet_labels_from_ply_aggregation_and_label_map(scannet_raw, tmp_path
     assert m["classes"] == list(SCANNET_20.values())
     assert m["splits"] == {"train": ["scene0000_00", "scene0001_00"], "val": ["scene0002_00"],
                            "test": ["scene0003_00"]}
-    assert m["skipped"] == [{"scene": "scene0100_00", "reason": "listed in scannetv2_val.txt "
-                             f"but not found in {raw}"}]
+    assert m["skipped_scenes"] == {"scene0100_00": "listed in scannetv2_val.txt "
+                                   f"but not found in {raw}"}
     assert m["repairs"] == []
     for name, nyu in (("scene0000_00", nyu0), ("scene0001_00", nyu1),
                       ("scene0002_00", nyu40_of(raw / "scene0002_00"))):
@@ -406,7 +406,7 @@ def test_scannet_labels_from_ply_aggregation_and_label_map(scannet_raw, tmp_path
     from data_prep.segmentation.scannet_seg import ScanNetSegParams, run as run_scannet
     m3 = run_scannet(raw, splits, tmp_path / "out3", ScanNetSegParams("ply"), progress=False,
                      log=logs.append)
-    reasons = {s["scene"]: s["reason"] for s in m3["skipped"]}
+    reasons = m3["skipped_scenes"]
     assert "no scene0001_00_vh_clean_2.labels.ply" in reasons["scene0001_00"]
     assert "is truncated" in reasons["scene0000_00"]
     assert set(m3["scenes"]) == {"scene0002_00", "scene0003_00"}

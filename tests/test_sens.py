@@ -16,6 +16,7 @@ from PIL import Image
 from data_prep.scannet.exported import ExportedFrames, export_to_sens
 from data_prep.scannet.sens import SensFormatError, SensHeader, SensReader
 from data_prep.scannet.sens_writer import write_sens
+from mink_ssl.errors import BadInput
 
 NAME = "StructureSensor"
 HEADER_LEN = 4 + 8 + len(NAME) + 4 * 64 + 36  # version, name length, name, 4 matrices, tail
@@ -375,13 +376,13 @@ def test_exported_folder_with_sparse_ids(tmp_path):
 
 
 def test_exported_folder_errors_name_the_path_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope.*color.*reader\.py"):
+    with pytest.raises(BadInput, match=r"nope.*color.*reader\.py"):
         ExportedFrames(tmp_path / "nope")
 
     h = make_header(cw=16, ch=12, dw=16, dh=12)
     make_exported(tmp_path / "a", [0, 5, 10], h)
     (tmp_path / "a" / "pose" / "5.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"pose/5\.txt missing.*reader\.py"):
+    with pytest.raises(BadInput, match=r"pose/5\.txt missing.*reader\.py"):
         ExportedFrames(tmp_path / "a")
 
     make_exported(tmp_path / "b", [0, 5, 10], h)

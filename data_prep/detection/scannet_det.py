@@ -44,10 +44,12 @@ import numpy as np
 
 from data_prep.detection.writer import NO_BOX, DetScene, run_prep
 from data_prep.ply import colors_uint8, ply_fields, read_ply_vertices
-from data_prep.runner import SceneSkipped, as_json
+from data_prep.reading import read_bytes, read_text
+from data_prep.runner import as_json
 from data_prep.scannet.labels import LABEL_MAP_NAME, read_label_map
 from data_prep.scannet.scans import list_scenes
 from data_prep.scene_store import SceneJob
+from mink_ssl.errors import BadInput
 
 CLASSES = ("cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
            "counter", "desk", "curtain", "refrigerator", "showercurtrain", "toilet", "sink",
@@ -64,35 +66,35 @@ def raw_to_class(label_map: dict[str, int]) -> dict[str, int]:
 
 def read_axis_alignment(path: Path) -> np.ndarray:
     """The (4, 4) float64 ``axisAlignment`` transform of a ScanNet meta ``.txt``."""
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in read_text(path, errors="replace").splitlines():
         key, sep, value = line.partition("=")
         if sep and key.strip() == "axisAlignment":
             try:
                 m = np.array(value.split(), dtype=np.float64)
             except ValueError:
-                raise ValueError(f"{path}: axisAlignment {value.strip()[:80]!r} is not 16 "
-                                 "numbers") from None
+                raise BadInput(f"{path}: axisAlignment {value.strip()[:80]!r} is not 16 "
+                               "numbers") from None
             if m.shape != (16,) or not np.isfinite(m).all():
-                raise ValueError(f"{path}: axisAlignment must be 16 finite numbers (a row-major "
-                                 f"4x4), got {m.size}")
+                raise BadInput(f"{path}: axisAlignment must be 16 finite numbers (a row-major "
+                               f"4x4), got {m.size}")
             m = m.reshape(4, 4)
             if not np.allclose(m[3], [0, 0, 0, 1], atol=1e-6):
-                raise ValueError(f"{path}: axisAlignment's last row is {m[3].tolist()}, not "
-                                 "[0, 0, 0, 1] (not a rigid transform)")
+                raise BadInput(f"{path}: axisAlignment's last row is {m[3].tolist()}, not "
+                               "[0, 0, 0, 1] (not a rigid transform)")
             return m
-    raise ValueError(f"{path} has no 'axisAlignment = ...' line (ScanNet's test scans have "
-                     "none: they carry no annotations either)")
+    raise BadInput(f"{path} has no 'axisAlignment = ...' line (ScanNet's test scans have "
+                   "none: they carry no annotations either)")
 
 
 def _load_json(path: Path) -> dict:
     if not path.is_file():
-        raise SceneSkipped(f"missing {path.name}")
+        raise BadInput(f"missing {path.name}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SceneSkipped(f"{path.name} is not valid JSON ({e})") from None
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path.name} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise SceneSkipped(f"{path.name} holds a {type(data).__name__}, expected an object")
+        raise BadInput(f"{path.name} holds a {type(data).__name__}, expected an object")
     return data
 
 
@@ -100,17 +102,17 @@ def _groups(agg: dict, name: str) -> list[tuple[int, str, np.ndarray]]:
     """[(objectId, label, segments (S,) int64)] of an aggregation, in file order."""
     groups = agg.get("segGroups")
     if not isinstance(groups, list):
-        raise SceneSkipped(f"{name} has no segGroups list")
+        raise BadInput(f"{name} has no segGroups list")
     out, ids = [], set()
     for i, g in enumerate(groups):
         try:
             oid, label = int(g["objectId"]), str(g["label"])
             segs = np.asarray(g["segments"], dtype=np.int64).reshape(-1)
         except (KeyError, TypeError, ValueError) as e:
-            raise SceneSkipped(f"{name}: segGroups[{i}] needs objectId, label and integer "
-                               f"segments ({type(e).__name__}: {e})") from None
+            raise BadInput(f"{name}: segGroups[{i}] needs objectId, label and integer "
+                           f"segments ({type(e).__name__}: {e})") from None
         if oid in ids:
-            raise SceneSkipped(f"{name}: objectId {oid} appears twice")
+            raise BadInput(f"{name}: objectId {oid} appears twice")
         ids.add(oid)
         out.append((oid, label, segs))
     return out
@@ -155,13 +157,13 @@ def group_bounds(points: np.ndarray, group: np.ndarray, n_groups: int
 
 def prepare_scene(scene_dir: Path, classes_of: dict[str, int]) -> DetScene:
     """One ScanNet scan as a :class:`DetScene`; ``classes_of`` maps raw categories to class ids
-    (-1: not a detection class). Raises SceneSkipped / ValueError for bad input."""
+    (-1: not a detection class). Raises :class:`BadInput` for bad input."""
     scene_dir, sid = Path(scene_dir), Path(scene_dir).name
     mesh = scene_dir / f"{sid}_vh_clean_2.ply"
     meta = scene_dir / f"{sid}.txt"
     for path in (mesh, meta):
         if not path.is_file():
-            raise SceneSkipped(f"missing {path.name}")
+            raise BadInput(f"missing {path.name}")
     segs = _load_json(scene_dir / f"{sid}_vh_clean_2.0.010000.segs.json")
     agg_name = f"{sid}.aggregation.json"
     groups = _groups(_load_json(scene_dir / agg_name), agg_name)
@@ -170,29 +172,32 @@ def prepare_scene(scene_dir: Path, classes_of: dict[str, int]) -> DetScene:
     x, y, z, r, g, b = ply_fields(vertices, mesh, ("x",), ("y",), ("z",), ("red", "r"),
                                   ("green", "g"), ("blue", "b"))
     if len(x) == 0:
-        raise SceneSkipped(f"{mesh.name} has no vertices")
+        raise BadInput(f"{mesh.name} has no vertices")
     colors = colors_uint8(np.stack([r, g, b], 1), str(mesh))  # (V, 3)
     A = read_axis_alignment(meta)
     xyz = np.stack([x, y, z], 1).astype(np.float64) @ A[:3, :3].T + A[:3, 3]  # (V, 3) aligned
     if not np.isfinite(xyz).all():
-        raise SceneSkipped(f"{mesh.name} has {int((~np.isfinite(xyz)).any(1).sum())} "
-                           "non-finite vertices")
+        raise BadInput(f"{mesh.name} has {int((~np.isfinite(xyz)).any(1).sum())} "
+                       "non-finite vertices")
 
-    seg = np.asarray(segs.get("segIndices"))
+    try:
+        seg = np.asarray(segs.get("segIndices"))
+    except ValueError:  # a ragged nest of lists
+        seg = np.zeros((0, 0))
     if seg.ndim != 1 or seg.dtype.kind not in "iu":
-        raise SceneSkipped(f"segs.json segIndices must be a list of integers, got "
-                           f"{seg.dtype} {seg.shape}")
+        raise BadInput(f"segs.json segIndices must be a list of integers, got "
+                       f"{seg.dtype} {seg.shape}")
     if len(seg) != len(xyz):
-        raise SceneSkipped(f"segs.json has {len(seg)} segIndices but {mesh.name} has "
-                           f"{len(xyz)} vertices (files of different meshes?)")
+        raise BadInput(f"segs.json has {len(seg)} segIndices but {mesh.name} has "
+                       f"{len(xyz)} vertices (files of different meshes?)")
     unknown = sorted({lab for _, lab, _ in groups if lab not in classes_of})
     if unknown:
-        raise SceneSkipped(f"{agg_name}: labels {unknown[:5]} are not in the label map (pass "
-                           f"ScanNet's {LABEL_MAP_NAME})")
+        raise BadInput(f"{agg_name}: labels {unknown[:5]} are not in the label map (pass "
+                       f"ScanNet's {LABEL_MAP_NAME})")
     try:
         vgroup = vertex_groups(seg.astype(np.int64), [s for _, _, s in groups])  # (V,)
     except ValueError as e:
-        raise SceneSkipped(f"{agg_name}: {e}") from None
+        raise BadInput(f"{agg_name}: {e}") from None
 
     cls = np.array([classes_of[lab] for _, lab, _ in groups], np.int64)  # (G,)
     count, lo, hi = group_bounds(xyz, vgroup, len(groups))
@@ -221,10 +226,10 @@ def _read_split_lists(splits_dir: Path) -> dict[str, str]:
         if not path.is_file():
             raise FileNotFoundError(f"--splits-dir {splits_dir} has no {fname} (ScanNet's "
                                     "Tasks/Benchmark split lists)")
-        for name in path.read_text().split():
+        for name in read_text(path).split():
             if where.setdefault(name, split) != split:
-                raise ValueError(f"{name} is listed in both {SPLIT_FILES['train']} and "
-                                 f"{SPLIT_FILES['val']} of {splits_dir}")
+                raise BadInput(f"{name} is listed in both {SPLIT_FILES['train']} and "
+                               f"{SPLIT_FILES['val']} of {splits_dir}")
     return where
 
 
@@ -254,7 +259,7 @@ def run(raw: Path, out: Path, label_map: Path, splits_dir: Path | None = None,
     jobs = [SceneJob(d.name, where[d.name], prepare_scene, (d, classes_of))
             for d in scene_dirs if d.name in where]
     params = {"classes": list(CLASSES), "nyu40_ids": list(NYU40_IDS),
-              "label_map_sha256": hashlib.sha256(label_map.read_bytes()).hexdigest()}
+              "label_map_sha256": hashlib.sha256(read_bytes(label_map)).hexdigest()}
     inputs = as_json({"raw": raw.resolve(), "label_map": label_map.resolve(),
                       "splits_dir": None if splits_dir is None else Path(splits_dir).resolve()})
     return run_prep(out, benchmark="scannet", classes=CLASSES, jobs=jobs, params=params,

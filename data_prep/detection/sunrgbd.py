@@ -46,8 +46,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data_prep.detection.writer import DetScene, first_box, run_prep
-from data_prep.runner import SceneSkipped, as_json
+from data_prep.reading import read_text
+from data_prep.runner import as_json
 from data_prep.scene_store import SceneJob
+from mink_ssl.errors import BadInput
 
 CLASSES = ("bed", "table", "sofa", "chair", "toilet", "desk", "dresser", "night_stand",
            "bookshelf", "bathtub")
@@ -64,41 +66,42 @@ def read_depth_mat(path: Path) -> np.ndarray:
     from scipy.io import loadmat
 
     if not path.is_file():
-        raise SceneSkipped(f"missing depth/{path.name}")
+        raise BadInput(f"missing depth/{path.name}")
     try:
         mat = loadmat(str(path))
     except Exception as e:  # scipy raises many types (ValueError, MatReadError, ...) for bad files
-        raise SceneSkipped(f"depth/{path.name} is not a readable MATLAB file "
-                           f"({type(e).__name__}: {e})") from None
+        raise BadInput(f"depth/{path.name} is not a readable MATLAB file "
+                       f"({type(e).__name__}: {e})", path,
+                       unreadable=isinstance(e, OSError)) from None
     if "instance" not in mat:
-        raise SceneSkipped(f"depth/{path.name} has no variable 'instance' (it has "
-                           f"{sorted(k for k in mat if not k.startswith('__'))})")
+        raise BadInput(f"depth/{path.name} has no variable 'instance' (it has "
+                       f"{sorted(k for k in mat if not k.startswith('__'))})")
     pc = np.asarray(mat["instance"])
     if pc.ndim != 2 or pc.shape[1] != 6 or pc.dtype.kind not in "fiu":
-        raise SceneSkipped(f"depth/{path.name}: 'instance' must be an (N, 6) numeric array "
-                           f"x y z r g b, got {pc.shape} {pc.dtype}")
+        raise BadInput(f"depth/{path.name}: 'instance' must be an (N, 6) numeric array "
+                       f"x y z r g b, got {pc.shape} {pc.dtype}")
     return pc.astype(np.float64)
 
 
 def read_labels(path: Path) -> list[tuple[str, np.ndarray]]:
     """[(classname, (12,) float64 numbers)] of a label file, one per non-empty line."""
     if not path.is_file():
-        raise SceneSkipped(f"missing {path.parent.name}/{path.name}")
+        raise BadInput(f"missing {path.parent.name}/{path.name}")
     objects = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):  # objects
+    for i, line in enumerate(read_text(path, errors="replace").splitlines(), 1):  # objects
         tok = line.split()
         if not tok:
             continue
         if len(tok) != 13:
-            raise SceneSkipped(f"{path.parent.name}/{path.name} line {i}: expected a class name "
-                               f"and 12 numbers, got {len(tok)} fields")
+            raise BadInput(f"{path.parent.name}/{path.name} line {i}: expected a class name "
+                           f"and 12 numbers, got {len(tok)} fields")
         try:
             values = np.array(tok[1:], dtype=np.float64)
         except ValueError:
-            raise SceneSkipped(f"{path.parent.name}/{path.name} line {i}: {tok[1:]} are not all "
-                               "numbers") from None
+            raise BadInput(f"{path.parent.name}/{path.name} line {i}: {tok[1:]} are not all "
+                           "numbers") from None
         if not np.isfinite(values).all():
-            raise SceneSkipped(f"{path.parent.name}/{path.name} line {i}: non-finite numbers")
+            raise BadInput(f"{path.parent.name}/{path.name} line {i}: non-finite numbers")
         objects.append((tok[0], values))
     return objects
 
@@ -106,18 +109,18 @@ def read_labels(path: Path) -> list[tuple[str, np.ndarray]]:
 def read_calib(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(Rtilt (3, 3), K (3, 3)) float64 of a ``calib/<id>.txt`` (column-major lines)."""
     if not path.is_file():
-        raise SceneSkipped(f"missing calib/{path.name}")
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        raise BadInput(f"missing calib/{path.name}")
+    lines = [ln for ln in read_text(path, errors="replace").splitlines() if ln.strip()]
     try:
         mats = [np.array(ln.split(), dtype=np.float64) for ln in lines[:2]]
     except ValueError:
-        raise SceneSkipped(f"calib/{path.name}: its lines are not numbers") from None
+        raise BadInput(f"calib/{path.name}: its lines are not numbers") from None
     if len(mats) != 2 or any(m.shape != (9,) or not np.isfinite(m).all() for m in mats):
-        raise SceneSkipped(f"calib/{path.name} must hold two lines of 9 finite numbers (Rtilt "
-                           f"and K, column-major), got {[m.size for m in mats]}")
+        raise BadInput(f"calib/{path.name} must hold two lines of 9 finite numbers (Rtilt "
+                       f"and K, column-major), got {[m.size for m in mats]}")
     rtilt, K = (m.reshape(3, 3, order="F") for m in mats)
     if not np.allclose(rtilt.T @ rtilt, np.eye(3), atol=1e-2):
-        raise SceneSkipped(f"calib/{path.name}: Rtilt {rtilt.round(4).tolist()} is not a rotation")
+        raise BadInput(f"calib/{path.name}: Rtilt {rtilt.round(4).tolist()} is not a rotation")
     return rtilt, K
 
 
@@ -158,11 +161,11 @@ def prepare_image(root: Path, name: str, label_dir: str = "label_v1") -> DetScen
         notes.append(f"{int((~finite).sum())} points with non-finite coordinates dropped")
         pc = pc[finite]
     if len(pc) == 0:
-        raise SceneSkipped(f"depth/{name}.mat has no points")
+        raise BadInput(f"depth/{name}.mat has no points")
     rgb = pc[:, 3:]
     if not ((rgb >= 0) & (rgb <= 1)).all():
-        raise SceneSkipped(f"depth/{name}.mat: colours must be in 0..1 (VoteNet's export), got "
-                           f"[{np.nanmin(rgb):g}, {np.nanmax(rgb):g}]")
+        raise BadInput(f"depth/{name}.mat: colours must be in 0..1 (VoteNet's export), got "
+                       f"[{np.nanmin(rgb):g}, {np.nanmax(rgb):g}]")
     boxes, labels, box_notes = label_boxes(objects)
     coords = pc[:, :3].astype(np.float32)
     boxes = boxes.astype(np.float32)
@@ -181,7 +184,7 @@ def read_splits(root: Path) -> dict[str, list[int]]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; --raw must be VoteNet's sunrgbd_trainval "
                                     "folder with its split files (sunrgbd/matlab/extract_split.m)")
-        tok = path.read_text().split()
+        tok = read_text(path).split()
         bad = [t for t in tok if not t.isdigit() or int(t) < 1]
         if bad:
             raise ValueError(f"{path}: {bad[:5]} are not image ids (positive integers)")

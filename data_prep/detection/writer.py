@@ -4,7 +4,7 @@ Output layout (``out/``), the contract read by the detection datasets and evalua
 
     manifest.json        schema mink_ssl.det_scenes/1: benchmark, classes (index = class id),
                          voxel_size (recommended, metres), splits {train, val}, scenes
-                         {name: {file, points, boxes}}, skipped [{scene, reason}], notes
+                         {name: {file, points, boxes}}, skipped_scenes {scene: reason}, notes
                          [{scene, what}] (objects prep left out, and why), parameters,
                          created, versions
     scenes/<name>.npz    one per scene / image:
@@ -17,14 +17,15 @@ Output layout (``out/``), the contract read by the detection datasets and evalua
                            instance (N,) int32 index into boxes of the box the point belongs
                                  to, -1 for none
                          (a benchmark may add arrays, e.g. SUN RGB-D's calibration)
-    reports/<name>.json  points, boxes and notes of the scene; written just before the .npz so
-                         a rerun can rebuild the manifest without re-reading the input
+    reports/<name>.json  the scene's record: points, boxes and notes, and ``files`` (the .npz's
+                         size); written after the .npz, so a rerun can rebuild the manifest
+                         without re-reading the input
     params.json          the processing parameters; a rerun with other parameters is refused
 
-Every file is written atomically (temp file + rename) and a scene's ``.npz`` last, so a scene
-whose ``.npz`` exists is complete and a rerun skips it. A scene with bad or missing input is
-reported in ``skipped`` with the reason and leaves nothing behind; the others go on (the run of
-:mod:`data_prep.scene_store`).
+Every file is written atomically (temp file + rename) and a scene's report last: a scene whose
+report lists its ``.npz`` at the size it has is finished and a rerun skips it. A scene with bad
+or missing input is reported in ``skipped_scenes`` with the reason and leaves nothing behind;
+the others go on (the run of :mod:`data_prep.scene_store`).
 """
 from __future__ import annotations
 
@@ -100,8 +101,8 @@ def check_scene(name: str, s: DetScene, num_classes: int) -> None:
 
 
 def write_scene(out: Path, name: str, s: DetScene, num_classes: int) -> dict:
-    """Write the scene's report, then its ``.npz`` (the completion marker), both atomically;
-    returns the report less the scene's name."""
+    """Write the scene's ``.npz``, then its report (the record that makes it finished), both
+    atomically; returns the report less the scene's name."""
     check_scene(name, s, num_classes)
     return store_scene(out, name, {"points": len(s.coords), "boxes": len(s.boxes),
                                    "notes": s.notes},

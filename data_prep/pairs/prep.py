@@ -7,6 +7,7 @@ Output layout (``out/``)::
     <scene>/scene.json            what was done: fragments, skipped frames with reasons, counts
     pairs.txt                     kept pairs (overlap >= min_overlap) of all scenes, same format
     manifest.json                 schema, parameters, counts, code version, skipped scenes
+                                  (``skipped_scenes`` {scene: reason}, as every prep writes)
     params.json                   the processing parameters (other ones are refused)
     .prep-status/<scene>.json     the record of a scene skipped or failed (no scene folder)
     .claims/<scene>               while a scene is being prepared: who prepares it
@@ -52,7 +53,7 @@ from data_prep.pairs.scene import SCENE_FILE, PrepParams, SceneReport
 from data_prep.runner import check_out_vs_raw, check_params, log_skipped, map_scenes, prep_run
 from data_prep.scannet.scans import list_scenes
 from mink_ssl.formats.fragments import SCHEMA as FRAGMENTS_SCHEMA
-from mink_ssl.formats.manifest import PAIRS_SCHEMA, write_manifest
+from mink_ssl.formats.manifest import PAIRS_SCHEMA, SKIPPED, skipped_scenes, write_manifest
 from mink_ssl.io import atomic_path
 from mink_ssl.errors import output_error
 
@@ -261,7 +262,7 @@ def _manifest(raw: Path, params: PrepParams, reports: list[SceneReport],
                                             for r in done], default=0.0)},
         "failed_scenes": {r.scene: {"reason": r.reason, "self_check": r.self_check}
                           for r in failed},
-        "skipped_scenes": {r.scene: r.reason for r in reports if r.status == "skipped"},
+        SKIPPED: {r.scene: r.reason for r in reports if r.status == "skipped"},
     }
 
 
@@ -280,7 +281,7 @@ def _log_run(log: Callable[[str], None], manifest: dict, reports: list[SceneRepo
         log(f"  {r.scene}: {r.fragments} fragments, {r.pairs_kept}/{r.pairs} pairs kept; "
             + (f"self-check: {sc['pairs_checked']} pairs against the definition, max |diff| "
                f"{sc['max_abs_diff']:.1e}" if sc else "self-check off"))
-    log_skipped(log, manifest["skipped_scenes"].items())
+    log_skipped(log, skipped_scenes(manifest).items())
     for scene, failed in manifest["failed_scenes"].items():
         log(f"  FAILED {scene}: {failed['reason']}")
     for r in done:  # damaged payloads and implausible poses (lost tracking is routine)

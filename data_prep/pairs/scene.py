@@ -27,12 +27,13 @@ import numpy as np
 
 from data_prep.pairs.overlap import (RADIUS_FACTOR, SELF_CHECK_TOL, VOXEL_SIZE, overlap_matrix,
                                      verify_overlap, voxel_downsample)
-from data_prep.runner import SceneSkipped
+from data_prep.runner import scene_error
 from data_prep.scannet.scans import open_scene
 from data_prep.scannet.sens import SensFormatError
 from mink_ssl.formats.fragments import FragmentWriter, encode_color, encode_depth, fragment_name
 from mink_ssl.geometry import backproject
-from mink_ssl.errors import OutputError, is_output_error, output_error
+from mink_ssl.errors import BadInput, OutputError, output_error
+from mink_ssl.formats.scene_record import finished_record
 
 SCENE_FILE = "scene.json"
 MARKER = ".mink-ssl-scene"  # in every folder prep creates: the only folders it may remove
@@ -93,7 +94,7 @@ class SceneReport:
     skipped_frames: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
     self_check: dict = field(default_factory=dict)  # overlap.SelfCheck.summary(); {} if off
-    input_error: bool = field(default=False, repr=False)  # skipped on an OSError reading input
+    input_error: bool = field(default=False, repr=False)  # skipped: an input file was unreadable
     recorded: bool = field(default=False, repr=False)  # skipped / failed by an earlier run
 
 
@@ -250,8 +251,8 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams, verify_pairs: 
             writer.close()  # the index
         frames = writer.frames
         if len(clouds) < 2:
-            raise SceneSkipped(f"fewer than 2 usable fragments ({len(clouds)}; skipped frames: "
-                               f"{ {k: len(v) for k, v in skipped.items()} })")
+            raise BadInput(f"fewer than 2 usable fragments ({len(clouds)}; skipped frames: "
+                           f"{ {k: len(v) for k, v in skipped.items()} })")
         with _stage(clock, "overlap"):
             radius = params.voxel_size * params.radius_factor
             result = overlap_matrix(clouds, radius)
@@ -283,19 +284,15 @@ def prepare_scene(scene_dir: Path, out: Path, params: PrepParams, verify_pairs: 
         shutil.rmtree(tmp, ignore_errors=True)
         return SceneReport(scene, "failed", reason=str(e), skipped_frames=skipped,
                            seconds=round(time.perf_counter() - t0, 3), self_check=e.check)
-    except (SceneSkipped, OSError, ValueError, EOFError) as e:
-        # bad input data (SensFormatError is a ValueError): report, skip, leave nothing behind;
-        # an output-side I/O error aborts the run; anything else is a bug and propagates
+    except BaseException as e:
+        # only BadInput (the readers' verdict on the input) is a skipped scene, leaving nothing
+        # behind; an output-side I/O error aborts the run, anything else is a bug that stops it
+        # naming the scene (data_prep.runner.scene_error)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OutputError) or is_output_error(e, out):
-            raise (e if isinstance(e, OutputError) else
-                   output_error(e, tmp, f"cannot write scene {scene} into {out}")) from None
-        return SceneReport(scene, "skipped", reason=str(e), skipped_frames=skipped,
+        bad = scene_error(e, scene, out, tmp)
+        return SceneReport(scene, "skipped", reason=str(bad), skipped_frames=skipped,
                            seconds=round(time.perf_counter() - t0, 3),
-                           input_error=isinstance(e, OSError))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                           input_error=bad.unreadable)
 
 
 def _publish(tmp: Path, final: Path, report: SceneReport,
@@ -335,17 +332,12 @@ def scene_counts(scene_json: dict) -> dict:
 
 def complete_scene(final: Path) -> dict | None:
     """``scene.json`` of a complete scene folder, or None: complete means every file it lists
-    exists with the recorded size (a scene of a killed or concurrent run is redone)."""
-    if final.is_symlink() or not (final / SCENE_FILE).is_file():
+    exists with the recorded size (:func:`mink_ssl.formats.scene_record.finished_record`; a
+    scene of a killed or concurrent run, or of a version before sizes were recorded, is
+    redone)."""
+    if final.is_symlink():
         return None
-    try:
-        d = json.loads((final / SCENE_FILE).read_text())
-        files = d["files"]  # absent in scenes of older versions: they are redone
-        ok = bool(files) and all((final / n).is_file() and (final / n).stat().st_size == size
-                                 for n, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return d if ok else None
+    return finished_record(final / SCENE_FILE, final)  # the one definition, every prep's
 
 
 def _ours(path: Path) -> bool:

@@ -21,8 +21,10 @@ from typing import Iterator
 
 import numpy as np
 
+from data_prep.reading import read_bytes, reading
 from data_prep.scannet.sens import SensFormatError, SensFrame, SensHeader
 from data_prep.scannet.sens_writer import write_sens
+from mink_ssl.errors import BadInput
 
 _FIX = ("re-export the scene with ScanNet's reader.py (--export_depth_images "
         "--export_color_images --export_poses --export_intrinsics)")
@@ -37,7 +39,10 @@ def _ids(folder: Path, suffix: str) -> set[int]:
 def _matrix(path: Path) -> np.ndarray:
     """A 4x4 matrix from a text file, as float32."""
     try:
-        m = np.loadtxt(path, dtype=np.float64)
+        with reading(path):
+            m = np.loadtxt(path, dtype=np.float64)
+    except BadInput:
+        raise
     except ValueError as e:
         raise SensFormatError(f"{path}: not a 4x4 matrix of numbers ({e})") from None
     if m.shape != (4, 4):
@@ -58,6 +63,7 @@ def _image_info(path: Path, data: bytes | None = None) -> tuple[str, tuple[int, 
 
 class ExportedFrames:
     """Reader of an exported ScanNet frame folder, with the :class:`SensReader` interface.
+    A missing or unreadable file is :class:`BadInput` naming it.
 
     ``frame(i)`` takes a frame *id* (``frame_ids`` lists them), and ``SensFrame.index`` is the id.
     """
@@ -68,15 +74,15 @@ class ExportedFrames:
         self.root = Path(root)
         for sub in ("color", "depth", "pose", "intrinsic"):
             if not (self.root / sub).is_dir():
-                raise FileNotFoundError(f"{self.root / sub}: folder missing; an exported ScanNet "
-                                        f"scene has color/, depth/, pose/ and intrinsic/ ({_FIX})")
+                raise BadInput(f"{self.root / sub}: folder missing; an exported ScanNet "
+                               f"scene has color/, depth/, pose/ and intrinsic/ ({_FIX})")
         depth_ids = _ids(self.root / "depth", ".png")
         if not depth_ids:
-            raise FileNotFoundError(f"{self.root / 'depth'}: no <int>.png depth frames ({_FIX})")
+            raise BadInput(f"{self.root / 'depth'}: no <int>.png depth frames ({_FIX})")
         for sub, suffix in (("pose", ".txt"), ("color", ".jpg")):
             missing = sorted(depth_ids - _ids(self.root / sub, suffix))
             if missing:
-                raise FileNotFoundError(
+                raise BadInput(
                     f"{self.root / sub / f'{missing[0]}{suffix}'} missing ({len(missing)} frames "
                     f"with depth lack a {sub} file, ids {missing[:5]}...): {_FIX}, or delete "
                     f"depth/<id>.png of those frames")
@@ -91,7 +97,7 @@ class ExportedFrames:
                for n in ("extrinsic_color", "extrinsic_depth")}
         for n in ("intrinsic_color", "intrinsic_depth"):
             if not (intr / f"{n}.txt").is_file():
-                raise FileNotFoundError(f"{intr / f'{n}.txt'} missing ({_FIX})")
+                raise BadInput(f"{intr / f'{n}.txt'} missing ({_FIX})")
         self.header = SensHeader(
             version=4, sensor_name=f"exported:{self.root.name}",
             intrinsic_color=_matrix(intr / "intrinsic_color.txt"),
@@ -127,9 +133,9 @@ class ExportedFrames:
         dbytes = None
         if depth:
             dpath = self._path("depth", i)
-            dbytes = dpath.read_bytes()
+            dbytes = read_bytes(dpath)
             self._check_depth_mode(dpath, _image_info(dpath, dbytes)[0])
-        cbytes = self._path("color", i).read_bytes() if color else None
+        cbytes = read_bytes(self._path("color", i)) if color else None
         return SensFrame(i, _matrix(self._path("pose", i)), 0, 0, cbytes, dbytes,
                          source=str(self.root))
 

@@ -3,7 +3,11 @@ segmentation and detection prep."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from data_prep.reading import read_text
+from mink_ssl.errors import BadInput
 
 LABEL_MAP_NAME = "scannetv2-labels.combined.tsv"
 
@@ -11,19 +15,20 @@ LABEL_MAP_NAME = "scannetv2-labels.combined.tsv"
 def read_label_map(path: Path) -> dict[str, int]:
     """``raw_category -> nyu40id`` from ScanNet's ``scannetv2-labels.combined.tsv``.
 
-    ValueError (naming the file and line) for a file without those columns, a row whose
-    nyu40id is not an integer, or a category listed twice with different ids.
+    :class:`BadInput` (naming the file and line) for a file that cannot be read, has no such
+    columns, a row whose nyu40id is not an integer, or a category listed twice with different
+    ids.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--label-map {path} does not exist; pass ScanNet's "
                                 f"{LABEL_MAP_NAME} (it ships with the dataset)")
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
         cols = reader.fieldnames or []
         if "raw_category" not in cols or "nyu40id" not in cols:
-            raise ValueError(f"{path} has no raw_category / nyu40id columns (tab-separated "
-                             f"header: {cols}); pass ScanNet's {LABEL_MAP_NAME}")
+            raise BadInput(f"{path} has no raw_category / nyu40id columns (tab-separated "
+                           f"header: {cols}); pass ScanNet's {LABEL_MAP_NAME}")
         mapping: dict[str, int] = {}
         for row in reader:  # ~600 categories
             line = reader.line_num
@@ -32,12 +37,12 @@ def read_label_map(path: Path) -> dict[str, int]:
             try:
                 nyu = int(row["nyu40id"])
             except (TypeError, ValueError):
-                raise ValueError(f"{path} line {line}: nyu40id {row['nyu40id']!r} of "
-                                 f"{row['raw_category']!r} is not an integer") from None
+                raise BadInput(f"{path} line {line}: nyu40id {row['nyu40id']!r} of "
+                               f"{row['raw_category']!r} is not an integer") from None
             old = mapping.setdefault(row["raw_category"], nyu)
             if old != nyu:
-                raise ValueError(f"{path} line {line}: {row['raw_category']!r} maps to nyu40id "
-                                 f"{nyu} here and to {old} above")
+                raise BadInput(f"{path} line {line}: {row['raw_category']!r} maps to nyu40id "
+                               f"{nyu} here and to {old} above")
     if not mapping:
-        raise ValueError(f"{path} has no rows")
+        raise BadInput(f"{path} has no rows")
     return mapping

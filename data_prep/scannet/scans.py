@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from data_prep.runner import SceneSkipped
 from data_prep.scannet.exported import ExportedFrames
 from data_prep.scannet.sens import SensReader
+from mink_ssl.errors import BadInput
 
 
 def list_scenes(raw: Path, scenes: Sequence[str] | None = None) -> list[Path]:
@@ -38,5 +38,5 @@ def open_scene(scene_dir: Path):
         return reader
     if (scene_dir / "depth").is_dir():
         return ExportedFrames(scene_dir)
-    raise SceneSkipped(f"{scene_dir} has neither {sens.name} nor an exported-frames layout "
-                       "(color/, depth/, pose/, intrinsic/)")
+    raise BadInput(f"{scene_dir} has neither {sens.name} nor an exported-frames layout "
+                   "(color/, depth/, pose/, intrinsic/)")

@@ -14,7 +14,8 @@ Binary layout (little endian), as ScanNet's ``SensorData.h``::
 The reader never loads the whole file: frames are located by hopping over their payloads
 (reading only the 96-byte frame headers) and read with positional reads, so one reader can be
 shared by forked DataLoader workers. Any damage raises :class:`SensFormatError` naming the file,
-the frame and the byte offset.
+the frame and the byte offset; a file that cannot be read (no permission, an I/O error) raises
+:class:`mink_ssl.errors.BadInput` naming it. Both are bad input: prep skips the scene.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from data_prep.reading import reading
+from mink_ssl.errors import BadInput
 
 VERSION = 4
 MAX_SIDE = 20000  # largest plausible image side, in pixels
@@ -44,7 +48,7 @@ IMU_FRAME_SIZE = 5 * 24 + 8  # rotation rate, acceleration, magnetic field, atti
 U64 = struct.Struct("<Q")
 
 
-class SensFormatError(ValueError):
+class SensFormatError(BadInput):
     """A ``.sens`` file (or exported frame) is damaged or not what the format allows."""
 
 
@@ -187,9 +191,11 @@ class SensReader:
 
     def __init__(self, path):
         self.path = Path(path)
-        self._file = open(self.path, "rb", buffering=0)
+        with reading(self.path):
+            self._file = open(self.path, "rb", buffering=0)
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            with reading(self.path):
+                self.size = os.fstat(self._file.fileno()).st_size
             self.header, end = self._read_header()
             self._offsets = [end]  # _offsets[i]: byte offset of frame i's header (lazy)
             if self.header.num_frames * FRAME_HEAD.size > self.size - end:
@@ -233,11 +239,12 @@ class SensReader:
                                              f"the file ends {self.size - offset} bytes later")
         chunks, got = [], 0
         while got < n:
-            if hasattr(os, "pread"):
-                chunk = os.pread(self._file.fileno(), n - got, offset + got)
-            else:  # pragma: no cover (Windows)
-                self._file.seek(offset + got)
-                chunk = self._file.read(n - got)
+            with reading(self.path):  # an I/O error: bad input naming the file
+                if hasattr(os, "pread"):
+                    chunk = os.pread(self._file.fileno(), n - got, offset + got)
+                else:  # pragma: no cover (Windows)
+                    self._file.seek(offset + got)
+                    chunk = self._file.read(n - got)
             if not chunk:
                 raise self._error(frame, offset + got, f"unexpected end of file in {what}")
             chunks.append(chunk)

@@ -43,9 +43,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data_prep.ply import colors_uint8
-from data_prep.runner import SceneSkipped, as_json
+from data_prep.reading import read_bytes, reading
+from data_prep.runner import as_json
 from data_prep.scene_store import SceneJob
 from data_prep.segmentation.writer import IGNORE_LABEL, SceneData, repair, run_prep
+from mink_ssl.errors import BadInput
 
 CLASSES = ("ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair",
            "sofa", "bookcase", "board", "clutter")
@@ -101,9 +103,9 @@ def _repair(buf: np.ndarray, stray: np.ndarray, where: str
     line_of = np.searchsorted(nl, stray)  # (S,) 0-based line of each stray byte
     lines, first = np.unique(line_of, return_index=True)
     if len(lines) > MAX_REPAIRED_LINES:
-        raise ValueError(f"{where}: {len(lines)} lines hold bytes that are not text (first at "
-                         f"line {lines[0] + 1}); the file is damaged or binary, not a stray "
-                         "byte: restore it from the release")
+        raise BadInput(f"{where}: {len(lines)} lines hold bytes that are not text (first at "
+                       f"line {lines[0] + 1}); the file is damaged or binary, not a stray "
+                       "byte: restore it from the release")
     starts = np.where(lines > 0, nl[np.maximum(lines - 1, 0)] + 1, 0)
     ends = np.where(lines < len(nl), nl[np.minimum(lines, len(nl) - 1)], len(buf))
     fixed = buf.copy()
@@ -177,8 +179,8 @@ def parse_xyzrgb(data: bytes, where: str = "<bytes>"
     """Parse S3DIS text ("x y z r g b" lines) into (N, 6) float64 rows.
 
     Returns the rows and the repairs [(1-based line, what)] of lines that held stray bytes.
-    Raises ValueError naming ``where`` and the first bad line if the text is not 6 numbers per
-    line even after the repairs.
+    Raises :class:`BadInput` naming ``where`` and the first bad line if the text is not 6
+    numbers per line even after the repairs.
     """
     repairs: list[tuple[int, str]] = []
     codec = _utf16(data)
@@ -186,10 +188,10 @@ def parse_xyzrgb(data: bytes, where: str = "<bytes>"
         try:
             data = data.decode(codec).encode("ascii")
         except (UnicodeDecodeError, UnicodeEncodeError) as e:
-            raise ValueError(f"{where} is {codec.upper()} text holding characters that are not "
-                             f"x y z r g b numbers ({e.reason} at byte {e.start}); convert it to "
-                             "ASCII (iconv -f UTF-16 -t ASCII) or restore it from the "
-                             "release") from None
+            raise BadInput(f"{where} is {codec.upper()} text holding characters that are not "
+                           f"x y z r g b numbers ({e.reason} at byte {e.start}); convert it to "
+                           "ASCII (iconv -f UTF-16 -t ASCII) or restore it from the "
+                           "release") from None
         repairs.append((1, f"the file is {codec.upper()} text: read as the same ASCII text"))
     buf = np.frombuffer(data, dtype=np.uint8)
     stray = _stray_bytes(buf)
@@ -203,9 +205,9 @@ def parse_xyzrgb(data: bytes, where: str = "<bytes>"
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
             rows = np.loadtxt(io.BytesIO(data), dtype=np.float64, comments=None, ndmin=2)
     except ValueError as e:
-        raise ValueError(f"{where}: {_diagnose(buf) or e}") from None
+        raise BadInput(f"{where}: {_diagnose(buf) or e}") from None
     if rows.shape[1] != 6:
-        raise ValueError(f"{where}: lines hold {rows.shape[1]} numbers, expected 6 (x y z r g b)")
+        raise BadInput(f"{where}: lines hold {rows.shape[1]} numbers, expected 6 (x y z r g b)")
     bad = ~np.isfinite(rows).all(1)
     if bad.any():  # "nan" / "inf" parse as numbers: drop those points, naming each line
         nl = np.flatnonzero(buf == 10)
@@ -222,7 +224,7 @@ def parse_xyzrgb(data: bytes, where: str = "<bytes>"
 def read_xyzrgb(path: Path, raw: Path, scene: str) -> tuple[np.ndarray, list[dict]]:
     """(N, 6) float64 rows of an S3DIS text file and its repairs as manifest entries."""
     rel = path.relative_to(raw).as_posix()
-    rows, fixes = parse_xyzrgb(path.read_bytes(), rel)
+    rows, fixes = parse_xyzrgb(read_bytes(path), rel)
     return rows, [repair(scene, rel, line, what) for line, what in fixes]
 
 
@@ -287,10 +289,11 @@ def prepare_room(room_dir: Path, raw: Path, scene: str, params: S3DISParams) -> 
     """One room as a scene: the annotation files in name order, labelled by class."""
     ann = room_dir / "Annotations"
     if not ann.is_dir():
-        raise SceneSkipped(f"{room_dir.relative_to(raw).as_posix()} has no Annotations/ folder")
-    files = sorted(p for p in ann.iterdir() if p.suffix == ".txt" and p.is_file())
+        raise BadInput(f"{room_dir.relative_to(raw).as_posix()} has no Annotations/ folder")
+    with reading(ann):
+        files = sorted(p for p in ann.iterdir() if p.suffix == ".txt" and p.is_file())
     if not files:
-        raise SceneSkipped(f"{ann.relative_to(raw).as_posix()} holds no .txt files")
+        raise BadInput(f"{ann.relative_to(raw).as_posix()} holds no .txt files")
     rows, labels, repairs = [], [], []
     for f in files:  # one per object (tens per room)
         r, fixes = read_xyzrgb(f, raw, scene)
@@ -306,7 +309,7 @@ def prepare_room(room_dir: Path, raw: Path, scene: str, params: S3DISParams) -> 
         repairs += fixes
     rows = np.concatenate(rows)
     if not len(rows):
-        raise SceneSkipped(f"the annotation files of {scene} hold no points")
+        raise BadInput(f"the annotation files of {scene} hold no points")
     room_file, note = find_room_file(room_dir)
     if note:
         rel = (room_file or room_dir / f"{room_dir.name}.txt").relative_to(raw).as_posix()
@@ -316,7 +319,7 @@ def prepare_room(room_dir: Path, raw: Path, scene: str, params: S3DISParams) -> 
         rel = room_file.relative_to(raw).as_posix()
         try:  # only a check: an unreadable room file does not cost the room
             room_rows, fixes = read_xyzrgb(room_file, raw, scene)
-        except ValueError as e:
+        except BadInput as e:
             repairs.append(repair(scene, rel, 0, f"room file not checked: {e}; the "
                                   "annotations are used"))
         else:

@@ -31,10 +31,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data_prep.ply import colors_uint8, ply_fields, read_ply_vertices
-from data_prep.runner import SceneSkipped, as_json
+from data_prep.reading import read_text
+from data_prep.runner import as_json
 from data_prep.scannet.labels import read_label_map
 from data_prep.scene_store import SceneJob
 from data_prep.segmentation.writer import IGNORE_LABEL, SceneData, repair, run_prep
+from mink_ssl.errors import BadInput
 
 VALID_CLASS_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
 CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
@@ -72,7 +74,7 @@ def _name_map() -> dict[str, int]:
 def _nyu40_from_ply(path: Path, n: int) -> np.ndarray:
     (lab,) = ply_fields(read_ply_vertices(path), path, ("label",))
     if len(lab) != n:
-        raise ValueError(f"{path.name} has {len(lab)} vertices, the mesh {n}")
+        raise BadInput(f"{path.name} has {len(lab)} vertices, the mesh {n}")
     return lab.astype(np.int64)
 
 
@@ -82,21 +84,28 @@ def _nyu40_from_aggregation(scene_dir: Path, scene: str, n: int, label_map: dict
     segs_path = scene_dir / f"{scene}_vh_clean_2.0.010000.segs.json"
     for p in (agg_path, segs_path):
         if not p.is_file():
-            raise SceneSkipped(f"{scene}: no {scene}_vh_clean_2.labels.ply and no {p.name}")
+            raise BadInput(f"{scene}: no {scene}_vh_clean_2.labels.ply and no {p.name}")
     try:
-        seg = np.asarray(json.loads(segs_path.read_text())["segIndices"], dtype=np.int64)
-        groups = json.loads(agg_path.read_text())["segGroups"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{scene}: cannot read the aggregation / segments JSON "
-                         f"({type(e).__name__}: {e})") from None
+        seg = np.asarray(json.loads(read_text(segs_path))["segIndices"], dtype=np.int64)
+        groups = json.loads(read_text(agg_path))["segGroups"]
+    except BadInput:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not ScanNet's fields
+        raise BadInput(f"{scene}: cannot read the aggregation / segments JSON "
+                       f"({type(e).__name__}: {e})") from None
     if len(seg) != n:
-        raise ValueError(f"{segs_path.name} has {len(seg)} segIndices, the mesh {n} vertices")
+        raise BadInput(f"{segs_path.name} has {len(seg)} segIndices, the mesh {n} vertices")
     names = label_map if label_map is not None else _name_map()
     lut = np.zeros(int(seg.max()) + 1 if len(seg) else 1, dtype=np.int64)  # segment -> NYU40
     unknown: dict[str, int] = {}
-    for g in groups:  # one per object instance (tens per scene)
-        nyu = names.get(g["label"], 0)
-        ids = np.asarray(g["segments"], dtype=np.int64)
+    for i, g in enumerate(groups):  # one per object instance (tens per scene)
+        try:
+            nyu = names.get(g["label"], 0)
+            ids = np.asarray(g["segments"], dtype=np.int64).reshape(-1)
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"{agg_path.name}: segGroups[{i}] needs a label and integer segments "
+                           f"({type(e).__name__}: {e}); restore the file from the dataset's "
+                           "download") from None
         ids = ids[(ids >= 0) & (ids < len(lut))]
         if nyu == 0:
             unknown[g["label"]] = unknown.get(g["label"], 0) + 1
@@ -115,12 +124,12 @@ def prepare_scan(scene_dir: Path, raw: Path, scene: str, labelled: bool,
     """One scan as a scene: mesh vertices, colours and benchmark labels."""
     mesh = scene_dir / f"{scene}_vh_clean_2.ply"
     if not mesh.is_file():
-        raise SceneSkipped(f"{scene}: no {mesh.name}")
+        raise BadInput(f"{scene}: no {mesh.name}")
     v = read_ply_vertices(mesh)
     x, y, z, r, g, b = ply_fields(v, mesh, ("x",), ("y",), ("z",), ("red", "r"),
                                   ("green", "g"), ("blue", "b"))
     if len(v) == 0:
-        raise SceneSkipped(f"{scene}: {mesh.name} has no vertices")
+        raise BadInput(f"{scene}: {mesh.name} has no vertices")
     coords = np.stack([x, y, z], axis=1).astype(np.float32)
     colors = colors_uint8(np.stack([r, g, b], axis=1), mesh.name)
     repairs: list[dict] = []
@@ -129,7 +138,7 @@ def prepare_scan(scene_dir: Path, raw: Path, scene: str, labelled: bool,
         nyu = np.zeros(len(v), dtype=np.int64)
     elif params.labels == "ply" or (params.labels == "auto" and labels_ply.is_file()):
         if not labels_ply.is_file():
-            raise SceneSkipped(f"{scene}: no {labels_ply.name}")
+            raise BadInput(f"{scene}: no {labels_ply.name}")
         nyu = _nyu40_from_ply(labels_ply, len(v))
     else:
         nyu, repairs = _nyu40_from_aggregation(scene_dir, scene, len(v), label_map, raw)
@@ -159,13 +168,13 @@ def read_splits(splits_dir: Path) -> dict[str, list[str]]:
                 continue
             raise FileNotFoundError(f"{path} not found: --splits-dir needs {SPLIT_FILES['train']}"
                                     f" and {SPLIT_FILES['val']}")
-        out[split] = [s.strip() for s in path.read_text().split() if s.strip()]
+        out[split] = [s.strip() for s in read_text(path).split() if s.strip()]
     seen: dict[str, str] = {}
     for split, names in out.items():
         for n in names:
             if n in seen:
-                raise ValueError(f"scene {n} is in both {SPLIT_FILES[seen[n]]} and "
-                                 f"{SPLIT_FILES[split]}")
+                raise BadInput(f"scene {n} is in both {SPLIT_FILES[seen[n]]} and "
+                               f"{SPLIT_FILES[split]}")
             seen[n] = split
     return out
 

@@ -34,9 +34,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data_prep.ply import colors_uint8, ply_fields, read_ply_vertices
-from data_prep.runner import SceneSkipped, as_json
+from data_prep.runner import as_json
 from data_prep.scene_store import SceneJob
 from data_prep.segmentation.writer import IGNORE_LABEL, SceneData, repair, run_prep
+from mink_ssl.errors import BadInput
 
 RAW_CLASSES = ("void", "sky", "building", "road", "sidewalk", "fence", "vegetation", "pole",
                "car", "traffic sign", "pedestrian", "bicycle", "lanemarking", "reserved",
@@ -74,14 +75,14 @@ def prepare_frame(path: Path, raw: Path, scene: str, params: SynthiaParams) -> S
     x, y, z, r, g, b, lab = ply_fields(v, path, ("x",), ("y",), ("z",), ("r", "red"),
                                        ("g", "green"), ("b", "blue"), ("l", "label"))
     if len(v) == 0:
-        raise SceneSkipped(f"{rel} has no points")
+        raise BadInput(f"{rel} has no points")
     xyz = np.stack([x, y, z], axis=1).astype(np.float64) * params.unit_scale  # (N, 3) metres
     if not params.keep_axes:
         xyz = np.stack([xyz[:, 0], -xyz[:, 2], xyz[:, 1]], axis=1)  # y-up -> z-up
     colors = colors_uint8(np.stack([r, g, b], axis=1), rel)
     lab = np.asarray(lab)
     if lab.dtype.kind == "f" and not (lab == np.round(lab)).all():
-        raise ValueError(f"{rel}: labels are not integers (e.g. {lab[lab != np.round(lab)][0]})")
+        raise BadInput(f"{rel}: labels are not integers (e.g. {lab[lab != np.round(lab)][0]})")
     lab = lab.astype(np.int64)
     inside = (lab >= 0) & (lab < len(RAW_CLASSES))
     labels = np.full(len(lab), IGNORE_LABEL, dtype=np.int16)

@@ -3,16 +3,17 @@
 Output layout (``out/``), the contract read by :mod:`mink_ssl.data.segmentation`::
 
     manifest.json        schema mink_ssl.seg_scenes/1: classes, ignore_label -1, voxel_size,
-                         splits, scenes {name: {file, points}}, skipped, repairs, parameters,
-                         created, versions
+                         splits, scenes {name: {file, points}}, skipped_scenes {scene: reason},
+                         repairs, parameters, created, versions
     scenes/<file>.npz    one per scene: coords (N, 3) float32 metres, colors (N, 3) uint8,
                          labels (N,) int16 in [0, num_classes) or -1; <file> is the scene name
                          with "/" replaced by "__"
-    reports/<file>.json  what prep found in that scene's input (points, repairs); written just
-                         before the .npz, so a rerun can rebuild the manifest without re-reading
+    reports/<file>.json  the scene's record: what prep found in its input (points, repairs) and
+                         ``files`` (the .npz's size); written after the .npz, so a rerun can
+                         rebuild the manifest without re-reading the input
     params.json          the processing parameters; a rerun with other parameters is refused
 
-Writing (atomic, ``.npz`` last), resuming, skipping bad scenes and the run's safety are
+Writing (atomic, the report last), resuming, skipping bad scenes and the run's safety are
 :mod:`data_prep.scene_store`'s.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from data_prep.scene_store import (SceneJob, SceneKind, SceneResult, run_scenes, scene_file,
                                    store_scene)
+from mink_ssl.errors import BadInput
 from mink_ssl.formats.manifest import SEG_SCHEMA
 
 IGNORE_LABEL = -1
@@ -56,7 +58,8 @@ def _check_name(name: str) -> None:
 
 
 def check_scene(name: str, data: SceneData, num_classes: int) -> None:
-    """Raise ValueError naming the scene if ``data`` breaks the scene contract."""
+    """Raise ValueError naming the scene if ``data`` breaks the scene contract (a reader's
+    bug), :class:`BadInput` if its coordinates are not finite (the input's)."""
     c, col, lab = data.coords, data.colors, data.labels
     n = len(c)
     problems = []
@@ -69,15 +72,17 @@ def check_scene(name: str, data: SceneData, num_classes: int) -> None:
     elif n and (lab.min() < IGNORE_LABEL or lab.max() >= num_classes):
         problems.append(f"labels must be in [0, {num_classes}) or -1, got range "
                         f"[{lab.min()}, {lab.max()}]")
-    if not problems and not np.isfinite(c).all():
-        problems.append(f"{int((~np.isfinite(c)).any(1).sum())} points have non-finite coords")
-    if problems:
+    if problems:  # what a reader returned breaks the contract: a bug
         raise ValueError(f"scene {name}: " + "; ".join(problems))
+    if not np.isfinite(c).all():  # what the input file holds
+        raise BadInput(f"scene {name}: {int((~np.isfinite(c)).any(1).sum())} points have "
+                       "non-finite coords (NaN or infinite in the input file): remove those "
+                       "points or restore the file from the dataset's download")
 
 
 def write_scene(out: Path, name: str, data: SceneData, num_classes: int) -> dict:
-    """Write the scene's report then its ``.npz`` (the completion marker), both atomically;
-    returns the report less the scene's name."""
+    """Write the scene's ``.npz``, then its report (the record that makes it finished), both
+    atomically; returns the report less the scene's name."""
     check_scene(name, data, num_classes)
     return store_scene(out, name, {"points": len(data.coords), "repairs": data.repairs},
                        dict(coords=data.coords, colors=data.colors, labels=data.labels))

@@ -7,6 +7,11 @@ trainer reads only what the manifest describes). Each prep writes one schema:
 - ``mink_ssl.seg_scenes/1`` (:data:`SEG_SCHEMA`): segmentation scenes (S3DIS, ScanNet,
   Synthia4D);
 - ``mink_ssl.det_scenes/1`` (:data:`DET_SCHEMA`): detection scenes (ScanNet, SUN RGB-D).
+
+Every schema records the scenes prep skipped the same way: ``skipped_scenes``, a map
+``{scene: reason}`` (:data:`SKIPPED`), read by :func:`skipped_scenes`. Segmentation and
+detection folders of earlier versions hold ``skipped``, a list of ``{"scene", "reason"}``;
+:func:`read_manifest` reads them as ``skipped_scenes``, so folders prepared before still load.
 """
 from __future__ import annotations
 
@@ -21,6 +26,27 @@ PAIRS_SCHEMA = "mink_ssl.scannet_pairs/1"
 SEG_SCHEMA = "mink_ssl.seg_scenes/1"
 DET_SCHEMA = "mink_ssl.det_scenes/1"
 MANIFEST_FILE = "manifest.json"
+SKIPPED = "skipped_scenes"  # {scene: reason} in every schema
+_OLD_SKIPPED = "skipped"  # [{"scene", "reason"}] in seg / det manifests of earlier versions
+
+
+def skipped_scenes(manifest: dict) -> dict[str, str]:
+    """``{scene: reason}`` of the scenes prep skipped, from either shape: ``skipped_scenes``
+    (a map, every prep now) or the ``skipped`` list of ``{"scene", "reason"}`` that earlier
+    segmentation and detection prep wrote. ValueError for anything else."""
+    if SKIPPED in manifest:
+        got = manifest[SKIPPED]
+        if isinstance(got, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                         for k, v in got.items()):
+            return dict(got)
+        raise ValueError(f"the manifest's {SKIPPED} must map scene names to reasons, got "
+                         f"{type(got).__name__}")
+    got = manifest.get(_OLD_SKIPPED, [])
+    if isinstance(got, list) and all(isinstance(e, dict) and isinstance(e.get("scene"), str)
+                                     and isinstance(e.get("reason"), str) for e in got):
+        return {e["scene"]: e["reason"] for e in got}
+    raise ValueError(f"the manifest's {_OLD_SKIPPED} must be a list of {{scene, reason}}, got "
+                     f"{got!r:.80}")
 
 
 def write_manifest(out: str | Path, manifest: dict) -> None:
@@ -35,8 +61,9 @@ def write_manifest(out: str | Path, manifest: dict) -> None:
 
 def read_manifest(root: str | Path, schemas: Sequence[str], prep: str,
                   required: Sequence[str] = ()) -> dict:
-    """``root/manifest.json``, checked. ``prep`` names the command that writes it (for the
-    messages). With ``splits`` and ``scenes`` required, every split's scene must have an entry,
+    """``root/manifest.json``, checked, with its skipped scenes as ``skipped_scenes`` whichever
+    version wrote it (:func:`skipped_scenes`). ``prep`` names the command that writes it (for
+    the messages). With ``splits`` and ``scenes`` required, every split's scene must have an entry,
     and ``classes``, when required, must not be empty."""
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
@@ -54,6 +81,12 @@ def read_manifest(root: str | Path, schemas: Sequence[str], prep: str,
     if manifest.get("schema") not in schemas:
         raise ValueError(f"{path} has schema {manifest.get('schema')!r}; this mink-ssl reads "
                          f"{tuple(schemas)}: rerun {prep} with this version")
+    try:  # one shape for every reader, whichever version wrote the folder
+        skipped = skipped_scenes(manifest)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; rerun {prep} into this folder to rewrite it") from None
+    manifest.pop(_OLD_SKIPPED, None)
+    manifest[SKIPPED] = skipped
     missing = [k for k in required if k not in manifest]
     if missing:
         raise ValueError(f"{path} lacks {missing}; rerun {prep}")
