@@ -19,6 +19,8 @@ from data_prep.synthetic.scannet_scene import generate_scenes
 from mink_ssl.geometry import points_in_boxes
 
 # VoteNet's ScanNet classes (model_util_scannet.py): NYU40 id -> class id
+# golden: facebookresearch/votenet scannet/model_util_scannet.py ScannetDatasetConfig.nyu40ids;
+# how: copied from the file (PointContrast @47e8682's votenet_det_new copy holds the same list)
 VOTENET_NYU40 = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39]
 TSV = "scannetv2-labels.combined.tsv"
 SEED = 10
