@@ -393,8 +393,9 @@ def test_hydra_config_turns_on_frames_and_passes_the_backbone_channels():
     assert cfg.data.frame_size == [60, 80] and plain.data.frame_size is None
     assert smaller.data.frame_size == [30, 40]
     spec = cfg.objectives["cluster_render"]
-    assert spec["in_channels"] == 24 and spec["weight"] == 0.1 and spec["num_clusters"] == 64
-    objectives, weights = build_objectives(cfg.objectives)
+    # in_channels null: the run fills in the backbone's out_channels
+    assert spec["in_channels"] is None and spec["weight"] == 0.1 and spec["num_clusters"] == 64
+    objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
     assert weights["cluster_render"] == 0.1
     assert objectives["cluster_render"].cluster_head[0].in_features == 24
     assert objectives["cluster_render"].color_head[0].in_features == 24

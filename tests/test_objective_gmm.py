@@ -228,7 +228,7 @@ def test_subsampling_is_seeded_and_capped():
 
 
 def test_bad_arguments_are_reported():
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be a number > 0, got 0.0"):
         GMMLikelihood(eps=0.0)
     with pytest.raises(ValueError, match="num_components"):
         GMMLikelihood(num_components=1)
@@ -267,8 +267,9 @@ def test_hydra_config_passes_the_backbone_channels():
             "objective=[point_info_nce,gmm_likelihood]", "objectives.gmm_likelihood.weight=0.1"])
     cfg = OmegaConf.to_object(cfg)
     spec = cfg.objectives["gmm_likelihood"]
-    assert spec["in_channels"] == 24 and spec["weight"] == 0.1
-    objectives, weights = build_objectives(cfg.objectives)
+    # in_channels null: the run fills in the backbone's out_channels (one rule, one place)
+    assert spec["in_channels"] is None and spec["weight"] == 0.1 and spec["num_components"] == 32
+    objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
     assert weights["point_info_nce"] == 1.0 and weights["gmm_likelihood"] == 0.1
     assert objectives["gmm_likelihood"].head[0].in_features == 24
 

@@ -319,8 +319,8 @@ def test_bad_arguments_are_reported():
                           ({"patch_size": 0}, "patch_size"), ({"noise_std": 0}, "noise_std"),
                           ({"delta_unit": -1.0}, "delta_unit"),
                           ({"alpha_cls": 0, "alpha_rec": 0}, "not both 0"),
-                          ({"reconstruction": "l1"}, "'delta', 'chamfer'"),
-                          ({"view": 2}, "view must be 0 or 1"), ({"max_pairs": 0}, "max_pairs")]:
+                          ({"reconstruction": "l1"}, "reconstruction must be one of delta, chamfer"),
+                          ({"view": 2}, "view must be an integer >= 0 and <= 1, got 2"), ({"max_pairs": 0}, "max_pairs")]:
         with pytest.raises(ValueError, match=match):
             Perturbation(**kwargs)
     with pytest.raises(ValueError, match=r"noise \(N, 3\)"):
@@ -346,11 +346,13 @@ def test_hydra_config_builds_the_objective():
             "objective=[point_info_nce,perturbation]",
             "objectives.perturbation.reconstruction=chamfer"])
     cfg = OmegaConf.to_object(cfg)
-    objectives, weights = build_objectives(cfg.objectives)
+    assert cfg.objectives["perturbation"]["in_channels"] is None  # the run fills it in
+    objectives, weights = build_objectives(cfg.objectives, cfg.model.out_channels)
     p = objectives["perturbation"]
     assert weights["perturbation"] == 1.0
     assert p.classifier.in_features == 24 and p.regressor.out_features == 3
-    assert p.reconstruction == "chamfer" and p.alpha_cls == pytest.approx(0.001 / 0.03 ** 2)
+    # alpha_cls exactly SeRP's 0.001 / 0.03^2 (the config once held a rounded copy, 1.1111111)
+    assert p.reconstruction == "chamfer" and p.alpha_cls == 0.001 / 0.03 ** 2
     assert p.centre_fraction == 20 / 1024 and p.delta_unit == 1.0
 
 

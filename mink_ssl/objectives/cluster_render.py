@@ -72,19 +72,17 @@ Returns ``loss_cluster_soft`` (eq. 13), ``loss_cluster_orth`` (omega L_orth), ``
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mink_ssl.objectives.args import objective_args
 from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.objectives.defaults import ClusterRenderArgs
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.render import splat_points
 from mink_ssl.objectives.matches import SeededGenerator, random_subset, zero_loss
-
-FITTING_LOSSES = ("sinkhorn", "l1")
-
 
 # --- soft clustering --------------------------------------------------------------------------
 
@@ -245,69 +243,37 @@ def _mlp(in_channels: int | None, hidden: int, out: int, layers: int) -> nn.Sequ
 
 
 @OBJECTIVES.register("cluster_render")
+@objective_args(ClusterRenderArgs)
 class ClusterRender(Objective):
-    """CluRender's soft clustering and neural rendering of both views (see the module docstring).
-
-    Args:
-        in_channels: backbone feature channels C; ``None`` infers them at the first step (lazy
-            layers: DDP needs them given; the hydra config passes ``${model.out_channels}``).
-        clustering, rendering: which of the two parts run (at least one).
-        num_clusters: J (64 in the paper).
-        hidden_channels: width of both heads' hidden layers.
-        epsilon, sinkhorn_iterations: Sinkhorn-Knopp regularisation (1e-3, as the paper) and
-            iterations (100; the paper: 20).
-        cost_scale: each scene's costs are divided by their mean and scaled by this before
-            Sinkhorn (effective temperature epsilon / cost_scale mean costs; 0.05: 0.02 mean
-            costs, see the module docstring for why not softer).
-        orth_weight: omega of the orthogonality regulariser (0.01).
-        max_points: voxels per view clustered per step (uniform sample); ``None`` or 0: all.
-        views: which views of the pair are clustered and rendered.
-        render_other_view: also render each view into the other view's camera.
-        radius, sigma, k, eta: splatting disk radius and Gaussian fall-off (pixels), splats
-            composited per pixel, blending exponent (see :func:`mink_ssl.objectives.render.splat_points`).
-        fitting_loss: 'sinkhorn' (the paper's OT fitting loss) or 'l1' (cheaper).
-        render_weight: weight of the fitting loss against the clustering loss (1 in eq. 1).
-        fit_lambda: lambda of eq. 18 (position vs colour).
-        sinkhorn_pixels, sinkhorn_blur, sinkhorn_scaling: pixels sampled per image, geomloss'
-            blur (image units: positions / max(h, w), colours in [0, 1]) and epsilon-scaling.
-        min_coverage: pixels whose rendered coverage is below this are not compared.
-        seed: seed of the point and pixel sampling; ``None`` uses torch's global RNG.
+    """CluRender's soft clustering and neural rendering of both views (see the module docstring);
+    its arguments, keywords of the constructor:
+    :class:`~mink_ssl.objectives.defaults.ClusterRenderArgs` (``in_channels`` ``None``: inferred
+    at the first step, lazy layers that DDP needs given, as a run does; ``radius``, ``sigma``,
+    ``k``, ``eta``: see :func:`mink_ssl.objectives.render.splat_points`; ``cost_scale``: the
+    module docstring says why not softer).
     """
 
-    def __init__(self, in_channels: int | None = None, clustering: bool = True,
-                 rendering: bool = True, num_clusters: int = 64, hidden_channels: int = 64,
-                 epsilon: float = 1e-3, sinkhorn_iterations: int = 100, cost_scale: float = 0.05,
-                 orth_weight: float = 0.01, max_points: int | None = 8192,
-                 views: Sequence[int] = (0, 1), render_other_view: bool = True,
-                 radius: float = 1.25, sigma: float | None = None, k: int = 16,
-                 eta: float = 1.0, fitting_loss: str = "sinkhorn", render_weight: float = 1.0,
-                 fit_lambda: float = 0.5, sinkhorn_pixels: int = 512,
-                 sinkhorn_blur: float = 0.05, sinkhorn_scaling: float = 0.5,
-                 min_coverage: float = 0.5, seed: int | None = None):
+    def __init__(self, args: ClusterRenderArgs):
         super().__init__()
+        a = args
+        in_channels, clustering, rendering = a.in_channels, a.clustering, a.rendering
+        num_clusters, hidden_channels, epsilon = a.num_clusters, a.hidden_channels, a.epsilon
+        sinkhorn_iterations, cost_scale = a.sinkhorn_iterations, a.cost_scale
+        orth_weight, max_points, views = a.orth_weight, a.max_points, a.views
+        render_other_view, radius, sigma, k, eta = (a.render_other_view, a.radius, a.sigma, a.k,
+                                                    a.eta)
+        fitting_loss, render_weight, fit_lambda = a.fitting_loss, a.render_weight, a.fit_lambda
+        sinkhorn_pixels, sinkhorn_blur = a.sinkhorn_pixels, a.sinkhorn_blur
+        sinkhorn_scaling, min_coverage, seed = a.sinkhorn_scaling, a.min_coverage, a.seed
         views = tuple(int(v) for v in views)
-        checks = [
-            ("clustering or rendering", clustering or rendering, "True for at least one part"),
-            ("num_clusters", num_clusters >= 2, ">= 2"),
-            ("epsilon", epsilon > 0, "> 0"), ("cost_scale", cost_scale > 0, "> 0"),
-            ("sinkhorn_iterations", sinkhorn_iterations >= 1, ">= 1"),
-            ("orth_weight", orth_weight >= 0, ">= 0"),
-            ("max_points", max_points is None or max_points >= 0, ">= 0 or None"),
-            ("views", len(views) >= 1 and set(views) <= {0, 1} and len(set(views)) == len(views),
-             "distinct view indices among (0, 1)"),
-            ("radius", radius > 0, "> 0 (pixels)"), ("k", k >= 1, ">= 1"), ("eta", eta > 0, "> 0"),
-            ("sigma", sigma is None or sigma > 0, "> 0 or None"),
-            ("fitting_loss", fitting_loss in FITTING_LOSSES, f"one of {FITTING_LOSSES}"),
-            ("fit_lambda", 0 <= fit_lambda <= 1, "in [0, 1]"),
-            ("sinkhorn_pixels", sinkhorn_pixels >= 1, ">= 1"),
-            ("sinkhorn_blur", sinkhorn_blur > 0, "> 0"),
-            ("sinkhorn_scaling", 0 < sinkhorn_scaling < 1, "in (0, 1)"),
-            ("min_coverage", 0 < min_coverage <= 1, "in (0, 1]"),
-            ("render_weight", render_weight >= 0, ">= 0")]
-        for name, ok, want in checks:
-            if not ok:
-                value = (clustering, rendering) if " or " in name else locals()[name]
-                raise ValueError(f"cluster_render: {name} must be {want}, got {value!r}")
+        # each value's type and range: ClusterRenderArgs (checked before this runs); here what
+        # involves more than one value
+        if not (clustering or rendering):
+            raise ValueError(f"cluster_render: clustering or rendering must be True for at least "
+                             f"one part, got {(clustering, rendering)!r}")
+        if not views or len(set(views)) != len(views):
+            raise ValueError(f"cluster_render: views must be distinct view indices among (0, 1), "
+                             f"got {list(views)!r}")
         self.clustering, self.rendering = clustering, rendering
         self.num_clusters, self.epsilon = num_clusters, epsilon
         self.iterations = sinkhorn_iterations

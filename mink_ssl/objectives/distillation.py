@@ -59,15 +59,16 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mink_ssl.engine.trainer import Hook
+from mink_ssl.objectives.args import objective_args
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.objectives.crops import cap_per_group, check_scales, make_crops, match_shared_points
+from mink_ssl.objectives.defaults import INPUT_SCALES, DistillationArgs
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.matches import SeededGenerator, zero_loss
 from mink_ssl.sparse import sparse_tensor
@@ -180,9 +181,6 @@ def clone_module(module: nn.Module) -> nn.Module:
 # --- heads and the objective ------------------------------------------------------------------
 
 #: projector input scalings: x sqrt(C) (unit RMS per channel, as DINO's LayerNorm'ed input) | none
-INPUT_SCALES = ("unit_rms", "none")
-
-
 def check_input_scale(input_scale: str) -> str:
     if input_scale not in INPUT_SCALES:
         raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
@@ -229,65 +227,27 @@ class TeacherUpdateHook(Hook):
 
 
 @OBJECTIVES.register("distillation")
+@objective_args(DistillationArgs)
 class Distillation(Objective):
-    """DCGLR self-distillation between crops of view 0, point level (see the module docstring).
-
-    Args:
-        in_channels: backbone feature channels C; ``None``: the backbone's ``out_channels``,
-            read in :meth:`attach`.
-        num_prototypes: K, the projector's output dimension (512 in the paper).
-        hidden_channels: H, width of the projector's MLP.
-        bottleneck_channels: D, dimension of the normalised embedding compared to prototypes.
-        num_global_crops: I (>= 2), crops seen by teacher and student.
-        num_local_crops: J (>= 0), crops seen by the student only.
-        global_crop_scale: (r_g1, r_g2), fraction of a scene's voxels in a global crop.
-        local_crop_scale: (r_l1, r_l2), the same for local crops.
-        voxel_size: grid (metres) the rotated crops are re-quantised on; None (the default): the
-            batch's (the data's voxel size).
-        teacher_temperature: tau_t, sharpening of the teacher (0.04).
-        student_temperature: tau_s (0.1).
-        center_momentum: q of the centre's EMA (eq. 9; 0.9 as in DINO).
-        momentum: lambda at the first step (eq. 13; 0.996) ...
-        final_momentum: ... rising to this at the end of the run (cosine; 1.0).
-        global_weight, local_weight: w_g and w_l of eq. 12 (1 and 1).
-        max_points: shared points sampled per crop pair and step; ``None`` or 0: all.
-        seed: seed of the crop and sampling generator; ``None`` uses torch's global RNG.
-        input_scale: ``"unit_rms"`` (features x sqrt(C) into the projector, see the module
-            docstring) or ``"none"``.
+    """DCGLR self-distillation between crops of view 0, point level (see the module docstring);
+    its arguments, keywords of the constructor:
+    :class:`~mink_ssl.objectives.defaults.DistillationArgs` (``in_channels`` ``None``: the
+    backbone's ``out_channels``, read in :meth:`attach`; ``input_scale``: see the module
+    docstring).
     """
 
-    def __init__(self, in_channels: int | None = None, num_prototypes: int = 512,
-                 hidden_channels: int = 256, bottleneck_channels: int = 64,
-                 num_global_crops: int = 2, num_local_crops: int = 4,
-                 global_crop_scale: Sequence[float] = (0.7, 1.0),
-                 local_crop_scale: Sequence[float] = (0.2, 0.5), voxel_size: float | None = None,
-                 teacher_temperature: float = 0.04, student_temperature: float = 0.1,
-                 center_momentum: float = 0.9, momentum: float = 0.996,
-                 final_momentum: float = 1.0, global_weight: float = 1.0,
-                 local_weight: float = 1.0, max_points: int | None = 2048,
-                 seed: int | None = None, input_scale: str = "unit_rms"):
+    def __init__(self, args: DistillationArgs):
         super().__init__()
-        if num_global_crops < 2:
-            raise ValueError(f"num_global_crops must be >= 2 (eq. 10 compares global crops "
-                             f"with each other), got {num_global_crops}")
-        if num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
-        for name, value in (("num_prototypes", num_prototypes),
-                            ("hidden_channels", hidden_channels),
-                            ("bottleneck_channels", bottleneck_channels)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, value in (("teacher_temperature", teacher_temperature),
-                            ("student_temperature", student_temperature),
-                            ("voxel_size", 1.0 if voxel_size is None else voxel_size)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        for name, value in (("center_momentum", center_momentum), ("momentum", momentum),
-                            ("final_momentum", final_momentum)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if max_points is not None and max_points < 0:
-            raise ValueError(f"max_points must be >= 0 or None, got {max_points}")
+        a = args
+        in_channels, num_prototypes, voxel_size = a.in_channels, a.num_prototypes, a.voxel_size
+        hidden_channels, bottleneck_channels = a.hidden_channels, a.bottleneck_channels
+        num_global_crops, num_local_crops = a.num_global_crops, a.num_local_crops
+        global_crop_scale, local_crop_scale = a.global_crop_scale, a.local_crop_scale
+        teacher_temperature, student_temperature = a.teacher_temperature, a.student_temperature
+        center_momentum, momentum, final_momentum = (a.center_momentum, a.momentum,
+                                                     a.final_momentum)
+        global_weight, local_weight = a.global_weight, a.local_weight
+        max_points, seed, input_scale = a.max_points, a.seed, a.input_scale
         self.scales = [tuple(global_crop_scale)] * num_global_crops + \
             [tuple(local_crop_scale)] * num_local_crops
         check_scales(self.scales)

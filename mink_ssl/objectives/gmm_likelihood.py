@@ -61,7 +61,9 @@ import math
 import torch
 import torch.nn as nn
 
+from mink_ssl.objectives.args import objective_args
 from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.objectives.defaults import GMMLikelihoodArgs
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.matches import SeededGenerator, random_subset
 
@@ -162,33 +164,19 @@ def gmm_likelihood_loss(gamma: torch.Tensor, x: torch.Tensor, batch_index: torch
 
 
 @OBJECTIVES.register("gmm_likelihood")
+@objective_args(GMMLikelihoodArgs)
 class GMMLikelihood(Objective):
-    """ParAE's GMM negative log-likelihood of soft partitions, per scene of view 0.
-
-    Args:
-        in_channels: backbone feature channels C; ``None`` infers them at the first step (a
-            lazy layer: fine on one process, but DDP needs them given; the hydra config passes
-            ``${model.out_channels}``).
-        num_components: J, the number of partitions (32 in ParAE).
-        hidden_channels: width of the head's hidden layer.
-        head_norm: batch norm after the head's hidden layer (default; see the module
-            docstring: without it the posteriors start at the loss's stationary uniform point).
-        eps: covariance regulariser in m^2 added to every Sigma_j.
-        max_points: voxels of the batch used per step (uniform sample); ``None`` or 0: all.
-        center: centre each scene's coordinates before fitting (numerics only).
-        seed: seed of the sampling generator; ``None`` uses torch's global RNG.
+    """ParAE's GMM negative log-likelihood of soft partitions, per scene of view 0; its
+    arguments, keywords of the constructor: :class:`~mink_ssl.objectives.defaults.GMMLikelihoodArgs`
+    (``in_channels`` ``None``: inferred at the first step, a lazy layer: fine on one process,
+    but DDP needs it given, as a run does; ``head_norm``: see the module docstring).
     """
 
-    def __init__(self, in_channels: int | None = None, num_components: int = 32,
-                 hidden_channels: int = 64, eps: float = 1e-4, max_points: int | None = 8192,
-                 center: bool = True, seed: int | None = None, head_norm: bool = True):
+    def __init__(self, args: GMMLikelihoodArgs):
         super().__init__()
-        if num_components < 2:
-            raise ValueError(f"num_components must be >= 2, got {num_components}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0 (it keeps the covariances invertible), got {eps}")
-        if max_points is not None and max_points < 0:
-            raise ValueError(f"max_points must be >= 0 or None, got {max_points}")
+        in_channels, num_components = args.in_channels, args.num_components
+        hidden_channels, eps, max_points = args.hidden_channels, args.eps, args.max_points
+        center, seed, head_norm = args.center, args.seed, args.head_norm
         first = (nn.LazyLinear(hidden_channels) if in_channels is None
                  else nn.Linear(in_channels, hidden_channels))
         norm = [nn.BatchNorm1d(hidden_channels)] if head_norm else []

@@ -44,16 +44,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mink_ssl.objectives.args import objective_args
 from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.objectives.defaults import (NEGATIVE_MODES, POSITIVE_MODES,
+                                         HardestContrastiveArgs)
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.matches import (SeededGenerator, check_match_rows, random_subset,
                                          zero_loss)
 
 _EPS = 1e-7
-POSITIVE_MODES = ("code", "paper")
-NEGATIVE_MODES = ("code", "exclude_matches")
-
-
 def feature_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise distances (A, B) between the rows of ``a`` (A, C) and ``b`` (B, C)."""
     d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.t()  # (A, B)
@@ -178,30 +177,21 @@ def hardest_contrastive_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.
 
 
 @OBJECTIVES.register("hardest_contrastive")
+@objective_args(HardestContrastiveArgs)
 class HardestContrastive(Objective):
-    """Hardest-contrastive loss between the two views of a :class:`~mink_ssl.data.batch.PairBatch`.
-
-    Args:
-        num_pos_per_pair: matches sampled per step, per pair of the batch (the released
-            ``num_pos_per_batch``); all when fewer.
-        num_hn_per_pair: negative candidates sampled from each view, per pair of the batch (the
-            released ``num_hn_samples_per_batch``); all rows when fewer.
-        pos_margin, neg_margin: m_p and m_n.
-        pos_weight, neg_weight: weights of the positive and negative terms.
-        positive: ``"code"`` (released code, ``[d^2 - m_p]_+``) or ``"paper"`` (``[d - m_p]_+^2``).
-        negatives: ``"code"`` (drop the anchor when its closest candidate is a match) or
-            ``"exclude_matches"`` (take the closest candidate that is not a match).
-        seed: seed of the sampling generator; ``None`` uses torch's global RNG.
+    """Hardest-contrastive loss between the two views of a :class:`~mink_ssl.data.batch.PairBatch`;
+    its arguments, keywords of the constructor:
+    :class:`~mink_ssl.objectives.defaults.HardestContrastiveArgs` (``num_pos_per_pair`` and
+    ``num_hn_per_pair`` count per pair of the batch; ``positive`` / ``negatives`` choose the
+    released code's forms or the paper's / ours).
     """
 
-    def __init__(self, num_pos_per_pair: int = 1024, num_hn_per_pair: int = 256,
-                 pos_margin: float = 0.1, neg_margin: float = 1.4, pos_weight: float = 1.0,
-                 neg_weight: float = 1.0, positive: str = "code", negatives: str = "code",
-                 seed: int | None = None):
+    def __init__(self, args: HardestContrastiveArgs):
         super().__init__()
-        if num_pos_per_pair < 1 or num_hn_per_pair < 1:
-            raise ValueError(f"num_pos_per_pair and num_hn_per_pair must be >= 1, got "
-                             f"{num_pos_per_pair} and {num_hn_per_pair}")
+        num_pos_per_pair, num_hn_per_pair = args.num_pos_per_pair, args.num_hn_per_pair
+        pos_margin, neg_margin = args.pos_margin, args.neg_margin
+        pos_weight, neg_weight = args.pos_weight, args.neg_weight
+        positive, negatives, seed = args.positive, args.negatives, args.seed
         if not 0 <= pos_margin < neg_margin:
             raise ValueError(f"need 0 <= pos_margin < neg_margin, got {pos_margin} and "
                              f"{neg_margin}")

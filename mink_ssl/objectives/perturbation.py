@@ -67,15 +67,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mink_ssl.objectives.args import objective_args
 from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.objectives.defaults import PerturbationArgs
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.matches import SeededGenerator, zero_loss
 from mink_ssl.sparse import pack_keys, sparse_tensor, unique_voxels
-
-PAPER_NOISE_STD = 0.03  # SeRP Sec. 3.1, on unit-scale shapes
-PAPER_ALPHA_CLS, PAPER_ALPHA_REC = 0.001, 1.5  # SeRP eq. 1
-RECONSTRUCTIONS = ("delta", "chamfer")
-
 
 def sample_centres(batch_index: torch.Tensor, fraction: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
@@ -298,49 +295,23 @@ def patch_chamfer(pred_delta: torch.Tensor, cloud: PerturbedCloud, coords: torch
 
 
 @OBJECTIVES.register("perturbation")
+@objective_args(PerturbationArgs)
 class Perturbation(Objective):
-    """SeRP's perturbed-patch classification and reconstruction, on the voxels of one view.
-
-    Args:
-        in_channels: backbone feature channels C (``None``: inferred at the first step; the
-            hydra config passes ``${model.out_channels}``).
-        centre_fraction: patch centres per voxel of each scene (SeRP: 20 / 1024).
-        patch_size: voxels per patch, k (SeRP: 20).
-        noise_std: Gaussian noise standard deviation in voxels (see the module docstring).
-        delta_unit: voxels per unit of the reconstruction loss; ``None``: noise_std.
-        alpha_cls: weight of the classification loss (eq. 1; SeRP's 0.001 / 0.03^2, see above).
-        alpha_rec: weight of the reconstruction loss (eq. 1; SeRP: 1.5).
-        reconstruction: 'delta' (MSE on delta) or 'chamfer' (eq. 11 per patch).
-        view: which view of the pair batch to perturb.
-        max_pairs: centre-voxel distances held at once by the nearest-neighbour fallback.
-        seed: seed of the perturbation generator; ``None`` uses torch's global RNG.
+    """SeRP's perturbed-patch classification and reconstruction, on the voxels of one view; its
+    arguments, keywords of the constructor: :class:`~mink_ssl.objectives.defaults.PerturbationArgs`
+    (``in_channels`` ``None``: inferred at the first step; units and weights: the module
+    docstring).
     """
 
-    def __init__(self, in_channels: int | None = None, centre_fraction: float = 20 / 1024,
-                 patch_size: int = 20, noise_std: float = 1.0, delta_unit: float | None = None,
-                 alpha_cls: float = PAPER_ALPHA_CLS / PAPER_NOISE_STD ** 2,
-                 alpha_rec: float = PAPER_ALPHA_REC, reconstruction: str = "delta",
-                 view: int = 0, max_pairs: int = 1 << 22, seed: int | None = None):
+    def __init__(self, args: PerturbationArgs):
         super().__init__()
-        if not 0 < centre_fraction <= 1:
-            raise ValueError(f"centre_fraction must be in (0, 1], got {centre_fraction}")
-        if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1 voxel, got {patch_size}")
-        if not noise_std > 0:
-            raise ValueError(f"noise_std must be > 0 voxels, got {noise_std}")
-        if delta_unit is not None and not delta_unit > 0:
-            raise ValueError(f"delta_unit must be > 0 voxels or null (= noise_std), got "
-                             f"{delta_unit}")
+        in_channels, centre_fraction = args.in_channels, args.centre_fraction
+        patch_size, noise_std, delta_unit = args.patch_size, args.noise_std, args.delta_unit
+        alpha_cls, alpha_rec, reconstruction = args.alpha_cls, args.alpha_rec, args.reconstruction
+        view, max_pairs, seed = args.view, args.max_pairs, args.seed
         if alpha_cls < 0 or alpha_rec < 0 or alpha_cls + alpha_rec == 0:
             raise ValueError(f"alpha_cls and alpha_rec must be >= 0 and not both 0, got "
                              f"{alpha_cls}, {alpha_rec}")
-        if reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got "
-                             f"{reconstruction!r}")
-        if view not in (0, 1):
-            raise ValueError(f"view must be 0 or 1 (a pair batch has two views), got {view}")
-        if max_pairs < 1:
-            raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
         linear = (lambda o: nn.LazyLinear(o)) if in_channels is None else (
             lambda o: nn.Linear(in_channels, o))
         self.classifier, self.regressor = linear(2), linear(3)

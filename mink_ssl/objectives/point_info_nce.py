@@ -26,7 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mink_ssl.objectives.args import objective_args
 from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.objectives.defaults import PointInfoNCEArgs
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.matches import (SeededGenerator, check_match_rows, check_nce_args,
                                          sample_matches, zero_loss)
@@ -67,18 +69,15 @@ def point_info_nce_loss(f0: torch.Tensor, f1: torch.Tensor, matches: torch.Tenso
 
 
 @OBJECTIVES.register("point_info_nce")
+@objective_args(PointInfoNCEArgs)
 class PointInfoNCE(Objective):
-    """PointInfoNCE between the two views of a :class:`~mink_ssl.data.batch.PairBatch`.
-
-    Args:
-        num_matches: matched pairs sampled per step (over the whole batch); all when fewer.
-        temperature: tau of the softmax.
-        seed: seed of the sampling generator; ``None`` uses torch's global RNG.
+    """PointInfoNCE between the two views of a :class:`~mink_ssl.data.batch.PairBatch`; its
+    arguments, keywords of the constructor: :class:`~mink_ssl.objectives.defaults.PointInfoNCEArgs`.
     """
 
-    def __init__(self, num_matches: int = 4096, temperature: float = 0.4,
-                 seed: int | None = None):
+    def __init__(self, args: PointInfoNCEArgs):
         super().__init__()
+        num_matches, temperature, seed = args.num_matches, args.temperature, args.seed
         check_nce_args(num_matches, temperature)
         self.num_matches, self.temperature = num_matches, temperature
         self.generator = SeededGenerator(seed)

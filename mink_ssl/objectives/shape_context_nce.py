@@ -50,14 +50,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mink_ssl.objectives.args import objective_args
 from mink_ssl.objectives.base import Objective, StepContext
+from mink_ssl.objectives.defaults import PARTITION_MODES, REDUCTIONS, ShapeContextNCEArgs
 from mink_ssl.objectives.registry import OBJECTIVES
 from mink_ssl.objectives.matches import (SeededGenerator, check_match_rows, check_nce_args,
                                          one_to_one_matches, zero_loss)
-
-PARTITION_MODES = ("csc4", "csc8", "sectors")
-REDUCTIONS = ("csc", "nonempty")
-
 
 def radial_edges(n_radial: int, inner_radius: float, outer_radius: float,
                  device: torch.device | None = None) -> torch.Tensor:
@@ -302,27 +300,20 @@ def check_shape_context_args(partitions: str, reduction: str, n_radial: int, n_a
 
 
 @OBJECTIVES.register("shape_context_nce")
+@objective_args(ShapeContextNCEArgs)
 class ShapeContextNCE(Objective):
-    """Contrastive Scene Contexts' partitioned PointInfoNCE on a :class:`PairBatch`.
-
-    Args:
-        num_matches_per_scene: anchors (one-to-one matches) sampled per scene and step (CSC's
-            ``npos``); all when fewer.
-        temperature: tau of each partition's softmax.
-        partitions: ``"csc4"`` (the released script), ``"csc8"`` (the released ``partition8``
-            checkpoints) or ``"sectors"`` (ours: ``n_radial`` x ``n_angular`` around z).
-        reduction: ``"csc"`` (released) or ``"nonempty"`` (ours), see :func:`reduce_partitions`.
-        n_radial, n_angular: bins of ``sectors`` only (csc4 / csc8 have 2 rings).
-        inner_radius: metres; closer points are never negatives (CSC's r1, 2 voxels).
-        outer_radius: metres; start of the outer ring (CSC's r2, 20 voxels).
-        seed: seed of the sampling generator; ``None`` uses torch's global RNG.
+    """Contrastive Scene Contexts' partitioned PointInfoNCE on a :class:`PairBatch`; its
+    arguments, keywords of the constructor:
+    :class:`~mink_ssl.objectives.defaults.ShapeContextNCEArgs` (``reduction``: see
+    :func:`reduce_partitions`).
     """
 
-    def __init__(self, num_matches_per_scene: int = 4096, temperature: float = 0.4,
-                 partitions: str = "csc4", reduction: str = "csc", n_radial: int = 2,
-                 n_angular: int = 4, inner_radius: float = 0.05, outer_radius: float = 0.5,
-                 seed: int | None = None):
+    def __init__(self, args: ShapeContextNCEArgs):
         super().__init__()
+        num_matches_per_scene, temperature = args.num_matches_per_scene, args.temperature
+        partitions, reduction = args.partitions, args.reduction
+        n_radial, n_angular = args.n_radial, args.n_angular
+        inner_radius, outer_radius, seed = args.inner_radius, args.outer_radius, args.seed
         check_nce_args(num_matches_per_scene, temperature)
         check_shape_context_args(partitions, reduction, n_radial, n_angular, inner_radius,
                                  outer_radius)

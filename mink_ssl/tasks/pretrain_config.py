@@ -3,6 +3,7 @@
 :class:`mink_ssl.tasks.pretrain.PretrainConfig`."""
 from __future__ import annotations
 
+from mink_ssl.engine.build import import_plugins
 from mink_ssl.engine.validate import (Checks, check_finite_tree, check_optimizer,
                                       check_run_config, check_workers)
 
@@ -54,6 +55,14 @@ def check_pretrain_config(cfg) -> list[str]:
         c.numbers("data.frame_size", length=2, integer=True, minimum=1)
     check_workers(c)
 
+    if not isinstance(cfg.imports, (list, tuple)) or not all(
+            isinstance(m, str) for m in cfg.imports):
+        c.fail("imports", cfg.imports, "must be a list of module names")
+    else:  # objectives of your own register on import: their arguments are checked below too
+        try:
+            import_plugins(list(cfg.imports))
+        except ValueError as e:
+            c.fail("imports", cfg.imports, str(e).removeprefix("imports: "))
     if not isinstance(cfg.objectives, dict):
         c.fail("objectives", cfg.objectives, "must map objective names to their arguments")
     else:
@@ -67,10 +76,49 @@ def check_pretrain_config(cfg) -> list[str]:
                 sub.number(f"objectives.{name}.weight", minimum=0,
                            what="a negative weight would maximise that loss")
                 c.problems += sub.problems
-            check_finite_tree(c, f"objectives.{name}",
-                              {k: v for k, v in args.items() if k != "weight"})
-    if not isinstance(cfg.imports, (list, tuple)) or not all(
-            isinstance(m, str) for m in cfg.imports):
-        c.fail("imports", cfg.imports, "must be a list of module names")
+            check_objective_arguments(c, name, {k: v for k, v in args.items() if k != "weight"})
     c.raise_if_any("pretraining config")
     return notes
+
+
+def check_objective_arguments(c: Checks, name: str, args: dict) -> None:
+    """``objectives.<name>``'s arguments (``weight`` apart) against the objective's arguments
+    dataclass (:mod:`mink_ssl.objectives.defaults`): every key one of its fields, every value of
+    the field's type and in its range. A plug-in objective without a dataclass is checked against
+    one derived from its constructor (names and annotated types); one not registered (its
+    module failed to import, reported under ``imports``) for finite numbers only."""
+    from mink_ssl.objectives import OBJECTIVES
+    from mink_ssl.objectives.args import argument_problems, args_class
+
+    if name not in OBJECTIVES:
+        check_finite_tree(c, f"objectives.{name}", args)
+        return
+    for key, value, rule, fix in argument_problems(args_class(OBJECTIVES.get(name)), args,
+                                                   f"objectives.{name}"):
+        c.fail(key, value, rule, fix)
+
+
+def register_objective_configs() -> None:
+    """Store each built-in objective's defaults (``weight`` and the fields of its arguments
+    dataclass, :mod:`mink_ssl.objectives.defaults`) in Hydra's ConfigStore as
+    ``objective_args/<name>``. The objective configs extend them (``configs/objective/*.yaml``:
+    ``- /objective_args/<name>@_here_``) and hold only what a recipe changes, so that every
+    argument is a key of the composed config: ``objectives.<name>.<argument>=`` overrides it
+    without a ``+``. Objectives of your own (``imports``) keep ``+objectives.<name>...``."""
+    try:
+        from hydra.core.config_store import ConfigStore
+    except ImportError:  # the library without Hydra: nothing composes configs
+        return
+    from mink_ssl.objectives import OBJECTIVES
+    from mink_ssl.objectives.args import declared_defaults
+
+    store = ConfigStore.instance()
+    for name in OBJECTIVES.names():
+        if getattr(OBJECTIVES.get(name), "Args", None) is not None:
+            store.store(group="objective_args", name=name,
+                        node=declared_defaults(OBJECTIVES.get(name)))
+
+
+# before any pretraining config is composed: the CLI and the tests import this module (through
+# mink_ssl.tasks.pretrain) when they register the pretraining schema
+register_objective_configs()
