@@ -1,5 +1,7 @@
 """Typed config schemas every task shares (Hydra validates every key against them): the
-backbone, the optimizer and its schedule, distributed training. Each task's own config:
+backbone, the optimizer and its schedule, distributed training. Their defaults are written here
+only: the configs (``configs/model/*.yaml``, ``configs/optim/*.yaml``) hold what a recipe
+changes (tests/test_defaults.py fails on a repeat). Each task's own config:
 :mod:`mink_ssl.tasks`. Components never see these objects: the run functions unpack them into
 explicit arguments.
 """
@@ -13,11 +15,14 @@ from typing import Optional
 class ModelConfig:
     name: str = "Res16UNet34C"
     out_channels: int = 32
-    stem_kernel_size: int = 3
-    bn_momentum: float = 0.05  # stem, strided, transposed and projection batch norms
-    block_bn_momentum: Optional[float] = 0.1  # inside residual blocks (released code); null: same
+    stem_kernel_size: int = 3  # 3 as in PointContrast pretraining, 5 as in the ME model zoo
+    # stem, strided, transposed and projection batch norms (fine-tuning recipes: 0.02)
+    bn_momentum: float = 0.05
+    # batch norms inside residual blocks keep 0.1, as in the released code (its blocks are built
+    # without bn_momentum); null: bn_momentum
+    block_bn_momentum: Optional[float] = 0.1
     init: str = "me"  # me: MinkowskiEngine's default kernels (released code) | kaiming
-    normalize_output: bool = True
+    normalize_output: bool = True  # contrastive losses compare L2-normalised features
     # the sparse engine (mink_ssl.models.engines): spconv | minkowski; same weights on both
     engine: str = "spconv"
 
@@ -27,7 +32,7 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adam | adamw (decoupled weight decay, DCGLR's and DINO's)
     lr: float = 0.1
     momentum: float = 0.8
-    dampening: float = 0.0  # sgd only; pretraining in the released code has none
+    dampening: float = 0.0  # sgd only; pretraining in the released code has none (fine-tuning: 0.1)
     weight_decay: float = 1e-4
     schedule: str = "step"  # step (PointContrast's) | cosine (to 0 at max_iterations)
     lr_step: int = 250  # step: lr x lr_gamma every lr_step iterations
