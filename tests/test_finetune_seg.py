@@ -300,7 +300,8 @@ def test_eval_hook_keeps_the_best_model_and_a_resumed_run_keeps_an_earlier_best(
         hook.before_train(trainer)
         for it in range(first, last + 1):
             trainer.state.iteration = it
-            hook.after_step(trainer)
+            own = hook.step_metrics(trainer)  # the evaluation: the step's metrics
+            assert own == {"stat_val_macc": 0.9, "stat_val_miou": scores[it]}
         return hook
 
     hook = run(1, 4)
@@ -315,7 +316,7 @@ def test_eval_hook_keeps_the_best_model_and_a_resumed_run_keeps_an_earlier_best(
     assert json.loads((tmp_path / "best" / "best.json").read_text())["iteration"] == 6
     with pytest.raises(ValueError, match=r"'mAP@0.25' is not among .*\['mAcc', 'mIoU'\]"):
         EvalHook(lambda: {"mAcc": 0.9, "mIoU": 0.1}, 1, tmp_path / "x", True, key="mAP@0.25"
-                 ).after_step(SimpleNamespace(state=TrainState(iteration=1), max_iterations=9))
+                 ).step_metrics(SimpleNamespace(state=TrainState(iteration=1), max_iterations=9))
     with pytest.raises(ValueError, match="needs key="):
         EvalHook(lambda: {}, 1, tmp_path, True, save_best=lambda d: None)
 

@@ -71,7 +71,7 @@ def tiny_config(root, **kw) -> FinetuneDetConfig:
         model=ModelConfig(name="Res16UNet14A", out_channels=16, normalize_output=False),
         data=DetDataConfig(root=str(root), voxel_size=VOXEL, num_points=None, num_workers=0),
         head=DetHeadConfig(num_heading_bins=1, num_seeds=64, num_proposals=32),
-        eval=DetEvalConfig(every=0), epochs=2, batch_size=1, device="cpu", checkpoint_every=1,
+        eval=DetEvalConfig(every=0), epochs=2, batch_size=1, device="cpu", checkpoint_every=2,
         log_every=1, progress=False)
     return replace(cfg, **kw)
 
@@ -534,7 +534,7 @@ def test_cli_trains_a_detector_far_above_an_untrained_one(det_root, tmp_path):
          f"data.voxel_size={VOXEL}", "data.num_points=null", "data.num_workers=0",
          "data.eval_split=train", "data.augment=false", "head.num_seeds=256",
          "head.num_proposals=256", "optim.lr=3e-3", "epochs=50", "batch_size=1",
-         "eval.every=25", "checkpoint_every=25", "device=cpu", "progress=false",
+         "eval.every=25", "checkpoint_every=50", "device=cpu", "progress=false",
          f"hydra.run.dir={run}"], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"pretrained: .*backbone.pth \(mink_ssl.model/1, entry 'state_dict'\): "

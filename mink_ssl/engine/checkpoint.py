@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,26 @@ def restore_training(ckpt: dict, trainer) -> TrainState:
     return trainer.state
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(Path(directory).glob("checkpoint_*.pth"),
-                   key=lambda p: int(p.stem.split("_")[1]))
-    return found[-1] if found else None
+# ------------------------------------------------------------------- checkpoint file names
+#: a training checkpoint's file name, ``checkpoint_<iteration>.pth``: written, parsed and listed
+#: only through the three functions below
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)\.pth")
+
+
+def checkpoint_path(directory: Path, iteration: int) -> Path:
+    """Where the checkpoint of ``iteration`` lives in the run directory ``directory``."""
+    return Path(directory) / f"checkpoint_{int(iteration)}.pth"
+
+
+def checkpoint_iteration(path) -> int | None:
+    """``.../checkpoint_<it>.pth`` -> it; None for any other name (``checkpoint_4.pth.damaged``,
+    ``checkpoint_best.pth``, ``model.pth``)."""
+    m = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """The checkpoints in ``directory``, lowest iteration first (other files are not listed)."""
+    found = [(it, p) for p in Path(directory).glob("checkpoint_*.pth")
+             if (it := checkpoint_iteration(p)) is not None]
+    return [p for _, p in sorted(found)]

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from mink_ssl.engine.checkpoint import checkpoint_path, list_checkpoints
 from mink_ssl.engine.events import EventFile
 from mink_ssl.engine.trainer import Hook
 from mink_ssl.io import output_file
@@ -40,8 +41,7 @@ class CheckpointHook(Hook):
         states = self.gather(trainer) if self.gather is not None else None  # every rank
         if not self.writer:
             return
-        it = trainer.state.iteration
-        path = self.out_dir / f"checkpoint_{it}.pth"
+        path = checkpoint_path(self.out_dir, trainer.state.iteration)
         if unless_saved and path.exists():
             return
         trainer.rank_states = states
@@ -49,15 +49,14 @@ class CheckpointHook(Hook):
             self.save_fn(path, trainer, self.config)
         finally:
             trainer.rank_states = None
-        old = sorted(self.out_dir.glob("checkpoint_*.pth"), key=lambda p: int(p.stem.split("_")[1]))
-        for p in old[: -self.keep]:
+        for p in list_checkpoints(self.out_dir)[: -self.keep]:
             try:
                 p.unlink()
             except OSError as e:
                 raise output_error(e, p, f"cannot remove the old checkpoint {p}",
                                    RESUME) from None
 
-    def after_step(self, trainer) -> None:
+    def record_step(self, trainer, metrics) -> None:
         if self.every and trainer.state.iteration % self.every == 0:
             self._save(trainer)
 
@@ -102,10 +101,10 @@ class LoggingHook(Hook):
             self.bar = tqdm(total=trainer.max_iterations, initial=trainer.state.iteration,
                             desc=self.desc, unit="it", dynamic_ncols=True)
 
-    def after_step(self, trainer) -> None:
+    def record_step(self, trainer, metrics) -> None:
         if not self.enabled:
             return
-        it, m = trainer.state.iteration, trainer.state.last_metrics
+        it, m = trainer.state.iteration, metrics
         if self.every and it % self.every == 0:
             for k, v in m.items():
                 group = "loss" if k.startswith("loss") else "stat"
@@ -163,8 +162,8 @@ def stat_name(metric: str) -> str:
 
 class EvalHook(Hook):
     """Every ``every`` iterations (not at the last one: the final evaluation follows), rank 0
-    runs ``evaluate() -> {metric: value in [0, 1]}`` (e.g. ``{"mIoU": .., "mAcc": ..}``), adds
-    them to the step's metrics (``stat_val_<metric>``), rewrites ``val_history.json`` and prints
+    runs ``evaluate() -> {metric: value in [0, 1]}`` (e.g. ``{"mIoU": .., "mAcc": ..}``), gives
+    them as the step's metrics (``stat_val_<metric>``, :meth:`step_metrics`), rewrites ``val_history.json`` and prints
     them; the other ranks wait at a barrier. A resumed run keeps the earlier evaluations.
 
     With a ``key`` metric the hook tracks the best evaluation (``self.best``, the first of
@@ -188,7 +187,7 @@ class EvalHook(Hook):
     def before_train(self, trainer) -> None:
         path = self.out_dir / "val_history.json"
         if self.enabled and path.is_file():
-            self.history = [h for h in json.loads(path.read_text())
+            self.history = [h for h in read_val_history(path)
                             if h["iteration"] <= trainer.state.iteration]
         if self.key is not None:
             for h in self.history:
@@ -220,22 +219,23 @@ class EvalHook(Hook):
         self.print_fn(f"iteration {entry['iteration']}: best {self.key} so far "
                       f"{100 * entry[self.key]:.1f}{was}, saved to {best_dir}")
 
-    def after_step(self, trainer) -> None:
+    def step_metrics(self, trainer) -> dict[str, float] | None:
         it = trainer.state.iteration
         if not self.every or it % self.every or it >= trainer.max_iterations:
-            return
+            return None
+        own = {}
         if self.enabled:
             metrics = self.evaluate()
             self.history.append({"iteration": it, **metrics})
             with output_file(self.out_dir / "val_history.json", then=RESUME) as tmp:
                 tmp.write_text(json.dumps(self.history, indent=1))
-            for name, value in metrics.items():
-                trainer.state.last_metrics[stat_name(name)] = value
+            own = {stat_name(name): value for name, value in metrics.items()}
             self.print_fn(f"iteration {it}: val " + ", ".join(
                 f"{name} {100 * value:.1f}" for name, value in metrics.items()))
             if self.key is not None:
                 self._keep_best(self.history[-1])
         self.barrier()
+        return own
 
 
 class BNMomentumHook(Hook):
@@ -269,6 +269,26 @@ class BNMomentumHook(Hook):
 
     def after_step(self, trainer) -> None:
         self._apply(trainer.state.iteration)
+
+
+def read_val_history(path: Path) -> list[dict]:
+    """The evaluations in ``val_history.json`` (a list of ``{"iteration": int, metric:
+    value}``); a damaged file is a ValueError naming it and the way on."""
+    try:
+        history = json.loads(path.read_bytes())
+        if not isinstance(history, list):
+            raise ValueError(f"a JSON {type(history).__name__}, not a list of evaluations")
+        for entry in history:
+            if not (isinstance(entry, dict) and isinstance(entry.get("iteration"), int)):
+                raise ValueError(f"an entry without an integer 'iteration': {str(entry)[:80]}")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{path} is damaged ({type(e).__name__}: {str(e)[:200]}); it holds the periodic "
+            f"evaluations this resumed run continues. Restore it from a copy, or move it aside "
+            f"(e.g. mv {path} {path}.damaged) to continue without the earlier evaluations: "
+            "the best model so far (best/) is then judged from the evaluations after the "
+            "resumed iteration only") from None
+    return history
 
 
 def _open_metrics(path: Path):

@@ -5,14 +5,21 @@
 
     def _run(cfg, tr):
         torch.manual_seed(cfg.seed)
-        ... build data, model, module, optimizer ...
-        resume, ckpt = tr.run.load_resume(load_fn)
-        trainer = Trainer(...)
-        tr.resume(trainer, resume, ckpt, restore_fn)   # and config.json is written
-        tr.attach_loader(trainer, train_set, cfg.batch_size,
-                         tr.loader_workers(cfg.data.num_workers), cfg.seed, collate_fn)
-        trainer.hooks = [... task hooks ..., *tr.standard_hooks(...)]
+        ... build data, model, module, optimizer, the task's hooks ...
+        trainer = tr.build_trainer(cfg, module, optimizer, scheduler, ...)  # the pieces
         tr.train(trainer)                               # stops cleanly on SIGINT / SIGTERM
+
+:meth:`TaskRun.build_trainer` takes the pieces and owns their order, which a resume depends
+on: (1) the checkpoint to continue from is read (:meth:`TaskRun.resume_point`: once, so a
+task that must know it earlier, e.g. to load pretrained weights only on a fresh start, asks
+first and gets the same), (2) the trainer is made without batches or hooks, (3) the
+checkpoint restores weights, optimizer, scheduler, trainer state and RNG states, and changed
+optimiser settings (``resume_override``) are re-applied from the resumed iteration
+(:meth:`~mink_ssl.engine.rundir.RunDir.restore`), (4) only then ``config.json`` is recorded
+(every check passed), (5) the loader starts from the restored sampler position
+(``state.samples``), (6) the task's hooks and the standard ones (logging, checkpoints) are
+attached. A loader made before the restore would replay the first batches; hooks attached
+before it could see the fresh state.
 
 ``cfg`` extends :class:`~mink_ssl.engine.config.RunConfig` (``device``, ``distributed``,
 ``resume``, ``resume_override``, ``log_every``, ``checkpoint_every``, ``progress``); it is
@@ -49,6 +56,7 @@ class TaskRun:
     out_dir: Path
     print_fn: Callable[[str], None]
     steps: int = 0  # optimiser steps this start made (a failed start with none leaves no trace)
+    _resume: tuple | None = None  # (path, checkpoint) once read, see resume_point
 
     def say(self, line: str) -> None:
         """Print on rank 0 only."""
@@ -63,22 +71,52 @@ class TaskRun:
         """Ranks on this node (they share its cores)."""
         return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
-    def resume(self, trainer: Trainer, resume: Path | None, ckpt: dict | None,
-               restore_fn: Callable[[dict, Trainer], object]) -> None:
-        """Put ``trainer`` back where the checkpoint ``resume`` left it (when there is one),
-        then record the run (``config.json``): every check has passed."""
+    def resume_point(self, load_fn: Callable[[Path], dict]) -> tuple[Path | None, dict | None]:
+        """(checkpoint path, its content) this run continues from, or (None, None) for a fresh
+        start: ``cfg.resume`` read once with ``load_fn`` (``resume=auto``: the newest intact
+        checkpoint, :meth:`~mink_ssl.engine.rundir.RunDir.load_resume`)."""
+        if self._resume is None:
+            self._resume = self.run.load_resume(load_fn)
+        return self._resume
+
+    def build_trainer(self, cfg, module, optimizer, scheduler, *, max_iterations: int,
+                      batch_size: int, dataset, collate_fn: Callable, workers: int, seed: int,
+                      load_fn: Callable[[Path], dict], restore_fn: Callable[[dict, Trainer], object],
+                      save_fn: Callable, export_fn: Callable, desc: str,
+                      hooks: list[Hook] = (), checkpoint_every: int | None = None,
+                      counts: dict[str, str] | None = None,
+                      no_progress_hint: str | None = None) -> Trainer:
+        """A trainer ready to :meth:`train`, started or resumed in the order the module
+        docstring gives. The pieces: ``module`` / ``optimizer`` / ``scheduler`` as built;
+        ``dataset`` and ``collate_fn`` make this rank's endless loader of ``batch_size`` in
+        ``workers`` processes (:meth:`loader_workers`), shuffled with ``seed``;
+        ``load_fn(path) -> checkpoint`` and ``restore_fn(checkpoint, trainer)`` read and
+        restore the task's checkpoint, ``save_fn(path, trainer, config)`` writes one and
+        ``export_fn(trainer, out_dir)`` what the run delivers; ``hooks`` are the task's (they
+        run before logging and checkpoints); ``desc``, ``counts`` and ``checkpoint_every``
+        (default ``cfg.checkpoint_every``, in iterations) go to :meth:`standard_hooks`;
+        ``no_progress_hint`` is what to tell the user when no batch is usable."""
+        resume, ckpt = self.resume_point(load_fn)
+        trainer = Trainer(module, optimizer, scheduler, iter(()), max_iterations, batch_size,
+                          self.device)
         if resume:
             self.run.restore(ckpt, trainer, restore_fn)
             self.say(f"resumed from {resume} at iteration {trainer.state.iteration}")
-        self.run.record(trainer.state.iteration, resume)
+        self.run.record(trainer.state.iteration, resume)  # every check has passed
+        self._attach_loader(trainer, dataset, batch_size, workers, seed, collate_fn)
+        if no_progress_hint is not None:
+            trainer.no_progress_hint = no_progress_hint
+        trainer.hooks = [*hooks, *self.standard_hooks(cfg, desc, save_fn, export_fn,
+                                                      checkpoint_every, counts)]
+        return trainer
 
     def loader_workers(self, num_workers) -> int:
         """Loader processes of this rank: ``num_workers`` (an int, or ``"auto"``: the rank's
         share of the node's free cores)."""
         return resolve_num_workers(num_workers, self.local_world_size)
 
-    def attach_loader(self, trainer: Trainer, dataset, batch_size: int, workers: int, seed: int,
-                      collate_fn: Callable) -> None:
+    def _attach_loader(self, trainer: Trainer, dataset, batch_size: int, workers: int,
+                       seed: int, collate_fn: Callable) -> None:
         """The endless loader of this rank's share of ``dataset`` in ``workers`` processes
         (:meth:`loader_workers`), from the trainer's sampler position."""
         trainer.batches = iter(build_loader(dataset, batch_size, workers, seed, self.info.rank,

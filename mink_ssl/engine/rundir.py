@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from mink_ssl.engine.checkpoint import (CHECKPOINT_NAME, checkpoint_iteration, checkpoint_path,
+                                        list_checkpoints)
 from mink_ssl.io import atomic_path
 from mink_ssl.errors import Interrupted, output_error
 from mink_ssl.locks import DirLock
@@ -51,7 +53,8 @@ OVERRIDABLE = ("optim.", "max_iterations", "epochs", "distributed.", "model.engi
 NEVER = ("optim.name",)
 #: the temporary of an atomic write (mink_ssl.io.atomic_path: ``.<name>.mink-ssl-<pid>-<8>.tmp``;
 #: before that ``.<name>.<8>.tmp``) of a file a run writes into its directory or ``best/``
-OUR_TEMPORARY = re.compile(r"\.(checkpoint_\d+\.pth|config\.json|config_history\.json|"
+OUR_TEMPORARY = re.compile(r"\.(" + CHECKPOINT_NAME.pattern + r"|config\.json|"
+                           r"config_history\.json|"
                            r"val_history\.json|best\.json|model\.pth|backbone\.pth|"
                            r"results\.json|results\.md|results_iou\.png|results_pr\.png)"
                            r"\.(mink-ssl-\d+-)?[a-z0-9_]{8}\.tmp")
@@ -60,12 +63,6 @@ OUR_PREDICTION_TEMPORARY = re.compile(r"\.[^/]+\.ply\.(mink-ssl-\d+-)?[a-z0-9_]{
 #: what a start writes before and at its first step: removed again by a start that fails there
 #: (only those this start created)
 START_OUTPUTS = ("config.json", "config_history.json", "metrics.jsonl", "tb")
-
-
-def _iteration(path: Path) -> int:
-    """``checkpoint_<it>.pth`` -> it (-1 for another name)."""
-    tail = Path(path).stem.split("_")[-1]
-    return int(tail) if tail.isdigit() else -1
 
 
 class RunConflict(ValueError):
@@ -168,7 +165,7 @@ class RunDir:
         return self
 
     def _existing(self) -> list[str]:
-        found = sorted(p.name for p in self.dir.glob("checkpoint_*.pth"))
+        found = sorted(p.name for p in list_checkpoints(self.dir))
         return (["config.json"] if (self.dir / "config.json").is_file() else []) + found
 
     def _check(self) -> None:
@@ -203,7 +200,7 @@ class RunDir:
         if not self.resume:
             return None, None
         if self.resume == "auto":
-            found = sorted(self.dir.glob("checkpoint_*.pth"), key=_iteration)
+            found = list_checkpoints(self.dir)
             if not found:
                 if self.is_main:
                     self.print_fn(f"resume=auto: no checkpoint in {self.dir}; starting from "
@@ -224,8 +221,9 @@ class RunDir:
                               f"({[p.name for p in found]}); start a new run in a new directory")
         path = Path(self.resume)
         here = path.parent.resolve() == self.dir.resolve()
-        newer = [p.name for p in self.dir.glob("checkpoint_*.pth")
-                 if here and _iteration(p) > _iteration(path)]
+        given = checkpoint_iteration(path)
+        newer = [p.name for p in list_checkpoints(self.dir)
+                 if here and checkpoint_iteration(p) > (-1 if given is None else given)]
         if newer:
             raise RunConflict(f"resume={path}: {self.dir} holds newer checkpoints {sorted(newer)} "
                               "of this run, which the resumed run's checkpoint rotation would mix "
@@ -346,7 +344,7 @@ class RunDir:
         if not self.is_main or self.found is None or not self.dir.is_dir():
             return []
         now = {p.name for p in self.dir.iterdir()}
-        if any(n.startswith("checkpoint_") and n.endswith(".pth") for n in now - self.found):
+        if any(checkpoint_iteration(n) is not None for n in now - self.found):
             return []
         removed = []
         for name in START_OUTPUTS:
@@ -368,7 +366,7 @@ class RunDir:
         it = trainer.state.iteration
         return Interrupted(f"{self.what} stopped by {signal.Signals(signum).name} at iteration "
                            f"{it} of {trainer.max_iterations}; checkpoint "
-                           f"{self.dir / f'checkpoint_{it}.pth'} saved. Resume with the same "
+                           f"{checkpoint_path(self.dir, it)} saved. Resume with the same "
                            f"command plus resume=auto hydra.run.dir={self.dir}", signum)
 
     def close(self) -> None:

@@ -3,6 +3,9 @@
     trainer = Trainer(module, optimizer, scheduler, batches, max_iterations, hooks=[...])
     trainer.train()
 
+Tasks do not assemble a trainer by hand: :meth:`mink_ssl.engine.run.TaskRun.build_trainer`
+builds it, restores a resumed run and attaches the loader and hooks, in that order.
+
 ``module`` is any module, possibly wrapped in DistributedDataParallel, with
 ``forward(batch, iteration, max_iterations) -> {"loss": ..., "loss_*": ..., "stat_*": ...}``;
 batches have ``.to(device)``. A loader may yield ``None`` for a batch with nothing usable (the
@@ -10,6 +13,32 @@ trainer skips it); ``max_skipped`` batches skipped in a row (a whole pass over t
 run with :class:`NoProgress` and the task's ``no_progress_hint``, and a stop signal is honoured
 between skipped batches too (``stop_requested``). Each task (:mod:`mink_ssl.tasks`) brings its
 module, batches and hooks.
+
+The hook contract (:class:`Hook`; every hook of the list is called in list order, at each point)::
+
+    before_train(trainer)                 once, before the first step (also on a resumed run)
+    per batch the loader gives as None:   (no step; the sampler position still advances)
+        on_skipped_batch(trainer)         once per such batch, then the trainer counts it
+                                          ("skipped_batches")
+    per optimiser step:
+        before_step(trainer, batch)       once, with the batch the step is made on (on the
+                                          device), before the forward pass
+        -- forward, backward, optimizer.step(), scheduler.step(); state.iteration += 1 --
+        after_step(trainer)               what follows the step (an EMA teacher, a batch-norm
+                                          momentum schedule); no metrics here
+        step_metrics(trainer) -> dict     the hook's own metrics of this step (an evaluation's,
+                                          a tally's), or None; the trainer merges them into
+                                          the step's metrics (the module's outputs and "lr"),
+                                          in hook order; a name already taken is an error
+        record_step(trainer, metrics)     the step's complete metrics, read-only: logs and
+                                          checkpoints are written here
+    after_train(trainer)                  the run reached max_iterations
+    on_interrupt(trainer)                 the run stopped early at a step boundary (a stop
+                                          signal): keep what a resume needs
+
+No hook writes another's metrics, so producers (``step_metrics``) and consumers
+(``record_step``) need no order between them; ``state.last_metrics`` holds the last step's
+complete metrics (the trainer sets it before ``record_step``).
 """
 from __future__ import annotations
 
@@ -31,7 +60,7 @@ class TrainState:
     # tallies, by name: the trainer's "skipped_batches" (batches the loader gave as None,
     # nothing usable in them) and a task's own (its hooks keep them)
     counts: dict[str, int] = field(default_factory=dict)
-    last_metrics: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)  # the last step's, set by the trainer
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
@@ -47,14 +76,17 @@ class TrainState:
 
 
 class Hook:
-    """Override what you need; the trainer calls these in order of the hook list."""
+    """Override what you need; see the module docstring for when each is called."""
 
     def before_train(self, trainer: "Trainer") -> None: ...
-    # every batch the loader gives, before its step; None: a batch the trainer skips
+    # a batch the loader gave as None (nothing usable in it): no step is made on it
+    def on_skipped_batch(self, trainer: "Trainer") -> None: ...
+    # once per optimiser step, with the batch stepped on
     def before_step(self, trainer: "Trainer", batch) -> None: ...
     def after_step(self, trainer: "Trainer") -> None: ...
+    def step_metrics(self, trainer: "Trainer") -> dict[str, float] | None: ...
+    def record_step(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
     def after_train(self, trainer: "Trainer") -> None: ...
-    # the run stops early at a step boundary (SIGINT / SIGTERM): keep what a resume needs
     def on_interrupt(self, trainer: "Trainer") -> None: ...
 
 
@@ -88,11 +120,11 @@ class Trainer:
         while True:
             batch = next(self.batches)
             self.state.samples += self.batch_size
-            for h in self.hooks:
-                h.before_step(self, batch)
             if batch is not None:
                 return batch.to(self.device)
             # nothing usable in it (e.g. every pair had too few matches)
+            for h in self.hooks:
+                h.on_skipped_batch(self)
             self.state.count("skipped_batches")
             skipped += 1
             if self.max_skipped is not None and skipped >= self.max_skipped:
@@ -108,6 +140,8 @@ class Trainer:
         batch = self._next_batch()
         if batch is None:
             return None
+        for h in self.hooks:
+            h.before_step(self, batch)
         out = self.module(batch, self.state.iteration, self.max_iterations)
         loss = out["loss"]
         if not torch.isfinite(loss):
@@ -122,6 +156,17 @@ class Trainer:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
+    def _step_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The step's metrics with every hook's own (:meth:`Hook.step_metrics`)."""
+        for h in self.hooks:
+            own = h.step_metrics(self)
+            for name, value in (own or {}).items():
+                if name in metrics:
+                    raise KeyError(f"{type(h).__name__}.step_metrics gives {name!r}, a metric "
+                                   "this step already has; give it another name")
+                metrics[name] = value
+        return metrics
+
     def train(self) -> TrainState:
         self.module.train()
         for h in self.hooks:
@@ -129,10 +174,13 @@ class Trainer:
         while self.state.iteration < self.max_iterations:
             metrics = self.run_step()
             if metrics is not None:
-                self.state.last_metrics = metrics
                 self.state.iteration += 1
                 for h in self.hooks:
                     h.after_step(self)
+                metrics = self._step_metrics(metrics)
+                self.state.last_metrics = metrics
+                for h in self.hooks:
+                    h.record_step(self, metrics)
             if metrics is None or (self.should_stop is not None and self.should_stop()):
                 self.stopped = True
                 for h in self.hooks:
@@ -141,4 +189,3 @@ class Trainer:
         for h in self.hooks:
             h.after_train(self)
         return self.state
-

@@ -24,7 +24,7 @@ from mink_ssl.engine.checkpoint import (load_checkpoint as load_tagged_checkpoin
 from mink_ssl.engine.config import ModelConfig, OptimConfig, RunConfig
 from mink_ssl.engine.distributed import wrap_ddp
 from mink_ssl.engine.run import TaskRun, task_run
-from mink_ssl.engine.trainer import Hook, Trainer
+from mink_ssl.engine.trainer import Hook
 from mink_ssl.formats.model_files import CHECKPOINT_FORMAT
 from mink_ssl.models import save_model
 from mink_ssl.objectives import OBJECTIVES
@@ -176,9 +176,9 @@ class PretrainModule(nn.Module):
 
 
 class PairTallies(Hook):
-    """Pair batches' bookkeeping: ``skipped_pairs`` (pairs dropped for too few matches; a
-    batch the loader gives as None lost all of them) in the trainer state's tallies, and each
-    step's ``matches`` among its metrics (the hook must come before the logging hook)."""
+    """Pair batches' bookkeeping: ``skipped_pairs`` (pairs dropped for too few matches: those
+    a stepped batch lost, and all of a batch the loader gives as None) in the trainer state's
+    tallies, and each step's ``matches`` among its metrics."""
 
     def __init__(self):
         self.matches = 0
@@ -187,14 +187,15 @@ class PairTallies(Hook):
         for name in ("skipped_pairs", "skipped_batches"):
             trainer.state.count(name, 0)
 
-    def before_step(self, trainer, batch) -> None:
-        skipped = trainer.batch_size if batch is None else getattr(batch, "skipped", 0)
-        trainer.state.count("skipped_pairs", skipped)
-        if batch is not None:
-            self.matches = len(batch.matches)
+    def on_skipped_batch(self, trainer) -> None:
+        trainer.state.count("skipped_pairs", trainer.batch_size)
 
-    def after_step(self, trainer) -> None:
-        trainer.state.last_metrics["matches"] = float(self.matches)
+    def before_step(self, trainer, batch) -> None:
+        trainer.state.count("skipped_pairs", getattr(batch, "skipped", 0))
+        self.matches = len(batch.matches)
+
+    def step_metrics(self, trainer) -> dict[str, float]:
+        return {"matches": float(self.matches)}
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -288,17 +289,15 @@ def _pretrain(cfg: PretrainConfig, tr: TaskRun) -> Path:
            f"{optimizer.defaults['lr']:g} ({scaling}{describe_schedule(cfg.optim)}), "
            f"{workers} loader workers, device {device}, out {out_dir}")
 
-    trainer = Trainer(module, optimizer, scheduler, iter(()), cfg.max_iterations,
-                      cfg.batch_size, device)
-    resume, ckpt = tr.run.load_resume(load_checkpoint)
-    tr.resume(trainer, resume, ckpt, restore)
-    tr.attach_loader(trainer, dataset, cfg.batch_size, workers, cfg.seed, collate_pairs)
-    trainer.no_progress_hint = no_progress_hint(cfg.data)
-    # objectives' hooks (e.g. an EMA teacher update) run right after the optimizer step,
-    # so that logs and checkpoints see their result
-    trainer.hooks = [PairTallies(), *unwrap(module).objective_hooks(),
-                     *tr.standard_hooks(cfg, "pretrain", save_checkpoint, export_backbone,
-                                        counts={"skipped_pairs":
-                                                "pairs skipped (too few matches)"})]
+    # objectives' hooks (e.g. an EMA teacher update) act in after_step, before logs and
+    # checkpoints are written (record_step), so that these see their result
+    trainer = tr.build_trainer(
+        cfg, module, optimizer, scheduler, max_iterations=cfg.max_iterations,
+        batch_size=cfg.batch_size, dataset=dataset, collate_fn=collate_pairs, workers=workers,
+        seed=cfg.seed, load_fn=load_checkpoint, restore_fn=restore,
+        save_fn=save_checkpoint, export_fn=export_backbone, desc="pretrain",
+        hooks=[PairTallies(), *unwrap(module).objective_hooks()],
+        counts={"skipped_pairs": "pairs skipped (too few matches)"},
+        no_progress_hint=no_progress_hint(cfg.data))
     tr.train(trainer)
     return out_dir / "backbone.pth"

@@ -85,7 +85,8 @@ class FinetuneDetConfig(RunConfig):
     pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
     epochs: int = 180
     batch_size: int = 8  # scenes per process (global batch = batch_size x world size)
-    checkpoint_every: int = 10  # epochs (RunConfig's field, counted in epochs here)
+    # checkpoint_every: RunConfig's, in iterations as in every task (it counted epochs here
+    # before #27; eval.every and the schedule's lr_steps still count epochs)
 
 
 def check_det_config(cfg: FinetuneDetConfig) -> list[str]:
@@ -97,9 +98,7 @@ def check_det_config(cfg: FinetuneDetConfig) -> list[str]:
     from mink_ssl.ops.nms import NMS_MODES
 
     c = Checks(cfg)
-    notes = [n.replace("checkpoint_every=0: no periodic checkpoints",
-                       "checkpoint_every=0 (epochs): no periodic checkpoints")
-             for n in check_run_config(c)]
+    notes = check_run_config(c)
     check_optimizer(c, ("adam", "sgd"))
     c.numbers("optim.lr_steps", integer=True, minimum=1, what="epochs")
     c.number("optim.lr_gamma", above=0)

@@ -1,38 +1,20 @@
-"""The pieces of a detection run: datasets, the VoteNet model on the backbone, the optimizer with
-VoteNet's epoch schedule, the trainer's module (VoteNet's loss) and the resume check of the
-head."""
+"""The model of a detection run (VoteNet on the backbone), the trainer's module (VoteNet's
+loss) and the resume check of the head. Its datasets: :mod:`.datasets`; its optimizer with
+VoteNet's epoch schedule: :mod:`.optim`."""
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from mink_ssl.data.detection import DetAugmentation, DetectionDataset
-from mink_ssl.engine.build import build_backbone, build_optimizer
+from mink_ssl.engine.build import build_backbone
 from mink_ssl.engine.checkpoint import unwrap
-from mink_ssl.engine.config import ModelConfig, OptimConfig
+from mink_ssl.engine.config import ModelConfig
 from mink_ssl.models.heads import check_final_layer
 from mink_ssl.models.votenet import build_votenet
-from mink_ssl.tasks.detection.config import DetDataConfig, DetHeadConfig, DetOptimConfig
+from mink_ssl.tasks.detection.config import DetHeadConfig
 from mink_ssl.tasks.detection.loss import votenet_loss
-
-
-def build_det_dataset(cfg: DetDataConfig, split: str, *, train: bool, axis_aligned: bool,
-                      seed: int):
-    """The split's :class:`~mink_ssl.data.detection.DetectionDataset`; training data gets the
-    augmentations, evaluation data none."""
-    if cfg.root in ("???", "", None):
-        raise ValueError("data.root is not set: pass data.root=<output of detection prep>")
-    aug = None
-    if train and cfg.augment:
-        a = cfg.augmentation
-        aug = DetAugmentation(flip_x=a.flip_x, flip_y=a.flip_y, rotation_deg=a.rotation_deg,
-                              scale=tuple(a.scale))
-    return DetectionDataset(cfg.root, split, voxel_size=cfg.voxel_size, features=cfg.features,
-                            augmentation=aug, num_points=cfg.num_points,
-                            max_votes=cfg.max_votes, axis_aligned=axis_aligned, seed=seed)
 
 
 def build_det_model(cfg: ModelConfig, head: DetHeadConfig, in_channels: int, num_classes: int,
@@ -45,31 +27,6 @@ def build_det_model(cfg: ModelConfig, head: DetHeadConfig, in_channels: int, num
                          seed_channels=head.seed_channels, num_proposals=head.num_proposals,
                          radius=head.radius, group_size=head.group_size,
                          seed_projection=not rebuild)
-
-
-def epoch_milestones(epochs: list, iterations_per_epoch: float) -> list[int]:
-    """First iteration of each epoch in ``epochs`` (sorted)."""
-    return [math.ceil(e * iterations_per_epoch - 1e-9) for e in sorted(epochs)]
-
-
-def build_det_optimizer(cfg: DetOptimConfig, params, iterations_per_epoch: float,
-                        world_size: int = 1):
-    """(optimizer, per-iteration scheduler): lr x ``lr_gamma`` at each epoch of ``lr_steps``;
-    the optimizer comes from pretraining's builder."""
-    opt, _ = build_optimizer(OptimConfig(name=cfg.name, lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay,
-                                         scale_lr_with_world_size=cfg.scale_lr_with_world_size),
-                             params, world_size)
-    bad = [e for e in cfg.lr_steps if not (isinstance(e, int) and e > 0)]
-    if bad:
-        raise ValueError(f"optim.lr_steps are epochs (positive ints), got {cfg.lr_steps}")
-    milestones = epoch_milestones(cfg.lr_steps, iterations_per_epoch)
-    gamma = cfg.lr_gamma
-
-    def factor(t: int) -> float:
-        return gamma ** sum(t >= m for m in milestones)
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class DetectionModule(nn.Module):

@@ -17,7 +17,7 @@ from mink_ssl.models.heads import segmentation_model_from_state
 from mink_ssl.tasks.segmentation.config import FinetuneSegConfig, SegDataConfig
 from mink_ssl.errors import RERUN, RESUME, OutputError, written_before
 from mink_ssl.tasks.segmentation.inference import evaluate_scenes, write_prediction_plys
-from mink_ssl.tasks.segmentation.model import build_seg_dataset
+from mink_ssl.tasks.segmentation.datasets import build_seg_dataset
 
 
 def load_fine_tuned(path: str | os.PathLike, engine: str | None = None

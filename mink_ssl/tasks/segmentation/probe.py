@@ -29,7 +29,7 @@ from mink_ssl.engine.build import build_backbone
 from mink_ssl.models.probe import FrozenProbe, check_probe
 from mink_ssl.sparse import sparse_tensor
 from mink_ssl.tasks.segmentation.evaluate import final_evaluation
-from mink_ssl.tasks.segmentation.model import build_seg_dataset
+from mink_ssl.tasks.segmentation.datasets import build_seg_dataset
 
 
 def build_probe_model(cfg, in_channels: int, num_classes: int):
