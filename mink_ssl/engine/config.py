@@ -51,8 +51,8 @@ class DistributedConfig:
 @dataclass
 class RunConfig:
     """What the run skeleton (:mod:`mink_ssl.engine.run`) reads from every task's config; each
-    task's config extends it (and may change a default, e.g. detection counts
-    ``checkpoint_every`` in epochs)."""
+    task's config extends it (and may change a default). ``checkpoint_every`` and ``log_every``
+    count iterations in every task."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 0
     device: str = "auto"

@@ -105,11 +105,13 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device, sync
 
 
 def start_run(out_dir: Path, config: dict, info: DistInfo, resume: str | None = None,
-              resume_override: bool = False, print_fn=print, what: str = "training run"):
+              resume_override: bool = False, print_fn=print, what: str = "training run",
+              comparable=None):
     """The run directory, locked (rank 0) and checked against ``config`` and ``resume``
-    (:class:`~mink_ssl.engine.rundir.RunDir`); nothing is written until ``record()``."""
+    (:class:`~mink_ssl.engine.rundir.RunDir`, configs compared in the task's ``comparable``
+    form); nothing is written until ``record()``."""
     return RunDir(out_dir, config, resume, resume_override, info.is_main, print_fn, what,
-                  world_size=info.world_size).open()
+                  world_size=info.world_size, comparable=comparable).open()
 
 
 def barrier(info: DistInfo) -> None:

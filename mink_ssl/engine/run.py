@@ -156,9 +156,11 @@ class TaskRun:
 
 
 @contextmanager
-def task_run(cfg, out_dir: Path, what: str, print_fn=print) -> Iterator[TaskRun]:
+def task_run(cfg, out_dir: Path, what: str, print_fn=print,
+             comparable: Callable[[dict], dict] | None = None) -> Iterator[TaskRun]:
     """Start a run of ``cfg`` in ``out_dir``: the process group (``cfg.distributed``, device
-    ``cfg.device``), the run directory locked (rank 0) and checked against ``cfg.resume``;
+    ``cfg.device``), the run directory locked (rank 0) and checked against ``cfg.resume``
+    (configs compared in the task's ``comparable`` form, as plain data);
     both are released when the block ends, however it ends. Keep the run's objects out of the
     block's own scope (build them in a function the block calls), so that they are freed
     before the process group is destroyed."""
@@ -167,7 +169,8 @@ def task_run(cfg, out_dir: Path, what: str, print_fn=print) -> Iterator[TaskRun]
     run = tr = None
     try:
         plain = asdict(cfg)
-        run = start_run(out_dir, plain, info, cfg.resume, cfg.resume_override, print_fn, what)
+        run = start_run(out_dir, plain, info, cfg.resume, cfg.resume_override, print_fn, what,
+                        comparable)
         tr = TaskRun(info, device, run, plain, out_dir, print_fn)
         try:
             yield tr

@@ -133,8 +133,11 @@ def check_resume_compatible(old: dict, new: dict, override: bool, where: str) ->
 class RunDir:
     def __init__(self, out_dir: Path, config: dict, resume: str | None, override: bool = False,
                  is_main: bool = True, print_fn=print, what: str = "training run",
-                 world_size: int = 1):
+                 world_size: int = 1, comparable: Callable[[dict], dict] | None = None):
         self.dir, self.config, self.resume = Path(out_dir), config, resume
+        # a config as the checks compare it: the task's form in which configs that build the
+        # same run are equal (e.g. arguments a run recorded before they had defaults filled in)
+        self.comparable = comparable or (lambda c: c)
         self.world_size = world_size  # ranks of this run: a checkpoint's must match
         self.override, self.is_main, self.print_fn, self.what = override, is_main, print_fn, what
         self.lock: DirLock | None = None
@@ -179,7 +182,8 @@ class RunDir:
         existing = self._existing()
         if not self.resume:
             if existing:
-                diff = config_diff(self.previous, self.config) if self.previous else {}
+                diff = (config_diff(self.comparable(self.previous), self.comparable(self.config))
+                        if self.previous else {})
                 same = {k: v for k, v in diff.items() if _kind(k) != "free"}
                 how = (f"whose config differs: {_fmt(same)}" if same
                        else "with the same config" if self.previous else "")
@@ -189,8 +193,9 @@ class RunDir:
                                   "new run in a new directory (e.g. hydra.run.dir=<new dir>).")
             return
         if self.previous is not None:
-            self.changes = check_resume_compatible(self.previous, self.config, self.override,
-                                                   f"the run in {self.dir}")
+            self.changes = check_resume_compatible(
+                self.comparable(self.previous), self.comparable(self.config), self.override,
+                f"the run in {self.dir}")
 
     # -- resume ---------------------------------------------------------------------------------
     def load_resume(self, load_fn: Callable[[Path], dict]) -> tuple[Path | None, dict | None]:
@@ -269,7 +274,8 @@ class RunDir:
     def _checked(self, path: Path, ckpt: dict) -> dict:
         old = ckpt.get("config") if isinstance(ckpt, dict) else None
         if isinstance(old, dict):
-            diff = check_resume_compatible(old, self.config, self.override, f"from {path}")
+            diff = check_resume_compatible(self.comparable(old), self.comparable(self.config),
+                                           self.override, f"from {path}")
             if self.previous is None:
                 self.changes = diff
         self._check_ranks(path, ckpt)

@@ -9,6 +9,7 @@ pairs of overlapping views with their matches (:mod:`mink_ssl.data.pairs`); chec
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from mink_ssl.engine.trainer import Hook
 from mink_ssl.formats.model_files import CHECKPOINT_FORMAT
 from mink_ssl.models import save_model
 from mink_ssl.objectives import OBJECTIVES
+from mink_ssl.objectives.args import DEFAULT_WEIGHT, declared_defaults, resolve_in_channels
 from mink_ssl.objectives.base import Objective, StepContext
 from mink_ssl.tasks.pretrain_config import check_pretrain_config
 
@@ -81,15 +83,13 @@ def build_objectives(spec: dict, feature_channels: int | None = None) -> tuple[d
     for name, args in spec.items():
         cls = OBJECTIVES.get(name)
         args = dict(args or {})
-        weights[name] = float(args.pop("weight", 1.0))
+        weights[name] = float(args.pop("weight", DEFAULT_WEIGHT))
         params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         unknown = sorted(set(args) - set(params))
         if unknown:
             raise ValueError(f"objective {name!r} has no argument(s) {unknown}; valid: "
                              f"{['weight'] + params}")
-        if "in_channels" in params and args.get("in_channels") is None and feature_channels:
-            args["in_channels"] = feature_channels
-        objectives[name] = cls(**args)
+        objectives[name] = cls(**resolve_in_channels(cls, args, feature_channels))
     return objectives, weights
 
 
@@ -233,12 +233,27 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, print_fn=print) -> Path:
     """Train as ``cfg`` says, writing into ``out_dir``; returns the exported backbone's path."""
     out_dir = Path(out_dir)
     notes = check_pretrain_config(cfg)  # every value, before anything is written
-    with task_run(cfg, out_dir, "pretraining", print_fn) as tr:
+    with task_run(cfg, out_dir, "pretraining", print_fn, comparable_config) as tr:
         for note in notes:
             tr.say(note)
         # the run's objects (module, loader, trainer) live in the call below and are freed
         # when it returns, before the process group goes
         return _pretrain(cfg, tr)
+
+
+def comparable_config(config: dict) -> dict:
+    """A pretraining config (plain data) as a resume compares it: each objective's arguments
+    complete (a run recorded before the arguments were typed lists only those its YAML named)
+    and ``in_channels`` resolved to the backbone's width, so configs that build the same
+    objectives compare equal. Objectives not registered here are left as recorded."""
+    config = copy.deepcopy(config)
+    width = (config.get("model") or {}).get("out_channels")
+    objectives = config.get("objectives")
+    for name, args in (objectives.items() if isinstance(objectives, dict) else ()):
+        if isinstance(args, dict) and name in OBJECTIVES:
+            cls = OBJECTIVES.get(name)
+            objectives[name] = resolve_in_channels(cls, {**declared_defaults(cls), **args}, width)
+    return config
 
 
 def no_progress_hint(cfg: DataConfig) -> str:

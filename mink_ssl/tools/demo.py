@@ -35,6 +35,7 @@ from mink_ssl.models.engines import check_engine
 from mink_ssl.objectives import OBJECTIVES
 from mink_ssl.sparse import batched_coordinates, quantize, sparse_tensor
 from mink_ssl.tools import transfer_benchmark as bench
+from mink_ssl.tools.transfer_benchmark.runs import pretrain_run
 from mink_ssl.tools.profiling import measure
 
 
@@ -130,8 +131,8 @@ def run_demo(out: Path, n_scenes: int = 3, n_frames: int = 150, seed: int = 0,
              f"for {cfg.pretrain_iterations} iterations -> {transfer / 'pretrain'}")
     backbone_path = None
     if cfg.pretrain_iterations > 0:
-        backbone_path, _ = bench.pretrain_run(transfer, out / "pairs", objective, seed, cfg, dev,
-                                              print_fn)
+        backbone_path, _ = pretrain_run(transfer, out / "pairs", objective, seed, cfg, dev,
+                                        print_fn)
 
     first = sorted(manifest["scenes"])[0]
     frag = FragmentStore(out / "pairs" / first)[0]
