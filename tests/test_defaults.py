@@ -23,62 +23,6 @@ CONFIGS = REPO / "configs"
 #: Hydra's own plug-in settings (the submitit launcher's keys): no dataclass of ours holds them
 NOT_OURS = ("hydra/",)
 
-#: Values the fine-tuning configs repeat today. Those configs (configs/finetune*.yaml,
-#: configs/finetune/, configs/detection/) and their schemas are being reworked by another change
-#: of #27 (one fine-tuning skeleton); the check runs on them, and a repeat listed here is known.
-#: Remove an entry when its file drops the repeat (a stale entry only allows a repeat that is
-#: not there, so it does not fail the test: that change may land on its own).
-KNOWN_REPEATS = {
-    "detection/scannet.yaml": {
-        "data.augmentation.flip_x", "data.augmentation.flip_y", "data.augmentation.rotation_deg",
-        "data.augmentation.scale", "data.max_votes", "data.num_points", "eval.nms",
-        "head.num_heading_bins", "head.size_clusters"
-    },
-    "detection/sunrgbd.yaml": {
-        "data.augmentation.flip_x", "eval.nms", "head.size_clusters"
-    },
-    "finetune/s3dis.yaml": {
-        "batch_size", "checkpoint_every", "data.augmentation.color_auto_contrast",
-        "data.augmentation.dropout", "data.augmentation.elastic", "data.augmentation.flip",
-        "data.augmentation.rotation_deg", "data.augmentation.scale", "data.up_axis",
-        "eval.every", "eval.protocol", "max_iterations", "optim.lr"
-    },
-    "finetune/scannet.yaml": {
-        "batch_size", "checkpoint_every", "data.augmentation.color_auto_contrast",
-        "data.augmentation.color_jitter", "data.augmentation.color_translation",
-        "data.augmentation.dropout", "data.augmentation.flip", "data.augmentation.rotation_deg",
-        "data.augmentation.scale", "data.up_axis", "eval.protocol"
-    },
-    "finetune/synthia.yaml": {
-        "checkpoint_every", "data.augmentation.color_auto_contrast",
-        "data.augmentation.color_jitter", "data.augmentation.color_translation",
-        "data.augmentation.dropout", "data.augmentation.elastic", "data.augmentation.flip",
-        "data.augmentation.rotation_deg", "data.augmentation.scale",
-        "data.augmentation.tilt_deg", "data.up_axis", "eval.every", "eval.protocol", "optim.lr"
-    },
-    "finetune_det.yaml": {
-        "data.augment", "data.eval_split", "data.features", "data.num_workers", "data.root",
-        "data.train_split", "device", "epochs", "eval.batch_size", "eval.conf_threshold",
-        "eval.every", "eval.iou_thresholds", "eval.keep_best", "eval.nms", "eval.nms_iou",
-        "eval.per_class_proposal", "head.final_layer", "head.group_size", "head.num_proposals",
-        "head.num_seeds", "head.radius", "head.seed_channels", "head.size_clusters", "log_every",
-        "optim.bn_momentum_decay", "optim.bn_momentum_init", "optim.bn_momentum_min",
-        "optim.bn_momentum_step", "optim.lr", "optim.lr_gamma", "optim.lr_steps", "optim.name",
-        "optim.scale_lr_with_world_size", "optim.weight_decay", "pretrained", "progress",
-        "resume", "seed"
-    },
-    "finetune_seg.yaml": {
-        "data.augment", "data.eval_split", "data.features", "data.label_rule", "data.label_seed",
-        "data.labelled_points", "data.num_workers", "data.root", "data.scene_fraction",
-        "data.train_split", "device", "eval.keep_best", "eval.ply_scenes", "eval.protocol",
-        "eval.rotations", "evaluate_only", "final_layer", "knn_bank", "knn_k", "log_every",
-        "optim.dampening", "optim.lr", "optim.momentum", "optim.name", "optim.poly_power",
-        "optim.scale_lr_with_world_size", "optim.scheduler", "optim.weight_decay", "pretrained",
-        "probe", "progress", "resume", "seed"
-    },
-}
-
-
 # ------------------------------------------------------------------------- the YAML files
 
 def package_of(path: Path) -> str:
@@ -248,10 +192,8 @@ def test_config_files_hold_only_what_their_recipe_changes(path):
     rel = path.relative_to(CONFIGS).as_posix()
     repeats, problems = yaml_values_against_defaults(path)
     assert problems == [], f"{rel}: {problems}"
-    known = KNOWN_REPEATS.get(rel, set())
-    unexpected = sorted(set(repeats) - known)
-    assert unexpected == [], (f"{rel} repeats the default of {unexpected}: delete those lines "
-                              "(the dataclass holds the default)")
+    assert repeats == [], (f"{rel} repeats the default of {sorted(repeats)}: delete those lines "
+                           "(the dataclass holds the default)")
 
 
 def test_the_check_sees_a_repeat_a_rounded_copy_and_an_unknown_key(tmp_path, monkeypatch):

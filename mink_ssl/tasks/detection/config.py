@@ -22,7 +22,9 @@ class DetAugmentConfig:
 class DetDataConfig:
     root: str = "???"  # output directory of detection prep (manifest.json + scenes/)
     voxel_size: Optional[float] = None  # metres; null: the manifest's (prep writes 2.5 cm)
-    features: str = "ones"  # mink_ssl.data.features mode; ones: PointContrast's detection
+    # mink_ssl.data.features mode: ones (3 x 1.0, PointContrast's detection) | rgb | ones_jitter |
+    # rgb_jitter | ones1 (1 channel, for ones1 backbones)
+    features: str = "ones"
     num_points: Optional[int] = 40000  # random points per scene before voxelisation; null: all
     max_votes: int = 1  # ground-truth votes per voxel (VoteNet: 3 for SUN RGB-D)
     train_split: str = "train"
@@ -34,10 +36,13 @@ class DetDataConfig:
 
 @dataclass
 class DetHeadConfig:
-    """The VoteNet head (:class:`mink_ssl.models.votenet.VoteNetHead`)."""
+    """The VoteNet head (:class:`mink_ssl.models.votenet.VoteNetHead`): VoteNet's 1,024 seeds of
+    256 channels, 256 proposals, 0.3 m balls of 16 votes."""
 
     num_heading_bins: int = 1  # 1: axis-aligned boxes (ScanNet); SUN RGB-D 12
-    size_clusters: str = "reference"  # reference (VoteNet's fixed sizes) | train_mean
+    # reference (VoteNet's fixed per-class sizes: scannet_means.npz, model_util_sunrgbd.py) |
+    # train_mean (this split's)
+    size_clusters: str = "reference"
     num_seeds: int = 1024
     seed_channels: int = 256
     num_proposals: int = 256
@@ -50,6 +55,9 @@ class DetHeadConfig:
 
 @dataclass
 class DetOptimConfig:
+    """VoteNet's schedule (kept by PointContrast): Adam 1e-3, x0.1 at epochs 80, 120, 160 of 180;
+    batch-norm momentum 0.5, x0.5 every 20 epochs, at least 0.001."""
+
     name: str = "adam"  # adam | sgd
     lr: float = 1e-3
     momentum: float = 0.9  # sgd only
@@ -65,14 +73,19 @@ class DetOptimConfig:
 
 @dataclass
 class DetEvalConfig:
+    """VoteNet's evaluation: per-class 3D NMS, per-class proposals."""
+
     every: int = 10  # evaluate on data.eval_split every this many epochs (0: at the end only)
     iou_thresholds: list = field(default_factory=lambda: [0.25, 0.5])
     conf_threshold: float = 0.05  # objectness probability a proposal needs
     nms_iou: float = 0.25  # per-class 3D NMS
-    nms: str = "aligned_hull"  # aligned_hull (VoteNet: IoU of axis-aligned hulls) | oriented
+    # aligned_hull (VoteNet: IoU of the boxes' axis-aligned hulls; the same as oriented for
+    # axis-aligned boxes) | oriented (true oriented 3D IoU)
+    nms: str = "aligned_hull"
     per_class_proposal: bool = True  # each kept box once per class, score p(class) p(object)
     batch_size: int = 4  # scenes per evaluation forward pass
-    keep_best: bool = True  # best/model.pth: the best periodic evaluation's (first threshold)
+    # best/model.pth + best.json: the best periodic evaluation's (first threshold: mAP@0.25)
+    keep_best: bool = True
 
 
 @dataclass
@@ -82,11 +95,13 @@ class FinetuneDetConfig(RunConfig):
     head: DetHeadConfig = field(default_factory=DetHeadConfig)
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)
     eval: DetEvalConfig = field(default_factory=DetEvalConfig)
-    pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
+    # backbone.pth of pretraining, or a checkpoint_<it>.pth; null: from scratch
+    pretrained: Optional[str] = None
     epochs: int = 180
     batch_size: int = 8  # scenes per process (global batch = batch_size x world size)
     # checkpoint_every: RunConfig's, in iterations as in every task (it counted epochs here
     # before #27; eval.every and the schedule's lr_steps still count epochs)
+    # RunConfig's: device auto | cpu | cuda; resume null, a checkpoint path or "auto"
 
 
 def check_det_config(cfg: FinetuneDetConfig) -> list[str]:

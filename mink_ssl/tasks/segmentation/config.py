@@ -20,8 +20,9 @@ class AugmentConfig:
     color_auto_contrast: float = 0.2  # probability
     color_translation: float = 0.1  # ratio of 255
     color_jitter: float = 0.05  # std, ratio of 255
-    dropout: float = 0.2  # CSC RandomDropout: with this probability keep int(M (1 - p)) voxels
-    clip_bound: Optional[float] = None  # metres, half size of the training crop (S3DIS 4)
+    dropout: float = 0.2  # CSC RandomDropout(0.2): with this probability keep int(M (1 - p)) voxels
+    # metres, half size of the training crop (S3DIS 4, Synthia 18); null: no crop (CSC scannet.py)
+    clip_bound: Optional[float] = None
     clip_translation: list = field(default_factory=lambda: [0.0, 0.0])  # crop centre shift
 
 
@@ -29,7 +30,9 @@ class AugmentConfig:
 class SegDataConfig:
     root: str = "???"  # output directory of segmentation prep (manifest.json + scenes/)
     voxel_size: Optional[float] = None  # metres; null: the manifest's recommendation
-    features: str = "rgb"  # mink_ssl.data.features mode; rgb: the released normalize_color
+    # mink_ssl.data.features mode: rgb (RGB / 255 - 0.5, the released normalize_color) | ones |
+    # rgb_jitter | ones_jitter | ones1 (1 channel)
+    features: str = "rgb"
     up_axis: str = "z"  # gravity axis of the prepared coordinates
     train_split: str = "train"
     eval_split: Optional[str] = "val"  # null: no evaluation
@@ -41,17 +44,23 @@ class SegDataConfig:
     num_workers: Any = "auto"  # loader processes per rank; auto: free cores - 1, at most 8
     prevoxel_size: Optional[float] = None  # metres, thin scenes first (Synthia 0.075); all splits
     eval_clip_bound: Optional[float] = None  # metres, voxels evaluation crop (Synthia 25)
-    label_rule: str = "uniform"  # voxel labels: uniform (mixed voxels ignored) | majority
+    label_rule: str = "uniform"  # voxel labels: uniform (CSC: mixed voxels ignored) | majority
 
 
 @dataclass
 class SegOptimConfig:
+    """PointContrast's and CSC's downstream/semseg config/default.yaml and their scripts."""
+
     name: str = "sgd"  # sgd | adam
+    # optimizer.lr=0.1 with PolyLR in PointContrast's and CSC's train_stanford3d.sh (S3DIS); the
+    # ScanNet recipe sets 0.8 (train_scannet.sh); Synthia has no released script: this default
     lr: float = 0.1
     momentum: float = 0.9
-    dampening: float = 0.1  # sgd only: the released downstream configs' sgd_dampening
+    dampening: float = 0.1  # sgd only: the released downstream configs' sgd_dampening; no Nesterov
     weight_decay: float = 1e-4
-    scheduler: str = "poly"  # poly: lr (1 - t/(T+1))^poly_power | step: x lr_gamma every lr_step
+    # poly: lr (1 - t/(T+1))^poly_power (the released PolyLR), stepped every iteration | step:
+    # x lr_gamma every lr_step
+    scheduler: str = "poly"
     poly_power: float = 0.9
     lr_step: int = 1000
     lr_gamma: float = 0.5
@@ -61,10 +70,12 @@ class SegOptimConfig:
 @dataclass
 class SegEvalConfig:
     every: int = 1000  # evaluate on data.eval_split every this many iterations (0: at the end)
-    rotations: int = 1  # final evaluation: average logits over this many rotations (TTA)
+    rotations: int = 1  # final evaluation: average logits over this many rotations about gravity
     ply_scenes: int = 2  # final evaluation: PLY files of predictions for the first k scenes
-    keep_best: bool = True  # best/model.pth: the model of the best periodic evaluation (mIoU)
-    protocol: str = "voxels"  # voxels (the reference: one vote per voxel) | points
+    keep_best: bool = True  # best/model.pth + best.json: the best periodic evaluation (mIoU)
+    # voxels (the reference, CSC lib/test.py: one vote per test voxel, mixed voxels ignored) |
+    # points (every original point)
+    protocol: str = "voxels"
 
 
 @dataclass
@@ -73,18 +84,25 @@ class FinetuneSegConfig(RunConfig):
     data: SegDataConfig = field(default_factory=SegDataConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
-    pretrained: Optional[str] = None  # backbone.pth or a checkpoint; null: from scratch
+    # backbone.pth of pretraining, or a checkpoint_<it>.pth; null: from scratch
+    pretrained: Optional[str] = None
     # rebuild: the backbone's final layer becomes the classifier (96 -> C, the released code;
-    # model.out_channels is then the class count) | keep: a new head on the 96 -> 32 final
+    # pretrained final.* dropped; model.out_channels is then the class count) | keep: a new
+    # 32 -> C head on the pretrained 96 -> 32 final
     final_layer: str = "rebuild"
     # a frozen backbone (mink_ssl.tasks.segmentation.probe): null (fine-tune everything) | linear (a
-    # linear layer on the output features) | linear_multiscale (on the decoder stages) | knn
+    # linear layer on the output features) | linear_multiscale (on the 4 decoder stages
+    # concatenated, 576 wide for Res16UNet34C) | knn (cosine, no training)
     probe: Optional[str] = None
     knn_k: int = 20  # probe=knn: neighbours that vote
     knn_bank: int = 200000  # probe=knn: most labelled training voxels kept (seeded subset)
+    # the S3DIS recipe: the paper's 1x schedule (the released train_stanford3d.sh: 60000)
     max_iterations: int = 10000
-    batch_size: int = 6  # scenes per process (global batch = batch_size x world size)
+    # scenes per process (global batch = batch_size x world size): the protocol's 48 on 8 GPUs
+    batch_size: int = 6
     evaluate_only: Optional[str] = None  # a fine-tuned model.pth or checkpoint: evaluate it only
+    # RunConfig's: device auto | cpu | cuda; checkpoint_every 1000 iterations; resume null, a
+    # checkpoint path or "auto"
 
 
 def check_seg_config(cfg: FinetuneSegConfig) -> list[str]:
