@@ -74,11 +74,15 @@ run_torchrun() {
   trap '_forward INT' INT
   trap '_forward TERM' TERM
   trap '_forward HUP' HUP
-  while :; do
-    rc=0
-    wait "${_job}" || rc=$?
-    kill -0 "${_job}" 2>/dev/null || break  # wait returned for a signal: torchrun still runs
+  # poll rather than block in `wait` on torchrun: bash's interruptible wait has a window in
+  # which a trapped signal stays pending until the job it waits for exits (under heavy load a
+  # SIGINT was never passed on and training ran to its end); after a foreground command the
+  # trap runs at once, so a stop is passed on within a second. Bash reaps the job as it ends.
+  while kill -0 "${_job}" 2>/dev/null; do
+    sleep 1 || true  # a Ctrl-C reaches sleep too (same process group)
   done
+  rc=0
+  wait "${_job}" || rc=$?
   trap - INT TERM HUP
   if [[ -n ${_stop_signal} && ${rc} -eq 0 ]]; then
     code=$((128 + $(kill -l "${_stop_signal}")))

@@ -72,13 +72,33 @@ def descendants(pid: int) -> list[int]:
     return found + [d for c in found for d in descendants(c)]
 
 
+def process_report(pid: int) -> str:
+    """What a hung process tree is doing: each process's state, kernel wait channel and signal
+    masks (pending, blocked, ignored, caught), its command line, then its children's."""
+    lines = []
+    for p in [pid, *descendants(pid)]:
+        try:
+            status = dict(line.split(":\t", 1) for line in
+                          Path(f"/proc/{p}/status").read_text().splitlines() if ":\t" in line)
+            wchan = Path(f"/proc/{p}/wchan").read_text()
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:160].decode()
+        except OSError:
+            continue
+        lines.append(f"pid {p} ppid {status.get('PPid')} {status.get('State')} wchan {wchan} "
+                     + " ".join(f"{k} {status.get(k)}" for k in
+                                ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")) + f": {cmd}")
+    return "\n".join(lines)
+
+
 def finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
     """The exit code and output; a process tree still running after 300 s is killed (torchrun
-    runs in a session of its own under the launch script)."""
+    runs in a session of its own under the launch script), and what each of its processes was
+    doing is reported."""
     try:
         code = proc.wait(timeout=300)
     except subprocess.TimeoutExpired:
-        raise AssertionError("still running 300 s after the stop; its output:\n"
+        raise AssertionError("still running 300 s after the stop; its processes:\n"
+                             + process_report(proc.pid) + "\nits output:\n"
                              + log.read_text()[-4000:]) from None
     finally:
         if proc.poll() is None:
