@@ -35,7 +35,7 @@ def test_matches_on_the_real_3dmatch_pair(realdata):
     assert len(capped) == 100 and {tuple(r) for r in capped} <= {tuple(r) for r in matches}
 
 
-def test_random_rigid_transform_is_a_rotation():
+def test_random_similarity_transform_is_a_scaled_rotation():
     rng = np.random.default_rng(0)
     for axis in ("random", "z"):
         T = random_similarity_transform(rng, 360.0, axis, translation=0.5)
@@ -44,6 +44,11 @@ def test_random_rigid_transform_is_a_rotation():
         assert np.linalg.det(R) == pytest.approx(1.0)
         if axis == "z":
             np.testing.assert_allclose(R[2], [0, 0, 1], atol=1e-12)
+    for _ in range(20):  # with a scale range: s R, s uniform in the range, R a rotation
+        A = random_similarity_transform(rng, 360.0, "random", scale=(0.8, 1.2))[:3, :3]
+        s = np.cbrt(np.linalg.det(A))
+        assert 0.8 <= s <= 1.2
+        np.testing.assert_allclose((A / s) @ (A / s).T, np.eye(3), atol=1e-12)
     with pytest.raises(ValueError, match="'random' or 'z'"):
         random_similarity_transform(rng, 10, "x")
 
