@@ -196,10 +196,12 @@ def test_one_epoch_over_every_scene_keeps_files_and_memory_flat(scale_root):
             (proc, curve)
         assert max(s[proc]["fds"] for s in samples) < NOFILE // 2, (proc, curve)
         # resident memory (a forked worker's shared pages count once, copied or not): a worker
-        # reads ~75 scenes it had not read between the two quarters; 6 MB is the floors' noise
-        # (+-3 MB measured) plus ~40 KB a scene (60 MB over ScanNet's 1,513)
+        # reads ~75 scenes it had not read between the two quarters. The floors' noise was
+        # +-3 MB quiet and up to 7.5 MB in a loaded CI run (2026-12-07); 12 MB still fails a
+        # leak of 160 KB a scene (240 MB over ScanNet's 1,513). The full-size benchmark
+        # (docs/scale.md) judges the same curve over 1,200 scenes a worker: 1.00x
         grew = floor(samples, proc, "rss_mb", last) - floor(samples, proc, "rss_mb", second)
-        assert grew < 6.0, (proc, curve)
+        assert grew < 12.0, (proc, curve)
 
 
 def test_a_long_epoch_resumes_at_its_exact_position():
